@@ -1,0 +1,64 @@
+# Two commands on a fresh machine: `make nightly` and `make test`.
+# Both create .venv and install the project into it when it is missing or
+# pyproject.toml changed (the stamp file records the install).
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DATASET ?=
+DATASET_FLAG := $(if $(DATASET),--dataset $(DATASET),)
+
+.DEFAULT_GOAL := help
+.PHONY: help install nightly build train score monitor publish backfill profile generate test test-slow bench clean
+
+help: ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@echo "  DATASET=telco selects another dataset profile from churn.yml"
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install the project
+
+nightly: $(STAMP) ## the whole refresh on the demo data (or DATASET=...)
+	$(BIN)/churn $(DATASET_FLAG) nightly
+
+build: $(STAMP) ## dbt build of the feature mart only
+	$(BIN)/churn $(DATASET_FLAG) build
+
+generate: $(STAMP) ## (re)generate the demo landing data
+	$(BIN)/churn generate
+
+profile: $(STAMP) ## EDA profile of the feature mart, with plots
+	$(BIN)/churn $(DATASET_FLAG) profile
+
+train: $(STAMP) ## train a challenger now (champion only if it wins)
+	$(BIN)/churn $(DATASET_FLAG) train --force
+
+score: $(STAMP) ## score active customers with the champion
+	$(BIN)/churn $(DATASET_FLAG) score
+
+monitor: $(STAMP) ## drift and performance monitoring
+	$(BIN)/churn $(DATASET_FLAG) monitor
+
+publish: $(STAMP) ## publish BI tables atomically
+	$(BIN)/churn $(DATASET_FLAG) publish
+
+backfill: $(STAMP) ## replay a few months of nightly runs for monitoring history
+	$(BIN)/churn backfill
+
+test: $(STAMP) ## the test suite (small generated data, a few minutes)
+	$(BIN)/python -m pytest
+
+test-slow: $(STAMP) ## also the large-scale variants
+	$(BIN)/python -m pytest -m "slow or not slow"
+
+bench: $(STAMP) ## speed and memory benchmarks (results printed and saved)
+	$(BIN)/python -m benchmarks.run
+
+clean: ## remove generated warehouse content (keeps the venv)
+	rm -rf warehouse/*.duckdb warehouse/*.duckdb.wal warehouse/landing warehouse/oracle warehouse/models warehouse/reports warehouse/dbt_target

@@ -1,0 +1,45 @@
+"""`churn build`: the dbt build of the selected dataset's feature mart.
+
+Landing files are checked before dbt runs so that a missing table is reported
+by file name, not as a DuckDB error deep inside a compiled view.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ml.config import ChurnConfig
+from ml.dbt import DbtResult, run_dbt
+from ml.logs import get_logger
+from ml.warehouse import connect
+
+log = get_logger("build")
+
+
+def build_warehouse(config: ChurnConfig, as_of: str | None = None) -> DbtResult:
+    """dbt build (models + tests) of the dataset's mart and everything upstream."""
+    return run_dbt(config, "build", as_of=as_of)
+
+
+def mart_row_counts(config: ChurnConfig) -> dict[str, int]:
+    """Rows per model of the last build, read back from the build database."""
+    with connect(config.warehouse.build_db, read_only=True) as con:
+        tables = [
+            r[0]
+            for r in con.execute(
+                "select table_name from information_schema.tables "
+                "where table_schema = 'main' and table_type = 'BASE TABLE' order by table_name"
+            ).fetchall()
+        ]
+        return {t: con.execute(f'select count(*) from "{t}"').fetchone()[0] for t in tables}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--as-of", help="build as if on this date (YYYY-MM-DD): later data is invisible")
+
+
+def run_command(config: ChurnConfig, args: argparse.Namespace) -> int:
+    build_warehouse(config, as_of=args.as_of)
+    for table, rows in mart_row_counts(config).items():
+        print(f"{table:40s} {rows:>12,d} rows")
+    return 0

@@ -1,0 +1,298 @@
+"""The one typed configuration object every stage reads.
+
+`churn.yml` states the problem (target, horizon, success metric) and where
+everything lives. Loading it once into frozen dataclasses means a typo fails at
+start-up with the key's name instead of deep inside a stage, and no stage keeps
+its own copy of a value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_ENV_VAR = "CHURN_CONFIG"
+DEFAULT_CONFIG_NAME = "churn.yml"
+
+
+class ConfigError(ValueError):
+    """The configuration file is missing, malformed or inconsistent."""
+
+
+@dataclass(frozen=True)
+class ProblemConfig:
+    entity: str
+    entity_key: str
+    as_of_column: str
+    target: str
+    horizon_days: int
+    success_metric: str
+    success_target: float
+    selection_metric: str
+    baseline: str
+    snapshot_cadence: str
+    run_cadence: str
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    name: str
+    description: str
+    landing_dir: Path
+    landing_format: str
+    feature_mart: str
+    generate_if_empty: bool
+
+
+@dataclass(frozen=True)
+class WarehouseConfig:
+    dir: Path
+    build_db: Path
+    published_db: Path
+    models_dir: Path
+    reports_dir: Path
+    dbt_project_dir: Path
+    expectations_dir: Path
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    customers: int
+    start_date: dt.date
+    months: int
+    seed: int
+    oracle_dir: Path
+    drift_from: dt.date | None
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    cv_folds: int
+    out_of_time_snapshots: int
+    search_iterations: int
+    calibration: str
+    random_state: int
+    max_training_rows: int
+    cost_missed_churner: float | None
+    cost_wasted_offer: float | None
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    risk_bands: dict[str, float]
+    top_reasons: int
+
+
+@dataclass(frozen=True)
+class MonitoringConfig:
+    psi_bins: int
+    psi_threshold: float
+    distance_threshold: float
+    dataset_drift_share: float
+    top_features: int
+    retrain_every_days: int
+    recall_margin: float
+
+
+@dataclass(frozen=True)
+class ChurnConfig:
+    """Everything the pipeline knows about the problem and its environment."""
+
+    root: Path
+    source_file: Path
+    problem: ProblemConfig
+    dataset: DatasetConfig
+    datasets: dict[str, DatasetConfig]
+    warehouse: WarehouseConfig
+    generator: GeneratorConfig
+    training: TrainingConfig
+    scoring: ScoringConfig
+    monitoring: MonitoringConfig
+    raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
+
+    def with_dataset(self, name: str) -> "ChurnConfig":
+        """The same configuration pointed at another dataset profile."""
+        if name not in self.datasets:
+            raise ConfigError(
+                f"{self.source_file}: unknown dataset {name!r}; "
+                f"known: {', '.join(sorted(self.datasets))}"
+            )
+        return dataclasses.replace(self, dataset=self.datasets[name])
+
+    def replace_paths(self, **warehouse_paths: Path) -> "ChurnConfig":
+        """A copy with some warehouse paths moved (tests, benchmarks, backfills)."""
+        return dataclasses.replace(
+            self, warehouse=dataclasses.replace(self.warehouse, **warehouse_paths)
+        )
+
+    def fingerprint(self) -> str:
+        """Stable hash of the settings, recorded with every model run."""
+        payload = json.dumps(self.raw, sort_keys=True, default=str)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def find_config_file(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """The config file: an explicit path, $CHURN_CONFIG, or churn.yml in cwd or above."""
+    if explicit:
+        path = Path(explicit)
+    elif os.environ.get(CONFIG_ENV_VAR):
+        path = Path(os.environ[CONFIG_ENV_VAR])
+    else:
+        here = Path.cwd().resolve()
+        for folder in (here, *here.parents):
+            if (folder / DEFAULT_CONFIG_NAME).is_file():
+                return folder / DEFAULT_CONFIG_NAME
+        # Fall back to the repository the package was installed from (editable install).
+        path = Path(__file__).resolve().parent.parent / DEFAULT_CONFIG_NAME
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    return path.resolve()
+
+
+def _section(raw: dict[str, Any], name: str, source: Path) -> dict[str, Any]:
+    value = raw.get(name)
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: section '{name}' is missing or not a mapping")
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], section: str, source: Path, **converted: Any):
+    """Construct a section dataclass, naming unknown or missing keys."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) in '{section}': {', '.join(sorted(unknown))}")
+    merged = {**values, **converted}
+    missing = names - set(merged)
+    if missing:
+        raise ConfigError(f"{source}: missing key(s) in '{section}': {', '.join(sorted(missing))}")
+    return cls(**merged)
+
+
+def _date(value: Any) -> dt.date | None:
+    if value is None or isinstance(value, dt.date):
+        return value
+    return dt.date.fromisoformat(str(value))
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, dataset: str | None = None
+) -> ChurnConfig:
+    """Read churn.yml into a ChurnConfig; `dataset` overrides the default profile."""
+    source = find_config_file(path)
+    try:
+        raw = yaml.safe_load(source.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+    root = source.parent
+
+    def resolve(value: Any) -> Path:
+        p = Path(str(value))
+        return p if p.is_absolute() else root / p
+
+    problem = _build(ProblemConfig, _section(raw, "problem", source), "problem", source)
+    if not 0 < problem.success_target <= 1:
+        raise ConfigError(f"{source}: problem.success_target must be in (0, 1]")
+    if problem.selection_metric not in ("pr_auc", "roc_auc"):
+        raise ConfigError(f"{source}: problem.selection_metric must be pr_auc or roc_auc")
+
+    datasets = {}
+    for name, values in _section(raw, "datasets", source).items():
+        datasets[name] = _build(
+            DatasetConfig,
+            {**values, "name": name},
+            f"datasets.{name}",
+            source,
+            landing_dir=resolve(values.get("landing_dir", "")),
+        )
+    chosen = dataset or os.environ.get("CHURN_DATASET") or raw.get("dataset")
+    if chosen not in datasets:
+        raise ConfigError(
+            f"{source}: dataset {chosen!r} is not one of: {', '.join(sorted(datasets))}"
+        )
+
+    wh_raw = _section(raw, "warehouse", source)
+    warehouse = _build(
+        WarehouseConfig, wh_raw, "warehouse", source, **{k: resolve(v) for k, v in wh_raw.items()}
+    )
+    gen_raw = _section(raw, "generator", source)
+    generator = _build(
+        GeneratorConfig,
+        gen_raw,
+        "generator",
+        source,
+        start_date=_date(gen_raw.get("start_date")),
+        drift_from=_date(gen_raw.get("drift_from")),
+        oracle_dir=resolve(gen_raw.get("oracle_dir", "")),
+    )
+    training = _build(TrainingConfig, _section(raw, "training", source), "training", source)
+    if (training.cost_missed_churner is None) != (training.cost_wasted_offer is None):
+        raise ConfigError(
+            f"{source}: set both training.cost_missed_churner and training.cost_wasted_offer, or neither"
+        )
+    scoring = _build(ScoringConfig, _section(raw, "scoring", source), "scoring", source)
+    monitoring = _build(
+        MonitoringConfig, _section(raw, "monitoring", source), "monitoring", source
+    )
+    return ChurnConfig(
+        root=root,
+        source_file=source,
+        problem=problem,
+        dataset=datasets[chosen],
+        datasets=datasets,
+        warehouse=warehouse,
+        generator=generator,
+        training=training,
+        scoring=scoring,
+        monitoring=monitoring,
+        raw=raw,
+    )
+
+
+def _deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def write_relocated_config(
+    config: ChurnConfig, new_root: Path, overrides: dict[str, Any] | None = None
+) -> Path:
+    """Write a churn.yml whose warehouse (and demo landing) live under `new_root`.
+
+    Code paths (dbt project, expectations, shipped data sets) keep pointing at the
+    original checkout. Tests, benchmarks and backfills use this to get a private
+    warehouse while reading the same SQL and suites.
+    """
+    new_root = Path(new_root).resolve()
+    new_root.mkdir(parents=True, exist_ok=True)
+    raw = json.loads(json.dumps(config.raw, default=str))
+    for key in ("dbt_project_dir", "expectations_dir"):
+        raw["warehouse"][key] = str(getattr(config.warehouse, key))
+    for key, value in list(raw["warehouse"].items()):
+        if key not in ("dbt_project_dir", "expectations_dir"):
+            raw["warehouse"][key] = str(new_root / Path(str(value)).relative_to("warehouse"))
+    raw["generator"]["oracle_dir"] = str(new_root / "oracle")
+    for name, values in raw["datasets"].items():
+        landing = Path(str(values["landing_dir"]))
+        values["landing_dir"] = (
+            str(new_root / landing.relative_to("warehouse"))
+            if landing.parts and landing.parts[0] == "warehouse"
+            else str(config.datasets[name].landing_dir)
+        )
+    raw = _deep_merge(raw, overrides or {})
+    target = new_root / DEFAULT_CONFIG_NAME
+    target.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return target

@@ -1,0 +1,107 @@
+"""Running dbt for the pipeline, and reading what it produced.
+
+dbt runs as a subprocess of the venv's own `dbt`, pointed at the build database
+and given churn.yml's values as --vars, so the SQL never repeats a setting and
+parallel runs (tests, backfills) never share a target folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ml.config import ChurnConfig
+from ml.logs import get_logger, timed
+
+log = get_logger("dbt")
+
+
+class DbtError(RuntimeError):
+    """A dbt command failed; the message carries dbt's own summary of what failed."""
+
+
+@dataclass(frozen=True)
+class DbtResult:
+    command: list[str]
+    target_path: Path
+    results: list[dict[str, Any]]
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.target_path / "manifest.json"
+
+
+def dbt_target_path(config: ChurnConfig) -> Path:
+    """dbt's artifacts live beside the build database they describe."""
+    return config.warehouse.build_db.parent / "dbt_target" / config.dataset.name
+
+
+def dbt_vars(config: ChurnConfig, as_of: str | None = None) -> dict[str, Any]:
+    return {
+        "landing_dir": str(config.dataset.landing_dir),
+        "horizon_days": config.problem.horizon_days,
+        "as_of": as_of,
+    }
+
+
+def dbt_executable() -> str:
+    candidate = Path(sys.executable).with_name("dbt")
+    return str(candidate) if candidate.exists() else "dbt"
+
+
+def run_dbt(
+    config: ChurnConfig,
+    command: str,
+    *extra: str,
+    as_of: str | None = None,
+    select: str | None = None,
+    project_dir: Path | None = None,
+) -> DbtResult:
+    """Run `dbt <command>` against the build database; raise DbtError on failure.
+
+    `select` defaults to the dataset's feature mart and everything upstream of it,
+    so building one dataset never needs another's landing files.
+    """
+    project = project_dir or config.warehouse.dbt_project_dir
+    target_path = dbt_target_path(config)
+    target_path.mkdir(parents=True, exist_ok=True)
+    config.warehouse.build_db.parent.mkdir(parents=True, exist_ok=True)
+    args = [
+        dbt_executable(),
+        command,
+        "--project-dir", str(project),
+        "--profiles-dir", str(project),
+        "--target-path", str(target_path),
+        "--vars", json.dumps(dbt_vars(config, as_of)),
+    ]
+    if command in ("build", "run", "test", "compile", "ls", "list"):
+        args += ["--select", select or f"+{config.dataset.feature_mart}"]
+    args += list(extra)
+    env = {
+        **os.environ,
+        "CHURN_BUILD_DB": str(config.warehouse.build_db),
+        "DBT_LOG_PATH": str(target_path / "logs"),
+        "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
+        "DO_NOT_TRACK": "1",
+    }
+    results_file = target_path / "run_results.json"
+    results_file.unlink(missing_ok=True)  # never report a previous run's results
+    with timed(f"dbt {command} ({config.dataset.name})", log):
+        proc = subprocess.run(args, env=env, capture_output=True, text=True)
+    results = json.loads(results_file.read_text())["results"] if results_file.exists() else []
+    if proc.returncode != 0:
+        failures = [
+            f"{r['unique_id']}: {r['status']} {(r.get('message') or '').strip()} "
+            f"(failures: {r.get('failures')})"
+            for r in results
+            if r.get("status") in ("error", "fail")
+        ]
+        detail = "\n  ".join(failures) if failures else (proc.stdout[-3000:] + proc.stderr[-2000:])
+        raise DbtError(f"dbt {command} failed for dataset {config.dataset.name!r}:\n  {detail}")
+    log.debug(proc.stdout)
+    return DbtResult(command=args, target_path=target_path, results=results)

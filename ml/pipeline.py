@@ -1,0 +1,103 @@
+"""`churn nightly`: the whole refresh, step by step, each step recorded.
+
+Every step's start, end, status and message go to `pipeline_runs` in the build
+database, so a failed night can be diagnosed from the warehouse itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from ml.build import build_warehouse, mart_row_counts
+from ml.config import ChurnConfig
+from ml.logs import get_logger, timed
+from ml.warehouse import connect, write_table
+
+log = get_logger("pipeline")
+
+
+class LandingError(RuntimeError):
+    """The landing folder lacks tables the dataset needs."""
+
+
+@dataclass
+class PipelineRun:
+    """One nightly run: its id and a recorder of step outcomes."""
+
+    config: ChurnConfig
+    run_id: str = field(default_factory=lambda: dt.datetime.now().strftime("%Y%m%dT%H%M%S-") + uuid.uuid4().hex[:6])
+    as_of: str | None = None
+
+    def record(self, step: str, started: dt.datetime, status: str, message: str = "") -> None:
+        row = pd.DataFrame(
+            [{
+                "run_id": self.run_id,
+                "step": step,
+                "as_of": self.as_of,
+                "started_at": started,
+                "ended_at": dt.datetime.now(),
+                "status": status,
+                "message": message[:4000],
+            }]
+        )
+        with connect(self.config.warehouse.build_db) as con:
+            write_table(con, "pipeline_runs", row)
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        started = dt.datetime.now()
+        try:
+            with timed(f"[{self.run_id}] {name}", log):
+                yield
+        except BaseException as exc:
+            self.record(name, started, "failed", f"{type(exc).__name__}: {exc}")
+            raise
+        self.record(name, started, "success")
+
+
+def ensure_landing(config: ChurnConfig) -> None:
+    """Generate the demo data when the dataset allows it and its landing folder is empty."""
+    landing = config.dataset.landing_dir
+    present = sorted(landing.glob(f"*.{config.dataset.landing_format}")) if landing.exists() else []
+    if present:
+        log.info("landing folder %s holds %d file(s)", landing, len(present))
+        return
+    if not config.dataset.generate_if_empty:
+        raise LandingError(f"landing folder {landing} has no .{config.dataset.landing_format} files")
+    from ml.generate import GenerateOptions, generate
+
+    generate(GenerateOptions.from_config(config))
+
+
+def nightly(config: ChurnConfig, as_of: str | None = None, force_train: bool = False) -> PipelineRun:
+    """Run every stage in order; any failure stops the run before publishing."""
+    run = PipelineRun(config, as_of=as_of)
+    log.info("nightly run %s on dataset %r%s", run.run_id, config.dataset.name, f" as of {as_of}" if as_of else "")
+    start = time.perf_counter()
+    with run.step("land"):
+        ensure_landing(config)
+    with run.step("build"):
+        build_warehouse(config, as_of=as_of)
+    counts = mart_row_counts(config)
+    print(f"\nnightly {run.run_id} ({config.dataset.name}) finished in {time.perf_counter() - start:.0f}s")
+    for table, rows in counts.items():
+        print(f"  {table:38s} {rows:>12,d} rows")
+    return run
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--as-of", help="run as if on this date (YYYY-MM-DD): later data is invisible")
+    parser.add_argument("--force-train", action="store_true", help="train a new model even if a champion exists")
+
+
+def run_command(config: ChurnConfig, args: argparse.Namespace) -> int:
+    nightly(config, as_of=args.as_of, force_train=args.force_train)
+    return 0

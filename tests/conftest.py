@@ -1,0 +1,64 @@
+"""Shared fixtures: a private warehouse per test session, on small generated data.
+
+Generating and building once per session keeps `make test` to a few minutes;
+tests that change the warehouse copy it first (`private_warehouse`).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from ml.config import ChurnConfig, load_config, write_relocated_config
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Small but not tiny: enough churners per monthly snapshot for stable metrics.
+SMALL_GENERATOR = {"customers": 3000, "months": 18, "start_date": "2024-01-01", "seed": 7}
+
+
+def make_config(root: Path, overrides: dict | None = None) -> ChurnConfig:
+    """A config whose warehouse lives under `root`, reading the repo's SQL and suites."""
+    base = load_config(REPO_ROOT / "churn.yml")
+    merged = {"generator": dict(SMALL_GENERATOR), **(overrides or {})}
+    return load_config(write_relocated_config(base, root, merged))
+
+
+@pytest.fixture(scope="session")
+def small_config(tmp_path_factory: pytest.TempPathFactory) -> ChurnConfig:
+    """Config for a session-wide warehouse with small generated demo data."""
+    return make_config(tmp_path_factory.mktemp("warehouse"))
+
+
+@pytest.fixture(scope="session")
+def generated(small_config: ChurnConfig) -> ChurnConfig:
+    """Small demo landing data (and oracle) written once per session."""
+    from ml.generate import GenerateOptions, generate
+
+    generate(GenerateOptions.from_config(small_config))
+    return small_config
+
+
+@pytest.fixture(scope="session")
+def built_warehouse(generated: ChurnConfig) -> ChurnConfig:
+    """The session warehouse after `dbt build`. Treat as read-only; copy to change it."""
+    from ml.build import build_warehouse
+
+    build_warehouse(generated)
+    return generated
+
+
+def copy_warehouse(config: ChurnConfig, root: Path, overrides: dict | None = None) -> ChurnConfig:
+    """A private copy of a built warehouse (build DB, dbt target, models) under `root`."""
+    new = make_config(root, overrides)
+    shutil.copytree(config.warehouse.dir, new.warehouse.dir, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("churn.yml"))
+    return new
+
+
+@pytest.fixture
+def private_warehouse(built_warehouse: ChurnConfig, tmp_path: Path) -> ChurnConfig:
+    """A built warehouse this test may change freely."""
+    return copy_warehouse(built_warehouse, tmp_path / "wh")
