@@ -100,6 +100,9 @@ class MonitoringConfig:
     top_features: int
     retrain_every_days: int
     recall_margin: float
+    reference_quantiles: int
+    null_share_jump: float
+    new_category_share: float
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,213 @@
+"""Reference statistics of the champion's training data, for drift monitoring.
+
+Drift is always measured against what the champion was trained on, so the
+reference is computed once, at training time, and stored in the model's
+metadata (`model.metadata["reference"]`). Nightly monitoring then never rereads
+millions of training rows, and the reference cannot silently change when the
+mart is rebuilt. Everything here is plain JSON (floats, lists, dicts) and
+bounded in size: PSI bin edges and shares, a few moments, the null share and a
+fixed-size quantile sketch per numeric column (enough for KS and Wasserstein
+against the reference), and category shares per categorical column.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ml.config import MonitoringConfig
+from ml.contract import FeatureContract
+
+REFERENCE_VERSION = 1
+# Category levels used in shares: a null is its own level, and rare tails are
+# folded so a free-text-like column cannot blow up the stored reference.
+NULL_LEVEL = "__null__"
+OTHER_LEVEL = "__other__"
+MAX_CATEGORIES = 100
+FLAGGED_LEVEL = "flagged"
+NOT_FLAGGED_LEVEL = "not_flagged"
+
+
+def numeric_values(values: pd.Series | np.ndarray) -> np.ndarray:
+    """Float array with NaN for every kind of missing value (None, pd.NA, NaT)."""
+    series = pd.Series(values) if not isinstance(values, pd.Series) else values
+    return pd.to_numeric(series, errors="coerce").to_numpy(dtype=float, na_value=np.nan)
+
+
+def category_values(values: pd.Series | np.ndarray) -> pd.Series:
+    """Text levels with nulls as NULL_LEVEL, so a null jump is visible as a share."""
+    series = pd.Series(values) if not isinstance(values, pd.Series) else values
+    text = series.astype("string")
+    return text.fillna(NULL_LEVEL).astype(object)
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if x is not None and math.isfinite(x) else None
+
+
+def _sorted_present(values: np.ndarray) -> np.ndarray:
+    return np.sort(values[~np.isnan(values)])
+
+
+def _inverted_cdf(sorted_values: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Quantiles that are observed values (numpy's 'inverted_cdf'), from one sort."""
+    n = sorted_values.size
+    idx = np.clip(np.ceil(probs * n).astype(np.int64) - 1, 0, n - 1)
+    return sorted_values[idx]
+
+
+def psi_edges(values: np.ndarray, bins: int, sorted_present: np.ndarray | None = None) -> list[float]:
+    """Interior quantile edges of the non-null values, each an observed value.
+
+    Bins are (-inf, e0], (e0, e1], ..., (e_last, inf). Taking edges from the data
+    and dropping duplicates and the maximum means no reference bin is empty even
+    for count-like columns with many ties.
+    """
+    present = _sorted_present(values) if sorted_present is None else sorted_present
+    if present.size == 0 or bins < 2:
+        return []
+    edges = np.unique(_inverted_cdf(present, np.arange(1, bins) / bins))
+    edges = edges[edges < present[-1]]
+    return [float(e) for e in edges]
+
+
+def bin_shares(values: np.ndarray, edges: list[float]) -> list[float]:
+    """Share of rows in each PSI bin, the last entry being the null share."""
+    n = values.size
+    if n == 0:
+        return [0.0] * (len(edges) + 2)
+    nulls = np.isnan(values)
+    idx = np.searchsorted(np.asarray(edges, dtype=float), values[~nulls], side="left")
+    counts = np.bincount(idx, minlength=len(edges) + 1).astype(float)
+    return [float(c) for c in counts / n] + [float(nulls.sum() / n)]
+
+
+def quantile_sketch(values: np.ndarray, size: int, sorted_present: np.ndarray | None = None) -> list[float]:
+    """`size` evenly spaced quantiles of the non-null values, used as a weighted sample.
+
+    Mid-point probabilities (i + 0.5) / size make each sketch point stand for an
+    equal share of the reference, so the sketch's empirical CDF is within
+    1/size of the true one: enough for KS and Wasserstein at monitoring scale.
+    Small columns are stored whole.
+    """
+    present = _sorted_present(values) if sorted_present is None else sorted_present
+    if present.size <= size:
+        return [float(v) for v in present]
+    return [float(v) for v in _inverted_cdf(present, (np.arange(size) + 0.5) / size)]
+
+
+def numeric_reference(values: pd.Series | np.ndarray, monitoring: MonitoringConfig) -> dict[str, Any]:
+    """Everything later drift tests need about one numeric column."""
+    x = numeric_values(values)
+    present = _sorted_present(x)
+    n = int(x.size)
+    edges = psi_edges(x, monitoring.psi_bins, present)
+    if present.size:
+        q25, q50, q75 = (float(v) for v in np.quantile(present, [0.25, 0.5, 0.75]))
+        mean, std = float(present.mean()), float(present.std())
+        lo, hi = float(present[0]), float(present[-1])
+    else:
+        q25 = q50 = q75 = mean = std = lo = hi = float("nan")
+    iqr = q75 - q25
+    # Wasserstein is in the column's units; dividing by a robust spread makes one
+    # threshold fit every column. IQR first, std for columns with a degenerate
+    # middle (mostly zeros), 1 for a constant column.
+    spread = iqr if iqr > 0 else (std if std > 0 else 1.0)
+    return {
+        "kind": "numeric",
+        "n": n,
+        "null_share": float(np.isnan(x).mean()) if n else 0.0,
+        "mean": _finite(mean),
+        "std": _finite(std),
+        "min": _finite(lo),
+        "median": _finite(q50),
+        "max": _finite(hi),
+        "q25": _finite(q25),
+        "q75": _finite(q75),
+        "iqr": _finite(iqr),
+        "spread": float(spread) if math.isfinite(spread) else 1.0,
+        "bin_edges": edges,
+        "bin_shares": bin_shares(x, edges),
+        "sketch": quantile_sketch(x, monitoring.reference_quantiles, present),
+    }
+
+
+def categorical_reference(values: pd.Series | np.ndarray) -> dict[str, Any]:
+    """Level shares (null as its own level, rare tail folded into OTHER_LEVEL)."""
+    levels = category_values(values)
+    n = int(levels.size)
+    shares = levels.value_counts(normalize=True, sort=True) if n else pd.Series(dtype=float)
+    kept = shares.iloc[:MAX_CATEGORIES]
+    out = {str(k): float(v) for k, v in kept.items()}
+    folded = float(shares.iloc[MAX_CATEGORIES:].sum())
+    if folded > 0:
+        out[OTHER_LEVEL] = out.get(OTHER_LEVEL, 0.0) + folded
+    return {
+        "kind": "categorical",
+        "n": n,
+        "null_share": float(out.get(NULL_LEVEL, 0.0)),
+        "shares": out,
+        "folded": folded > 0,
+    }
+
+
+def flagged_reference(scores: np.ndarray, threshold: float) -> dict[str, Any]:
+    """The share flagged at the decision threshold, as a two-level categorical."""
+    s = numeric_values(scores)
+    return categorical_reference(flag_levels(s, threshold))
+
+
+def flag_levels(scores: np.ndarray, threshold: float) -> pd.Series:
+    """'flagged' / 'not_flagged' per row: the same rule scoring applies (p >= threshold)."""
+    return pd.Series(np.where(scores >= threshold, FLAGGED_LEVEL, NOT_FLAGGED_LEVEL), dtype=object)
+
+
+def compute_reference(
+    features: pd.DataFrame,
+    scores: np.ndarray,
+    contract: FeatureContract,
+    monitoring: MonitoringConfig,
+    threshold: float | None = None,
+) -> dict[str, Any]:
+    """JSON-serialisable reference statistics of a model's training data.
+
+    `features` holds (at least) the contract's feature columns of the training
+    rows, `scores` the model's probabilities for those rows (out-of-fold or
+    in-sample, the trainer's choice). With `threshold`, the flagged share is
+    stored exactly; without it monitoring derives it from the score sketch.
+    """
+    missing = [name for name in contract.feature_names if name not in features.columns]
+    if missing:
+        raise ValueError(
+            f"compute_reference: training frame lacks contract feature column(s) {', '.join(missing)}"
+        )
+    scores = numeric_values(scores)
+    if scores.size != len(features):
+        raise ValueError(
+            f"compute_reference: {scores.size} scores for {len(features)} training rows"
+        )
+    stats: dict[str, Any] = {}
+    for feature in contract.features:
+        column = features[feature.name]
+        stats[feature.name] = (
+            numeric_reference(column, monitoring)
+            if feature.kind == "numeric"
+            else categorical_reference(column)
+        )
+    reference: dict[str, Any] = {
+        "version": REFERENCE_VERSION,
+        "n_rows": int(len(features)),
+        "psi_bins": monitoring.psi_bins,
+        "features": stats,
+        "score": numeric_reference(scores, monitoring),
+        "threshold": threshold,
+        "flagged": flagged_reference(scores, threshold) if threshold is not None else None,
+    }
+    if contract.as_of in features.columns and len(features):
+        dates = pd.to_datetime(features[contract.as_of])
+        reference["as_of_min"] = str(dates.min().date())
+        reference["as_of_max"] = str(dates.max().date())
+    return reference
