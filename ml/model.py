@@ -1,0 +1,174 @@
+"""The trained churn model: preprocessing + estimator + calibrator + contract.
+
+One object carries everything scoring needs, so a model can never be applied
+with a different feature list, threshold or calibration than it was judged
+with. Preprocessing lives inside the sklearn Pipeline (fitted per CV fold, never
+on validation rows); calibration is a separate step because it is fitted on
+out-of-fold scores, not on the rows the estimator saw.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.compose import ColumnTransformer
+from sklearn.impute import SimpleImputer
+from sklearn.isotonic import IsotonicRegression
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+from ml.contract import ContractError, FeatureContract
+
+ALGORITHMS = ("logistic_regression", "random_forest", "xgboost")
+CALIBRATION_METHODS = ("isotonic", "sigmoid")
+MISSING_CATEGORY = "__missing__"
+
+
+def build_preprocessor(contract: FeatureContract, scale_numeric: bool) -> ColumnTransformer:
+    """Numeric: median impute + missing indicator (+ scaling for linear models);
+    categorical: constant impute + one-hot that ignores unseen categories.
+
+    Column lists come from the contract, so a feature added in SQL/YAML is picked up
+    without touching Python. Output is dense so tree models and per-feature
+    contributions see plain arrays.
+    """
+    numeric_steps: list[tuple[str, Any]] = [
+        # keep_empty_features keeps the output layout fixed even when a column is all-null
+        ("impute", SimpleImputer(strategy="median", add_indicator=True, keep_empty_features=True)),
+    ]
+    if scale_numeric:
+        numeric_steps.append(("scale", StandardScaler()))
+    transformers: list[tuple[str, Any, list[str]]] = []
+    if contract.numeric:
+        transformers.append(("numeric", Pipeline(numeric_steps), contract.numeric))
+    if contract.categorical:
+        categorical = Pipeline([
+            ("impute", SimpleImputer(strategy="constant", fill_value=MISSING_CATEGORY,
+                                     keep_empty_features=True)),
+            ("onehot", OneHotEncoder(handle_unknown="ignore", sparse_output=False)),
+        ])
+        transformers.append(("categorical", categorical, contract.categorical))
+    return ColumnTransformer(transformers, remainder="drop", sparse_threshold=0.0)
+
+
+class ScoreCalibrator:
+    """Maps a raw positive-class score to a calibrated churn probability.
+
+    Fitted on out-of-fold scores so the mapping reflects how the model behaves on
+    rows it has not seen. Isotonic is flexible (needs a few hundred churners);
+    sigmoid (Platt) is the safer choice on small data.
+    """
+
+    def __init__(self, method: str) -> None:
+        if method not in CALIBRATION_METHODS:
+            raise ValueError(f"calibration must be one of {CALIBRATION_METHODS}, got {method!r}")
+        self.method = method
+        self.estimator_: IsotonicRegression | LogisticRegression | None = None
+
+    def fit(self, raw: np.ndarray, y: np.ndarray) -> "ScoreCalibrator":
+        raw = np.asarray(raw, dtype=float)
+        y = np.asarray(y, dtype=int)
+        if self.method == "isotonic":
+            self.estimator_ = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(raw, y)
+        else:
+            self.estimator_ = LogisticRegression(C=1e6).fit(raw.reshape(-1, 1), y)
+        return self
+
+    def predict(self, raw: np.ndarray) -> np.ndarray:
+        if self.estimator_ is None:
+            raise RuntimeError("calibrator is not fitted")
+        raw = np.asarray(raw, dtype=float)
+        if isinstance(self.estimator_, IsotonicRegression):
+            return np.clip(self.estimator_.predict(raw), 0.0, 1.0)
+        return self.estimator_.predict_proba(raw.reshape(-1, 1))[:, 1]
+
+
+def contract_feature_frame(
+    contract: FeatureContract, frame: pd.DataFrame, source: str = "input frame"
+) -> pd.DataFrame:
+    """The contract's features, in contract order, with the dtypes the pipeline expects.
+
+    Numeric -> float64, categorical -> object with NaN for missing (pandas' string
+    dtypes and DuckDB decimals otherwise leak into sklearn in odd ways).
+    """
+    missing = [name for name in contract.feature_names if name not in frame.columns]
+    if missing:
+        raise ContractError(
+            f"{source} does not match the feature contract of {contract.model!r}: "
+            f"missing column(s) {', '.join(missing)} ({len(frame)} rows)"
+        )
+    out = pd.DataFrame(index=frame.index)
+    for name in contract.feature_names:
+        column = frame[name]
+        if name in contract.categorical:
+            out[name] = column.astype(object).map(lambda v: np.nan if pd.isna(v) else str(v))
+        else:
+            converted = pd.to_numeric(column, errors="coerce").astype("float64")
+            bad = int((converted.isna() & column.notna()).sum())
+            if bad:
+                raise ContractError(
+                    f"{source}: numeric feature {name!r} has {bad} non-numeric value(s)"
+                )
+            out[name] = converted
+    return out
+
+
+@dataclass
+class ChurnModel:
+    """A fitted, calibrated churn model bound to the feature contract it was trained on."""
+
+    pipeline: Pipeline
+    calibrator: ScoreCalibrator
+    contract: FeatureContract
+    algorithm: str
+    params: dict[str, Any]
+    threshold: float
+    metadata: dict[str, Any] = field(default_factory=dict)
+    version: str | None = None
+
+    def feature_frame(self, frame: pd.DataFrame, source: str = "input frame") -> pd.DataFrame:
+        """Contract features in order; ContractError names any missing column."""
+        return contract_feature_frame(self.contract, frame, source)
+
+    def raw_scores(self, frame: pd.DataFrame) -> np.ndarray:
+        """Uncalibrated positive-class score of the estimator (for ranking and calibration)."""
+        return self.pipeline.predict_proba(self.feature_frame(frame))[:, 1]
+
+    def predict_proba(self, frame: pd.DataFrame) -> np.ndarray:
+        """Calibrated P(churn within the horizon) for each row."""
+        return self.calibrator.predict(self.raw_scores(frame))
+
+    def transformed_feature_sources(self) -> list[str]:
+        """For each column the ColumnTransformer outputs, the contract feature it came from.
+
+        Built from the fitted transformers' structure (imputer indicator indices,
+        one-hot categories), not from parsing output names, so features whose names
+        share a prefix cannot be confused.
+        """
+        preprocess: ColumnTransformer = self.pipeline.named_steps["preprocess"]
+        sources: list[str] = []
+        for name, transformer, columns in preprocess.transformers_:
+            if name == "remainder" or transformer == "drop":
+                continue
+            columns = list(columns)
+            impute: SimpleImputer = transformer.named_steps["impute"]
+            if name == "numeric":
+                sources += columns
+                if impute.indicator_ is not None:
+                    sources += [columns[i] for i in impute.indicator_.features_]
+            elif name == "categorical":
+                onehot: OneHotEncoder = transformer.named_steps["onehot"]
+                for column, categories in zip(columns, onehot.categories_):
+                    sources += [column] * len(categories)
+            else:
+                raise ValueError(f"unexpected transformer {name!r} in the preprocessing step")
+        expected = len(preprocess.get_feature_names_out())
+        if len(sources) != expected:
+            raise RuntimeError(
+                f"preprocessing outputs {expected} columns but {len(sources)} were traced to features"
+            )
+        return sources
