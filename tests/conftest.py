@@ -62,3 +62,18 @@ def copy_warehouse(config: ChurnConfig, root: Path, overrides: dict | None = Non
 def private_warehouse(built_warehouse: ChurnConfig, tmp_path: Path) -> ChurnConfig:
     """A built warehouse this test may change freely."""
     return copy_warehouse(built_warehouse, tmp_path / "wh")
+
+
+# Enough search to pick a sensible model, little enough to train in well under a minute.
+QUICK_TRAINING = {"training": {"search_iterations": 2, "cv_folds": 3}}
+
+
+@pytest.fixture(scope="session")
+def trained_warehouse(built_warehouse: ChurnConfig, tmp_path_factory: pytest.TempPathFactory) -> ChurnConfig:
+    """A copy of the built warehouse with a champion trained once (quick search). Read-only;
+    use `copy_warehouse(trained_warehouse, root, QUICK_TRAINING)` to change it."""
+    from ml.train import train
+
+    config = copy_warehouse(built_warehouse, tmp_path_factory.mktemp("trained"), QUICK_TRAINING)
+    train(config)
+    return config
