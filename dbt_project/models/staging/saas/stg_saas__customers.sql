@@ -1,0 +1,19 @@
+with source as (
+    select * from {{ source('saas', 'customers') }}
+),
+
+renamed as (
+    select
+        trim(customer_id)::varchar as customer_id,
+        signup_date::date as signup_date,
+        {{ clean_category('region') }} as region,
+        {{ clean_category('acquisition_channel') }} as acquisition_channel,
+        {{ clean_category('age_band') }} as age_band,
+    from source
+),
+
+final as (
+    select distinct * from renamed
+)
+
+select * from final

@@ -1,0 +1,20 @@
+with source as (
+    select * from {{ source('saas', 'payments') }}
+),
+
+renamed as (
+    select
+        trim(payment_id)::varchar as payment_id,
+        trim(customer_id)::varchar as customer_id,
+        invoice_date::date as invoice_date,
+        -- USD
+        amount::double as amount,
+        {{ clean_category('status') }} as payment_status,
+    from source
+),
+
+final as (
+    select distinct * from renamed
+)
+
+select * from final
