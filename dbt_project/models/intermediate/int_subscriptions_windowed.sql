@@ -1,0 +1,73 @@
+with snapshots as (
+    select customer_id, as_of_date from {{ ref('int_customer_snapshots_spined') }}
+),
+
+periods as (
+    select * from {{ ref('int_subscriptions_censored') }}
+),
+
+first_periods as (
+    select customer_id, monthly_price as first_monthly_price
+    from periods
+    where period_number = 1
+),
+
+-- the period in force on the day before as_of_date: the latest one started before it
+current_periods as (
+    select
+        snapshots.customer_id,
+        snapshots.as_of_date,
+        periods.plan,
+        periods.contract_type,
+        periods.monthly_price,
+        periods.start_date as current_period_started_on,
+    from snapshots
+    asof left join periods
+        on periods.customer_id = snapshots.customer_id
+        and periods.start_date < snapshots.as_of_date
+),
+
+-- the period in force 90 days before as_of_date
+periods_90d_ago as (
+    select
+        snapshots.customer_id,
+        snapshots.as_of_date,
+        periods.monthly_price as monthly_price_90d_ago,
+    from snapshots
+    asof left join periods
+        on periods.customer_id = snapshots.customer_id
+        and periods.start_date <= snapshots.as_of_date - 90
+),
+
+change_days as (
+    {{ daily_running_totals('periods', 'start_date', {
+        'plan_changes': ['count(*) filter (where is_plan_change)', 'integer'],
+        'price_changes': ['count(*) filter (where is_price_change)', 'integer'],
+    }) }}
+),
+
+changes as (
+    {{ trailing_window_totals('snapshots', 'change_days', ['plan_changes', 'price_changes'], [90]) }}
+),
+
+final as (
+    select
+        current_periods.customer_id,
+        current_periods.as_of_date,
+        current_periods.plan,
+        current_periods.contract_type,
+        current_periods.monthly_price,
+        -- subscribed less than 90 days ago: the price they started on
+        coalesce(periods_90d_ago.monthly_price_90d_ago, first_periods.first_monthly_price)
+            as monthly_price_90d_ago,
+        changes.plan_changes_90d,
+        changes.plan_changes_total,
+        changes.price_changes_90d,
+        changes.last_event_date_used,
+    from current_periods
+    inner join periods_90d_ago using (customer_id, as_of_date)
+    inner join changes using (customer_id, as_of_date)
+    left join first_periods using (customer_id)
+)
+
+select * from final
