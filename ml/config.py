@@ -106,6 +106,13 @@ class MonitoringConfig:
 
 
 @dataclass(frozen=True)
+class QualityConfig:
+    label_share_band: tuple[float, float]
+    row_count_tolerance: float
+    chunk_rows: int
+
+
+@dataclass(frozen=True)
 class ChurnConfig:
     """Everything the pipeline knows about the problem and its environment."""
 
@@ -119,6 +126,7 @@ class ChurnConfig:
     training: TrainingConfig
     scoring: ScoringConfig
     monitoring: MonitoringConfig
+    quality: QualityConfig
     raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
 
     def with_dataset(self, name: str) -> "ChurnConfig":
@@ -245,6 +253,14 @@ def load_config(
     monitoring = _build(
         MonitoringConfig, _section(raw, "monitoring", source), "monitoring", source
     )
+    quality_raw = _section(raw, "quality", source)
+    quality = _build(
+        QualityConfig, quality_raw, "quality", source,
+        label_share_band=tuple(float(v) for v in quality_raw.get("label_share_band", ())),
+    )
+    band = quality.label_share_band
+    if len(band) != 2 or not 0 <= band[0] < band[1] <= 1:
+        raise ConfigError(f"{source}: quality.label_share_band must be [low, high] within [0, 1]")
     return ChurnConfig(
         root=root,
         source_file=source,
@@ -256,6 +272,7 @@ def load_config(
         training=training,
         scoring=scoring,
         monitoring=monitoring,
+        quality=quality,
         raw=raw,
     )
 
