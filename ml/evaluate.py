@@ -194,3 +194,34 @@ def aggregate_importance(values: np.ndarray, sources: list[str]) -> pd.Series:
     if len(values) != len(sources):
         raise ValueError(f"{len(values)} importances for {len(sources)} transformed columns")
     return pd.Series(np.asarray(values, dtype=float), index=sources).groupby(level=0, sort=False).sum()
+
+
+@dataclass(frozen=True)
+class CandidateScore:
+    """Cross-validated score of one candidate configuration."""
+
+    algorithm: str
+    mean: float
+    std: float
+    folds: int
+
+    @property
+    def std_error(self) -> float:
+        return self.std / np.sqrt(self.folds) if self.folds else float("inf")
+
+
+def select_by_simplicity(
+    scores: list[CandidateScore], simplicity_order: tuple[str, ...], min_tolerance: float = 0.002
+) -> CandidateScore:
+    """The simplest candidate whose mean CV score is within the best's tolerance.
+
+    Tolerance = max(one standard error of the best candidate, `min_tolerance`): a
+    difference smaller than the fold-to-fold noise is not worth a more complex
+    model that is harder to explain and slower to score.
+    """
+    if not scores:
+        raise ValueError("no candidates to select from")
+    best = max(scores, key=lambda s: s.mean)
+    tolerance = max(best.std_error, min_tolerance)
+    tied = [s for s in scores if s.mean >= best.mean - tolerance]
+    return min(tied, key=lambda s: (simplicity_order.index(s.algorithm), -s.mean))
