@@ -1,0 +1,204 @@
+"""Checks of the raw landing files before dbt reads them.
+
+dbt reports a broken extract as a DuckDB error inside a compiled view, if at
+all: a missing column fails the view, but text in an amount column or a
+truncated Parquet file surfaces as a cast or I/O error far from its cause, and
+an empty file builds an empty mart without complaint. These checks read the
+landing contract (the dbt source YAML: table names, columns, `data_type`) and
+name the file, the column and the number of rows for every problem, before
+anything in the warehouse is touched.
+
+Key, category and range rules are not repeated here: dbt tests own them on
+staging, and the Great Expectations landing suites (ml/quality.py) add the
+row-count, null-share and date bands.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import yaml
+
+from ml.config import ChurnConfig
+from ml.logs import get_logger
+
+log = get_logger("landing")
+
+# DuckDB types a landing column may already have for each declared type.
+_COMPATIBLE = {
+    "varchar": ("VARCHAR",),
+    "date": ("DATE",),
+    "timestamp": ("TIMESTAMP", "TIMESTAMP_NS", "TIMESTAMP_MS", "TIMESTAMP_S", "DATE"),
+    "double": ("DOUBLE", "FLOAT", "DECIMAL", "INTEGER", "BIGINT", "SMALLINT", "TINYINT", "HUGEINT"),
+    "integer": ("INTEGER", "BIGINT", "SMALLINT", "TINYINT", "HUGEINT"),
+}
+
+
+class LandingValidationError(RuntimeError):
+    """One or more landing files break the landing contract; the message lists every problem."""
+
+
+@dataclass(frozen=True)
+class LandingTable:
+    """One raw table of the landing contract and where its file should be."""
+
+    source: str
+    name: str
+    path: Path
+    file_format: str  # parquet | csv
+    columns: dict[str, str]  # declared column -> declared type ("" when undeclared)
+
+    def relation(self) -> str:
+        """DuckDB table function reading the file as it lands (CSV as text, like dbt's source)."""
+        if self.file_format == "csv":
+            return f"read_csv('{self.path}', header = true, all_varchar = true)"
+        return f"read_parquet('{self.path}')"
+
+    def typed_relation(self) -> str:
+        """The file with every declared column cast to its declared type (blank text -> NULL)."""
+        parts = []
+        for column, dtype in self.columns.items():
+            quoted = _quote(column)
+            value = f"nullif(trim({quoted}), '')" if self.file_format == "csv" else quoted
+            parts.append(f"try_cast({value} as {dtype}) as {quoted}" if dtype else quoted)
+        return f"(select {', '.join(parts)} from {self.relation()})"
+
+
+def _quote(column: str) -> str:
+    return '"' + column.replace('"', '""') + '"'
+
+
+def source_files(config: ChurnConfig) -> list[Path]:
+    """Every dbt source YAML of the project (the landing contract is declared only there)."""
+    return sorted((config.warehouse.dbt_project_dir / "models").rglob("_*__sources.yml"))
+
+
+def landing_tables(config: ChurnConfig) -> list[LandingTable]:
+    """The tables the active dataset lands: sources whose files use its landing format.
+
+    A source belongs to the dataset when its external location reads files of the
+    dataset's format and at least one of its tables has a file in the landing folder,
+    so a missing table of an otherwise present source is reported by name.
+    """
+    fmt = config.dataset.landing_format
+    landing = config.dataset.landing_dir
+    chosen: list[LandingTable] = []
+    for path in source_files(config):
+        spec = yaml.safe_load(path.read_text()) or {}
+        for source in spec.get("sources", []):
+            location = ((source.get("config") or {}).get("meta") or {}).get("external_location", "")
+            if not re.search(rf"\{{name\}}\.{re.escape(fmt)}\b", location):
+                continue
+            tables = [
+                LandingTable(
+                    source=source["name"],
+                    name=table["name"],
+                    path=landing / f"{table['name']}.{fmt}",
+                    file_format=fmt,
+                    columns={c["name"]: str(c.get("data_type") or "").lower() for c in table.get("columns", [])},
+                )
+                for table in source.get("tables", [])
+            ]
+            if any(t.path.exists() for t in tables):
+                chosen.extend(tables)
+    return chosen
+
+
+def _check_csv_rows(con: duckdb.DuckDBPyConnection, table: LandingTable) -> list[str]:
+    """Rows DuckDB cannot parse (wrong column count, bad quoting), counted with the first one."""
+    # fetchall, not fetchone: DuckDB writes the rejects table only once the result is consumed.
+    con.execute(
+        f"select count(*) from read_csv('{table.path}', header = true, all_varchar = true, "
+        "store_rejects = true, rejects_table = 'landing_rejects', rejects_scan = 'landing_scans')"
+    ).fetchall()
+    if not con.execute("select count(*) from duckdb_tables() where table_name = 'landing_rejects'").fetchall()[0][0]:
+        return []
+    bad, line, message = con.execute(
+        "select count(*), min(line), arg_min(error_message, line) from landing_rejects"
+    ).fetchall()[0]
+    con.execute("drop table landing_rejects; drop table if exists landing_scans")
+    if bad:
+        return [f"{table.path.name}: {bad:,d} malformed row(s), first at line {line}: {message}"]
+    return []
+
+
+def check_table(con: duckdb.DuckDBPyConnection, table: LandingTable) -> tuple[list[str], int]:
+    """Problems of one landing file, and its row count (0 when unreadable)."""
+    name = table.path.name
+    if not table.path.exists():
+        return [f"{name}: file missing from {table.path.parent} (table {table.source}.{table.name})"], 0
+    try:
+        if table.file_format == "csv":
+            problems = _check_csv_rows(con, table)
+            if problems:
+                return problems, 0
+        actual = {r[0]: r[1] for r in con.execute(f"describe select * from {table.relation()}").fetchall()}
+        rows = con.execute(f"select count(*) from {table.relation()}").fetchone()[0]
+    except duckdb.Error as exc:
+        return [f"{name}: not readable as {table.file_format}: {str(exc).splitlines()[0]}"], 0
+    problems = []
+    missing = [c for c in table.columns if c not in actual]
+    if missing:
+        problems.append(f"{name}: required column(s) missing: {', '.join(missing)} ({rows:,d} rows)")
+    if rows == 0:
+        problems.append(f"{name}: empty (0 rows)")
+    for column, dtype in table.columns.items():
+        if column not in actual or not dtype or actual[column].split("(")[0] in _COMPATIBLE.get(dtype, ()):
+            continue
+        quoted = _quote(column)
+        value = f"nullif(trim({quoted}::varchar), '')"
+        try:
+            bad, example = con.execute(
+                f"select count(*), any_value({quoted}::varchar) from {table.relation()} "
+                f"where {value} is not null and try_cast({value} as {dtype}) is null"
+            ).fetchone()
+        except duckdb.Error as exc:
+            problems.append(f"{name}: column {column}: not readable: {str(exc).splitlines()[0]}")
+            continue
+        if bad:
+            problems.append(
+                f"{name}: column {column}: {bad:,d} of {rows:,d} rows are not {dtype} "
+                f"(found {actual[column]}, e.g. {example!r})"
+            )
+    if not problems and table.file_format == "parquet":
+        # Reading every column once finds corrupt pages that the footer-only count does not touch.
+        try:
+            con.execute(f"select count(*) from (select * from {table.relation()}) where {_any_column(actual)}").fetchone()
+        except duckdb.Error as exc:
+            problems.append(f"{name}: not readable as parquet: {str(exc).splitlines()[0]}")
+    return problems, rows
+
+
+def _any_column(columns: dict[str, str]) -> str:
+    """A predicate touching every column (so DuckDB has to decode them all)."""
+    return " or ".join(f"{_quote(c)} is not null" for c in columns) or "true"
+
+
+def validate_landing(config: ChurnConfig) -> dict[str, int]:
+    """Check every landing file of the dataset; raise LandingValidationError listing all problems.
+
+    Returns rows per table so the caller can log what landed.
+    """
+    tables = landing_tables(config)
+    if not tables:
+        raise LandingValidationError(
+            f"no landing tables for dataset {config.dataset.name!r}: no {config.dataset.landing_format} "
+            f"file of any dbt source in {config.dataset.landing_dir}"
+        )
+    problems: list[str] = []
+    counts: dict[str, int] = {}
+    with duckdb.connect() as con:
+        for table in tables:
+            found, rows = check_table(con, table)
+            problems += found
+            counts[table.name] = rows
+            log.info("landing %-28s %12s rows%s", table.path.name, f"{rows:,d}", "" if not found else "  PROBLEM")
+    if problems:
+        raise LandingValidationError(
+            f"landing folder {config.dataset.landing_dir} breaks the landing contract "
+            f"({len(problems)} problem(s)):\n  " + "\n  ".join(problems)
+        )
+    return counts
