@@ -168,10 +168,17 @@ def _registry_row(config: ChurnConfig, version: str) -> dict[str, Any]:
     return frame.iloc[0].to_dict()
 
 
+def artifact_folder(config: ChurnConfig, artifact_dir: str) -> Path:
+    """Artifact folders are recorded relative to models_dir, so a copied warehouse
+    (tests, backfills) loads its own files, not the original's."""
+    folder = Path(artifact_dir)
+    return folder if folder.is_absolute() else config.warehouse.models_dir / folder
+
+
 def load_model(config: ChurnConfig, version: str) -> ChurnModel:
     """Load a registered model after checking every artifact file's sha256."""
     row = _registry_row(config, version)
-    folder = Path(row["artifact_dir"])
+    folder = artifact_folder(config, row["artifact_dir"])
     expected: dict[str, str] = json.loads(row["artifact_sha256"])
     for name, digest in expected.items():
         path = folder / name
@@ -321,7 +328,7 @@ def register(
             "challenger_metric_same_rows": challenger_metric,
             "comparison_rows": comparison_rows,
             "decision": decision,
-            "artifact_dir": str(final_dir),
+            "artifact_dir": version,  # relative to warehouse.models_dir
             "artifact_sha256": json.dumps(hashes, sort_keys=True),
         }
         with connect(config.warehouse.build_db) as con:

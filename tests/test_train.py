@@ -7,6 +7,7 @@ the real demo mart through the quick-search `trained_warehouse` fixture.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,8 @@ import ml.train as train_module
 from ml.config import ChurnConfig
 from ml.contract import ContractError, Feature, FeatureContract
 from ml.evaluate import expected_calibration_error
-from ml.registry import champion_version
-from ml.train import cv_folds, train, validation_split
+from ml.registry import champion_version, load_model
+from ml.train import TrainResult, cv_folds, train, validation_split
 from ml.warehouse import connect, table_columns, write_table
 from tests.conftest import make_config
 
@@ -81,14 +82,35 @@ def synthetic_warehouse(root: Path, monkeypatch: pytest.MonkeyPatch, mart: pd.Da
     return config
 
 
-@pytest.fixture
-def synthetic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ChurnConfig:
-    return synthetic_warehouse(tmp_path / "wh", monkeypatch, synthetic_mart())
+@pytest.fixture(scope="session")
+def synthetic_trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[ChurnConfig, TrainResult, list[pd.DataFrame]]:
+    """One quick training run on the synthetic mart, shared by read-only tests.
+
+    Also records the feature frames each candidate search received, to prove the
+    out-of-time rows never reach CV or selection.
+    """
+    seen: list[pd.DataFrame] = []
+    original = train_module.search_algorithm
+
+    def spy(algorithm, contract, X, *args, **kwargs):
+        seen.append(X.copy())
+        return original(algorithm, contract, X, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        config = synthetic_warehouse(tmp_path_factory.mktemp("synthetic"), monkeypatch, synthetic_mart())
+        monkeypatch.setattr(train_module, "search_algorithm", spy)
+        result = train(config, run_id="shared")
+    return config, result, seen
 
 
 def _table(config: ChurnConfig, sql: str) -> pd.DataFrame:
     with connect(config.warehouse.build_db) as con:
         return con.execute(sql).df()
+
+
+def _run_counts(config: ChurnConfig, run_id: str) -> dict[str, int]:
+    return {t: int(_table(config, f"select count(*) n from {t} where run_id = '{run_id}'")["n"][0])
+            for t in ("model_runs", "model_metrics", "feature_importance", "threshold_curve")}
 
 
 def test_cv_folds_never_split_a_customer() -> None:
@@ -114,24 +136,17 @@ def test_out_of_time_split_holds_out_newest_labelled_snapshot() -> None:
     assert pd.Timestamp("2024-04-01") not in set(labelled.iloc[split.train_index]["as_of_date"])
 
 
-def test_out_of_time_rows_never_reach_cv_or_selection(synthetic: ChurnConfig, monkeypatch: pytest.MonkeyPatch) -> None:
-    seen: list[pd.DataFrame] = []
-    original = train_module.search_algorithm
-
-    def spy(algorithm, contract, X, *args, **kwargs):
-        seen.append(X.copy())
-        return original(algorithm, contract, X, *args, **kwargs)
-
-    monkeypatch.setattr(train_module, "search_algorithm", spy)
-    result = train(synthetic, run_id="oot-check")
+def test_out_of_time_rows_never_reach_cv_or_selection(synthetic_trained) -> None:
+    config, result, seen = synthetic_trained
     assert result.validation_strategy == "out_of_time"
     assert len(seen) == 3  # one search per candidate algorithm
     # snapshot 3 (2024-04-01) is the newest labelled one; snapshot 4 is unlabelled
     for X in seen:
         assert sorted(X["snapshot_index"].unique()) == [0.0, 1.0, 2.0]
-    runs = _table(synthetic, "select * from model_runs where run_id = 'oot-check'")
+    runs = _table(config, "select * from model_runs where run_id = 'shared'")
     assert runs.loc[0, "train_rows"] == 900 and runs.loc[0, "oot_rows"] == 300
     assert str(runs.loc[0, "snapshot_max"].date()) == "2024-04-01"
+    assert result.oot_metrics["rows"] == 300
 
 
 def test_single_snapshot_falls_back_to_stratified_holdout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -147,21 +162,16 @@ def test_single_snapshot_falls_back_to_stratified_holdout(tmp_path: Path, monkey
     assert runs.loc[0, "train_rows"] + runs.loc[0, "oot_rows"] == 600
 
 
-def test_tables_have_expected_columns_and_rerun_replaces_rows(synthetic: ChurnConfig) -> None:
-    first = train(synthetic, run_id="rerun")
-    counts = {t: int(_table(synthetic, f"select count(*) n from {t} where run_id = 'rerun'")["n"][0])
-              for t in ("model_runs", "model_metrics", "feature_importance", "threshold_curve")}
-    second = train(synthetic, force=True, run_id="rerun")
-    again = {t: int(_table(synthetic, f"select count(*) n from {t} where run_id = 'rerun'")["n"][0])
-             for t in counts}
-    assert again == counts
+def test_tables_have_expected_columns(synthetic_trained) -> None:
+    config, result, _ = synthetic_trained
+    counts = _run_counts(config, "shared")
     assert counts["model_runs"] == 1
     assert counts["threshold_curve"] == 99
     # 3 candidates x (3 folds + mean + std) + out_of_time + baseline
     assert counts["model_metrics"] == 3 * 5 + 2
     # native importance for 4 features + permutation for 4 features
     assert counts["feature_importance"] == 8
-    with connect(synthetic.warehouse.build_db) as con:
+    with connect(config.warehouse.build_db) as con:
         assert {"run_id", "started_at", "finished_at", "dataset", "snapshot_min", "snapshot_max", "train_rows",
                 "oot_rows", "config_hash", "training_data_hash", "validation_strategy", "chosen_algorithm",
                 "model_version", "status"} <= set(table_columns(con, "model_runs"))
@@ -172,51 +182,71 @@ def test_tables_have_expected_columns_and_rerun_replaces_rows(synthetic: ChurnCo
             "run_id", "model_version", "feature", "importance_type", "value", "rank"]
         assert list(table_columns(con, "threshold_curve")) == [
             "run_id", "model_version", "threshold", "recall", "precision", "f1", "share_flagged"]
-    runs = _table(synthetic, "select * from model_runs where run_id = 'rerun'")
-    assert runs.loc[0, "model_version"] == second.version != first.version
-    assert runs.loc[0, "config_hash"] == synthetic.fingerprint()
-    metrics = _table(synthetic, "select * from model_metrics where run_id = 'rerun'")
+    runs = _table(config, "select * from model_runs where run_id = 'shared'")
+    assert runs.loc[0, "model_version"] == result.version
+    assert runs.loc[0, "config_hash"] == config.fingerprint()
+    assert len(runs.loc[0, "training_data_hash"]) == 64
+    metrics = _table(config, "select * from model_metrics where run_id = 'shared'")
+    assert set(metrics["split"]) == {"cv_fold_1", "cv_fold_2", "cv_fold_3", "cv_mean", "cv_std",
+                                     "out_of_time", "baseline"}
     baseline = metrics[metrics["split"] == "baseline"].iloc[0]
     oot = metrics[metrics["split"] == "out_of_time"].iloc[0]
+    assert oot["candidate"] == result.algorithm
     assert baseline["recall"] == 0 and baseline["precision"] == 0 and baseline["roc_auc"] == 0.5
     assert baseline["pr_auc"] == pytest.approx(oot["prevalence"])
     assert baseline["accuracy"] == pytest.approx(1 - oot["prevalence"])
     # the model beats "nobody churns" by a wide margin on this learnable data
     assert oot["roc_auc"] > 0.75 and oot["pr_auc"] > baseline["pr_auc"] + 0.2
-    importance = _table(synthetic, "select * from feature_importance where run_id = 'rerun'")
+    importance = _table(config, "select * from feature_importance where run_id = 'shared'")
     top = importance[importance["rank"] == 1].set_index("importance_type")["feature"]
     assert top["permutation"] == "signal"
     assert set(importance["feature"]) == set(SYNTHETIC_CONTRACT.feature_names)
+    curve = _table(config, "select * from threshold_curve where run_id = 'shared' order by threshold")
+    assert curve["threshold"].iloc[0] == pytest.approx(0.01) and curve["threshold"].iloc[-1] == pytest.approx(0.99)
+    assert curve["share_flagged"].is_monotonic_decreasing
 
 
-def test_threshold_meets_recall_target_on_out_of_fold_rows(synthetic: ChurnConfig) -> None:
-    result = train(synthetic, run_id="thr")
-    from ml.registry import load_model
+def test_rerun_with_same_run_id_replaces_its_rows(synthetic_trained, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    shared, first, _ = synthetic_trained
+    config = make_config(tmp_path / "wh", QUICK)
+    shutil.copytree(shared.warehouse.dir, config.warehouse.dir, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("churn.yml"))
+    monkeypatch.setattr(train_module, "mart_contract", lambda _config: SYNTHETIC_CONTRACT)
+    before = _run_counts(config, "shared")
+    second = train(config, force=True, run_id="shared")
+    assert _run_counts(config, "shared") == before
+    assert second.version != first.version
+    runs = _table(config, "select model_version from model_runs where run_id = 'shared'")
+    assert runs["model_version"].tolist() == [second.version]
+
+
+def test_threshold_meets_recall_target_on_out_of_fold_rows(synthetic_trained) -> None:
+    synthetic, result, _ = synthetic_trained
 
     model = load_model(synthetic, result.version)
     choice = model.metadata["threshold_choice"]
     assert choice["rule"] == "recall_target"
     assert choice["recall"] >= synthetic.problem.success_target
     assert model.threshold == pytest.approx(choice["threshold"])
-    metrics = _table(synthetic, "select * from model_metrics where run_id = 'thr' and chosen and split = 'cv_mean'")
+    metrics = _table(synthetic, "select * from model_metrics where run_id = 'shared' and chosen and split = 'cv_mean'")
     assert metrics.loc[0, "threshold"] == pytest.approx(model.threshold)
     # out-of-fold calibration is close on held-out rows
     assert metrics.loc[0, "calibration_error"] < 0.05
 
 
-def test_train_skips_when_champion_exists_unless_forced(synthetic: ChurnConfig) -> None:
-    first = train(synthetic, run_id="a")
+def test_train_skips_when_champion_exists_unless_forced(synthetic_trained) -> None:
+    synthetic, first, _ = synthetic_trained
     assert first.promoted and champion_version(synthetic) == first.version
     skipped = train(synthetic)
     assert skipped.skipped and skipped.version == first.version
     assert "--force" in skipped.message
     runs = _table(synthetic, "select run_id from model_runs")
-    assert runs["run_id"].tolist() == ["a"]
+    assert runs["run_id"].tolist() == ["shared"]
 
 
-def test_model_stores_reference_and_traces_transformed_columns(synthetic: ChurnConfig) -> None:
-    result = train(synthetic, run_id="ref")
-    from ml.registry import load_model
+def test_model_stores_reference_and_traces_transformed_columns(synthetic_trained) -> None:
+    synthetic, result, _ = synthetic_trained
 
     model = load_model(synthetic, result.version)
     reference = model.metadata["reference"]
@@ -230,9 +260,8 @@ def test_model_stores_reference_and_traces_transformed_columns(synthetic: ChurnC
     assert sources.count("noisy_with_gaps") == 2  # value + missing indicator
 
 
-def test_missing_feature_column_is_named(synthetic: ChurnConfig) -> None:
-    result = train(synthetic, run_id="missing")
-    from ml.registry import load_model
+def test_missing_feature_column_is_named(synthetic_trained) -> None:
+    synthetic, result, _ = synthetic_trained
 
     model = load_model(synthetic, result.version)
     with pytest.raises(ContractError, match="noisy_with_gaps"):
