@@ -103,6 +103,8 @@ class MonitoringConfig:
     reference_quantiles: int
     null_share_jump: float
     new_category_share: float
+    backfill_months: int
+    backfill_every: str
 
 
 @dataclass(frozen=True)

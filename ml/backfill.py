@@ -1,0 +1,212 @@
+"""`churn backfill`: replay the nightly over past dates to build monitoring history.
+
+Each replayed night is a real `churn nightly --as-of DATE`: dbt rebuilds the
+mart as if the data ended the day before DATE, so training, scoring, drift,
+performance and the retraining policy see exactly what they would have seen
+that night. Replaying a few months is how a new deployment gets a drift
+heatmap, estimated-vs-realized recall and a retraining timeline on day one,
+and how the monitoring itself is tested against data with known drift.
+
+Time travel must not see the future, including through the model registry: a
+champion trained on later data would make every replayed night look perfect.
+So by default the replay runs in a sandbox warehouse (`<warehouse>/backfill`,
+recreated each time) that reads the same landing data; `--in-place` writes to
+the configured warehouse instead and is refused when its champion was trained
+on data after the first replayed date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from ml.config import ChurnConfig
+from ml.logs import get_logger, timed
+from ml.warehouse import connect, table_exists
+
+log = get_logger("backfill")
+
+SANDBOX_DIR = "backfill"
+SANDBOX_MARKER = ".churn-backfill-sandbox"
+EVERY_PATTERN = re.compile(r"^\s*(\d+)\s*([dwm])\s*$")
+
+
+class BackfillError(RuntimeError):
+    """The replay cannot run as asked (bad dates, or it would see the future)."""
+
+
+@dataclass(frozen=True)
+class BackfillResult:
+    config: ChurnConfig
+    dates: list[dt.date]
+    run_ids: list[str]
+    seconds: float
+
+
+def parse_every(text: str) -> tuple[int, str]:
+    """'7d', '2w' or '1m' -> (count, unit)."""
+    match = EVERY_PATTERN.match(text)
+    if not match or int(match.group(1)) < 1:
+        raise BackfillError(f"--every {text!r}: expected a positive count and a unit d, w or m (e.g. 7d)")
+    return int(match.group(1)), match.group(2)
+
+
+def _add_months(day: dt.date, months: int) -> dt.date:
+    month = day.month - 1 + months
+    year = day.year + month // 12
+    month = month % 12 + 1
+    days_in_month = (dt.date(year + month // 12, month % 12 + 1, 1) - dt.timedelta(days=1)).day
+    return dt.date(year, month, min(day.day, days_in_month))
+
+
+def schedule(start: dt.date, end: dt.date, every: str) -> list[dt.date]:
+    """Replay dates: every `every` from `start`, plus each month start, through `end`.
+
+    Month starts are always included because the mart's snapshots are monthly:
+    only a night that scored a month-start snapshot can later be joined to that
+    snapshot's labels, so these are the nights that give realized performance.
+    """
+    if start > end:
+        raise BackfillError(f"backfill start {start} is after its end {end}")
+    count, unit = parse_every(every)
+    dates: set[dt.date] = set()
+    day, step = start, 0
+    while day <= end:
+        dates.add(day)
+        step += 1
+        day = (
+            start + dt.timedelta(days=count * step) if unit == "d"
+            else start + dt.timedelta(weeks=count * step) if unit == "w"
+            else _add_months(start, count * step)
+        )
+    month_start = dt.date(start.year, start.month, 1)
+    while month_start <= end:
+        if month_start >= start:
+            dates.add(month_start)
+        month_start = _add_months(month_start, 1)
+    dates.add(end)
+    return sorted(dates)
+
+
+def sandbox_config(config: ChurnConfig, folder: Path | None = None) -> ChurnConfig:
+    """The same config with every warehouse output moved into `folder` (landing unchanged)."""
+    folder = (folder or config.warehouse.dir / SANDBOX_DIR).resolve()
+    wh = config.warehouse
+    return config.replace_paths(
+        dir=folder,
+        build_db=folder / wh.build_db.name,
+        published_db=folder / wh.published_db.name,
+        models_dir=folder / wh.models_dir.name,
+        reports_dir=folder / wh.reports_dir.name,
+    )
+
+
+def reset_sandbox(config: ChurnConfig) -> None:
+    """Remove a previous replay's sandbox (only a folder this module created)."""
+    folder = config.warehouse.dir
+    if folder.exists():
+        if not (folder / SANDBOX_MARKER).exists():
+            raise BackfillError(f"{folder} exists and is not a backfill sandbox; choose another --into folder")
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    (folder / SANDBOX_MARKER).write_text("created by churn backfill; removed by the next backfill\n")
+
+
+def data_end(config: ChurnConfig) -> dt.date:
+    """The latest as_of_date the data supports (last observed day + 1), from a full build."""
+    from ml.build import build_warehouse
+    from ml.contract import load_contract
+    from ml.dbt import dbt_target_path
+    from ml.pipeline import ensure_landing
+
+    ensure_landing(config)
+    build_warehouse(config)
+    contract = load_contract(dbt_target_path(config) / "manifest.json", config.dataset.feature_mart)
+    with connect(config.warehouse.build_db, read_only=True) as con:
+        latest = con.execute(
+            f'select max("{contract.as_of}") from "{config.dataset.feature_mart}"'
+        ).fetchone()[0]
+    if latest is None:
+        raise BackfillError(f"feature mart {config.dataset.feature_mart!r} is empty; nothing to replay")
+    return pd.Timestamp(latest).date()
+
+
+def check_no_future_champion(config: ChurnConfig, start: dt.date) -> None:
+    """Refuse an in-place replay whose champion was trained on data from after `start`."""
+    from ml.registry import load_champion
+
+    if not config.warehouse.build_db.exists():
+        return
+    with connect(config.warehouse.build_db, read_only=True) as con:
+        if not table_exists(con, "model_registry"):
+            return
+    model = load_champion(config)
+    if model is None:
+        return
+    last = (model.metadata.get("snapshot_range") or [None, None])[1]
+    if last is None or dt.date.fromisoformat(str(last)) >= start:
+        raise BackfillError(
+            f"champion {model.version} in {config.warehouse.build_db} was trained on snapshots up to {last}, "
+            f"not before the first replayed date {start}: the replay would see the future. "
+            "Run without --in-place (a sandbox warehouse) or start after that date."
+        )
+
+
+def backfill(
+    config: ChurnConfig,
+    start: dt.date | None = None,
+    end: dt.date | None = None,
+    every: str | None = None,
+    in_place: bool = False,
+    into: Path | None = None,
+) -> BackfillResult:
+    """Replay `churn nightly --as-of` for each scheduled date; returns the config it wrote to."""
+    from ml.pipeline import nightly
+
+    every = every or config.monitoring.backfill_every
+    parse_every(every)
+    target = config if in_place else sandbox_config(config, into)
+    if not in_place:
+        reset_sandbox(target)
+    end = end or data_end(target)
+    start = start or _add_months(end, -config.monitoring.backfill_months)
+    dates = schedule(start, end, every)
+    if in_place:
+        check_no_future_champion(target, dates[0])
+    log.info("backfill of %d nights from %s to %s (every %s) into %s", len(dates), dates[0], dates[-1],
+             every, target.warehouse.dir)
+    started = time.perf_counter()
+    run_ids: list[str] = []
+    for i, day in enumerate(dates, 1):
+        with timed(f"backfill night {i}/{len(dates)} as of {day}", log):
+            run_ids.append(nightly(target, as_of=day.isoformat()).run_id)
+    return BackfillResult(target, dates, run_ids, time.perf_counter() - started)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--from", dest="start", type=dt.date.fromisoformat,
+                        help="first replayed date (default: monitoring.backfill_months before --to)")
+    parser.add_argument("--to", dest="end", type=dt.date.fromisoformat,
+                        help="last replayed date (default: the end of the data)")
+    parser.add_argument("--every", help="spacing of replayed nights, e.g. 7d, 2w, 1m "
+                        "(default: monitoring.backfill_every); month starts are always replayed")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--in-place", action="store_true",
+                       help="replay into the configured warehouse (refused if its champion saw later data)")
+    where.add_argument("--into", type=Path, help="sandbox folder (default: <warehouse>/backfill, recreated)")
+
+
+def run_command(config: ChurnConfig, args: argparse.Namespace) -> int:
+    result = backfill(config, args.start, args.end, args.every, in_place=args.in_place, into=args.into)
+    print(f"backfill: {len(result.dates)} nights from {result.dates[0]} to {result.dates[-1]} "
+          f"in {result.seconds:.0f}s ({result.seconds / len(result.dates):.0f}s per night)")
+    print(f"  monitoring tables in {result.config.warehouse.build_db}")
+    return 0
+
