@@ -1,0 +1,145 @@
+"""Registry: champion/challenger on the same rows, hash-checked loading, artifacts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ml.config import ChurnConfig
+from ml.model import ChurnModel, ScoreCalibrator, contract_feature_frame
+from ml.registry import (
+    BOOSTER_FILE,
+    METADATA_FILE,
+    PIPELINE_FILE,
+    RegistryError,
+    champion_version,
+    load_champion,
+    load_model,
+    register,
+    registry_frame,
+)
+from ml.train import make_pipeline
+from ml.warehouse import connect, write_table
+from tests.conftest import make_config
+from tests.test_train import SYNTHETIC_CONTRACT, synthetic_mart
+
+EVAL_DATE = "2024-04-01"
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> ChurnConfig:
+    config = make_config(tmp_path / "wh")
+    with connect(config.warehouse.build_db) as con:
+        write_table(con, config.dataset.feature_mart, synthetic_mart())
+    return config
+
+
+def _frames() -> tuple[pd.DataFrame, pd.DataFrame]:
+    mart = synthetic_mart()
+    mart = mart[mart["churned_within_30d"].notna()].copy()
+    mart["churned_within_30d"] = mart["churned_within_30d"].astype(int)
+    is_eval = mart["as_of_date"] == pd.Timestamp(EVAL_DATE)
+    return mart[~is_eval].reset_index(drop=True), mart[is_eval].reset_index(drop=True)
+
+
+def fitted_model(algorithm: str = "logistic_regression", shuffle_labels: bool = False, seed: int = 0,
+                 params: dict | None = None) -> ChurnModel:
+    """A small fitted model; shuffled labels make a deliberately worse one."""
+    train_rows, _ = _frames()
+    X = contract_feature_frame(SYNTHETIC_CONTRACT, train_rows)
+    y = train_rows["churned_within_30d"].to_numpy(int)
+    if shuffle_labels:
+        y = np.random.default_rng(seed).permutation(y)
+    params = params or ({"C": 1.0} if algorithm == "logistic_regression" else {"n_estimators": 30, "max_depth": 3})
+    pipeline = make_pipeline(SYNTHETIC_CONTRACT, algorithm, params, seed, 3.0).fit(X, y)
+    calibrator = ScoreCalibrator("sigmoid").fit(pipeline.predict_proba(X)[:, 1], y)
+    return ChurnModel(pipeline, calibrator, SYNTHETIC_CONTRACT, algorithm, params, threshold=0.3,
+                      metadata={"validation": {"strategy": "out_of_time", "eval_as_of_dates": [EVAL_DATE]}})
+
+
+def test_champion_challenger_rule_compares_on_the_same_rows(config: ChurnConfig) -> None:
+    _, eval_rows = _frames()
+    weak = register(config, fitted_model(shuffle_labels=True), "r1", {"pr_auc": 0.3}, evaluation_frame=eval_rows)
+    assert champion_version(config) == weak  # the first model is champion by default
+
+    weaker = register(config, fitted_model(shuffle_labels=True, seed=5), "r2", {"pr_auc": 0.9},
+                      evaluation_frame=eval_rows)
+    strong = register(config, fitted_model(), "r3", {"pr_auc": 0.1}, evaluation_frame=eval_rows)
+
+    registry = registry_frame(config).set_index("model_version")
+    # reported oot metrics are not what decides: the champion is re-scored on the same rows
+    assert registry.loc[weaker, "status"] == "challenger"
+    assert registry.loc[strong, "status"] == "champion"
+    assert registry.loc[weak, "status"] == "retired"
+    assert champion_version(config) == strong
+    row = registry.loc[strong]
+    assert row["compared_with"] == weak
+    assert row["comparison_rows"] == len(eval_rows)
+    assert row["challenger_metric_same_rows"] > row["champion_metric_same_rows"]
+    # a worse challenger later leaves the champion in place
+    register(config, fitted_model(shuffle_labels=True, seed=9), "r4", {}, evaluation_frame=eval_rows)
+    assert champion_version(config) == strong
+    assert (registry_frame(config)["status"] == "champion").sum() == 1
+
+
+def test_comparison_rows_are_reread_from_the_mart_when_not_given(config: ChurnConfig) -> None:
+    first = register(config, fitted_model(shuffle_labels=True), "r1", {})
+    second = register(config, fitted_model(), "r2", {})
+    registry = registry_frame(config).set_index("model_version")
+    assert registry.loc[second, "status"] == "champion" and registry.loc[first, "status"] == "retired"
+    assert registry.loc[second, "comparison_rows"] == 300  # the synthetic mart's 2024-04-01 rows
+
+
+def test_load_refuses_a_changed_artifact_naming_the_file(config: ChurnConfig) -> None:
+    version = register(config, fitted_model(), "r1", {})
+    path = config.warehouse.models_dir / version / PIPELINE_FILE
+    with open(path, "ab") as handle:
+        handle.write(b"tampered")
+    with pytest.raises(RegistryError, match=str(path)):
+        load_model(config, version)
+    with pytest.raises(RegistryError, match="changed after registration"):
+        load_champion(config)
+
+
+def test_load_refuses_a_missing_artifact(config: ChurnConfig) -> None:
+    version = register(config, fitted_model(), "r1", {})
+    path = config.warehouse.models_dir / version / METADATA_FILE
+    path.unlink()
+    with pytest.raises(RegistryError, match=f"{path}.*missing"):
+        load_model(config, version)
+
+
+def test_unknown_version_and_empty_registry(config: ChurnConfig) -> None:
+    assert champion_version(config) is None
+    assert load_champion(config) is None
+    register(config, fitted_model(), "r1", {})
+    with pytest.raises(RegistryError, match="no-such-version"):
+        load_model(config, "no-such-version")
+
+
+def test_xgboost_booster_saved_as_json_and_round_trips(config: ChurnConfig) -> None:
+    model = fitted_model("xgboost", params={"n_estimators": 20, "max_depth": 3})
+    version = register(config, model, "r1", {})
+    folder = config.warehouse.models_dir / version
+    assert json.loads((folder / BOOSTER_FILE).read_text())["learner"]  # XGBoost's own JSON format
+    metadata = json.loads((folder / METADATA_FILE).read_text())
+    assert set(metadata["artifact_sha256"]) == {BOOSTER_FILE, PIPELINE_FILE}
+    assert metadata["contract"]["label"] == "churned_within_30d"
+    assert metadata["library_versions"]["xgboost"]
+    assert metadata["calibration"] == "sigmoid" and metadata["threshold"] == 0.3
+    loaded = load_model(config, version)
+    _, eval_rows = _frames()
+    np.testing.assert_allclose(loaded.predict_proba(eval_rows), model.predict_proba(eval_rows), rtol=1e-6)
+    assert loaded.version == version and loaded.algorithm == "xgboost"
+    assert loaded.transformed_feature_sources() == model.transformed_feature_sources()
+
+
+def test_champions_are_kept_per_dataset(config: ChurnConfig) -> None:
+    demo = register(config, fitted_model(), "r1", {})
+    telco = config.with_dataset("telco")
+    assert champion_version(telco) is None
+    assert champion_version(config) == demo
