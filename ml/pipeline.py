@@ -19,6 +19,7 @@ import pandas as pd
 from ml.build import build_warehouse, mart_row_counts
 from ml.config import ChurnConfig
 from ml.logs import get_logger, timed
+from ml.train import train
 from ml.warehouse import connect, write_table
 
 log = get_logger("pipeline")
@@ -86,6 +87,9 @@ def nightly(config: ChurnConfig, as_of: str | None = None, force_train: bool = F
         ensure_landing(config)
     with run.step("build"):
         build_warehouse(config, as_of=as_of)
+    with run.step("train"):
+        # trains only when the dataset has no champion yet, or when forced
+        train(config, force=force_train, run_id=run.run_id)
     counts = mart_row_counts(config)
     print(f"\nnightly {run.run_id} ({config.dataset.name}) finished in {time.perf_counter() - start:.0f}s")
     for table, rows in counts.items():
