@@ -18,7 +18,10 @@ import pandas as pd
 
 from ml.build import build_warehouse, mart_row_counts
 from ml.config import ChurnConfig
+from ml.landing import validate_landing
 from ml.logs import get_logger, timed
+from ml.publish import pause_point, publish
+from ml.quality import audit
 from ml.train import train
 from ml.warehouse import connect, write_table
 
@@ -57,6 +60,7 @@ class PipelineRun:
         started = dt.datetime.now()
         try:
             with timed(f"[{self.run_id}] {name}", log):
+                pause_point(f"step:{name}")  # crash-safety tests stop (and kill) the run here
                 yield
         except BaseException as exc:
             self.record(name, started, "failed", f"{type(exc).__name__}: {exc}")
@@ -85,11 +89,20 @@ def nightly(config: ChurnConfig, as_of: str | None = None, force_train: bool = F
     start = time.perf_counter()
     with run.step("land"):
         ensure_landing(config)
+    with run.step("validate_landing"):
+        validate_landing(config)
+        audit(config, "landing", run.run_id, as_of=as_of)
     with run.step("build"):
         build_warehouse(config, as_of=as_of)
+    with run.step("audit_mart"):
+        audit(config, "mart", run.run_id, as_of=as_of)
     with run.step("train"):
         # trains only when the dataset has no champion yet, or when forced
         train(config, force=force_train, run_id=run.run_id)
+    with run.step("audit_scores"):
+        audit(config, "scores", run.run_id, as_of=as_of)
+    with run.step("publish"):
+        publish(config, run_id=run.run_id)
     counts = mart_row_counts(config)
     print(f"\nnightly {run.run_id} ({config.dataset.name}) finished in {time.perf_counter() - start:.0f}s")
     for table, rows in counts.items():
