@@ -64,13 +64,15 @@ SEARCH_SPACES: dict[str, dict[str, list[Any]]] = {
         "max_features": ["sqrt", 0.3],
         "max_samples": [0.5],
     },
+    # Churn is rare (a few % per month): shallow, slowly learned trees with a
+    # minimum leaf weight overfit less than deep ones.
     "xgboost": {
-        "n_estimators": [200, 400],
-        "max_depth": [3, 5],
-        "learning_rate": [0.05, 0.1],
+        "n_estimators": [150, 300],
+        "max_depth": [2, 3, 4],
+        "learning_rate": [0.03, 0.08],
         "subsample": [0.8],
-        "colsample_bytree": [0.8, 1.0],
-        "min_child_weight": [1, 10],
+        "colsample_bytree": [0.8],
+        "min_child_weight": [5, 20],
     },
 }
 ESTIMATOR_JOBS = 2
