@@ -22,6 +22,7 @@ from ml.landing import validate_landing
 from ml.logs import get_logger, timed
 from ml.publish import pause_point, publish
 from ml.quality import audit
+from ml.profile import profile
 from ml.train import train
 from ml.warehouse import connect, write_table
 
@@ -96,6 +97,8 @@ def nightly(config: ChurnConfig, as_of: str | None = None, force_train: bool = F
         build_warehouse(config, as_of=as_of)
     with run.step("audit_mart"):
         audit(config, "mart", run.run_id, as_of=as_of)
+    with run.step("profile"):
+        profile(config, run_id=run.run_id)
     with run.step("train"):
         # trains only when the dataset has no champion yet, or when forced
         train(config, force=force_train, run_id=run.run_id)

@@ -1,0 +1,676 @@
+"""`churn profile`: what the feature mart looks like before a model sees it.
+
+Missing values, class balance, outliers, distributions by label and
+correlations are the questions an analyst asks of a new mart, and they are
+asked again every night because the data changes. Every statistic is computed
+in DuckDB SQL over the full mart, so the step stays cheap at any size; only the
+plots read a bounded, seeded sample into Python. The columns and their roles
+come from the mart's contract, so the same code profiles any dataset.
+
+Results are warehouse tables (replaced per feature mart on each run, in one
+transaction) and a self-contained report folder: PNG plots and an index.html
+that references them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import html
+import re
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from ml.config import ChurnConfig
+from ml.contract import FeatureContract, load_contract
+from ml.dbt import dbt_target_path
+from ml.logs import get_logger, timed
+from ml.warehouse import connect, table_columns, table_exists
+
+log = get_logger("profile")
+
+# Statistics use every row; these bound only what the plots and the report show.
+PLOT_SAMPLE_ROWS = 20_000
+PLOT_TOP_FEATURES = 8
+HEATMAP_MAX_FEATURES = 30
+REPORT_TOP_CATEGORIES = 10
+# Categories kept per categorical feature in profile_categories; rarer ones are
+# folded into OTHER_CATEGORY so a high-cardinality column cannot flood the table.
+MAX_CATEGORIES = 30
+OTHER_CATEGORY = "(other)"
+MISSING_CATEGORY = "(missing)"
+IQR_FENCE = 1.5  # Tukey's rule: outside [p25 - 1.5 IQR, p75 + 1.5 IQR]
+QUANTILES = (0.01, 0.25, 0.5, 0.75, 0.99)
+
+TABLES = ("profile_columns", "profile_categories", "profile_class_balance", "profile_correlations")
+PLOTS = ("class_balance.png", "feature_distributions.png", "correlation_heatmap.png", "missing_values.png")
+
+_NUMERIC_TYPE = re.compile(
+    r"^(U?(TINYINT|SMALLINT|INTEGER|BIGINT|HUGEINT)|FLOAT|DOUBLE|REAL|DECIMAL.*|BOOLEAN)$", re.IGNORECASE
+)
+
+
+class ProfileError(RuntimeError):
+    """The feature mart cannot be profiled as its contract describes."""
+
+
+@dataclass(frozen=True)
+class ProfileResult:
+    """What one profiling run produced."""
+
+    feature_mart: str
+    run_id: str
+    rows: int
+    columns: int
+    report_path: Path
+    plots: tuple[Path, ...]
+    seconds: float
+
+
+def _q(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+def _fetch_frame(con: duckdb.DuckDBPyConnection, sql: str, params: list | None = None) -> pd.DataFrame:
+    return con.execute(sql, params or []).df()
+
+
+def report_dir(config: ChurnConfig) -> Path:
+    """One report folder per dataset, so profiling one never overwrites another's."""
+    return config.warehouse.reports_dir / "profile" / config.dataset.name
+
+
+# ------------------------------------------------------------------ checks
+
+def check_mart(con: duckdb.DuckDBPyConnection, mart: str, contract: FeatureContract, database: Path) -> dict[str, str]:
+    """The mart's column types, after refusing a mart that does not match its contract."""
+    if not table_exists(con, mart):
+        raise ProfileError(f"feature mart {mart!r} not found in {database}; run churn build first")
+    columns = table_columns(con, mart)
+    contract.check_columns(mart, columns)
+    if contract.label not in columns:
+        raise ProfileError(f"feature mart {mart!r} in {database}: label column {contract.label!r} is missing")
+    not_numeric = [
+        f"{c} ({columns[c]})" for c in [*contract.numeric, contract.label] if not _NUMERIC_TYPE.match(columns[c])
+    ]
+    if not_numeric:
+        raise ProfileError(
+            f"feature mart {mart!r} in {database}: column(s) declared numeric in the contract have "
+            f"non-numeric types: {', '.join(not_numeric)}"
+        )
+    rows = con.execute(f"select count(*) from {_q(mart)}").fetchone()[0]
+    if rows == 0:
+        raise ProfileError(f"feature mart {mart!r} in {database} has no rows")
+    bad_labels = con.execute(
+        f"select count(*) from {_q(mart)} where {_q(contract.label)} not in (0, 1)"
+    ).fetchone()[0]
+    if bad_labels:
+        raise ProfileError(
+            f"feature mart {mart!r} in {database}: label {contract.label!r} is not 0/1/NULL in {bad_labels} row(s)"
+        )
+    return columns
+
+
+# ------------------------------------------------------------- statistics
+
+def column_summary(
+    con: duckdb.DuckDBPyConnection, mart: str, contract: FeatureContract, types: dict[str, str]
+) -> pd.DataFrame:
+    """Rows, missing count and share, and distinct values of every contract column."""
+    roles = {contract.key: "key", contract.as_of: "as_of", contract.label: "label"}
+    kinds = {f.name: f.kind for f in contract.features}
+    columns = contract.columns
+    expressions = ["count(*)"]
+    for column in columns:
+        expressions += [f"count({_q(column)})", f"count(distinct {_q(column)})"]
+    values = con.execute(f"select {', '.join(expressions)} from {_q(mart)}").fetchone()
+    rows = int(values[0])
+    records = []
+    for i, column in enumerate(columns):
+        present, distinct = int(values[1 + 2 * i]), int(values[2 + 2 * i])
+        records.append({
+            "column_name": column,
+            "role": roles.get(column, "feature"),
+            "kind": kinds.get(column),
+            "data_type": types[column],
+            "rows": rows,
+            "missing_count": rows - present,
+            "missing_share": (rows - present) / rows,
+            "distinct_count": distinct,
+        })
+    return pd.DataFrame(records)
+
+
+def numeric_summary(con: duckdb.DuckDBPyConnection, mart: str, contract: FeatureContract) -> pd.DataFrame:
+    """Quantiles, IQR outlier counts and mean/median per label of each numeric feature."""
+    numeric = contract.numeric
+    if not numeric:
+        return pd.DataFrame(columns=["column_name"])
+    casts = ", ".join(f"cast({_q(c)} as double) as {_q(c)}" for c in numeric)
+    quantiles = ", ".join(str(q) for q in QUANTILES)
+    p25, p75 = QUANTILES.index(0.25) + 1, QUANTILES.index(0.75) + 1  # DuckDB lists are 1-based
+    sql = f"""
+        with src as (
+            select cast({_q(contract.label)} as double) as __label, {casts} from {_q(mart)}
+        ),
+        long as (
+            from src unpivot (value for column_name in ({', '.join(_q(c) for c in numeric)}))
+        ),
+        stats as (
+            select
+                column_name,
+                avg(value) as mean,
+                stddev_samp(value) as std,
+                min(value) as min_value,
+                max(value) as max_value,
+                quantile_cont(value, [{quantiles}]) as q,
+                avg(value) filter (where __label = 0) as mean_label_0,
+                avg(value) filter (where __label = 1) as mean_label_1,
+                median(value) filter (where __label = 0) as median_label_0,
+                median(value) filter (where __label = 1) as median_label_1
+            from long
+            group by column_name
+        ),
+        fenced as (
+            select
+                *,
+                q[{p25}] - {IQR_FENCE} * (q[{p75}] - q[{p25}]) as low_fence,
+                q[{p75}] + {IQR_FENCE} * (q[{p75}] - q[{p25}]) as high_fence
+            from stats
+        ),
+        outliers as (
+            select
+                long.column_name,
+                count(*) filter (where long.value < fenced.low_fence) as outliers_low,
+                count(*) filter (where long.value > fenced.high_fence) as outliers_high,
+                count(*) as present
+            from long
+            join fenced using (column_name)
+            group by long.column_name
+        )
+        select
+            fenced.* exclude (q),
+            {', '.join(f"fenced.q[{i + 1}] as p{round(q * 100):02d}" for i, q in enumerate(QUANTILES))},
+            outliers.outliers_low,
+            outliers.outliers_high,
+            (outliers.outliers_low + outliers.outliers_high) / outliers.present as outlier_share
+        from fenced
+        join outliers using (column_name)
+    """
+    frame = _fetch_frame(con, sql)
+    return frame.rename(columns={"p50": "median"})
+
+
+def category_summary(con: duckdb.DuckDBPyConnection, mart: str, contract: FeatureContract) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Share and churn rate per category (rare ones folded), and Cramér's V with the label.
+
+    Cramér's V (for a binary label, sqrt(chi-square / n)) is computed on every
+    category before folding, so folding only shortens the table.
+    """
+    categorical = contract.categorical
+    if not categorical:
+        empty = pd.DataFrame(columns=["column_name", "category", "rows", "share", "labelled_rows",
+                                      "positives", "churn_rate", "is_other"])
+        return empty, pd.DataFrame(columns=["column_name", "cramers_v"])
+    casts = ", ".join(f"cast({_q(c)} as varchar) as {_q(c)}" for c in categorical)
+    con.execute(f"""
+        create or replace temp table _profile_category_counts as
+        with src as (
+            select cast({_q(contract.label)} as double) as __label, {casts} from {_q(mart)}
+        ),
+        long as (
+            from src unpivot include nulls (category for column_name in ({', '.join(_q(c) for c in categorical)}))
+        )
+        select
+            column_name,
+            coalesce(category, '{MISSING_CATEGORY}') as category,
+            count(*) as rows,
+            count(__label) as labelled_rows,
+            coalesce(sum(__label), 0) as positives
+        from long
+        group by all
+    """)
+    categories = _fetch_frame(con, f"""
+        with ranked as (
+            select
+                *,
+                row_number() over (partition by column_name order by rows desc, category) as position
+            from _profile_category_counts
+        ),
+        folded as (
+            select
+                column_name,
+                case when position <= {MAX_CATEGORIES} then category else '{OTHER_CATEGORY}' end as category,
+                position > {MAX_CATEGORIES} as is_other,
+                sum(rows) as rows,
+                sum(labelled_rows) as labelled_rows,
+                sum(positives) as positives
+            from ranked
+            group by all
+        )
+        select
+            column_name,
+            category,
+            rows,
+            rows / sum(rows) over (partition by column_name) as share,
+            labelled_rows,
+            positives,
+            positives / nullif(labelled_rows, 0) as churn_rate,
+            is_other
+        from folded
+        order by column_name, is_other, rows desc, category
+    """)
+    association = _fetch_frame(con, """
+        with totals as (
+            select column_name, sum(labelled_rows) as n, sum(positives) / nullif(sum(labelled_rows), 0) as p
+            from _profile_category_counts
+            group by column_name
+        ),
+        cells as (
+            select
+                c.column_name,
+                t.n,
+                power(c.positives - c.labelled_rows * t.p, 2) / nullif(c.labelled_rows * t.p, 0)
+                + power((c.labelled_rows - c.positives) - c.labelled_rows * (1 - t.p), 2)
+                  / nullif(c.labelled_rows * (1 - t.p), 0) as chi_square
+            from _profile_category_counts c
+            join totals t using (column_name)
+            where c.labelled_rows > 0
+        )
+        select column_name, sqrt(sum(chi_square) / any_value(n)) as cramers_v
+        from cells
+        group by column_name
+    """)
+    con.execute("drop table _profile_category_counts")
+    return categories, association
+
+
+def class_balance(con: duckdb.DuckDBPyConnection, mart: str, contract: FeatureContract) -> pd.DataFrame:
+    """Rows, labelled rows and positive rate overall and per snapshot date."""
+    label, as_of = _q(contract.label), _q(contract.as_of)
+    measures = (
+        f"count(*) as rows, count({label}) as labelled_rows, "
+        f"coalesce(sum({label}), 0) as positives, avg({label}) as positive_rate"
+    )
+    frame = _fetch_frame(con, f"""
+        select 'overall' as scope, cast(null as date) as snapshot_date, {measures} from {_q(mart)}
+        union all
+        select 'snapshot' as scope, cast({as_of} as date) as snapshot_date, {measures}
+        from {_q(mart)}
+        group by all
+        order by scope, snapshot_date
+    """)
+    # pandas turns DATE into datetime64; Python dates keep the warehouse column a DATE.
+    frame["snapshot_date"] = pd.Series(
+        [d.date() if pd.notna(d) else None for d in frame["snapshot_date"]], dtype=object
+    )
+    return frame
+
+
+def correlations(
+    con: duckdb.DuckDBPyConnection, mart: str, contract: FeatureContract, cramers_v: pd.DataFrame
+) -> pd.DataFrame:
+    """Pearson matrix of the numeric features, and each feature against the label.
+
+    Numeric features use Pearson (point-biserial, as the label is 0/1) over the
+    labelled rows; categorical ones Cramér's V. Both are 0 for no association.
+    """
+    numeric, label = contract.numeric, contract.label
+    pairs = [(a, b) for i, a in enumerate(numeric) for b in numeric[i + 1:]]
+    expressions = [f"corr({_q(a)}, {_q(b)})" for a, b in pairs]
+    expressions += [f"corr({_q(c)}, {_q(label)})" for c in numeric]
+    values = con.execute(f"select {', '.join(expressions)} from {_q(mart)}").fetchone() if expressions else ()
+
+    def clean(value: float | None) -> float | None:
+        return None if value is None or not np.isfinite(value) else float(value)
+
+    records = []
+    for (a, b), value in zip(pairs, values[: len(pairs)]):
+        for x, y in ((a, b), (b, a)):
+            records.append({"column_a": x, "column_b": y, "method": "pearson",
+                            "scope": "feature_pair", "correlation": clean(value)})
+    for column in numeric:
+        records.append({"column_a": column, "column_b": column, "method": "pearson",
+                        "scope": "feature_pair", "correlation": 1.0})
+    for column, value in zip(numeric, values[len(pairs):]):
+        records.append({"column_a": column, "column_b": label, "method": "pearson",
+                        "scope": "feature_label", "correlation": clean(value)})
+    for row in cramers_v.itertuples(index=False):
+        records.append({"column_a": row.column_name, "column_b": label, "method": "cramers_v",
+                        "scope": "feature_label", "correlation": clean(row.cramers_v)})
+    frame = pd.DataFrame(records, columns=["column_a", "column_b", "method", "scope", "correlation"])
+    return frame.astype({"correlation": float})
+
+
+def label_association(corr: pd.DataFrame) -> pd.Series:
+    """Strength of each feature's association with the label (|Pearson| or Cramér's V)."""
+    with_label = corr[corr["scope"] == "feature_label"]
+    return with_label.set_index("column_a")["correlation"].abs().astype(float)
+
+
+def plot_sample(
+    con: duckdb.DuckDBPyConnection, mart: str, contract: FeatureContract, columns: list[str], rows: int, seed: int
+) -> pd.DataFrame:
+    """A bounded, seeded sample of labelled rows for the plots only.
+
+    Ordering by a hash of the key, the snapshot and the seed picks the same rows
+    on every run regardless of threads, without reading the mart into Python.
+    """
+    selected = ", ".join(_q(c) for c in [contract.label, *columns])
+    return _fetch_frame(con, f"""
+        select {selected} from {_q(mart)}
+        where {_q(contract.label)} is not null
+        order by hash(cast({_q(contract.key)} as varchar), cast({_q(contract.as_of)} as varchar), {int(seed)})
+        limit {int(rows)}
+    """)
+
+
+# ------------------------------------------------------------------ plots
+
+def _save(fig: Figure, path: Path) -> Path:
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path
+
+
+def plot_class_balance(balance: pd.DataFrame, label: str, path: Path) -> Path:
+    """Positive rate per snapshot, with labelled and unlabelled rows beneath."""
+    per_date = balance[balance["scope"] == "snapshot"].sort_values("snapshot_date")
+    overall = balance[balance["scope"] == "overall"].iloc[0]
+    fig = Figure(figsize=(10, 6))
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 2]})
+    x = np.arange(len(per_date))
+    labels = [str(d)[:10] for d in per_date["snapshot_date"]]
+    top.bar(x, per_date["positive_rate"].fillna(0.0), color="#c0392b", width=0.7)
+    if pd.notna(overall["positive_rate"]):
+        top.axhline(overall["positive_rate"], color="black", linestyle="--", linewidth=1,
+                    label=f"overall {overall['positive_rate']:.1%}")
+        top.legend(loc="upper right")
+    top.set_ylabel(f"share {label} = 1")
+    top.set_title(f"Class balance per snapshot ({int(overall['labelled_rows']):,d} labelled rows)")
+    top.yaxis.set_major_formatter(lambda v, _: f"{v:.0%}")
+    unlabelled = per_date["rows"] - per_date["labelled_rows"]
+    bottom.bar(x, per_date["labelled_rows"], color="#2c3e50", width=0.7, label="labelled")
+    bottom.bar(x, unlabelled, bottom=per_date["labelled_rows"], color="#bdc3c7", width=0.7,
+               label="label not yet observed")
+    bottom.set_ylabel("rows")
+    bottom.legend(loc="upper left", fontsize=8)
+    step = max(1, len(x) // 24)
+    bottom.set_xticks(x[::step], labels[::step], rotation=45, ha="right")
+    pad = max(0.0, (6 - len(x)) / 2)  # a few snapshots should not become one wall of colour
+    bottom.set_xlim(-0.5 - pad, len(x) - 0.5 + pad)
+    top.set_ylim(0, max(float(per_date["positive_rate"].max() or 0.0), 0.01) * 1.3)
+    return _save(fig, path)
+
+
+def plot_distributions(
+    sample: pd.DataFrame, categories: pd.DataFrame, contract: FeatureContract,
+    features: list[str], overall_rate: float, path: Path,
+) -> Path:
+    """Per-feature distributions by label: histograms (numeric), churn rate per category."""
+    kinds = {f.name: f.kind for f in contract.features}
+    cols = 2
+    rows = max(1, int(np.ceil(len(features) / cols)))
+    fig = Figure(figsize=(12, 3.2 * rows))
+    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    label = contract.label
+    for ax, feature in zip(axes, features):
+        if kinds[feature] == "numeric":
+            values = sample[feature].astype(float)
+            finite = values.dropna()
+            if finite.empty:
+                ax.text(0.5, 0.5, "no values", ha="center", va="center", transform=ax.transAxes)
+            else:
+                low, high = np.nanquantile(finite, [0.01, 0.99])
+                if low == high:
+                    low, high = low - 0.5, high + 0.5
+                bins = np.linspace(low, high, 31)
+                for value, color in ((0, "#2c3e50"), (1, "#c0392b")):
+                    part = values[(sample[label] == value) & values.notna()].clip(low, high)
+                    if len(part):
+                        ax.hist(part, bins=bins, density=True, alpha=0.55, color=color,
+                                label=f"{label} = {value} (n={len(part):,d})")
+                ax.legend(fontsize=7)
+                ax.set_ylabel("density")
+            ax.set_title(f"{feature} (numeric, clipped to p1-p99)", fontsize=9)
+        else:
+            rates = categories[categories["column_name"] == feature].head(REPORT_TOP_CATEGORIES)
+            rates = rates.iloc[::-1]
+            ax.barh([str(c)[:30] for c in rates["category"]], rates["churn_rate"].fillna(0.0), color="#c0392b")
+            ax.axvline(overall_rate, color="black", linestyle="--", linewidth=1, label=f"overall {overall_rate:.1%}")
+            ax.xaxis.set_major_formatter(lambda v, _: f"{v:.0%}")
+            ax.tick_params(axis="y", labelsize=7)
+            ax.legend(fontsize=7)
+            ax.set_title(f"{feature} (categorical): share {label} = 1 per category", fontsize=9)
+    for ax in axes[len(features):]:
+        ax.set_visible(False)
+    fig.suptitle("Distributions by label, features most associated with the label first", fontsize=11)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_correlation_heatmap(corr: pd.DataFrame, order: list[str], path: Path) -> Path:
+    """Pearson correlations between the numeric features most associated with the label."""
+    pairs = corr[corr["scope"] == "feature_pair"]
+    matrix = (
+        pairs.pivot(index="column_a", columns="column_b", values="correlation").reindex(index=order, columns=order)
+        if order else pd.DataFrame()
+    )
+    size = max(4.0, 0.42 * len(order) + 2.5)
+    fig = Figure(figsize=(size + 1.5, size))
+    ax = fig.subplots()
+    if matrix.empty:
+        ax.text(0.5, 0.5, "no numeric features", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+        return _save(fig, path)
+    image = ax.imshow(matrix.to_numpy(dtype=float), cmap="RdBu_r", vmin=-1, vmax=1)
+    ax.set_xticks(range(len(order)), order, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(order)), order, fontsize=7)
+    if len(order) <= 15:
+        for i in range(len(order)):
+            for j in range(len(order)):
+                value = matrix.iat[i, j]
+                if pd.notna(value):
+                    ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6,
+                            color="white" if abs(value) > 0.6 else "black")
+    fig.colorbar(image, ax=ax, shrink=0.8, label="Pearson correlation")
+    ax.set_title("Correlation of numeric features (most label-associated first)")
+    return _save(fig, path)
+
+
+def plot_missing(summary: pd.DataFrame, path: Path) -> Path:
+    """Share of missing values per column, only for columns that have any."""
+    missing = summary[summary["missing_count"] > 0].sort_values("missing_share")
+    fig = Figure(figsize=(9, max(2.5, 0.3 * len(missing) + 1.5)))
+    ax = fig.subplots()
+    if missing.empty:
+        ax.text(0.5, 0.5, f"no missing values in any of the {len(summary)} contract columns",
+                ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+    else:
+        ax.barh(missing["column_name"], missing["missing_share"], color="#8e44ad")
+        for y, (share, count) in enumerate(zip(missing["missing_share"], missing["missing_count"])):
+            ax.text(share, y, f" {share:.1%} ({count:,d})", va="center", fontsize=7)
+        ax.xaxis.set_major_formatter(lambda v, _: f"{v:.0%}")
+        ax.set_xlim(0, min(1.0, missing["missing_share"].max() * 1.3 + 0.01))
+        ax.tick_params(axis="y", labelsize=7)
+        ax.set_title(f"Missing values ({len(missing)} of {len(summary)} columns have any)")
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------ report
+
+def _table_html(frame: pd.DataFrame) -> str:
+    return frame.to_html(index=False, na_rep="", float_format=lambda v: f"{v:,.4g}", border=0, classes="t")
+
+
+def write_report(
+    folder: Path, mart: str, run_id: str, profiled_at: dt.datetime, columns: pd.DataFrame,
+    balance: pd.DataFrame, categories: pd.DataFrame, corr: pd.DataFrame, plots: list[Path],
+) -> Path:
+    """index.html with the plots (relative links) and the key tables."""
+    shown = columns[[
+        "column_name", "role", "kind", "data_type", "missing_count", "missing_share", "distinct_count",
+        "label_association", "min_value", "p01", "p25", "median", "p75", "p99", "max_value",
+        "outliers_low", "outliers_high", "mean_label_0", "mean_label_1",
+    ]]
+    top_categories = categories.groupby("column_name", sort=False).head(REPORT_TOP_CATEGORIES)
+    with_label = corr[corr["scope"] == "feature_label"].sort_values(
+        "correlation", key=lambda s: s.abs(), ascending=False)
+    images = "\n".join(
+        f'<figure><img src="{p.name}" alt="{html.escape(p.stem)}"><figcaption>{html.escape(p.stem)}</figcaption></figure>'
+        for p in plots
+    )
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<title>Profile of {html.escape(mart)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
+table.t {{ border-collapse: collapse; font-size: 12px; margin-bottom: 2em; }}
+table.t th, table.t td {{ padding: 3px 8px; border-bottom: 1px solid #ddd; text-align: right; }}
+table.t th {{ background: #f4f4f4; }}
+figure {{ margin: 1em 0 2em; }} img {{ max-width: 100%; border: 1px solid #eee; }}
+</style></head><body>
+<h1>Profile of <code>{html.escape(mart)}</code></h1>
+<p>Run {html.escape(run_id)} at {profiled_at:%Y-%m-%d %H:%M:%S}. Statistics over all
+{int(columns["rows"].iloc[0]):,d} rows; plots from a seeded sample of at most {PLOT_SAMPLE_ROWS:,d} labelled rows.
+Outliers by Tukey's rule ({IQR_FENCE} IQR beyond the quartiles). Label association: |Pearson| for
+numeric features, Cramér's V for categorical ones.</p>
+<h2>Class balance</h2>
+{_table_html(balance)}
+<h2>Plots</h2>
+{images}
+<h2>Columns</h2>
+{_table_html(shown)}
+<h2>Association with the label</h2>
+{_table_html(with_label[["column_a", "method", "correlation"]].rename(columns={"column_a": "feature"}))}
+<h2>Categories (top {REPORT_TOP_CATEGORIES} per feature)</h2>
+{_table_html(top_categories)}
+</body></html>
+"""
+    path = folder / "index.html"
+    path.write_text(page)
+    return path
+
+
+def _replace_folder(staged: Path, target: Path) -> None:
+    """Swap a fully written folder into place, so a failed run never leaves half a report."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:6]}")
+    if target.exists():
+        target.rename(old)
+    staged.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_tables(con: duckdb.DuckDBPyConnection, mart: str, tables: dict[str, pd.DataFrame]) -> None:
+    """Replace this mart's rows of every profile table in one transaction."""
+    con.execute("begin transaction")
+    try:
+        for table, frame in tables.items():
+            con.register("_profile_incoming", frame)
+            if not table_exists(con, table):
+                con.execute(f"create table {_q(table)} as select * from _profile_incoming limit 0")
+            con.execute(f"delete from {_q(table)} where feature_mart = ?", [mart])
+            con.execute(f"insert into {_q(table)} by name select * from _profile_incoming")
+            con.unregister("_profile_incoming")
+        con.execute("commit")
+    except Exception:
+        con.execute("rollback")
+        raise
+
+
+# ------------------------------------------------------------------ entry
+
+def profile(config: ChurnConfig, run_id: str | None = None, sample_rows: int = PLOT_SAMPLE_ROWS) -> ProfileResult:
+    """Profile the dataset's feature mart into warehouse tables and a report folder."""
+    started = time.perf_counter()
+    run_id = run_id or dt.datetime.now().strftime("profile-%Y%m%dT%H%M%S-") + uuid.uuid4().hex[:6]
+    profiled_at = dt.datetime.now()
+    mart = config.dataset.feature_mart
+    contract = load_contract(dbt_target_path(config) / "manifest.json", mart)
+    database = config.warehouse.build_db
+    with connect(database) as con:
+        types = check_mart(con, mart, contract, database)
+        with timed(f"profile statistics of {mart}", log):
+            columns = column_summary(con, mart, contract, types)
+            numeric = numeric_summary(con, mart, contract)
+            categories, cramers_v = category_summary(con, mart, contract)
+            balance = class_balance(con, mart, contract)
+            corr = correlations(con, mart, contract, cramers_v)
+        association = label_association(corr)
+        columns = columns.merge(numeric, on="column_name", how="left")
+        columns["label_association"] = columns["column_name"].map(association).astype(float)
+        ranked = association.dropna().sort_values(ascending=False).index.tolist()
+        top = [f for f in ranked if f in contract.feature_names][:PLOT_TOP_FEATURES]
+        sample = plot_sample(con, mart, contract, top, sample_rows, config.training.random_state)
+
+        stamp = {"feature_mart": mart, "run_id": run_id, "profiled_at": profiled_at}
+        tables = {
+            "profile_columns": columns,
+            "profile_categories": categories,
+            "profile_class_balance": balance,
+            "profile_correlations": corr,
+        }
+        tables = {name: frame.assign(**stamp)[[*stamp, *frame.columns]] for name, frame in tables.items()}
+
+        target = report_dir(config)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staged = Path(tempfile.mkdtemp(prefix=f".{target.name}.new-", dir=target.parent))
+        staged.chmod(0o755)  # mkdtemp makes it private; a report folder is meant to be shared
+        try:
+            with timed(f"profile plots and report of {mart} ({len(sample):,d} sampled rows)", log):
+                overall = balance[balance["scope"] == "overall"].iloc[0]
+                numeric_order = [f for f in ranked if f in contract.numeric][:HEATMAP_MAX_FEATURES]
+                plots = [
+                    plot_class_balance(balance, contract.label, staged / PLOTS[0]),
+                    plot_distributions(sample, categories, contract, top,
+                                       float(overall["positive_rate"] or 0.0), staged / PLOTS[1]),
+                    plot_correlation_heatmap(corr, numeric_order, staged / PLOTS[2]),
+                    plot_missing(columns, staged / PLOTS[3]),
+                ]
+                write_report(staged, mart, run_id, profiled_at, columns, balance, categories, corr, plots)
+            write_tables(con, mart, tables)
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise
+        _replace_folder(staged, target)
+    result = ProfileResult(
+        feature_mart=mart,
+        run_id=run_id,
+        rows=int(columns["rows"].iloc[0]),
+        columns=len(columns),
+        report_path=target / "index.html",
+        plots=tuple(target / p for p in PLOTS),
+        seconds=time.perf_counter() - started,
+    )
+    log.info("profiled %s: %d rows, %d columns in %.1fs; report %s",
+             mart, result.rows, result.columns, result.seconds, result.report_path)
+    return result
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--sample-rows", type=int, default=PLOT_SAMPLE_ROWS,
+        help=f"labelled rows sampled for the plots (statistics always use every row; default {PLOT_SAMPLE_ROWS:,d})",
+    )
+
+
+def run_command(config: ChurnConfig, args: argparse.Namespace) -> int:
+    if args.sample_rows < 1:
+        raise ProfileError(f"--sample-rows must be at least 1, got {args.sample_rows}")
+    result = profile(config, sample_rows=args.sample_rows)
+    print(f"profiled {result.feature_mart}: {result.rows:,d} rows, {result.columns} columns "
+          f"in {result.seconds:.1f}s")
+    for table in TABLES:
+        print(f"  table  {table}")
+    print(f"  report {result.report_path}")
+    return 0

@@ -1,0 +1,215 @@
+"""`churn profile` on the small demo warehouse: statistics checked against direct SQL.
+
+Every expected value is recomputed here from the mart itself, independently of
+ml/profile.py's queries, so a wrong filter, join or quantile shows up as a
+mismatch rather than passing by construction.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ml.config import ChurnConfig
+from ml.contract import FeatureContract, load_contract
+from ml.dbt import dbt_target_path
+from ml.profile import PLOTS, TABLES, ProfileError, profile
+from ml.warehouse import connect, table_exists
+from tests.conftest import REPO_ROOT, copy_warehouse
+
+
+def _contract(config: ChurnConfig) -> FeatureContract:
+    return load_contract(dbt_target_path(config) / "manifest.json", config.dataset.feature_mart)
+
+
+@pytest.fixture(scope="module")
+def profiled(built_warehouse: ChurnConfig, tmp_path_factory: pytest.TempPathFactory):
+    """One profiled copy of the demo warehouse, shared by the read-only checks."""
+    config = copy_warehouse(built_warehouse, tmp_path_factory.mktemp("profiled"))
+    return config, profile(config)
+
+
+def test_tables_hold_one_row_per_contract_column(profiled) -> None:
+    config, result = profiled
+    contract = _contract(config)
+    with connect(config.warehouse.build_db, read_only=True) as con:
+        for table in TABLES:
+            assert table_exists(con, table), table
+        names = [r[0] for r in con.execute(
+            "select column_name from profile_columns where feature_mart = ? order by column_name",
+            [contract.model]).fetchall()]
+        roles = dict(con.execute(
+            "select column_name, role from profile_columns where feature_mart = ?", [contract.model]).fetchall())
+    assert names == sorted(contract.columns)
+    assert result.columns == len(contract.columns)
+    assert roles[contract.key] == "key" and roles[contract.label] == "label" and roles[contract.as_of] == "as_of"
+    assert {roles[f] for f in contract.feature_names} == {"feature"}
+
+
+def test_missing_shares_match_a_direct_count(profiled) -> None:
+    config, _ = profiled
+    contract = _contract(config)
+    mart = contract.model
+    with connect(config.warehouse.build_db, read_only=True) as con:
+        profiled_missing = {
+            name: (count, share) for name, count, share in con.execute(
+                "select column_name, missing_count, missing_share from profile_columns where feature_mart = ?",
+                [mart]).fetchall()
+        }
+        total = con.execute(f'select count(*) from "{mart}"').fetchone()[0]
+        for column in contract.columns:
+            direct = con.execute(f'select count(*) from "{mart}" where "{column}" is null').fetchone()[0]
+            assert profiled_missing[column][0] == direct, column
+            assert profiled_missing[column][1] == pytest.approx(direct / total), column
+    # The demo mart's label is NULL where the horizon is not yet observed: a real check, not all zeros.
+    assert profiled_missing[contract.label][0] > 0
+
+
+def test_class_balance_matches_the_label_mean(profiled) -> None:
+    config, _ = profiled
+    contract = _contract(config)
+    mart, label, as_of = contract.model, contract.label, contract.as_of
+    with connect(config.warehouse.build_db, read_only=True) as con:
+        overall = con.execute(
+            "select rows, labelled_rows, positives, positive_rate from profile_class_balance "
+            "where feature_mart = ? and scope = 'overall'", [mart]).fetchone()
+        direct = con.execute(
+            f'select count(*), count("{label}"), sum("{label}"), avg("{label}") from "{mart}"').fetchone()
+        per_date = dict(con.execute(
+            "select snapshot_date, positive_rate from profile_class_balance "
+            "where feature_mart = ? and scope = 'snapshot'", [mart]).fetchall())
+        direct_dates = dict(con.execute(
+            f'select cast("{as_of}" as date), avg("{label}") from "{mart}" group by 1').fetchall())
+    assert overall[:3] == tuple(direct[:3])
+    assert overall[3] == pytest.approx(direct[3])
+    assert len(per_date) == len(direct_dates) > 1
+    for date, rate in direct_dates.items():
+        if rate is None:
+            assert per_date[date] is None or np.isnan(per_date[date])
+        else:
+            assert per_date[date] == pytest.approx(rate)
+
+
+def test_outliers_follow_the_iqr_rule_on_the_full_mart(profiled) -> None:
+    config, _ = profiled
+    contract = _contract(config)
+    mart = contract.model
+    with connect(config.warehouse.build_db, read_only=True) as con:
+        checked = 0
+        for feature in contract.numeric:
+            values = np.array([r[0] for r in con.execute(
+                f'select cast("{feature}" as double) from "{mart}" where "{feature}" is not null').fetchall()])
+            p25, p75 = np.quantile(values, [0.25, 0.75])  # linear interpolation, like quantile_cont
+            low, high = p25 - 1.5 * (p75 - p25), p75 + 1.5 * (p75 - p25)
+            row = con.execute(
+                "select p25, p75, outliers_low, outliers_high, min_value, max_value from profile_columns "
+                "where feature_mart = ? and column_name = ?", [mart, feature]).fetchone()
+            assert row[0] == pytest.approx(p25) and row[1] == pytest.approx(p75), feature
+            assert row[2] == int((values < low).sum()) and row[3] == int((values > high).sum()), feature
+            assert (row[4], row[5]) == (pytest.approx(values.min()), pytest.approx(values.max())), feature
+            checked += row[2] + row[3] > 0
+    assert checked > 0, "no numeric feature of the demo mart has outliers: the check would be vacuous"
+
+
+def test_distributions_by_label_and_correlations(profiled) -> None:
+    config, _ = profiled
+    contract = _contract(config)
+    mart, label = contract.model, contract.label
+    with connect(config.warehouse.build_db, read_only=True) as con:
+        feature = contract.numeric[0]
+        means = con.execute(
+            "select mean_label_0, mean_label_1 from profile_columns where feature_mart = ? and column_name = ?",
+            [mart, feature]).fetchone()
+        direct = con.execute(
+            f'select avg("{feature}") filter (where "{label}" = 0), avg("{feature}") filter (where "{label}" = 1) '
+            f'from "{mart}"').fetchone()
+        assert means == (pytest.approx(direct[0]), pytest.approx(direct[1]))
+
+        category = contract.categorical[0]
+        rates = dict(con.execute(
+            "select category, churn_rate from profile_categories where feature_mart = ? and column_name = ?",
+            [mart, category]).fetchall())
+        direct_rates = dict(con.execute(
+            f'select coalesce(cast("{category}" as varchar), \'(missing)\'), avg("{label}") '
+            f'from "{mart}" group by 1').fetchall())
+        assert rates.keys() == direct_rates.keys()
+        for value, rate in direct_rates.items():
+            assert rates[value] == pytest.approx(rate), value
+
+        frame = con.execute(
+            f'select {", ".join(f"{chr(34)}{c}{chr(34)}" for c in contract.numeric)}, "{label}" from "{mart}"').df()
+        matrix = con.execute(
+            "select column_a, column_b, correlation from profile_correlations "
+            "where feature_mart = ? and scope = 'feature_pair'", [mart]).fetchall()
+        with_label = dict(con.execute(
+            "select column_a, correlation from profile_correlations "
+            "where feature_mart = ? and scope = 'feature_label'", [mart]).fetchall())
+    pairs = {(a, b): v for a, b, v in matrix}
+    assert len(pairs) == len(contract.numeric) ** 2
+    a, b = contract.numeric[0], contract.numeric[1]
+    both = frame[[a, b]].dropna().astype(float)
+    assert pairs[(a, b)] == pytest.approx(np.corrcoef(both[a], both[b])[0, 1], abs=1e-9)
+    assert pairs[(a, b)] == pairs[(b, a)] and pairs[(a, a)] == 1.0
+    labelled = frame[[a, label]].dropna().astype(float)
+    assert with_label[a] == pytest.approx(np.corrcoef(labelled[a], labelled[label])[0, 1], abs=1e-9)
+    assert set(with_label) == set(contract.feature_names)
+    assert all(0 <= with_label[c] <= 1 for c in contract.categorical)
+
+
+def test_plots_and_report_are_written(profiled) -> None:
+    config, result = profiled
+    folder = result.report_path.parent
+    assert folder == config.warehouse.reports_dir / "profile" / config.dataset.name
+    page = result.report_path.read_text()
+    for name in PLOTS:
+        path = folder / name
+        assert path.stat().st_size > 5_000, name
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert f'src="{name}"' in page
+    assert config.dataset.feature_mart in page
+    # Nothing but the report is left behind (staging folders are swapped in, not copied).
+    assert [p.name for p in folder.parent.iterdir()] == [config.dataset.name]
+
+
+def test_rerun_replaces_rows_instead_of_appending(private_warehouse: ChurnConfig) -> None:
+    config = private_warehouse
+    first, second = profile(config, sample_rows=500), profile(config, sample_rows=500)
+    with connect(config.warehouse.build_db, read_only=True) as con:
+        for table in TABLES:
+            runs = con.execute(f"select list(distinct run_id) from {table}").fetchone()[0]
+            assert runs == [second.run_id], table
+    assert second.run_id != first.run_id
+
+
+def test_missing_mart_is_a_clear_error(private_warehouse: ChurnConfig) -> None:
+    config = private_warehouse
+    mart = config.dataset.feature_mart
+    with connect(config.warehouse.build_db) as con:
+        con.execute(f'drop table "{mart}"')
+    with pytest.raises(ProfileError, match=re.escape(mart)):
+        profile(config)
+    with connect(config.warehouse.build_db, read_only=True) as con:
+        assert not table_exists(con, "profile_columns")
+    assert not (config.warehouse.reports_dir / "profile").exists()
+
+
+def test_contract_numeric_column_with_text_type_is_named(private_warehouse: ChurnConfig) -> None:
+    config = private_warehouse
+    contract = _contract(config)
+    mart, feature = contract.model, contract.numeric[0]
+    with connect(config.warehouse.build_db) as con:
+        con.execute(f'alter table "{mart}" alter "{feature}" type varchar')
+    with pytest.raises(ProfileError, match=re.escape(feature)):
+        profile(config)
+
+
+def test_profile_code_names_no_feature_column(built_warehouse: ChurnConfig) -> None:
+    names = set(_contract(built_warehouse).feature_names)
+    telco_yaml = REPO_ROOT / "dbt_project" / "models" / "marts" / "_telco_marts__models.yml"
+    names |= set(re.findall(r"- name: (\w+)", telco_yaml.read_text())) - {"telco_customer_features"}
+    source = (REPO_ROOT / "ml" / "profile.py").read_text()
+    found = sorted(n for n in names if re.search(rf"\b{re.escape(n)}\b", source))
+    assert not found, f"ml/profile.py names feature columns: {found}"
