@@ -430,9 +430,12 @@ def plot_distributions(
                 ax.text(0.5, 0.5, "no values", ha="center", va="center", transform=ax.transAxes)
             else:
                 low, high = np.nanquantile(finite, [0.01, 0.99])
-                if low == high:
-                    low, high = low - 0.5, high + 0.5
-                bins = np.linspace(low, high, 31)
+                if np.all(finite == np.round(finite)) and high - low <= 60:
+                    bins = np.arange(np.floor(low) - 0.5, np.ceil(high) + 1.5)  # one bar per count, no gaps
+                else:
+                    if low == high:
+                        low, high = low - 0.5, high + 0.5
+                    bins = np.linspace(low, high, 31)
                 for value, color in ((0, "#2c3e50"), (1, "#c0392b")):
                     part = values[(sample[label] == value) & values.notna()].clip(low, high)
                     if len(part):
