@@ -1,21 +1,25 @@
-with snapshots as (
-    select customer_id, as_of_date from {{ ref('int_customer_snapshots_spined') }}
-),
-
-payments as (
-    select * from {{ ref('stg_saas__payments') }}
+with payments as (
+    select
+        customer_id,
+        invoice_date as event_date,
+        payment_status,
+    from {{ ref('stg_saas__payments') }}
     where {{ visible_before_cutoff('invoice_date') }}
 ),
 
-payment_days as (
-    {{ daily_running_totals('payments', 'invoice_date', {
-        'invoices': ['count(*)', 'integer'],
-        'failed_payments': ["count(*) filter (where payment_status = 'failed')", 'integer'],
-    }) }}
+snapshots as (
+    select customer_id, as_of_date from {{ ref('int_customer_snapshots_spined') }}
+),
+
+snapshot_dates as (
+    select * from {{ ref('int_snapshot_dates') }}
 ),
 
 final as (
-    {{ trailing_window_totals('snapshots', 'payment_days', ['invoices', 'failed_payments'], [30, 90]) }}
+    {{ trailing_window_totals('payments', 'snapshots', 'snapshot_dates', {
+        'invoices': ['1', 'integer'],
+        'failed_payments': ["(payment_status = 'failed')::integer", 'integer'],
+    }, [30, 90]) }}
 )
 
 select * from final

@@ -1,5 +1,6 @@
 with usage_days as (
-    select * from {{ ref('int_usage_accumulated') }}
+    select usage_date as event_date from {{ ref('stg_saas__usage_events') }}
+    where {{ visible_before_cutoff('usage_date') }}
 ),
 
 payments as (

@@ -6,6 +6,10 @@ periods as (
     select * from {{ ref('int_subscriptions_censored') }}
 ),
 
+snapshot_dates as (
+    select * from {{ ref('int_snapshot_dates') }}
+),
+
 first_periods as (
     select customer_id, monthly_price as first_monthly_price
     from periods
@@ -39,15 +43,20 @@ periods_90d_ago as (
         and periods.start_date <= snapshots.as_of_date - 90
 ),
 
-change_days as (
-    {{ daily_running_totals('periods', 'start_date', {
-        'plan_changes': ['count(*) filter (where is_plan_change)', 'integer'],
-        'price_changes': ['count(*) filter (where is_price_change)', 'integer'],
-    }) }}
+period_starts as (
+    select
+        customer_id,
+        start_date as event_date,
+        is_plan_change,
+        is_price_change,
+    from periods
 ),
 
 changes as (
-    {{ trailing_window_totals('snapshots', 'change_days', ['plan_changes', 'price_changes'], [90]) }}
+    {{ trailing_window_totals('period_starts', 'snapshots', 'snapshot_dates', {
+        'plan_changes': ['is_plan_change::integer', 'integer'],
+        'price_changes': ['is_price_change::integer', 'integer'],
+    }, [90]) }}
 ),
 
 final as (

@@ -1,9 +1,13 @@
-with snapshots as (
+with tickets as (
+    select * from {{ ref('stg_saas__support_tickets') }}
+),
+
+snapshots as (
     select customer_id, as_of_date from {{ ref('int_customer_snapshots_spined') }}
 ),
 
-tickets as (
-    select * from {{ ref('stg_saas__support_tickets') }}
+snapshot_dates as (
+    select * from {{ ref('int_snapshot_dates') }}
 ),
 
 -- each fact dated by the day it became known: a ticket when opened, its
@@ -11,7 +15,7 @@ tickets as (
 ticket_facts as (
     select
         customer_id,
-        opened_at::date as known_on,
+        opened_at::date as event_date,
         1 as opened,
         0 as rated,
         0 as satisfaction_points,
@@ -20,7 +24,7 @@ ticket_facts as (
     union all
     select
         customer_id,
-        closed_at::date as known_on,
+        closed_at::date as event_date,
         0 as opened,
         1 as rated,
         satisfaction_score as satisfaction_points,
@@ -30,16 +34,12 @@ ticket_facts as (
         and {{ visible_before_cutoff('closed_at') }}
 ),
 
-ticket_days as (
-    {{ daily_running_totals('ticket_facts', 'known_on', {
-        'tickets': ['sum(opened)', 'integer'],
-        'rated_tickets': ['sum(rated)', 'integer'],
-        'satisfaction_points': ['sum(satisfaction_points)', 'integer'],
-    }) }}
-),
-
 final as (
-    {{ trailing_window_totals('snapshots', 'ticket_days', ['tickets', 'rated_tickets', 'satisfaction_points'], [30, 90]) }}
+    {{ trailing_window_totals('ticket_facts', 'snapshots', 'snapshot_dates', {
+        'tickets': ['opened', 'integer'],
+        'rated_tickets': ['rated', 'integer'],
+        'satisfaction_points': ['satisfaction_points', 'integer'],
+    }, [30, 90]) }}
 )
 
 select * from final

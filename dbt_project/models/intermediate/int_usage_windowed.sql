@@ -1,13 +1,28 @@
-with snapshots as (
+with usage_events as (
+    select
+        customer_id,
+        usage_date as event_date,
+        sessions,
+        minutes_used,
+    from {{ ref('stg_saas__usage_events') }}
+    where {{ visible_before_cutoff('usage_date') }}
+),
+
+snapshots as (
     select customer_id, as_of_date from {{ ref('int_customer_snapshots_spined') }}
 ),
 
-usage_days as (
-    select * from {{ ref('int_usage_accumulated') }}
+snapshot_dates as (
+    select * from {{ ref('int_snapshot_dates') }}
 ),
 
+-- one usage row per customer and active day, so each row is one active day
 windowed as (
-    {{ trailing_window_totals('snapshots', 'usage_days', ['sessions', 'minutes', 'active_days'], [30, 90]) }}
+    {{ trailing_window_totals('usage_events', 'snapshots', 'snapshot_dates', {
+        'sessions': ['sessions', 'integer'],
+        'minutes': ['minutes_used', 'double'],
+        'active_days': ['1', 'integer'],
+    }, [30, 90]) }}
 ),
 
 final as (
