@@ -152,6 +152,7 @@ class ChurnProcess:
     tickets_per_month: float = 0.07
     tickets_engagement: float = -0.35
     tickets_after_failure: float = 0.6
+    billing_ticket_share: float = 0.6  # tickets of customers whose payment failed that month
     ticket_categories: tuple[str, ...] = ("billing", "technical", "account", "cancellation")
     ticket_category_weights: tuple[float, ...] = (0.25, 0.50, 0.20, 0.05)
     priorities: tuple[str, ...] = ("low", "medium", "high", "urgent")
@@ -162,7 +163,10 @@ class ChurnProcess:
     satisfaction_unanswered: float = 0.35
     low_satisfaction: int = 2  # scores at or below this count as unhappy
     cancellation_ticket_rate: float = 0.35  # churners who file a cancellation ticket first
-    # Hazard: logit = contract intercept + the terms below (all from before the month start).
+    # Hazard: logit = contract intercept + the terms below, all from the windows
+    # [t - recent_days, t) and [t - history_days, t) before the month start t.
+    recent_days: int = 30
+    history_days: int = 90
     contract_logit: tuple[float, ...] = (-3.35, -4.3, -4.9)
     w_short_tenure: float = 0.9  # times exp(-tenure_months / short_tenure_months)
     short_tenure_months: float = 6.0
@@ -177,6 +181,7 @@ class ChurnProcess:
     w_engagement: float = 0.45  # minus the latent engagement of the month before
     cancellation_reasons: tuple[str, ...] = ("price", "competitor", "service", "moved", "other")
     cancellation_reason_weights: tuple[float, ...] = (0.18, 0.28, 0.14, 0.14, 0.26)
+    reason_boost: float = 0.5  # added to 'price' after a price rise, to 'service' after unhappy tickets
     # Drift (only with drift_from): month-to-month customers get a price rise and use less.
     drift_contract: str = "month-to-month"
     drift_price_factor: float = 1.25
@@ -607,13 +612,14 @@ class _BlockSimulation:
     # ---------------------------------------------------------------- hazard
 
     def _window_minutes(self, t: int) -> tuple[np.ndarray, np.ndarray]:
-        """Minutes in [t-30, t) and in [t-90, t-30) from the kept daily history."""
+        """Minutes in the recent window and in the rest of the history window before t."""
         last30 = np.zeros(self.n)
         prior60 = np.zeros(self.n)
         for first, matrix in self.minutes_hist:
             days = first + np.arange(matrix.shape[1])
-            in30 = (days >= t - 30) & (days < t)
-            in60 = (days >= t - 90) & (days < t - 30)
+            recent = self.p.recent_days
+            in30 = (days >= t - recent) & (days < t)
+            in60 = (days >= t - self.p.history_days) & (days < t - recent)
             if in30.any():
                 last30 += matrix[:, in30].sum(axis=1)
             if in60.any():
@@ -634,14 +640,14 @@ class _BlockSimulation:
         """Monthly churn probability at month start t, from information before t only."""
         p = self.p
         last30, prior60 = self._window_minutes(t)
-        _, failed90 = self._count_recent(self.invoice_hist, t, 90)
-        tickets30, unhappy30 = self._count_recent(self.ticket_hist, t, 30)
+        _, failed90 = self._count_recent(self.invoice_hist, t, p.history_days)
+        tickets30, unhappy30 = self._count_recent(self.ticket_hist, t, p.recent_days)
         last30, prior60 = last30[idx], prior60[idx]
         tenure_months = (t - self.b.signup[idx]) / DAYS_PER_MONTH
-        trend = np.clip(
-            np.log((last30 + p.trend_smoothing) / (prior60 / 2 + p.trend_smoothing)), -2.0, 2.0
-        )
-        rise = (self.last_rise[idx] >= t - 90) & (self.last_rise[idx] < t)
+        # Falling use: the recent window against the rest of the history, per day.
+        per_day_before = prior60 * p.recent_days / (p.history_days - p.recent_days)
+        trend = np.clip(np.log((last30 + p.trend_smoothing) / (per_day_before + p.trend_smoothing)), -2.0, 2.0)
+        rise = self._recent_rise(t, idx)
         z = (
             np.asarray(p.contract_logit)[self.b.contract[idx]]
             + p.w_short_tenure * np.exp(-tenure_months / p.short_tenure_months)
@@ -654,6 +660,9 @@ class _BlockSimulation:
             - p.w_engagement * self.engagement[idx]
         )
         return _sigmoid(z)
+
+    def _recent_rise(self, t: int, idx: np.ndarray) -> np.ndarray:
+        return (self.last_rise[idx] >= t - self.p.history_days) & (self.last_rise[idx] < t)
 
     def _snapshot(self, t: int, in_data: bool) -> tuple[np.ndarray, np.ndarray]:
         """Customers active at t (signed up before t, not cancelled) and their hazard."""
@@ -705,7 +714,7 @@ class _BlockSimulation:
         if len(churners):
             self._close_periods(churners, self.cancel[churners], cancelled=True)
 
-        keep_after = t_next - 120
+        keep_after = t_next - p.history_days - 31
         self.minutes_hist = [(f, mtx) for f, mtx in self.minutes_hist if f + mtx.shape[1] > keep_after]
         self.invoice_hist = [r for r in self.invoice_hist if r[1].size and r[1].max() >= keep_after]
         self.ticket_hist = [r for r in self.ticket_hist if r[1].size and r[1].max() >= keep_after]
@@ -715,10 +724,10 @@ class _BlockSimulation:
             return
         p = self.p
         weights = np.tile(np.asarray(p.cancellation_reason_weights), (len(churners), 1))
-        _, unhappy = self._count_recent(self.ticket_hist, t, 30)
-        rise = (self.last_rise[churners] >= t - 90) & (self.last_rise[churners] < t)
-        weights[:, p.cancellation_reasons.index("price")] += 0.5 * rise
-        weights[:, p.cancellation_reasons.index("service")] += 0.5 * (unhappy[churners] > 0)
+        _, unhappy = self._count_recent(self.ticket_hist, t, p.recent_days)
+        rise = self._recent_rise(t, churners)
+        weights[:, p.cancellation_reasons.index("price")] += p.reason_boost * rise
+        weights[:, p.cancellation_reasons.index("service")] += p.reason_boost * (unhappy[churners] > 0)
         cum = np.cumsum(weights / weights.sum(axis=1, keepdims=True), axis=1)
         u = self.rng.random(len(churners))[:, None]
         self.reason[churners] = np.minimum((u > cum).sum(axis=1), len(p.cancellation_reasons) - 1)
@@ -848,7 +857,7 @@ class _BlockSimulation:
         day = lo[pos] + np.floor(rng.random(len(pos)) * (hi - lo)[pos]).astype(np.int64)
         category = _choice(rng, p.ticket_category_weights, len(who))
         billing = p.ticket_categories.index("billing")
-        category = np.where(failed_now[who] & (rng.random(len(who)) < 0.6), billing, category)
+        category = np.where(failed_now[who] & (rng.random(len(who)) < p.billing_ticket_share), billing, category)
 
         leaving = churners[rng.random(len(churners)) < p.cancellation_ticket_rate]
         leave_day = t + np.floor(rng.random(len(leaving)) * (self.cancel[leaving] - t)).astype(np.int64)
