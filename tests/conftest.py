@@ -64,8 +64,9 @@ def private_warehouse(built_warehouse: ChurnConfig, tmp_path: Path) -> ChurnConf
     return copy_warehouse(built_warehouse, tmp_path / "wh")
 
 
-# Enough search to pick a sensible model, little enough to train in well under a minute.
-QUICK_TRAINING = {"training": {"search_iterations": 2, "cv_folds": 3}}
+# Enough search to pick a sensible model, little enough to train in a minute or two; three
+# out-of-time snapshots give the quality tests enough churners (~160) for stable metrics.
+QUICK_TRAINING = {"training": {"search_iterations": 2, "cv_folds": 3, "out_of_time_snapshots": 3}}
 
 
 @pytest.fixture(scope="session")
