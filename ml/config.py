@@ -96,6 +96,7 @@ class MonitoringConfig:
     psi_bins: int
     psi_threshold: float
     distance_threshold: float
+    max_p_value: float
     dataset_drift_share: float
     top_features: int
     retrain_every_days: int

@@ -3,9 +3,12 @@
 Pure functions on arrays and the stored reference (ml/reference.py); the
 monitor stage reads the warehouse and writes the rows. Drift is *flagged* on
 effect size (PSI, normalised Wasserstein, Jensen-Shannon distance, null-share
-jump, share of unseen categories), never on p-values: with tens of thousands of
-rows a p-value flags differences too small to matter. The tests' p-values are
-still reported beside (KS, chi-square) so a reader can see both.
+jump, share of unseen categories), never on p-values alone: with tens of
+thousands of rows a p-value flags differences too small to matter. The tests'
+p-values (KS, chi-square, binomial for null shares) are reported beside each
+effect size and only veto a flag the sample is too small to support
+(`monitoring.max_p_value`): a feature filled for a few hundred customers
+otherwise "drifts" every night by chance.
 """
 
 from __future__ import annotations
@@ -138,22 +141,33 @@ def numeric_drift(
         return DriftStat(feature, kind, statistic, _clean(value), _clean(p), threshold,
                          drifted, ref_summary, cur_summary)
 
-    rows: list[DriftStat] = []
-    psi_value = psi(reference["bin_shares"], bin_shares(x, reference["bin_edges"]))
-    rows.append(row(PSI, psi_value, None, monitoring.psi_threshold,
-                    psi_value > monitoring.psi_threshold))
     sketch = reference.get("sketch") or []
+    d = p = distance = None
     if sketch and present.size:
         n_ref = int(round(reference["n"] * (1 - reference["null_share"])))
         d, p = ks_against_sketch(sketch, n_ref, present)
+        distance = stats.wasserstein_distance(np.asarray(sketch, dtype=float), present) / reference["spread"]
+    psi_value = psi(reference["bin_shares"], bin_shares(x, reference["bin_edges"]))
+    rows = [row(PSI, psi_value, p, monitoring.psi_threshold,
+                flag(psi_value, monitoring.psi_threshold, p, monitoring))]
+    if d is not None:
         rows.append(row(KS, d, p, None, None))
-        distance = stats.wasserstein_distance(np.asarray(sketch, dtype=float), present)
-        distance /= reference["spread"]
         rows.append(row(WASSERSTEIN, distance, p, monitoring.distance_threshold,
-                        distance > monitoring.distance_threshold))
+                        flag(distance, monitoring.distance_threshold, p, monitoring)))
     rows.append(_null_share_row(feature, kind, reference["null_share"], x.size,
                                 int(np.isnan(x).sum()), monitoring, ref_summary, cur_summary))
     return rows
+
+
+def flag(effect: float, threshold: float, p_value: float | None, monitoring: MonitoringConfig) -> bool:
+    """Drift = an effect size above its threshold that sampling noise cannot explain.
+
+    The decision is on effect size; the p-value only vetoes differences a small
+    sample (a rarely filled feature, a small segment) produces by chance. On
+    large samples every p-value is tiny and the effect size alone decides.
+    """
+    significant = p_value is None or p_value < monitoring.max_p_value
+    return bool(effect > threshold and significant)
 
 
 def _null_share_row(
@@ -165,7 +179,7 @@ def _null_share_row(
     change = current - ref_null
     p = stats.binomtest(n_null, n, min(max(ref_null, 1e-12), 1 - 1e-12)).pvalue if n else None
     return DriftStat(feature, kind, NULL_SHARE, _clean(change), _clean(p), monitoring.null_share_jump,
-                     abs(change) > monitoring.null_share_jump, ref_summary, cur_summary)
+                     flag(abs(change), monitoring.null_share_jump, p, monitoring), ref_summary, cur_summary)
 
 
 def categorical_drift(
@@ -205,12 +219,14 @@ def categorical_drift(
                          drifted, ref_summary, cur_summary)
 
     rows: list[DriftStat] = []
-    psi_value = psi(r, c)
-    rows.append(row(PSI, psi_value, None, monitoring.psi_threshold, psi_value > monitoring.psi_threshold))
     chi2, p = _chi_square(r * reference["n"], c_counts)
+    psi_value = psi(r, c)
+    rows.append(row(PSI, psi_value, p, monitoring.psi_threshold,
+                    flag(psi_value, monitoring.psi_threshold, p, monitoring)))
     rows.append(row(CHI2, chi2, p, None, None))
     js = float(jensenshannon(r, c, base=2)) if n and r.sum() > 0 else 0.0
-    rows.append(row(JENSEN_SHANNON, js, p, monitoring.distance_threshold, js > monitoring.distance_threshold))
+    rows.append(row(JENSEN_SHANNON, js, p, monitoring.distance_threshold,
+                    flag(js, monitoring.distance_threshold, p, monitoring)))
     if kind != SCORE_KIND:
         new_share = sum(current[lvl] for lvl in new_levels) / n if n else 0.0
         rows.append(row(NEW_CATEGORIES, new_share, None, monitoring.new_category_share,

@@ -112,10 +112,11 @@ def numeric_reference(values: pd.Series | np.ndarray, monitoring: MonitoringConf
     else:
         q25 = q50 = q75 = mean = std = lo = hi = float("nan")
     iqr = q75 - q25
-    # Wasserstein is in the column's units; dividing by a robust spread makes one
-    # threshold fit every column. IQR first, std for columns with a degenerate
-    # middle (mostly zeros), 1 for a constant column.
-    spread = iqr if iqr > 0 else (std if std > 0 else 1.0)
+    # Wasserstein is in the column's units; dividing by the reference std makes
+    # one threshold fit every column (Evidently's "normed" Wasserstein). The IQR
+    # was tried first but is tiny for heavy-tailed ratios, where it turned tail
+    # noise into alarms. IQR for a degenerate std, 1 for a constant column.
+    spread = std if std > 0 else (iqr if iqr > 0 else 1.0)
     return {
         "kind": "numeric",
         "n": n,

@@ -63,7 +63,8 @@ def test_reference_is_json_and_bounded(monitoring):
     assert len(a["sketch"]) == monitoring.reference_quantiles
     assert len(a["bin_shares"]) == len(a["bin_edges"]) + 2
     assert sum(a["bin_shares"]) == pytest.approx(1.0)
-    assert a["spread"] == pytest.approx(1.349, abs=0.02)  # IQR of a standard normal
+    assert a["spread"] == pytest.approx(1.0, abs=0.02)  # std of a standard normal
+    assert a["iqr"] == pytest.approx(1.349, abs=0.02)
     b = ref["features"]["b"]
     assert b["null_share"] == pytest.approx(1 / 3, abs=0.01)
     assert set(b["shares"]) == {"x", "y", NULL_LEVEL}
@@ -91,8 +92,8 @@ def test_numeric_shift_is_flagged_with_expected_size(monitoring):
     ref = numeric_reference(rng.normal(size=100_000), monitoring)
     rows = drift.numeric_drift("a", ref, rng.normal(loc=0.5, size=20_000), monitoring)
     w = _stat(rows, "a", drift.WASSERSTEIN)
-    # A mean shift of 0.5 moves every quantile by 0.5: W = 0.5 / IQR(N(0,1)).
-    assert w.value == pytest.approx(0.5 / 1.349, abs=0.03)
+    # A mean shift of 0.5 moves every quantile by 0.5: W = 0.5 / std(N(0,1)).
+    assert w.value == pytest.approx(0.5, abs=0.03)
     assert w.drifted
     ks = _stat(rows, "a", drift.KS)
     assert ks.value == pytest.approx(0.197, abs=0.02)  # sup |Phi(x) - Phi(x - 0.5)|
@@ -108,6 +109,19 @@ def test_small_shift_has_tiny_p_value_but_is_not_flagged(monitoring):
     rows = drift.numeric_drift("a", ref, rng.normal(loc=0.05, size=50_000), monitoring)
     assert _stat(rows, "a", drift.KS).p_value < 0.01
     assert not any(r.drifted for r in rows)
+
+
+def test_small_sample_noise_is_not_drift_but_a_large_effect_is(monitoring):
+    """40 values: the distance is large by chance alone, and the KS p-value vetoes it."""
+    rng = np.random.default_rng(8)
+    ref = numeric_reference(rng.normal(size=100_000), monitoring)
+    noise_rows = drift.numeric_drift("a", ref, rng.normal(size=40), monitoring)
+    w = _stat(noise_rows, "a", drift.WASSERSTEIN)
+    psi_row = _stat(noise_rows, "a", drift.PSI)
+    assert w.value > monitoring.distance_threshold and psi_row.value > monitoring.psi_threshold
+    assert w.p_value > monitoring.max_p_value and not w.drifted and not psi_row.drifted
+    shifted = drift.numeric_drift("a", ref, rng.normal(loc=2.0, size=40), monitoring)
+    assert _stat(shifted, "a", drift.WASSERSTEIN).drifted
 
 
 def test_null_share_jump_is_its_own_row(monitoring):
