@@ -97,6 +97,7 @@ class TrainResult:
     validation_strategy: str | None = None
     skipped: bool = False
     message: str = ""
+    baseline_metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -497,6 +498,8 @@ def _train(config: ChurnConfig, run_id: str, run: dict[str, Any], register) -> t
         if algorithm == best.algorithm:
             calibrator, choice = cal, ch
 
+    log.info("threshold %.4f (%s): out-of-fold recall %.3f at precision %.3f, flagging %.1f%% of rows",
+             choice.threshold, choice.rule, choice.recall, choice.precision, 100 * choice.share_flagged)
     with timed(f"refit {best.algorithm} on {len(train_frame)} rows", log):
         pipeline = make_pipeline(contract, best.algorithm, best.params, config.training.random_state,
                                  scale_pos_weight).fit(X, y)
@@ -555,7 +558,7 @@ def _train(config: ChurnConfig, run_id: str, run: dict[str, Any], register) -> t
     curve.insert(1, "model_version", version)
     tables = {"model_metrics": metrics, "feature_importance": importance[
         ["run_id", "model_version", "feature", "importance_type", "value", "rank"]], "threshold_curve": curve}
-    result = TrainResult(version, best.algorithm, oot, promoted, run_id, split.strategy,
+    result = TrainResult(version, best.algorithm, oot, promoted, run_id, split.strategy, baseline_metrics=baseline,
                          message=f"{best.algorithm} registered as {version} ({'champion' if promoted else 'challenger'})")
     return result, tables
 
@@ -576,4 +579,7 @@ def run_command(config: ChurnConfig, args: argparse.Namespace) -> int:
     m = result.oot_metrics
     print(f"  held-out {metric} {m[metric]:.4f}  roc_auc {m['roc_auc']:.4f}  recall {m['recall']:.3f}  "
           f"precision {m['precision']:.3f}  threshold {m['threshold']:.4f}  ({m['rows']} rows)")
+    b = result.baseline_metrics
+    print(f"  baseline (always no churn) {metric} {b[metric]:.4f}  roc_auc {b['roc_auc']:.4f}  "
+          f"recall {b['recall']:.3f}  accuracy {b['accuracy']:.3f}")
     return 0

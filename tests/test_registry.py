@@ -143,3 +143,28 @@ def test_champions_are_kept_per_dataset(config: ChurnConfig) -> None:
     telco = config.with_dataset("telco")
     assert champion_version(telco) is None
     assert champion_version(config) == demo
+
+
+def test_champion_that_cannot_score_the_current_mart_is_replaced(config: ChurnConfig) -> None:
+    """A feature dropped from the mart: the old champion cannot be re-scored, so it cannot win."""
+    import dataclasses
+
+    from ml.contract import Feature
+
+    old_contract = dataclasses.replace(
+        SYNTHETIC_CONTRACT, features=(*SYNTHETIC_CONTRACT.features, Feature("dropped_later", "numeric")))
+    train_rows, eval_rows = _frames()
+    train_rows = train_rows.assign(dropped_later=1.0)
+    X = contract_feature_frame(old_contract, train_rows)
+    y = train_rows["churned_within_30d"].to_numpy(int)
+    pipeline = make_pipeline(old_contract, "logistic_regression", {"C": 1.0}, 0, 3.0).fit(X, y)
+    calibrator = ScoreCalibrator("sigmoid").fit(pipeline.predict_proba(X)[:, 1], y)
+    old = ChurnModel(pipeline, calibrator, old_contract, "logistic_regression", {"C": 1.0}, 0.3,
+                     metadata={"validation": {"strategy": "out_of_time", "eval_as_of_dates": [EVAL_DATE]}})
+    old_version = register(config, old, "r1", {})
+    new_version = register(config, fitted_model(shuffle_labels=True), "r2", {}, evaluation_frame=eval_rows)
+    registry = registry_frame(config).set_index("model_version")
+    assert registry.loc[new_version, "status"] == "champion"
+    assert registry.loc[old_version, "status"] == "retired"
+    assert "cannot score" in registry.loc[new_version, "decision"]
+    assert "dropped_later" in registry.loc[new_version, "decision"]
