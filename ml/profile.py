@@ -29,6 +29,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import PercentFormatter
 
 from ml.config import ChurnConfig
 from ml.contract import FeatureContract, load_contract
@@ -235,7 +236,7 @@ def category_summary(con: duckdb.DuckDBPyConnection, mart: str, contract: Featur
             coalesce(category, '{MISSING_CATEGORY}') as category,
             count(*) as rows,
             count(__label) as labelled_rows,
-            coalesce(sum(__label), 0) as positives
+            cast(coalesce(sum(__label), 0) as bigint) as positives
         from long
         group by all
     """)
@@ -251,9 +252,9 @@ def category_summary(con: duckdb.DuckDBPyConnection, mart: str, contract: Featur
                 column_name,
                 case when position <= {MAX_CATEGORIES} then category else '{OTHER_CATEGORY}' end as category,
                 position > {MAX_CATEGORIES} as is_other,
-                sum(rows) as rows,
-                sum(labelled_rows) as labelled_rows,
-                sum(positives) as positives
+                cast(sum(rows) as bigint) as rows,
+                cast(sum(labelled_rows) as bigint) as labelled_rows,
+                cast(sum(positives) as bigint) as positives
             from ranked
             group by all
         )
@@ -299,7 +300,7 @@ def class_balance(con: duckdb.DuckDBPyConnection, mart: str, contract: FeatureCo
     label, as_of = _q(contract.label), _q(contract.as_of)
     measures = (
         f"count(*) as rows, count({label}) as labelled_rows, "
-        f"coalesce(sum({label}), 0) as positives, avg({label}) as positive_rate"
+        f"cast(coalesce(sum({label}), 0) as bigint) as positives, avg({label}) as positive_rate"
     )
     frame = _fetch_frame(con, f"""
         select 'overall' as scope, cast(null as date) as snapshot_date, {measures} from {_q(mart)}
@@ -377,7 +378,7 @@ def plot_sample(
 # ------------------------------------------------------------------ plots
 
 def _save(fig: Figure, path: Path) -> Path:
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    fig.savefig(path, dpi=110)  # constrained layout: one draw, no second tight-bbox pass
     return path
 
 
@@ -385,7 +386,7 @@ def plot_class_balance(balance: pd.DataFrame, label: str, path: Path) -> Path:
     """Positive rate per snapshot, with labelled and unlabelled rows beneath."""
     per_date = balance[balance["scope"] == "snapshot"].sort_values("snapshot_date")
     overall = balance[balance["scope"] == "overall"].iloc[0]
-    fig = Figure(figsize=(10, 6))
+    fig = Figure(figsize=(10, 6), layout="constrained")
     top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 2]})
     x = np.arange(len(per_date))
     labels = [str(d)[:10] for d in per_date["snapshot_date"]]
@@ -396,7 +397,7 @@ def plot_class_balance(balance: pd.DataFrame, label: str, path: Path) -> Path:
         top.legend(loc="upper right")
     top.set_ylabel(f"share {label} = 1")
     top.set_title(f"Class balance per snapshot ({int(overall['labelled_rows']):,d} labelled rows)")
-    top.yaxis.set_major_formatter(lambda v, _: f"{v:.0%}")
+    top.yaxis.set_major_formatter(PercentFormatter(1.0))
     unlabelled = per_date["rows"] - per_date["labelled_rows"]
     bottom.bar(x, per_date["labelled_rows"], color="#2c3e50", width=0.7, label="labelled")
     bottom.bar(x, unlabelled, bottom=per_date["labelled_rows"], color="#bdc3c7", width=0.7,
@@ -419,7 +420,7 @@ def plot_distributions(
     kinds = {f.name: f.kind for f in contract.features}
     cols = 2
     rows = max(1, int(np.ceil(len(features) / cols)))
-    fig = Figure(figsize=(12, 3.2 * rows))
+    fig = Figure(figsize=(12, 3.2 * rows), layout="constrained")
     axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
     label = contract.label
     for ax, feature in zip(axes, features):
@@ -449,14 +450,13 @@ def plot_distributions(
             rates = rates.iloc[::-1]
             ax.barh([str(c)[:30] for c in rates["category"]], rates["churn_rate"].fillna(0.0), color="#c0392b")
             ax.axvline(overall_rate, color="black", linestyle="--", linewidth=1, label=f"overall {overall_rate:.1%}")
-            ax.xaxis.set_major_formatter(lambda v, _: f"{v:.0%}")
+            ax.xaxis.set_major_formatter(PercentFormatter(1.0))
             ax.tick_params(axis="y", labelsize=7)
             ax.legend(fontsize=7)
             ax.set_title(f"{feature} (categorical): share {label} = 1 per category", fontsize=9)
     for ax in axes[len(features):]:
         ax.set_visible(False)
     fig.suptitle("Distributions by label, features most associated with the label first", fontsize=11)
-    fig.tight_layout()
     return _save(fig, path)
 
 
@@ -468,7 +468,7 @@ def plot_correlation_heatmap(corr: pd.DataFrame, order: list[str], path: Path) -
         if order else pd.DataFrame()
     )
     size = max(4.0, 0.42 * len(order) + 2.5)
-    fig = Figure(figsize=(size + 1.5, size))
+    fig = Figure(figsize=(size + 1.5, size), layout="constrained")
     ax = fig.subplots()
     if matrix.empty:
         ax.text(0.5, 0.5, "no numeric features", ha="center", va="center", transform=ax.transAxes)
@@ -492,7 +492,7 @@ def plot_correlation_heatmap(corr: pd.DataFrame, order: list[str], path: Path) -
 def plot_missing(summary: pd.DataFrame, path: Path) -> Path:
     """Share of missing values per column, only for columns that have any."""
     missing = summary[summary["missing_count"] > 0].sort_values("missing_share")
-    fig = Figure(figsize=(9, max(2.5, 0.3 * len(missing) + 1.5)))
+    fig = Figure(figsize=(9, max(2.5, 0.3 * len(missing) + 1.5)), layout="constrained")
     ax = fig.subplots()
     if missing.empty:
         ax.text(0.5, 0.5, f"no missing values in any of the {len(summary)} contract columns",
@@ -502,7 +502,7 @@ def plot_missing(summary: pd.DataFrame, path: Path) -> Path:
         ax.barh(missing["column_name"], missing["missing_share"], color="#8e44ad")
         for y, (share, count) in enumerate(zip(missing["missing_share"], missing["missing_count"])):
             ax.text(share, y, f" {share:.1%} ({count:,d})", va="center", fontsize=7)
-        ax.xaxis.set_major_formatter(lambda v, _: f"{v:.0%}")
+        ax.xaxis.set_major_formatter(PercentFormatter(1.0))
         ax.set_xlim(0, min(1.0, missing["missing_share"].max() * 1.3 + 0.01))
         ax.tick_params(axis="y", labelsize=7)
         ax.set_title(f"Missing values ({len(missing)} of {len(summary)} columns have any)")
@@ -548,7 +548,7 @@ figure {{ margin: 1em 0 2em; }} img {{ max-width: 100%; border: 1px solid #eee; 
 Outliers by Tukey's rule ({IQR_FENCE} IQR beyond the quartiles). Label association: |Pearson| for
 numeric features, Cramér's V for categorical ones.</p>
 <h2>Class balance</h2>
-{_table_html(balance)}
+{_table_html(balance.fillna({'snapshot_date': ''}))}
 <h2>Plots</h2>
 {images}
 <h2>Columns</h2>
@@ -575,16 +575,30 @@ def _replace_folder(staged: Path, target: Path) -> None:
 
 
 def write_tables(con: duckdb.DuckDBPyConnection, mart: str, tables: dict[str, pd.DataFrame]) -> None:
-    """Replace this mart's rows of every profile table in one transaction."""
+    """Replace this mart's rows of every profile table in one transaction.
+
+    Other marts' rows are kept; the table is rebuilt rather than inserted into,
+    so a profile that gained or retyped a column never fails on an old table.
+    """
     con.execute("begin transaction")
     try:
         for table, frame in tables.items():
             con.register("_profile_incoming", frame)
-            if not table_exists(con, table):
-                con.execute(f"create table {_q(table)} as select * from _profile_incoming limit 0")
-            con.execute(f"delete from {_q(table)} where feature_mart = ?", [mart])
-            con.execute(f"insert into {_q(table)} by name select * from _profile_incoming")
-            con.unregister("_profile_incoming")
+            try:
+                others = table_exists(con, table) and con.execute(
+                    f"select count(*) from {_q(table)} where feature_mart <> ?", [mart]
+                ).fetchone()[0]
+                if others:
+                    con.execute(
+                        f"create or replace table {_q(table)} as "
+                        f"select * from {_q(table)} where feature_mart <> ? "
+                        "union all by name select * from _profile_incoming",
+                        [mart],
+                    )
+                else:
+                    con.execute(f"create or replace table {_q(table)} as select * from _profile_incoming")
+            finally:
+                con.unregister("_profile_incoming")
         con.execute("commit")
     except Exception:
         con.execute("rollback")

@@ -176,12 +176,20 @@ def test_plots_and_report_are_written(profiled) -> None:
 
 def test_rerun_replaces_rows_instead_of_appending(private_warehouse: ChurnConfig) -> None:
     config = private_warehouse
-    first, second = profile(config, sample_rows=500), profile(config, sample_rows=500)
+    first = profile(config, sample_rows=500)
+    with connect(config.warehouse.build_db) as con:  # another dataset's profile in the same warehouse
+        con.execute("insert into profile_columns by name select * replace ('other_mart' as feature_mart) "
+                    "from profile_columns")
+    second = profile(config, sample_rows=500)
     with connect(config.warehouse.build_db, read_only=True) as con:
         for table in TABLES:
-            runs = con.execute(f"select list(distinct run_id) from {table}").fetchone()[0]
+            runs = con.execute(f"select list(distinct run_id) from {table} where feature_mart = ?",
+                               [first.feature_mart]).fetchone()[0]
             assert runs == [second.run_id], table
+        kept = con.execute("select count(*), list(distinct run_id) from profile_columns "
+                           "where feature_mart = 'other_mart'").fetchone()
     assert second.run_id != first.run_id
+    assert kept == (first.columns, [first.run_id])
 
 
 def test_missing_mart_is_a_clear_error(private_warehouse: ChurnConfig) -> None:
