@@ -1,0 +1,161 @@
+"""`churn score`: what BI reads must be complete, consistent, idempotent and refused when wrong."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ml.cli import main
+from ml.config import ChurnConfig
+from ml.contract import ContractError
+from ml.explain import reason_columns
+from ml.registry import load_champion
+from ml.score import HISTORY_TABLE, SCORES_TABLE, ScoreError, risk_bands, score
+from ml.warehouse import connect, table_columns, table_exists
+from tests.conftest import QUICK_TRAINING, copy_warehouse
+
+
+@pytest.fixture
+def scoring_warehouse(trained_warehouse: ChurnConfig, tmp_path: Path) -> ChurnConfig:
+    """A private copy of the trained warehouse that a test may score and change."""
+    return copy_warehouse(trained_warehouse, tmp_path / "wh", QUICK_TRAINING)
+
+
+def read(config: ChurnConfig, sql: str, params: list | None = None) -> pd.DataFrame:
+    with connect(config.warehouse.build_db, read_only=True) as con:
+        return con.execute(sql, params or []).df()
+
+
+def latest_active(config: ChurnConfig, key: str, as_of: str) -> pd.DataFrame:
+    mart = config.dataset.feature_mart
+    return read(config, f'select "{key}", "{as_of}" from "{mart}" '
+                        f'where "{as_of}" = (select max("{as_of}") from "{mart}")')
+
+
+def test_scores_cover_every_active_customer_consistently(scoring_warehouse: ChurnConfig) -> None:
+    config = scoring_warehouse
+    result = score(config)
+    model = load_champion(config)
+    key, as_of = model.contract.key, model.contract.as_of
+    scores = read(config, f"select * from {SCORES_TABLE}")
+    active = latest_active(config, key, as_of)
+    k = config.scoring.top_reasons
+
+    expected_columns = [key, as_of, "churn_probability", "will_churn", "risk_band", "rank",
+                        *reason_columns(k), "model_version", "scored_at", "run_id"]
+    assert list(scores.columns) == expected_columns
+    # One row per active customer at the latest snapshot, and nothing else.
+    assert len(scores) == len(active) == result.rows > 1000
+    assert scores[key].is_unique
+    assert set(scores[key]) == set(active[key])
+    assert scores[as_of].nunique() == 1
+    assert pd.Timestamp(scores[as_of].iloc[0]).date() == result.as_of_date
+    with connect(config.warehouse.build_db, read_only=True) as con:
+        assert table_columns(con, SCORES_TABLE)[as_of] == table_columns(con, config.dataset.feature_mart)[as_of]
+
+    p = scores["churn_probability"].to_numpy()
+    assert ((p >= 0) & (p <= 1)).all()
+    assert scores["model_version"].eq(model.version).all()
+    assert scores["run_id"].eq(result.run_id).all()
+    # will_churn is the threshold decision, and the result counts it.
+    np.testing.assert_array_equal(scores["will_churn"].to_numpy(), p >= model.threshold)
+    assert result.flagged == int(scores["will_churn"].sum()) > 0
+    # Ranks are 1..n, 1 = highest probability.
+    assert sorted(scores["rank"]) == list(range(1, len(scores) + 1))
+    by_rank = scores.sort_values("rank")["churn_probability"].to_numpy()
+    assert (np.diff(by_rank) <= 0).all()
+    # Each band is the highest whose lower bound the probability reaches.
+    bands = config.scoring.risk_bands
+    for name, lower in bands.items():
+        upper = min([b for b in bands.values() if b > lower], default=np.inf)
+        in_band = scores["risk_band"] == name
+        assert ((p[in_band] >= lower) & (p[in_band] < upper)).all()
+    assert scores["risk_band"].notna().all()
+    # Reasons name contract features, most churn-raising first.
+    for i in range(1, k + 1):
+        assert scores[f"reason_{i}"].isin(model.contract.feature_names).all()
+    for i in range(1, k):
+        assert (scores[f"reason_{i}_contribution"] >= scores[f"reason_{i + 1}_contribution"]).all()
+    assert (scores[[f"reason_{i}" for i in range(1, k + 1)]].nunique(axis=1) == k).all()
+
+    history = read(config, f"select * from {HISTORY_TABLE}")
+    assert len(history) == len(scores)
+    assert set(history.columns) == set(scores.columns)
+
+
+def test_rescoring_replaces_instead_of_duplicating(scoring_warehouse: ChurnConfig) -> None:
+    config = scoring_warehouse
+    first = score(config)
+    before = read(config, f"select * exclude (scored_at, run_id) from {SCORES_TABLE} order by rank")
+    second = score(config, chunk_rows=700)  # several chunks: same answer as one
+    after = read(config, f"select * exclude (scored_at, run_id) from {SCORES_TABLE} order by rank")
+    assert second.rows == first.rows
+    pd.testing.assert_frame_equal(before, after, check_exact=False, rtol=1e-9)
+    model = load_champion(config)
+    key, as_of = model.contract.key, model.contract.as_of
+    history = read(config, f"select * from {HISTORY_TABLE}")
+    assert len(history) == first.rows
+    assert not history.duplicated([key, as_of, "model_version"]).any()
+    assert history["run_id"].eq(second.run_id).all()
+
+
+@pytest.mark.parametrize("change", ["drop", "retype"])
+def test_a_mart_that_breaks_the_contract_is_refused(scoring_warehouse: ChurnConfig, change: str) -> None:
+    config = scoring_warehouse
+    score(config)
+    before = read(config, f"select * from {SCORES_TABLE} order by rank")
+    history_before = read(config, f"select count(*) as n from {HISTORY_TABLE}")["n"].iloc[0]
+    column = load_champion(config).contract.numeric[0]
+    mart = config.dataset.feature_mart
+    with connect(config.warehouse.build_db) as con:
+        if change == "drop":
+            con.execute(f'alter table "{mart}" drop column "{column}"')
+        else:
+            con.execute(f'alter table "{mart}" alter column "{column}" type varchar')
+    with pytest.raises(ContractError) as raised:
+        score(config)
+    message = str(raised.value)
+    assert repr(column) in message and repr(mart) in message
+    assert ("missing" if change == "drop" else "VARCHAR") in message
+    # What BI reads is untouched by the refused run.
+    pd.testing.assert_frame_equal(read(config, f"select * from {SCORES_TABLE} order by rank"), before)
+    assert read(config, f"select count(*) as n from {HISTORY_TABLE}")["n"].iloc[0] == history_before
+
+
+def test_scoring_without_a_champion_says_to_train(private_warehouse: ChurnConfig) -> None:
+    with pytest.raises(ScoreError, match="no champion model; run churn train"):
+        score(private_warehouse)
+    with connect(private_warehouse.warehouse.build_db, read_only=True) as con:
+        assert not table_exists(con, SCORES_TABLE)
+
+
+@pytest.fixture
+def quiet_cli(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep `main` from binding a log handler to this test's captured stderr (closed afterwards)."""
+    monkeypatch.setattr("ml.cli.configure_logging", lambda verbose=False: None)
+
+
+def test_cli_scores_and_reports(
+    scoring_warehouse: ChurnConfig, capsys: pytest.CaptureFixture, quiet_cli: None
+) -> None:
+    assert main(["--config", str(scoring_warehouse.source_file), "score", "--chunk-rows", "1000"]) == 0
+    out = capsys.readouterr().out
+    rows = read(scoring_warehouse, f"select count(*) as n from {SCORES_TABLE}")["n"].iloc[0]
+    assert f"{rows:,d} customers" in out and "flagged" in out
+
+
+def test_cli_without_champion_exits_non_zero(
+    private_warehouse: ChurnConfig, caplog: pytest.LogCaptureFixture, quiet_cli: None
+) -> None:
+    assert main(["--config", str(private_warehouse.source_file), "score"]) == 1
+    assert "no champion model; run churn train" in caplog.text
+
+
+def test_risk_bands_pick_the_highest_band_reached() -> None:
+    bands = {"high": 0.3, "medium": 0.1, "low": 0.0}
+    p = np.array([0.0, 0.0999, 0.1, 0.2999, 0.3, 1.0])
+    assert list(risk_bands(p, bands)) == ["low", "low", "medium", "medium", "high", "high"]
+    assert list(risk_bands(np.array([0.05, 0.5]), {"high": 0.3, "medium": 0.1})) == [None, "high"]
