@@ -22,6 +22,7 @@ from ml.landing import validate_landing
 from ml.logs import get_logger, timed
 from ml.publish import pause_point, publish
 from ml.quality import audit
+from ml.summary import score_summary
 from ml.profile import profile
 from ml.train import train
 from ml.warehouse import connect, write_table
@@ -110,6 +111,7 @@ def nightly(config: ChurnConfig, as_of: str | None = None, force_train: bool = F
     print(f"\nnightly {run.run_id} ({config.dataset.name}) finished in {time.perf_counter() - start:.0f}s")
     for table, rows in counts.items():
         print(f"  {table:38s} {rows:>12,d} rows")
+    print("\n".join(score_summary(config)))
     return run
 
 
