@@ -103,6 +103,10 @@ def nightly(config: ChurnConfig, as_of: str | None = None, force_train: bool = F
     with run.step("train"):
         # trains only when the dataset has no champion yet, or when forced
         train(config, force=force_train, run_id=run.run_id)
+    with run.step("score"):
+        from ml.score import score
+
+        score(config, run_id=run.run_id)
     with run.step("audit_scores"):
         audit(config, "scores", run.run_id, as_of=as_of)
     with run.step("publish"):
