@@ -19,7 +19,9 @@ import pandas as pd
 from ml.build import build_warehouse, mart_row_counts
 from ml.config import ChurnConfig
 from ml.landing import validate_landing
+from ml import monitor
 from ml.logs import get_logger, timed
+from ml.policy import OUTCOME_PROMOTED
 from ml.publish import pause_point, publish
 from ml.quality import audit
 from ml.summary import score_summary
@@ -109,6 +111,16 @@ def nightly(config: ChurnConfig, as_of: str | None = None, force_train: bool = F
         score(config, run_id=run.run_id)
     with run.step("audit_scores"):
         audit(config, "scores", run.run_id, as_of=as_of)
+    with run.step("monitor"):
+        watched = monitor.measure(config, run_id=run.run_id)
+    with run.step("retrain_policy"):
+        # a triggered retrain trains a challenger; the registry decides if it replaces the champion
+        watched = monitor.apply_policy(config, watched, monitor.today_for(as_of))
+    if watched.outcome == OUTCOME_PROMOTED:
+        with run.step("rescore"):
+            score(config, run_id=run.run_id)
+            audit(config, "scores", run.run_id, as_of=as_of)
+            monitor.measure(config, run_id=run.run_id)
     with run.step("publish"):
         publish(config, run_id=run.run_id)
     counts = mart_row_counts(config)
