@@ -66,12 +66,13 @@ def _add_months(day: dt.date, months: int) -> dt.date:
     return dt.date(year, month, min(day.day, days_in_month))
 
 
-def schedule(start: dt.date, end: dt.date, every: str) -> list[dt.date]:
+def schedule(start: dt.date, end: dt.date, every: str, month_starts: bool = True) -> list[dt.date]:
     """Replay dates: every `every` from `start`, plus each month start, through `end`.
 
-    Month starts are always included because the mart's snapshots are monthly:
-    only a night that scored a month-start snapshot can later be joined to that
-    snapshot's labels, so these are the nights that give realized performance.
+    Month starts are included (unless `month_starts` is False) because the
+    mart's snapshots are monthly: only a night that scored a month-start
+    snapshot can later be joined to that snapshot's labels, so these are the
+    nights that give realized performance.
     """
     if start > end:
         raise BackfillError(f"backfill start {start} is after its end {end}")
@@ -87,7 +88,7 @@ def schedule(start: dt.date, end: dt.date, every: str) -> list[dt.date]:
             else _add_months(start, count * step)
         )
     month_start = dt.date(start.year, start.month, 1)
-    while month_start <= end:
+    while month_starts and month_start <= end:
         if month_start >= start:
             dates.add(month_start)
         month_start = _add_months(month_start, 1)
@@ -166,6 +167,7 @@ def backfill(
     every: str | None = None,
     in_place: bool = False,
     into: Path | None = None,
+    month_starts: bool = True,
 ) -> BackfillResult:
     """Replay `churn nightly --as-of` for each scheduled date; returns the config it wrote to."""
     from ml.pipeline import nightly
@@ -177,7 +179,7 @@ def backfill(
         reset_sandbox(target)
     end = end or data_end(target)
     start = start or _add_months(end, -config.monitoring.backfill_months)
-    dates = schedule(start, end, every)
+    dates = schedule(start, end, every, month_starts)
     if in_place:
         check_no_future_champion(target, dates[0])
     log.info("backfill of %d nights from %s to %s (every %s) into %s", len(dates), dates[0], dates[-1],
@@ -197,6 +199,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="last replayed date (default: the end of the data)")
     parser.add_argument("--every", help="spacing of replayed nights, e.g. 7d, 2w, 1m "
                         "(default: monitoring.backfill_every); month starts are always replayed")
+    parser.add_argument("--no-month-starts", dest="month_starts", action="store_false",
+                        help="replay only the --every dates (month starts give realized performance later)")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--in-place", action="store_true",
                        help="replay into the configured warehouse (refused if its champion saw later data)")
@@ -204,7 +208,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_command(config: ChurnConfig, args: argparse.Namespace) -> int:
-    result = backfill(config, args.start, args.end, args.every, in_place=args.in_place, into=args.into)
+    result = backfill(config, args.start, args.end, args.every, in_place=args.in_place, into=args.into,
+                      month_starts=args.month_starts)
     print(f"backfill: {len(result.dates)} nights from {result.dates[0]} to {result.dates[-1]} "
           f"in {result.seconds:.0f}s ({result.seconds / len(result.dates):.0f}s per night)")
     print(f"  monitoring tables in {result.config.warehouse.build_db}")

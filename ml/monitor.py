@@ -38,6 +38,7 @@ from ml.model import ChurnModel
 from ml.performance import ESTIMATED, METRICS, REALIZED, estimated_metrics, realized_metrics
 from ml.policy import (
     OUTCOME_FAILED,
+    OUTCOME_NO_NEW_LABELS,
     OUTCOME_NOT_TRIGGERED,
     OUTCOME_PROMOTED,
     OUTCOME_REJECTED,
@@ -385,10 +386,30 @@ def latest_realized_recall(con: duckdb.DuckDBPyConnection, version: str) -> tupl
     return (float(row[0]), _date(row[1])) if row else (None, None)
 
 
+def new_labelled_snapshots(
+    con: duckdb.DuckDBPyConnection, mart: str, contract: FeatureContract, trained_up_to: str | None
+) -> int | None:
+    """Fully labelled as_of_dates in the mart after the champion's last training snapshot."""
+    if trained_up_to is None or not table_exists(con, mart):
+        return None
+    a, y = contract.as_of, contract.label
+    row = con.execute(
+        f'select count(*) from (select "{a}" from "{mart}" where "{a}" > ? group by 1 '
+        f'having count("{y}") = count(*))',
+        [dt.date.fromisoformat(str(trained_up_to))],
+    ).fetchone()
+    return int(row[0])
+
+
 def policy_inputs(config: ChurnConfig, result: MonitorResult, today: dt.date) -> PolicyInputs:
+    from ml.registry import load_model
+
+    model = load_model(config, result.model_version)
+    trained_up_to = (model.metadata.get("snapshot_range") or [None, None])[1]
     with connect(config.warehouse.build_db, read_only=True) as con:
         since = champion_since(con, result.model_version, today)
         realized, realized_as_of = latest_realized_recall(con, result.model_version)
+        fresh = new_labelled_snapshots(con, config.dataset.feature_mart, model.contract, trained_up_to)
     return PolicyInputs(
         today=today,
         champion_since=since,
@@ -397,6 +418,7 @@ def policy_inputs(config: ChurnConfig, result: MonitorResult, today: dt.date) ->
         realized_recall=realized,
         realized_as_of=realized_as_of,
         estimated_recall=result.estimated.get("recall"),
+        new_labelled_snapshots=fresh,
     )
 
 
@@ -439,7 +461,11 @@ def apply_policy(config: ChurnConfig, result: MonitorResult, today: dt.date, ret
     decision = decide(config, policy_inputs(config, result, today))
     result.decision = decision
     if not decision.triggered or not retrain:
-        result.outcome = OUTCOME_NOT_TRIGGERED if not decision.triggered else "triggered (retraining disabled)"
+        result.outcome = (
+            OUTCOME_NO_NEW_LABELS if decision.blocked
+            else OUTCOME_NOT_TRIGGERED if not decision.triggered
+            else "triggered (retraining disabled)"
+        )
         record_decision(config, result, today, decision, result.outcome)
         log.info("retrain policy: %s", result.outcome)
         return result

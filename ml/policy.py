@@ -30,6 +30,7 @@ OUTCOME_NOT_TRIGGERED = "not triggered"
 OUTCOME_PROMOTED = "promoted"
 OUTCOME_REJECTED = "rejected challenger"
 OUTCOME_FAILED = "failed"
+OUTCOME_NO_NEW_LABELS = "not triggered: no new labelled data"
 
 
 @dataclass(frozen=True)
@@ -43,13 +44,19 @@ class PolicyInputs:
     realized_recall: float | None = None
     realized_as_of: dt.date | None = None
     estimated_recall: float | None = None
+    # Fully labelled snapshots newer than the champion's training data (None: unknown).
+    new_labelled_snapshots: int | None = None
 
 
 @dataclass(frozen=True)
 class RetrainDecision:
+    """`rules` lists every rule that fired; `triggered` is False when they fired but a
+    challenger could only be trained on the champion's own data (`blocked`)."""
+
     triggered: bool
     rules: tuple[str, ...]
     values: dict[str, Any] = field(default_factory=dict)
+    blocked: bool = False
 
     def values_json(self) -> str:
         return json.dumps(self.values, sort_keys=True, default=str)
@@ -92,5 +99,10 @@ def decide(config: ChurnConfig, inputs: PolicyInputs) -> RetrainDecision:
         "realized_as_of": inputs.realized_as_of.isoformat() if inputs.realized_as_of else None,
         "estimated_recall": estimated,
         "recall_floor": round(floor, 6),
+        "new_labelled_snapshots": inputs.new_labelled_snapshots,
     }
-    return RetrainDecision(triggered=bool(fired), rules=tuple(fired), values=values)
+    # A challenger trained on exactly the champion's labelled snapshots cannot
+    # learn anything new (e.g. the night the champion itself was trained).
+    blocked = bool(fired) and inputs.new_labelled_snapshots == 0 and NO_CHAMPION not in fired
+    return RetrainDecision(triggered=bool(fired) and not blocked, rules=tuple(fired), values=values,
+                           blocked=blocked)

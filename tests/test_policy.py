@@ -80,3 +80,11 @@ def test_missing_values_do_not_fire_but_several_rules_can(config):
 def test_no_champion_triggers(config):
     decision = policy.decide(config, _inputs(config, champion_since=None))
     assert decision.rules == (policy.NO_CHAMPION,)
+
+
+def test_rules_that_fire_without_new_labels_do_not_trigger(config):
+    blocked = policy.decide(config, _inputs(config, drifted_share=1.0, new_labelled_snapshots=0))
+    assert blocked.rules == (policy.DATASET_DRIFT,) and not blocked.triggered and blocked.blocked
+    fresh = policy.decide(config, _inputs(config, drifted_share=1.0, new_labelled_snapshots=1))
+    assert fresh.triggered and not fresh.blocked
+    assert fresh.values["new_labelled_snapshots"] == 1
