@@ -14,6 +14,7 @@ from ml.contract import ContractError
 from ml.explain import reason_columns
 from ml.registry import load_champion
 from ml.score import HISTORY_TABLE, SCORES_TABLE, ScoreError, risk_bands, score
+from ml.summary import score_summary
 from ml.warehouse import connect, table_columns, table_exists
 from tests.conftest import QUICK_TRAINING, copy_warehouse
 
@@ -159,3 +160,26 @@ def test_risk_bands_pick_the_highest_band_reached() -> None:
     p = np.array([0.0, 0.0999, 0.1, 0.2999, 0.3, 1.0])
     assert list(risk_bands(p, bands)) == ["low", "low", "medium", "medium", "high", "high"]
     assert list(risk_bands(np.array([0.05, 0.5]), {"high": 0.3, "medium": 0.1})) == [None, "high"]
+
+
+def test_nightly_summary_reports_scores_and_held_out_metrics(scoring_warehouse: ChurnConfig) -> None:
+    config = scoring_warehouse
+    result = score(config)
+    lines = score_summary(config)
+    text = "\n".join(lines)
+    assert f"scored {result.rows:,d} customers as of {result.as_of_date}" in text
+    assert f"model {result.model_version}: {result.flagged:,d} flagged ({result.flagged_share:.1%})" in text
+    metrics = read(
+        config,
+        "select split, recall, precision, roc_auc from model_metrics "
+        "where model_version = ? and split in ('out_of_time', 'baseline')",
+        [result.model_version],
+    ).set_index("split")
+    for metric in ("recall", "precision", "roc_auc"):
+        line = next(row for row in lines if row.split()[0] == metric)
+        assert line.split() == [metric, f"{metrics.loc['out_of_time', metric]:.3f}",
+                                f"{metrics.loc['baseline', metric]:.3f}"]
+
+
+def test_nightly_summary_says_when_nothing_was_scored(private_warehouse: ChurnConfig) -> None:
+    assert score_summary(private_warehouse) == [f"  no {SCORES_TABLE} table: nothing was scored"]
