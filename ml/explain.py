@@ -14,7 +14,9 @@ the cheapest exact way for each algorithm:
 * Random forest: the Saabas / treeinterpreter path decomposition: along each
   tree's decision path every split moves the node's churn share, and that move
   is credited to the split's feature; averaged over trees they sum, with the
-  root share, to the forest's probability.
+  root share, to the forest's probability. Rows reaching the same leaf share
+  a path, so each tree's contributions are tabulated per leaf once and looked
+  up with `tree.apply`.
 
 Contributions are computed on the preprocessed columns and then added up per
 contract feature (a one-hot categorical's columns become one reason), so the
@@ -23,7 +25,7 @@ reasons name the SQL columns analysts know.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,14 +49,6 @@ class Contributions:
     values: pd.DataFrame
     bias: np.ndarray
     output: str  # "log_odds" or "probability"
-
-
-def _transformed_matrix(model: Any, frame: pd.DataFrame) -> tuple[Any, list[str]]:
-    """The preprocessed feature matrix exactly as the final estimator sees it."""
-    preprocess = model.pipeline.named_steps["preprocess"]
-    matrix = preprocess.transform(model.feature_frame(frame))
-    names = [str(n) for n in preprocess.get_feature_names_out()]
-    return matrix, names
 
 
 def _dense(matrix: Any) -> np.ndarray:
@@ -89,27 +83,22 @@ def source_matrix(model: Any, transformed_names: list[str]) -> tuple[np.ndarray,
     return mapping, features
 
 
-def _xgboost_contributions(estimator: Any, matrix: Any) -> tuple[np.ndarray, np.ndarray]:
-    import xgboost as xgb
+@dataclass(frozen=True)
+class _LeafTable:
+    """One tree's Saabas contributions, precomputed per leaf (leaf x contract feature).
 
-    booster = estimator.get_booster()
-    best = getattr(estimator, "best_iteration", None)
-    iteration_range = (0, best + 1) if best is not None else (0, 0)
-    data = matrix if sparse.issparse(matrix) else _dense(matrix)
-    dmatrix = xgb.DMatrix(data, feature_names=booster.feature_names)
-    contribs = booster.predict(dmatrix, pred_contribs=True, iteration_range=iteration_range)
-    return np.asarray(contribs[:, :-1], dtype=np.float64), np.asarray(contribs[:, -1], dtype=np.float64)
+    Every row reaching a leaf shares the same path, hence the same
+    contributions; looking them up by `tree.apply` costs one gather per row
+    instead of a sparse decision-path product.
+    """
 
-
-def _logistic_contributions(estimator: Any, matrix: Any) -> tuple[np.ndarray, np.ndarray]:
-    coef = np.asarray(estimator.coef_, dtype=np.float64).ravel()
-    values = _dense(matrix) * coef
-    bias = np.full(values.shape[0], float(np.ravel(estimator.intercept_)[0]))
-    return values, bias
+    tree: Any
+    leaf_position: np.ndarray  # node id -> row of `values` (-1 for internal nodes)
+    values: np.ndarray
+    root_share: float
 
 
-def _tree_contributions(tree_estimator: Any, matrix: Any, positive: int) -> tuple[np.ndarray, float]:
-    """Saabas decomposition of one tree, vectorised: path indicator @ (node delta by feature)."""
+def _leaf_table(tree_estimator: Any, positive: int, mapping: np.ndarray) -> _LeafTable:
     tree = tree_estimator.tree_
     value = tree.value[:, 0, :]
     share = value[:, positive] / value.sum(axis=1)  # churn share at each node
@@ -117,51 +106,97 @@ def _tree_contributions(tree_estimator: Any, matrix: Any, positive: int) -> tupl
     internal = np.flatnonzero(tree.children_left >= 0)
     parent[tree.children_left[internal]] = internal
     parent[tree.children_right[internal]] = internal
-    children = np.flatnonzero(parent >= 0)
-    # Moving from parent to child changes the churn share; credit the parent's split feature.
-    deltas = sparse.csr_matrix(
-        (share[children] - share[parent[children]], (children, tree.feature[parent[children]])),
-        shape=(tree.node_count, tree_estimator.n_features_in_),
-    )
-    paths = tree_estimator.decision_path(matrix)
-    return np.asarray((paths @ deltas).toarray()), float(share[0])
+    depth = np.zeros(tree.node_count, dtype=int)
+    path = np.zeros((tree.node_count, mapping.shape[0]))
+    # Node ids are assigned depth-first, so a parent's id is below its children's:
+    # filling level by level, each node adds its own step to its parent's path.
+    for node in range(1, tree.node_count):
+        depth[node] = depth[parent[node]] + 1
+    for level in range(1, int(depth.max()) + 1):
+        nodes = np.flatnonzero(depth == level)
+        parents = parent[nodes]
+        path[nodes] = path[parents]
+        # Moving from parent to child changes the churn share; credit the parent's split feature.
+        path[nodes, tree.feature[parents]] += share[nodes] - share[parents]
+    leaves = np.flatnonzero(tree.children_left < 0)
+    position = np.full(tree.node_count, -1)
+    position[leaves] = np.arange(len(leaves))
+    return _LeafTable(tree_estimator, position, path[leaves] @ mapping, float(share[0]))
 
 
-def _forest_contributions(estimator: Any, matrix: Any) -> tuple[np.ndarray, np.ndarray]:
-    positive = int(np.flatnonzero(estimator.classes_ == 1)[0]) if 1 in estimator.classes_ else 1
-    data = matrix if sparse.issparse(matrix) else _dense(matrix).astype(np.float32)
-    if sparse.issparse(data):
-        data = sparse.csr_matrix(data, dtype=np.float32)
-    total = np.zeros((data.shape[0], estimator.n_features_in_))
-    bias = 0.0
-    for tree_estimator in estimator.estimators_:
-        values, root = _tree_contributions(tree_estimator, data, positive)
-        total += values
-        bias += root
-    n_trees = len(estimator.estimators_)
-    return total / n_trees, np.full(data.shape[0], bias / n_trees)
+class Explainer:
+    """Decomposes a ChurnModel's raw output into contract-feature contributions.
+
+    Built once per model (a random forest's per-leaf tables are precomputed
+    here) and applied chunk by chunk; `matrix()` exposes the preprocessed rows
+    so a caller that also needs the model's scores transforms each chunk once.
+    """
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.preprocess = model.pipeline.named_steps["preprocess"]
+        self.estimator = model.pipeline.named_steps["model"]
+        self.kind = type(self.estimator).__name__
+        if self.kind not in ("XGBClassifier", "LogisticRegression", "RandomForestClassifier"):
+            raise ExplainError(f"cannot decompose a {self.kind}: supported are XGBClassifier, "
+                               "LogisticRegression and RandomForestClassifier")
+        names = [str(n) for n in self.preprocess.get_feature_names_out()]
+        self.mapping, self.features = source_matrix(model, names)
+        self.output = "probability" if self.kind == "RandomForestClassifier" else "log_odds"
+        self._leaf_tables: list[_LeafTable] = []
+        if self.kind == "RandomForestClassifier":
+            classes = list(self.estimator.classes_)
+            positive = classes.index(1) if 1 in classes else len(classes) - 1
+            self._leaf_tables = [_leaf_table(t, positive, self.mapping) for t in self.estimator.estimators_]
+
+    def matrix(self, frame: pd.DataFrame) -> Any:
+        """The preprocessed feature matrix exactly as the final estimator sees it."""
+        return self.preprocess.transform(self.model.feature_frame(frame))
+
+    def raw_scores(self, matrix: Any) -> np.ndarray:
+        """The estimator's uncalibrated churn score of preprocessed rows (= model.raw_scores)."""
+        return self.estimator.predict_proba(matrix)[:, 1]
+
+    def contributions(self, matrix: Any, index: pd.Index) -> Contributions:
+        """Contributions of preprocessed rows, by contract feature, plus the bias term."""
+        if self.kind == "XGBClassifier":
+            values, bias = self._xgboost(matrix)
+        elif self.kind == "LogisticRegression":
+            values = _dense(matrix) * np.asarray(self.estimator.coef_, dtype=np.float64).ravel()
+            bias = np.full(values.shape[0], float(np.ravel(self.estimator.intercept_)[0]))
+        else:
+            return self._forest(matrix, index)
+        return Contributions(pd.DataFrame(values @ self.mapping, columns=self.features, index=index),
+                             bias, self.output)
+
+    def _xgboost(self, matrix: Any) -> tuple[np.ndarray, np.ndarray]:
+        import xgboost as xgb
+
+        booster = self.estimator.get_booster()
+        best = getattr(self.estimator, "best_iteration", None)
+        iteration_range = (0, best + 1) if best is not None else (0, 0)
+        data = matrix if sparse.issparse(matrix) else _dense(matrix)
+        dmatrix = xgb.DMatrix(data, feature_names=booster.feature_names)
+        contribs = booster.predict(dmatrix, pred_contribs=True, iteration_range=iteration_range)
+        return np.asarray(contribs[:, :-1], dtype=np.float64), np.asarray(contribs[:, -1], dtype=np.float64)
+
+    def _forest(self, matrix: Any, index: pd.Index) -> Contributions:
+        data = sparse.csr_matrix(matrix, dtype=np.float32) if sparse.issparse(matrix) else \
+            _dense(matrix).astype(np.float32)
+        total = np.zeros((data.shape[0], len(self.features)))
+        bias = 0.0
+        for table in self._leaf_tables:
+            total += table.values[table.leaf_position[table.tree.apply(data)]]
+            bias += table.root_share
+        n_trees = len(self._leaf_tables)
+        return Contributions(pd.DataFrame(total / n_trees, columns=self.features, index=index),
+                             np.full(data.shape[0], bias / n_trees), self.output)
 
 
 def contributions(model: Any, frame: pd.DataFrame) -> Contributions:
     """Exact per-feature contributions of each row of `frame` to the model's raw output."""
-    estimator = model.pipeline.named_steps["model"]
-    matrix, names = _transformed_matrix(model, frame)
-    kind = type(estimator).__name__
-    if kind == "XGBClassifier":
-        values, bias = _xgboost_contributions(estimator, matrix)
-        output = "log_odds"
-    elif kind == "LogisticRegression":
-        values, bias = _logistic_contributions(estimator, matrix)
-        output = "log_odds"
-    elif kind == "RandomForestClassifier":
-        values, bias = _forest_contributions(estimator, matrix)
-        output = "probability"
-    else:
-        raise ExplainError(f"cannot decompose a {kind}: supported are XGBClassifier, "
-                           "LogisticRegression and RandomForestClassifier")
-    mapping, features = source_matrix(model, names)
-    by_feature = pd.DataFrame(values @ mapping, columns=features, index=frame.index)
-    return Contributions(values=by_feature, bias=bias, output=output)
+    explainer = Explainer(model)
+    return explainer.contributions(explainer.matrix(frame), frame.index)
 
 
 def reason_columns(k: int) -> list[str]:
@@ -182,12 +217,12 @@ def top_k(values: pd.DataFrame, k: int) -> pd.DataFrame:
     used = min(k, n)
     # argsort of the negated values, stable, so ties keep contract order.
     order = np.argsort(-matrix, axis=1, kind="stable")[:, :used]
-    rows = np.arange(matrix.shape[0])[:, None]
+    rows = np.arange(matrix.shape[0])
     out: dict[str, Any] = {}
     for i in range(k):
         if i < used:
             out[f"reason_{i + 1}"] = pd.array(names[order[:, i]], dtype="string")
-            out[f"reason_{i + 1}_contribution"] = matrix[rows[:, 0], order[:, i]]
+            out[f"reason_{i + 1}_contribution"] = matrix[rows, order[:, i]]
         else:
             out[f"reason_{i + 1}"] = pd.array([None] * matrix.shape[0], dtype="string")
             out[f"reason_{i + 1}_contribution"] = np.full(matrix.shape[0], np.nan)

@@ -28,7 +28,7 @@ import pandas as pd
 from ml.config import ChurnConfig
 from ml.contract import ContractError, FeatureContract, load_contract
 from ml.dbt import dbt_target_path
-from ml.explain import top_reasons
+from ml.explain import Explainer, top_k
 from ml.logs import get_logger, timed
 from ml.model import ChurnModel
 from ml.registry import load_champion
@@ -109,9 +109,15 @@ def risk_bands(probability: np.ndarray, bands: dict[str, float]) -> np.ndarray:
     return np.where(index >= 0, names[index], None)
 
 
-def score_frame(model: ChurnModel, frame: pd.DataFrame, top_k: int) -> pd.DataFrame:
-    """Probability, decision and reasons for the rows of one chunk (rank and band come later)."""
-    probability = model.predict_proba(frame)
+def score_frame(model: ChurnModel, explainer: Explainer, frame: pd.DataFrame, n_reasons: int) -> pd.DataFrame:
+    """Probability, decision and reasons for the rows of one chunk (rank and band come later).
+
+    The chunk is preprocessed once and shared by the score and its reasons;
+    the probability is the model's own calibrator applied to the estimator's
+    score, i.e. exactly `model.predict_proba`.
+    """
+    matrix = explainer.matrix(frame)
+    probability = model.calibrator.predict(explainer.raw_scores(matrix))
     out = pd.DataFrame(
         {
             model.contract.key: frame[model.contract.key].to_numpy(),
@@ -121,7 +127,8 @@ def score_frame(model: ChurnModel, frame: pd.DataFrame, top_k: int) -> pd.DataFr
         },
         index=frame.index,
     )
-    return pd.concat([out, top_reasons(model, frame, top_k)], axis=1)
+    reasons = top_k(explainer.contributions(matrix, frame.index).values, n_reasons)
+    return pd.concat([out, reasons], axis=1)
 
 
 def _read_chunks(con: duckdb.DuckDBPyConnection, sql: str, params: list, chunk_rows: int):
@@ -186,7 +193,7 @@ def score(
         )
     current = load_contract(dbt_target_path(config) / "manifest.json", mart)
     contract = model.contract
-    top_k = config.scoring.top_reasons
+    n_reasons = config.scoring.top_reasons
     version = str(model.version)
     with connect(config.warehouse.build_db) as con:
         if not table_exists(con, mart):
@@ -204,8 +211,9 @@ def score(
         parts: list[pd.DataFrame] = []
         with timed(f"score {total:,d} rows of {mart} as of {as_of_date} with {version}", log):
             done = 0
+            explainer = Explainer(model)
             for chunk in _read_chunks(con, sql, [as_of_date], chunk_rows):
-                parts.append(score_frame(model, chunk, top_k))
+                parts.append(score_frame(model, explainer, chunk, n_reasons))
                 done += len(chunk)
                 log.info("scored %d/%d rows (%.0f%%)", done, total, 100 * done / total)
         scores = pd.concat(parts, ignore_index=True)

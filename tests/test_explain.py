@@ -16,7 +16,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 
 from ml.contract import Feature, FeatureContract
-from ml.explain import ExplainError, contributions, reason_columns, top_k, top_reasons
+from ml.explain import ExplainError, Explainer, contributions, reason_columns, top_k, top_reasons
 from ml.model import ChurnModel, ScoreCalibrator, build_preprocessor
 
 CONTRACT = FeatureContract(
@@ -94,6 +94,17 @@ def test_contributions_add_up_to_the_raw_output(algorithm: str) -> None:
     total = result.values.sum(axis=1).to_numpy() + result.bias
     np.testing.assert_allclose(total, model_raw_output(model, frame), rtol=0, atol=1e-4)
     assert result.output == ("probability" if algorithm == "random_forest" else "log_odds")
+
+
+@pytest.mark.parametrize("algorithm", sorted(ESTIMATORS))
+def test_explainer_scores_its_matrix_like_the_model(algorithm: str) -> None:
+    """Scoring shares one preprocessed matrix between probability and reasons."""
+    model, frame = fitted_model(algorithm)
+    explainer = Explainer(model)
+    matrix = explainer.matrix(frame)
+    np.testing.assert_allclose(explainer.raw_scores(matrix), model.raw_scores(frame), rtol=0, atol=1e-12)
+    shared = explainer.contributions(matrix, frame.index)
+    pd.testing.assert_frame_equal(shared.values, contributions(model, frame).values)
 
 
 @pytest.mark.parametrize("algorithm", sorted(ESTIMATORS))
