@@ -78,3 +78,14 @@ def trained_warehouse(built_warehouse: ChurnConfig, tmp_path_factory: pytest.Tem
     config = copy_warehouse(built_warehouse, tmp_path_factory.mktemp("trained"), QUICK_TRAINING)
     train(config)
     return config
+
+
+@pytest.fixture(scope="session")
+def published_warehouse(trained_warehouse: ChurnConfig, tmp_path_factory: pytest.TempPathFactory) -> ChurnConfig:
+    """A copy of the trained warehouse after one complete nightly: scored, audited and published.
+    Read-only; bad-input, crash and concurrency tests copy it with `copy_warehouse`."""
+    from ml.pipeline import nightly
+
+    config = copy_warehouse(trained_warehouse, tmp_path_factory.mktemp("published"), QUICK_TRAINING)
+    nightly(config)
+    return config
