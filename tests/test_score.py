@@ -59,6 +59,10 @@ def test_scores_cover_every_active_customer_consistently(scoring_warehouse: Chur
 
     p = scores["churn_probability"].to_numpy()
     assert ((p >= 0) & (p <= 1)).all()
+    # Exactly the champion's calibrated probability of each customer's mart row.
+    mart_rows = read(config, f'select * from "{config.dataset.feature_mart}" where "{as_of}" = ?',
+                     [result.as_of_date]).set_index(key).loc[scores[key]]
+    np.testing.assert_allclose(p, model.predict_proba(mart_rows), rtol=0, atol=1e-12)
     assert scores["model_version"].eq(model.version).all()
     assert scores["run_id"].eq(result.run_id).all()
     # will_churn is the threshold decision, and the result counts it.
