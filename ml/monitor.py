@@ -23,7 +23,7 @@ import datetime as dt
 import json
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import duckdb
@@ -136,7 +136,6 @@ class MonitorResult:
     decision: RetrainDecision | None = None
     outcome: str | None = None
     challenger_version: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def new_run_id() -> str:
