@@ -149,9 +149,12 @@ class Explainer:
             positive = classes.index(1) if 1 in classes else len(classes) - 1
             self._leaf_tables = [_leaf_table(t, positive, self.mapping) for t in self.estimator.estimators_]
 
-    def matrix(self, frame: pd.DataFrame) -> Any:
-        """The preprocessed feature matrix exactly as the final estimator sees it."""
-        return self.preprocess.transform(self.model.feature_frame(frame))
+    def matrix(self, frame: pd.DataFrame, source: str = "input frame") -> Any:
+        """The preprocessed feature matrix exactly as the final estimator sees it.
+
+        `source` names the table in the error raised for a bad feature value.
+        """
+        return self.preprocess.transform(self.model.feature_frame(frame, source))
 
     def raw_scores(self, matrix: Any) -> np.ndarray:
         """The estimator's uncalibrated churn score of preprocessed rows (= model.raw_scores)."""

@@ -109,14 +109,16 @@ def risk_bands(probability: np.ndarray, bands: dict[str, float]) -> np.ndarray:
     return np.where(index >= 0, names[index], None)
 
 
-def score_frame(model: ChurnModel, explainer: Explainer, frame: pd.DataFrame, n_reasons: int) -> pd.DataFrame:
+def score_frame(
+    model: ChurnModel, explainer: Explainer, frame: pd.DataFrame, n_reasons: int, source: str = "input frame"
+) -> pd.DataFrame:
     """Probability, decision and reasons for the rows of one chunk (rank and band come later).
 
     The chunk is preprocessed once and shared by the score and its reasons;
     the probability is the model's own calibrator applied to the estimator's
     score, i.e. exactly `model.predict_proba`.
     """
-    matrix = explainer.matrix(frame)
+    matrix = explainer.matrix(frame, source)
     probability = model.calibrator.predict(explainer.raw_scores(matrix))
     out = pd.DataFrame(
         {
@@ -213,7 +215,7 @@ def score(
             done = 0
             explainer = Explainer(model)
             for chunk in _read_chunks(con, sql, [as_of_date], chunk_rows):
-                parts.append(score_frame(model, explainer, chunk, n_reasons))
+                parts.append(score_frame(model, explainer, chunk, n_reasons, f"feature mart {mart!r}"))
                 done += len(chunk)
                 log.info("scored %d/%d rows (%.0f%%)", done, total, 100 * done / total)
         scores = pd.concat(parts, ignore_index=True)
