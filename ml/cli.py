@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "publish": ("ml.publish", "atomically publish BI tables to the published database"),
     "nightly": ("ml.pipeline", "the whole refresh: build, audit, train if needed, score, monitor, publish"),
     "backfill": ("ml.backfill", "replay the nightly over past dates to build monitoring history"),
+    "serve": ("ml.serve", "real-time scoring API computing features with the mart's own SQL"),
 }
 
 

@@ -61,14 +61,18 @@ def run_dbt(
     as_of: str | None = None,
     select: str | None = None,
     project_dir: Path | None = None,
+    target_path: Path | None = None,
+    database: str | None = None,
 ) -> DbtResult:
     """Run `dbt <command>` against the build database; raise DbtError on failure.
 
     `select` defaults to the dataset's feature mart and everything upstream of it,
-    so building one dataset never needs another's landing files.
+    so building one dataset never needs another's landing files. `target_path` and
+    `database` let a reader compile SQL (e.g. against ":memory:") without touching
+    the build database, which a nightly may hold locked, or the nightly's manifest.
     """
     project = project_dir or config.warehouse.dbt_project_dir
-    target_path = dbt_target_path(config)
+    target_path = target_path or dbt_target_path(config)
     target_path.mkdir(parents=True, exist_ok=True)
     config.warehouse.build_db.parent.mkdir(parents=True, exist_ok=True)
     args = [
@@ -84,7 +88,7 @@ def run_dbt(
     args += list(extra)
     env = {
         **os.environ,
-        "CHURN_BUILD_DB": str(config.warehouse.build_db),
+        "CHURN_BUILD_DB": database or str(config.warehouse.build_db),
         "DBT_LOG_PATH": str(target_path / "logs"),
         "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
         "DO_NOT_TRACK": "1",

@@ -153,11 +153,12 @@ def save_artifacts(model: ChurnModel, folder: Path) -> dict[str, str]:
     return hashes
 
 
-def _registry_row(config: ChurnConfig, version: str) -> dict[str, Any]:
-    db = config.warehouse.build_db
+def _registry_row(config: ChurnConfig, version: str, registry_db: Path | None = None) -> dict[str, Any]:
+    db = registry_db or config.warehouse.build_db
     if not db.exists():
-        raise RegistryError(f"no model registry: build database {db} does not exist")
-    with connect(db) as con:
+        raise RegistryError(f"no model registry: database {db} does not exist")
+    # Another database (the published copy) is only ever read: servers must not lock it.
+    with connect(db, read_only=registry_db is not None) as con:
         if not table_exists(con, REGISTRY_TABLE):
             raise RegistryError(f"no model registry: table {REGISTRY_TABLE!r} not found in {db}")
         frame = con.execute(
@@ -175,9 +176,13 @@ def artifact_folder(config: ChurnConfig, artifact_dir: str) -> Path:
     return folder if folder.is_absolute() else config.warehouse.models_dir / folder
 
 
-def load_model(config: ChurnConfig, version: str) -> ChurnModel:
-    """Load a registered model after checking every artifact file's sha256."""
-    row = _registry_row(config, version)
+def load_model(config: ChurnConfig, version: str, registry_db: Path | None = None) -> ChurnModel:
+    """Load a registered model after checking every artifact file's sha256.
+
+    `registry_db` reads the registry row from another database, e.g. the published
+    copy, so a long-running server never contends for the build database's lock.
+    """
+    row = _registry_row(config, version, registry_db)
     folder = artifact_folder(config, row["artifact_dir"])
     expected: dict[str, str] = json.loads(row["artifact_sha256"])
     for name, digest in expected.items():
