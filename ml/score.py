@@ -77,6 +77,7 @@ def check_mart(
     current: FeatureContract,
     table: str,
     columns: dict[str, str],
+    version: str = "the model",
 ) -> None:
     """Refuse a mart that no longer matches the contract the model was trained on.
 
@@ -94,8 +95,8 @@ def check_mart(
     ]
     if problems:
         raise ContractError(
-            f"table {table!r} does not match the feature contract of model trained on "
-            f"{model_contract.model!r}: " + "; ".join(problems)
+            f"table {table!r} does not match the feature contract {version} was trained on: "
+            + "; ".join(problems)
             + ". Retrain (churn train --force) or restore the column(s)."
         )
 
@@ -201,7 +202,7 @@ def score(
         if not table_exists(con, mart):
             raise ScoreError(f"feature mart {mart!r} not found in {config.warehouse.build_db}; run churn build")
         columns = table_columns(con, mart)
-        check_mart(contract, current, mart, columns)
+        check_mart(contract, current, mart, columns, version)
         as_of_date, total = con.execute(
             f'select max("{contract.as_of}"), count(*) filter (where "{contract.as_of}" = '
             f'(select max("{contract.as_of}") from "{mart}")) from "{mart}"'

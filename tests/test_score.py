@@ -10,10 +10,10 @@ import pytest
 
 from ml.cli import main
 from ml.config import ChurnConfig
-from ml.contract import ContractError
+from ml.contract import ContractError, Feature, FeatureContract
 from ml.explain import reason_columns
 from ml.registry import load_champion
-from ml.score import HISTORY_TABLE, SCORES_TABLE, ScoreError, risk_bands, score
+from ml.score import HISTORY_TABLE, SCORES_TABLE, ScoreError, check_mart, risk_bands, score
 from ml.summary import score_summary
 from ml.warehouse import connect, table_columns, table_exists
 from tests.conftest import QUICK_TRAINING, copy_warehouse
@@ -187,3 +187,20 @@ def test_nightly_summary_reports_scores_and_held_out_metrics(scoring_warehouse: 
 
 def test_nightly_summary_says_when_nothing_was_scored(private_warehouse: ChurnConfig) -> None:
     assert score_summary(private_warehouse) == [f"  no {SCORES_TABLE} table: nothing was scored"]
+
+
+def test_check_mart_names_every_mismatch() -> None:
+    trained = FeatureContract("mart", "key", "as_of", "label",
+                              (Feature("f_num", "numeric"), Feature("f_cat", "categorical"), Feature("f_gone", "numeric")))
+    today = FeatureContract("mart", "key", "as_of", "label",
+                            (Feature("f_num", "numeric"), Feature("f_cat", "numeric")))
+    columns = {"key": "VARCHAR", "as_of": "DATE", "f_num": "VARCHAR", "f_cat": "DOUBLE"}
+    with pytest.raises(ContractError) as raised:
+        check_mart(trained, today, "mart", columns, "m1")
+    message = str(raised.value)
+    assert "'mart'" in message and "m1" in message
+    assert "missing feature 'f_gone'" in message
+    assert "feature 'f_cat' changed kind categorical -> numeric" in message
+    assert "column 'f_gone' is missing from the table" in message
+    assert "numeric feature 'f_num' has type VARCHAR" in message
+    check_mart(trained, trained, "mart", {**columns, "f_num": "DECIMAL(18,2)", "f_gone": "BIGINT"}, "m1")
