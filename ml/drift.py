@@ -30,8 +30,8 @@ from ml.reference import (
     NULL_LEVEL,
     OTHER_LEVEL,
     bin_shares,
-    category_values,
     flag_levels,
+    level_counts,
     numeric_values,
 )
 
@@ -190,9 +190,8 @@ def categorical_drift(
     kind: str = "categorical",
 ) -> list[DriftStat]:
     """PSI, chi-square, Jensen-Shannon distance, share of unseen levels and null-share change."""
-    levels = category_values(values)
-    n = int(levels.size)
-    counts = levels.value_counts()
+    counts = level_counts(values)
+    n = int(counts.sum())
     ref_shares: dict[str, float] = reference["shares"]
     unseen = [lvl for lvl in counts.index if lvl not in ref_shares and lvl != NULL_LEVEL]
     # With a folded reference tail, an unknown level may have been seen in training.
