@@ -30,7 +30,7 @@ build: $(STAMP) ## dbt build of the feature mart only
 	$(BIN)/churn $(DATASET_FLAG) build
 
 generate: $(STAMP) ## (re)generate the demo landing data
-	$(BIN)/churn generate
+	$(BIN)/churn generate --overwrite
 
 profile: $(STAMP) ## EDA profile of the feature mart, with plots
 	$(BIN)/churn $(DATASET_FLAG) profile
