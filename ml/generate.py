@@ -915,6 +915,12 @@ class _BlockSimulation:
         periods = {k: np.concatenate([part[k] for part in self.periods]) for k in self.periods[0]}
         order = np.lexsort((periods["start"], periods["idx"]))
         periods = {k: v[order] for k, v in periods.items()}
+        # The extract is taken at the data end: a cancellation dated on or after it
+        # (the last month's horizon reaches one day past it) has not happened yet.
+        unseen = (periods["cancel"] != NO_DAY) & (periods["cancel"] >= self.cal.end)
+        periods["end"] = np.where(unseen, NO_DAY, periods["end"])
+        periods["cancel"] = np.where(unseen, NO_DAY, periods["cancel"])
+        periods["reason"] = np.where(unseen, -1, periods["reason"]).astype(periods["reason"].dtype)
         idx = periods["idx"]
         open_end = periods["end"] == NO_DAY
         not_cancelled = periods["cancel"] == NO_DAY
