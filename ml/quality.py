@@ -413,7 +413,8 @@ def _observed(result: dict[str, Any]) -> str | None:
     if "observed_value" in result:
         return json.dumps(_json_safe(result["observed_value"]))
     if "unexpected_percent" in result:
-        return f"{result['unexpected_percent']:.4g}% unexpected"
+        percent = result["unexpected_percent"]  # None when every value is null
+        return "no non-null values" if percent is None else f"{percent:.4g}% unexpected"
     return None
 
 
@@ -444,7 +445,8 @@ def run_suite(con: duckdb.DuckDBPyConnection, relation: str, suite: Suite, param
                 gx_results[e.configuration.meta["index"]] = ExpectationValidationResult(
                     success=False, expectation_config=e.configuration, result={},
                     exception_info={"raised_exception": True, "exception_message":
-                                    f"column(s) {', '.join(missing)} not in {suite.table}", "exception_traceback": None})
+                                    f"column(s) {', '.join(missing)} not in {suite.table}",
+                                    "exception_traceback": f"column(s) {', '.join(missing)} not in {suite.table}"})
             continue
         tallies = [_Tally() for _ in group]
         batches = 0
@@ -461,7 +463,7 @@ def run_suite(con: duckdb.DuckDBPyConnection, relation: str, suite: Suite, param
                     result = ExpectationValidationResult(
                         success=False, expectation_config=e.configuration, result={},
                         exception_info={"raised_exception": True, "exception_message": tally.error,
-                                        "exception_traceback": None})
+                                        "exception_traceback": tally.error})
                 gx_results[index] = result
                 continue
             if strategy == "rows":
@@ -580,7 +582,11 @@ def write_docs(config: ChurnConfig, stage: str, run_id: str, validations: list[A
     pages = []
     for validation in validations:
         page = folder / f"{run_id}__{stage}__{validation.suite_name}.html"
-        page.write_text(view.render(renderer.render(validation)))
+        try:
+            page.write_text(view.render(renderer.render(validation)))
+        except Exception as exc:  # the verdicts are stored already; a page GX cannot render must not stop the run
+            log.warning("data docs page for %s not rendered: %s", validation.suite_name, exc)
+            continue
         pages.append(page)
     links = "\n".join(
         f'<li><a href="{html.escape(p.name)}">{html.escape(p.stem)}</a></li>'

@@ -120,9 +120,25 @@ def test_missing_column_is_an_error_not_a_pass(tmp_path: Path, small_config: Chu
     suite = load_suite(write_suite(tmp_path, [
         expectation("expect_column_values_to_not_be_null", column="no_such_column"),
     ]), small_config)
-    [check], _ = run_suite(table, "t", suite, PARAMS, 100, judge)
+    [check], validation = run_suite(table, "t", suite, PARAMS, 100, judge)
     assert check.success is False
     assert "no_such_column" in check.details and "expectation raised" in check.details
+    # The Data Docs page still renders (the error shows there too).
+    from ml.quality import write_docs
+
+    config = small_config.replace_paths(reports_dir=tmp_path / "reports")
+    [page] = write_docs(config, "mart", "r", [validation])
+    assert "no_such_column" in page.read_text()
+
+
+def test_an_all_null_column_is_judged_not_crashed(tmp_path: Path, small_config: ChurnConfig, table, judge: Judge) -> None:
+    table.execute("update t set day = null")
+    suite = load_suite(write_suite(tmp_path, [
+        expectation("expect_column_values_to_be_between", column="day", max_value={"$PARAMETER": "today"}),
+    ]), small_config)
+    for chunk_rows in (100, 3):
+        [check], _ = run_suite(table, "t", suite, PARAMS, chunk_rows, judge)
+        assert (check.success, check.unexpected_count, check.element_count) == (True, 0, 10)
 
 
 def test_malformed_suites_are_refused_with_the_file_named(tmp_path: Path, small_config: ChurnConfig) -> None:

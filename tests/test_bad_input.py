@@ -1,0 +1,245 @@
+"""Bad input never reaches BI: each fault gives a non-zero exit, a message naming the
+file or table, the column and the number of rows, and a byte-identical published file.
+
+Every case starts from one shared published baseline (small generated data, one
+complete nightly) copied per fault, with exactly ONE fault applied. The nightly
+runs as a real `churn nightly` subprocess; the faults run two at a time so the
+file stays quick on two cores.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from ml.config import ChurnConfig
+from ml.warehouse import connect
+
+from .conftest import QUICK_TRAINING, REPO_ROOT, copy_warehouse, make_config
+
+
+def rewrite(config: ChurnConfig, table: str, select: str) -> None:
+    """Replace a landing Parquet file by `select` over its rows (available as `t`)."""
+    path = config.dataset.landing_dir / f"{table}.parquet"
+    new = path.with_suffix(".new")
+    with duckdb.connect() as con:
+        con.execute(f"create view t as select * from read_parquet('{path}')")
+        con.execute(f"copy ({select}) to '{new}' (format parquet)")
+    new.replace(path)
+
+
+def duplicate_customer_ids(config: ChurnConfig) -> None:
+    # Five customers arrive twice with a different region: not exact duplicates, so staging keeps both.
+    rewrite(config, "customers", """
+        select * from t union all
+        select * replace (case when lower(trim(region)) = 'north' then 'south' else 'north' end as region)
+        from (select distinct on (customer_id) * from t order by customer_id limit 5)""")
+
+
+def null_keys(config: ChurnConfig) -> None:
+    rewrite(config, "payments", "select * replace (case when payment_id in "
+            "(select payment_id from t group by payment_id having count(*) = 1 order by payment_id limit 7) then null else customer_id end as customer_id) from t")
+
+
+def negative_amounts(config: ChurnConfig) -> None:
+    rewrite(config, "payments", "select * replace (case when payment_id in "
+            "(select payment_id from t group by payment_id having count(*) = 1 order by payment_id limit 6) then -abs(amount) - 1 else amount end as amount) from t")
+
+
+def future_dates(config: ChurnConfig) -> None:
+    rewrite(config, "usage_events", "select * replace (case when row_number() over () <= 4 "
+            "then date '2999-01-01' else event_date end as event_date) from t")
+
+
+def unknown_contract_type(config: ChurnConfig) -> None:
+    rewrite(config, "subscriptions", "select * replace (case when subscription_id in "
+            "(select subscription_id from t group by all having count(*) = 1 order by 1 limit 3) then 'Lifetime' else contract_type end "
+            "as contract_type) from t")
+
+
+def missing_column(config: ChurnConfig) -> None:
+    rewrite(config, "payments", "select * exclude (amount) from t")
+
+
+def text_in_amounts(config: ChurnConfig) -> None:
+    rewrite(config, "payments", "select * replace (case when payment_id in "
+            "(select payment_id from t group by payment_id having count(*) = 1 order by payment_id limit 5) then 'n/a' else amount::varchar end as amount) from t")
+
+
+def empty_table(config: ChurnConfig) -> None:
+    rewrite(config, "support_tickets", "select * from t limit 0")
+
+
+def truncated_parquet(config: ChurnConfig) -> None:
+    path = config.dataset.landing_dir / "usage_events.parquet"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def no_churners(config: ChurnConfig) -> None:
+    # Nobody ever cancels: the label share of the mart drops to 0, far below the plausible band.
+    rewrite(config, "subscriptions", "select * replace (null::date as cancellation_date, "
+            "null::varchar as cancellation_reason) from t")
+
+
+@dataclass(frozen=True)
+class Fault:
+    name: str
+    apply: Callable[[ChurnConfig], None]
+    expected: tuple[str, ...]  # fragments the error must contain: file/table, column, count
+
+
+FAULTS = [
+    Fault("duplicate_customer_ids", duplicate_customer_ids,
+          ("unique_stg_saas__customers_customer_id", "failures: 5")),
+    Fault("null_keys", null_keys, ("not_null_stg_saas__payments_customer_id", "failures: 7")),
+    Fault("negative_amounts", negative_amounts, ("stg_saas__payments_amount", "failures: 6")),
+    Fault("future_dates", future_dates,
+          ("demo_raw_usage_events (table usage_events, column event_date)", "failed [critical]: 4 of")),
+    Fault("unknown_contract_type", unknown_contract_type,
+          ("accepted_values_stg_saas__subscriptions_contract_type", "failures: 1")),  # one unknown value
+    Fault("missing_column", missing_column, ("payments.parquet: required column(s) missing: amount",)),
+    Fault("text_in_amounts", text_in_amounts, ("payments.parquet: column amount: 5 of", "rows are not double")),
+    Fault("empty_table", empty_table, ("support_tickets.parquet: empty (0 rows)",)),
+    Fault("truncated_parquet", truncated_parquet, ("usage_events.parquet: not readable as parquet",)),
+    Fault("no_churners", no_churners,
+          ("(table customer_features, column churned_within_30d): expect_column_mean_to_be_between failed",
+           "observed 0.0")),
+]
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Outcome:
+    returncode: int
+    output: str
+    published_before: str
+    published_after: str
+    failed_steps: list[tuple[str, str]]
+
+
+def run_nightly(config: ChurnConfig, *extra: str) -> tuple[int, str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "ml.cli", "--config", str(config.source_file), *extra, "nightly"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def failed_steps(config: ChurnConfig) -> list[tuple[str, str]]:
+    with connect(config.warehouse.build_db, read_only=True) as con:
+        return con.execute(
+            "select step, message from pipeline_runs where status = 'failed' order by started_at").fetchall()
+
+
+def drop_needed_feature(config: ChurnConfig) -> tuple[str, Path]:
+    """Point the warehouse at a copy of the dbt project whose mart lacks one numeric feature
+    the champion uses (its YAML entry and tests kept, minus the tests that would now fail in
+    dbt), so the build passes and scoring must refuse."""
+    import yaml
+
+    from ml.contract import load_contract
+    from ml.dbt import dbt_target_path
+
+    mart = config.dataset.feature_mart
+    feature = load_contract(dbt_target_path(config) / "manifest.json", mart).numeric[0]
+    project = config.warehouse.dir / "dbt_project_copy"
+    shutil.copytree(config.warehouse.dbt_project_dir, project, ignore=shutil.ignore_patterns("target", "logs", "dbt_packages"))
+    marts = project / "models" / "marts"
+    (marts / f"{mart}.sql").rename(marts / f"{mart}_full.sql")
+    (marts / f"{mart}.sql").write_text(f"select * exclude ({feature}) from {{{{ ref('{mart}_full') }}}}\n")
+    for path in marts.glob("*.yml"):
+        spec = yaml.safe_load(path.read_text())
+        for model in spec.get("models", []):
+            for column in model.get("columns", []) if model["name"] == mart else []:
+                if column["name"] == feature:
+                    column.pop("data_tests", None)
+        path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return feature, project
+
+
+@pytest.fixture(scope="module")
+def outcomes(published_warehouse: ChurnConfig, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Outcome]:
+    """Every fault's nightly, two at a time, each in its own copy of the published baseline."""
+    root = tmp_path_factory.mktemp("bad_input")
+    jobs: dict[str, tuple[ChurnConfig, tuple[str, ...]]] = {}
+    for fault in FAULTS:
+        config = copy_warehouse(published_warehouse, root / fault.name, QUICK_TRAINING)
+        fault.apply(config)
+        jobs[fault.name] = (config, ())
+    # The mart loses a feature the champion needs (through a private copy of the dbt project).
+    config = copy_warehouse(published_warehouse, root / "mart_lost_feature", QUICK_TRAINING)
+    feature, project = drop_needed_feature(config)
+    config = make_config(root / "mart_lost_feature", {**QUICK_TRAINING, "warehouse": {"dbt_project_dir": str(project)}})
+    jobs["mart_lost_feature"] = (config, ())
+    (root / "lost_feature.txt").write_text(feature)
+    # The Telco CSV with a row of 22 fields, and one with text in a numeric column.
+    for name, mangle in (("csv_extra_field", lambda line: line + ",EXTRA"),
+                         ("csv_text_in_number", lambda line: line.replace(",29.85,", ",twenty,", 1))):
+        landing = root / name / "telco"
+        landing.mkdir(parents=True)
+        source = (REPO_ROOT / "data" / "telco" / "telco_customer_churn.csv").read_bytes().split(b"\r\n")
+        source[1] = mangle(source[1].decode()).encode()
+        (landing / "telco_customer_churn.csv").write_bytes(b"\r\n".join(source))
+        config = copy_warehouse(published_warehouse, root / name / "wh",
+                                {**QUICK_TRAINING, "datasets": {"telco": {"landing_dir": str(landing)}}})
+        jobs[name] = (config, ("--dataset", "telco"))
+
+    def run(name: str) -> tuple[str, Outcome]:
+        config, extra = jobs[name]
+        before = digest(config.warehouse.published_db)
+        code, output = run_nightly(config, *extra)
+        steps = failed_steps(config) if config.warehouse.build_db.exists() else []
+        return name, Outcome(code, output, before, digest(config.warehouse.published_db), steps)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        results = dict(pool.map(run, jobs))
+    results["_lost_feature"] = (root / "lost_feature.txt").read_text()
+    return results
+
+
+def assert_refused(outcome: Outcome, fragments: tuple[str, ...]) -> None:
+    assert outcome.returncode != 0, outcome.output[-3000:]
+    for fragment in fragments:
+        assert fragment in outcome.output, (fragment, outcome.output[-3000:])
+    assert outcome.published_after == outcome.published_before
+    # The failing run is recorded in the build database with the same message.
+    assert outcome.failed_steps, "failed run not recorded in pipeline_runs"
+    assert fragments[0] in outcome.failed_steps[-1][1]
+
+
+@pytest.mark.parametrize("fault", FAULTS, ids=[f.name for f in FAULTS])
+def test_fault_is_refused_and_nothing_is_published(outcomes: dict[str, Outcome], fault: Fault) -> None:
+    assert_refused(outcomes[fault.name], fault.expected)
+
+
+def test_scoring_refuses_a_mart_without_a_champion_feature(outcomes: dict[str, Outcome]) -> None:
+    feature = outcomes["_lost_feature"]
+    outcome = outcomes["mart_lost_feature"]
+    assert_refused(outcome, (feature, "customer_features"))
+    assert outcome.failed_steps[-1][0] == "score"
+
+
+def test_csv_row_with_an_extra_field_is_refused(outcomes: dict[str, Outcome]) -> None:
+    assert_refused(outcomes["csv_extra_field"],
+                   ("telco_customer_churn.csv: 1 malformed row(s), first at line 2", "Expected Number of Columns: 21 Found: 22"))
+
+
+def test_csv_text_in_a_numeric_column_is_refused(outcomes: dict[str, Outcome]) -> None:
+    assert_refused(outcomes["csv_text_in_number"],
+                   ("telco_customer_churn.csv: column MonthlyCharges: 1 of 7,043 rows are not double", "'twenty'"))
