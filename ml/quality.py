@@ -44,6 +44,7 @@ import datetime as dt
 import html
 import json
 import math
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -449,11 +450,13 @@ def run_suite(con: duckdb.DuckDBPyConnection, relation: str, suite: Suite, param
                                     "exception_traceback": f"column(s) {', '.join(missing)} not in {suite.table}"})
             continue
         tallies = [_Tally() for _ in group]
-        batches = 0
+        batches, started = 0, time.perf_counter()
         for frame in _frames(con, relation, strategy, columns, rows, chunk_rows):
             batches += 1
             for tally, result in zip(tallies, judge.validate(frame, group, parameters)):
                 tally.add(result)
+        log.debug("%s: %s %s, %d expectation(s), %d batch(es) in %.2fs", suite.name, strategy,
+                  ",".join(columns) or "-", len(group), batches, time.perf_counter() - started)
         for e, tally in zip(group, tallies):
             index = e.configuration.meta["index"]
             if batches == 1 or tally.error:
