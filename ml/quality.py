@@ -111,9 +111,13 @@ class CheckResult:
     details: str
 
     def describe(self) -> str:
-        rows = f"{self.unexpected_count:,d} of {self.element_count:,d} rows" if self.unexpected_count is not None and self.element_count is not None else f"observed {self.observed_value}"
+        if self.unexpected_count is not None and self.element_count is not None:
+            facts = [f"{self.unexpected_count:,d} of {self.element_count:,d} rows"]
+        else:
+            facts = [f"observed {self.observed_value}"] if self.observed_value is not None else []
+        facts += [self.details] if self.details else []
         column = f", column {self.column_name}" if self.column_name else ""
-        return f"{self.suite} (table {self.table_name}{column}): {self.expectation_type} failed [{self.severity}]: {rows}; {self.details}"
+        return f"{self.suite} (table {self.table_name}{column}): {self.expectation_type} failed [{self.severity}]: {'; '.join(facts)}"
 
 
 @dataclass
