@@ -87,6 +87,15 @@ def truncated_parquet(config: ChurnConfig) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
+def corrupt_page(config: ChurnConfig) -> None:
+    # Footer intact (row counts still read), 2 KB of zeros in the middle of the data pages.
+    path = config.dataset.landing_dir / "usage_events.parquet"
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 2000] = bytes(2000)
+    path.write_bytes(bytes(data))
+
+
 def no_churners(config: ChurnConfig) -> None:
     # Nobody ever cancels: the label share of the mart drops to 0, far below the plausible band.
     rewrite(config, "subscriptions", "select * replace (null::date as cancellation_date, "
@@ -113,6 +122,7 @@ FAULTS = [
     Fault("text_in_amounts", text_in_amounts, ("payments.parquet: column amount: 5 of", "rows are not double")),
     Fault("empty_table", empty_table, ("support_tickets.parquet: empty (0 rows)",)),
     Fault("truncated_parquet", truncated_parquet, ("usage_events.parquet: not readable as parquet",)),
+    Fault("corrupt_page", corrupt_page, ("usage_events.parquet: not readable as parquet",)),
     Fault("no_churners", no_churners,
           ("(table customer_features, column churned_within_30d): expect_column_mean_to_be_between failed",
            "observed 0.0")),
