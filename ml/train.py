@@ -167,13 +167,29 @@ def _select_list(contract: FeatureContract) -> str:
 
 
 def load_training_rows(config: ChurnConfig, contract: FeatureContract) -> pd.DataFrame:
-    """Labelled mart rows, newest first, capped at training.max_training_rows."""
+    """Labelled mart rows, capped at about training.max_training_rows.
+
+    Above the cap a seeded hash of the customer key picks a share of customers
+    with all their snapshots: every as_of_date stays represented (the
+    out-of-time split needs the newest ones, the model the older ones) and a
+    customer is never split, which grouped cross-validation relies on. Keeping
+    the newest rows instead would shrink to a single snapshot at scale.
+    """
+    cap = config.training.max_training_rows
     with connect(config.warehouse.build_db) as con:
         mart = _checked_mart(con, config, contract)
+        labelled = f'"{contract.label}" is not null'
+        total = con.execute(f'select count(*) from "{mart}" where {labelled}').fetchone()[0]
+        sample = ""
+        if total > cap:
+            per_million = int(1_000_000 * cap / total)
+            sample = (f'and hash("{contract.key}"::varchar || \':{config.training.random_state}\') '
+                      f'% 1000000 < {per_million}')
+            log.info("%s has %d labelled rows, above training.max_training_rows=%d: "
+                     "training on %.1f%% of customers, all snapshots", mart, total, cap, per_million / 1e4)
         frame = con.execute(
-            f'select {_select_list(contract)} from "{mart}" where "{contract.label}" is not null '
-            f'order by "{contract.as_of}" desc, "{contract.key}" limit ?',
-            [config.training.max_training_rows],
+            f'select {_select_list(contract)} from "{mart}" where {labelled} {sample} '
+            f'order by "{contract.as_of}" desc, "{contract.key}"'
         ).df()
     if frame.empty:
         raise TrainingError(f"feature mart {mart!r} has no labelled rows ({contract.label} is null everywhere)")

@@ -302,3 +302,26 @@ def test_expected_calibration_error_is_small_after_oof_calibration() -> None:
     calibrated = calibrator.predict(raw[10000:])
     assert expected_calibration_error(y[10000:], raw[10000:]) > 0.15
     assert expected_calibration_error(y[10000:], calibrated) < 0.02
+
+
+def test_row_cap_samples_whole_customers_across_every_snapshot(built_warehouse: ChurnConfig, tmp_path: Path) -> None:
+    """Above max_training_rows, training keeps a share of customers with all their
+    snapshots: grouping holds and the out-of-time snapshots are still there."""
+    from ml.contract import load_contract
+    from ml.dbt import dbt_target_path
+    from ml.train import load_training_rows
+    from tests.conftest import copy_warehouse
+
+    contract = load_contract(dbt_target_path(built_warehouse) / "manifest.json", built_warehouse.dataset.feature_mart)
+    full = load_training_rows(built_warehouse, contract)
+    cap = len(full) // 4
+    capped_config = copy_warehouse(built_warehouse, tmp_path / "capped", {"training": {"max_training_rows": cap}})
+    capped = load_training_rows(capped_config, contract)
+
+    assert 0.7 * cap < len(capped) < 1.3 * cap
+    assert set(capped[contract.as_of]) == set(full[contract.as_of])
+    rows_per_customer = full.groupby(contract.key).size()
+    kept = capped.groupby(contract.key).size()
+    assert (kept == rows_per_customer.loc[kept.index]).all(), "a sampled customer keeps all its snapshots"
+    again = load_training_rows(capped_config, contract)
+    assert again[contract.key].tolist() == capped[contract.key].tolist(), "the sample is seeded"
