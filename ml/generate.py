@@ -669,9 +669,10 @@ class _BlockSimulation:
     def _recent_rise(self, t: int, idx: np.ndarray) -> np.ndarray:
         return (self.last_rise[idx] >= t - self.p.history_days) & (self.last_rise[idx] < t)
 
-    def _snapshot(self, t: int, in_data: bool) -> tuple[np.ndarray, np.ndarray]:
+    def _snapshot(self, t: int, in_data: bool, cancel: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Customers active at t (signed up before t, not cancelled) and their hazard."""
-        idx = np.flatnonzero((self.b.signup < t) & (self.cancel > t))
+        cancel = self.cancel if cancel is None else cancel
+        idx = np.flatnonzero((self.b.signup < t) & (cancel > t))
         h = self.hazard(t, idx)
         if in_data:
             self.out.write_oracle(pa.table({
@@ -899,7 +900,9 @@ class _BlockSimulation:
     def finish(self) -> None:
         """Oracle at the data end, open periods, then the block's customers and subscriptions."""
         p, rng = self.p, self.rng
-        self._snapshot(self.cal.end, in_data=True)
+        # Cancellations dated on the data end are not in the extract (see the
+        # subscriptions below): in the last snapshot those customers are active.
+        self._snapshot(self.cal.end, in_data=True, cancel=np.where(self.cancel >= self.cal.end, NO_DAY, self.cancel))
         still = np.flatnonzero(self.cancel == NO_DAY)
         self._close_periods(still, np.full(len(still), NO_DAY, dtype=np.int64), cancelled=False)
 
