@@ -9,9 +9,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from ml.config import ChurnConfig, load_config, write_relocated_config
+from ml.warehouse import connect
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -89,3 +91,9 @@ def published_warehouse(trained_warehouse: ChurnConfig, tmp_path_factory: pytest
     config = copy_warehouse(trained_warehouse, tmp_path_factory.mktemp("published"), QUICK_TRAINING)
     nightly(config)
     return config
+
+
+def query(config: ChurnConfig, sql: str, params: list | None = None) -> pd.DataFrame:
+    """Read the build database (read-only) into a DataFrame."""
+    with connect(config.warehouse.build_db, read_only=True) as con:
+        return con.execute(sql, params or []).df()

@@ -16,8 +16,7 @@ import pytest
 
 from ml.config import ChurnConfig
 from ml.dbt import dbt_target_path, run_dbt
-from ml.warehouse import connect
-from tests.conftest import copy_warehouse
+from tests.conftest import copy_warehouse, query
 
 STAGING_CATEGORIES = {
     "stg_saas__customers": ["region", "acquisition_channel", "age_band"],
@@ -54,9 +53,6 @@ def raw_table(config: ChurnConfig, table: str, clean: bool = True) -> pd.DataFra
     return frame
 
 
-def query(config: ChurnConfig, sql: str) -> pd.DataFrame:
-    with connect(config.warehouse.build_db, read_only=True) as con:
-        return con.execute(sql).df()
 
 
 def last_observed_day(config: ChurnConfig) -> pd.Timestamp:

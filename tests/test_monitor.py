@@ -18,7 +18,7 @@ from ml.performance import estimated_metrics
 from ml.policy import OUTCOME_FAILED, OUTCOME_PROMOTED
 from ml.registry import load_champion
 from ml.warehouse import connect
-from tests.conftest import QUICK_TRAINING, copy_warehouse
+from tests.conftest import QUICK_TRAINING, copy_warehouse, query
 
 ORACLE_VERSION = "oracle"
 
@@ -38,16 +38,13 @@ def scored_copy(scored_warehouse: ChurnConfig, tmp_path: Path) -> ChurnConfig:
     return copy_warehouse(scored_warehouse, tmp_path / "wh", QUICK_TRAINING)
 
 
-def _frame(config: ChurnConfig, sql: str, params: list | None = None) -> pd.DataFrame:
-    with connect(config.warehouse.build_db, read_only=True) as con:
-        return con.execute(sql, params or []).df()
 
 
 def test_monitor_writes_every_statistic_once(scored_copy: ChurnConfig) -> None:
     model = load_champion(scored_copy)
     result = mon.measure(scored_copy, run_id="night-1")
     mon.measure(scored_copy, run_id="night-1")  # a re-run replaces its own rows
-    drift = _frame(scored_copy, "select * from drift_stats where run_id = 'night-1'")
+    drift = query(scored_copy, "select * from drift_stats where run_id = 'night-1'")
     assert (drift["model_version"] == model.version).all()
     assert drift["as_of_date"].nunique() == 1
     per_feature = drift.groupby(["feature", "kind"])["statistic"].apply(sorted).to_dict()
@@ -64,9 +61,9 @@ def test_monitor_writes_every_statistic_once(scored_copy: ChurnConfig) -> None:
     summary = json.loads(drift.loc[drift["statistic"] == "psi", "current_summary"].iloc[0])
     assert "null_share" in summary and "n" in summary
 
-    perf = _frame(scored_copy, "select * from model_performance where run_id = 'night-1'")
+    perf = query(scored_copy, "select * from model_performance where run_id = 'night-1'")
     assert list(perf["kind"]) == ["estimated"]
-    scores = _frame(scored_copy, "select churn_probability, will_churn from churn_scores")
+    scores = query(scored_copy, "select churn_probability, will_churn from churn_scores")
     row = perf.iloc[0]
     assert row["n_rows"] == len(scores)
     assert row["flagged_share"] == pytest.approx(scores["will_churn"].mean())
@@ -94,7 +91,7 @@ def test_injected_changes_are_flagged(scored_copy: ChurnConfig) -> None:
         con.execute(f"update \"{mart}\" set \"{relabelled}\" = 'brand_new' "
                     f'where "{a}" = ? and hash("{contract.key}") % 10 >= 7', [latest])
     result = mon.measure(scored_copy, run_id="drifted")
-    drift = _frame(scored_copy, "select * from drift_stats where run_id = 'drifted'").set_index(["feature", "statistic"])
+    drift = query(scored_copy, "select * from drift_stats where run_id = 'drifted'").set_index(["feature", "statistic"])
     assert drift.loc[(shifted, "psi"), "drifted"] and drift.loc[(shifted, "wasserstein_normalised"), "drifted"]
     assert drift.loc[(shifted, "wasserstein_normalised"), "value"] == pytest.approx(3.0, abs=0.3)
     assert drift.loc[(shifted, "ks"), "p_value"] < 1e-6
@@ -118,7 +115,7 @@ def _insert_history(config: ChurnConfig, frame: pd.DataFrame) -> None:
 
 def _labelled_dates(config: ChurnConfig, contract) -> list:
     mart = config.dataset.feature_mart
-    rows = _frame(config, f'select "{contract.as_of}" d from "{mart}" group by 1 '
+    rows = query(config, f'select "{contract.as_of}" d from "{mart}" group by 1 '
                           f'having count(*) = count("{contract.label}") order by 1')
     return [pd.Timestamp(d).date() for d in rows["d"]]
 
@@ -129,7 +126,7 @@ def test_realized_performance_once_labels_are_known(scored_copy: ChurnConfig) ->
     c = model.contract
     mart = scored_copy.dataset.feature_mart
     past = _labelled_dates(scored_copy, c)[-1]
-    rows = _frame(scored_copy, f'select * from "{mart}" where "{c.as_of}" = ?', [past])
+    rows = query(scored_copy, f'select * from "{mart}" where "{c.as_of}" = ?', [past])
     probability = model.predict_proba(rows)
     scored = pd.DataFrame({c.key: rows[c.key], c.as_of: rows[c.as_of], "churn_probability": probability,
                            "will_churn": probability >= model.threshold})
@@ -138,7 +135,7 @@ def test_realized_performance_once_labels_are_known(scored_copy: ChurnConfig) ->
     _insert_history(scored_copy, scored)
 
     result = mon.measure(scored_copy, run_id="later-night")
-    realized = _frame(scored_copy, "select * from model_performance where kind = 'realized'")
+    realized = query(scored_copy, "select * from model_performance where kind = 'realized'")
     assert len(realized) == 1 and len(result.realized) == 1
     row = realized.iloc[0]
     assert pd.Timestamp(row["as_of_date"]).date() == past and row["model_version"] == model.version
@@ -149,7 +146,7 @@ def test_realized_performance_once_labels_are_known(scored_copy: ChurnConfig) ->
     assert row["threshold"] == pytest.approx(model.threshold)
     # Labels of a closed horizon do not change: the next night does not add a second row.
     mon.measure(scored_copy, run_id="night-after")
-    assert len(_frame(scored_copy, "select * from model_performance where kind = 'realized'")) == 1
+    assert len(query(scored_copy, "select * from model_performance where kind = 'realized'")) == 1
 
 
 def test_estimate_tracks_realized_without_concept_drift(scored_copy: ChurnConfig) -> None:
@@ -160,7 +157,7 @@ def test_estimate_tracks_realized_without_concept_drift(scored_copy: ChurnConfig
     mart = scored_copy.dataset.feature_mart
     oracle_file = scored_copy.generator.oracle_dir / "oracle.parquet"
     dates = _labelled_dates(scored_copy, c)
-    oracle = _frame(
+    oracle = query(
         scored_copy,
         f"""select o.customer_id as "{c.key}", o.as_of_date as "{c.as_of}", o.churn_probability
             from read_parquet(?) o join "{mart}" m
@@ -201,7 +198,7 @@ def test_policy_records_promotion_and_failure(scored_copy: ChurnConfig, monkeypa
     out = mon.apply_policy(scored_copy, result, today)
     assert calls == [(True, "policy-night-retrain")]
     assert out.outcome == OUTCOME_PROMOTED and out.challenger_version == "m-new"
-    decisions = _frame(scored_copy, "select * from retrain_decisions")
+    decisions = query(scored_copy, "select * from retrain_decisions")
     assert decisions[["outcome", "challenger_version", "rules"]].values.tolist() == [
         [OUTCOME_PROMOTED, "m-new", "schedule"]]
     with connect(scored_copy.warehouse.build_db, read_only=True) as con:
@@ -213,7 +210,7 @@ def test_policy_records_promotion_and_failure(scored_copy: ChurnConfig, monkeypa
     monkeypatch.setattr("ml.train.train", broken)
     with pytest.raises(RuntimeError, match="no labelled rows"):
         mon.apply_policy(scored_copy, result, today)
-    row = _frame(scored_copy, "select outcome, message from retrain_decisions").iloc[0]
+    row = query(scored_copy, "select outcome, message from retrain_decisions").iloc[0]
     assert row["outcome"] == OUTCOME_FAILED and "no labelled rows" in row["message"]
 
 
@@ -232,7 +229,7 @@ def test_monitor_needs_tonights_scores(trained_warehouse: ChurnConfig, tmp_path:
     config = copy_warehouse(trained_warehouse, tmp_path / "wh", QUICK_TRAINING)
     with pytest.raises(mon.MonitorError, match="run churn score"):
         mon.measure(config)
-    assert _frame(config, "select count(*) n from drift_stats")["n"][0] == 0
+    assert query(config, "select count(*) n from drift_stats")["n"][0] == 0
 
 
 def test_cli_monitor_reports(scored_copy: ChurnConfig, capsys: pytest.CaptureFixture) -> None:

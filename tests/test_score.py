@@ -16,7 +16,7 @@ from ml.registry import load_champion
 from ml.score import HISTORY_TABLE, SCORES_TABLE, ScoreError, check_mart, risk_bands, score
 from ml.summary import score_summary
 from ml.warehouse import connect, table_columns, table_exists
-from tests.conftest import QUICK_TRAINING, copy_warehouse
+from tests.conftest import QUICK_TRAINING, copy_warehouse, query
 
 
 @pytest.fixture
@@ -25,14 +25,11 @@ def scoring_warehouse(trained_warehouse: ChurnConfig, tmp_path: Path) -> ChurnCo
     return copy_warehouse(trained_warehouse, tmp_path / "wh", QUICK_TRAINING)
 
 
-def read(config: ChurnConfig, sql: str, params: list | None = None) -> pd.DataFrame:
-    with connect(config.warehouse.build_db, read_only=True) as con:
-        return con.execute(sql, params or []).df()
 
 
 def latest_active(config: ChurnConfig, key: str, as_of: str) -> pd.DataFrame:
     mart = config.dataset.feature_mart
-    return read(config, f'select "{key}", "{as_of}" from "{mart}" '
+    return query(config, f'select "{key}", "{as_of}" from "{mart}" '
                         f'where "{as_of}" = (select max("{as_of}") from "{mart}")')
 
 
@@ -41,7 +38,7 @@ def test_scores_cover_every_active_customer_consistently(scoring_warehouse: Chur
     result = score(config)
     model = load_champion(config)
     key, as_of = model.contract.key, model.contract.as_of
-    scores = read(config, f"select * from {SCORES_TABLE}")
+    scores = query(config, f"select * from {SCORES_TABLE}")
     active = latest_active(config, key, as_of)
     k = config.scoring.top_reasons
 
@@ -60,7 +57,7 @@ def test_scores_cover_every_active_customer_consistently(scoring_warehouse: Chur
     p = scores["churn_probability"].to_numpy()
     assert ((p >= 0) & (p <= 1)).all()
     # Exactly the champion's calibrated probability of each customer's mart row.
-    mart_rows = read(config, f'select * from "{config.dataset.feature_mart}" where "{as_of}" = ?',
+    mart_rows = query(config, f'select * from "{config.dataset.feature_mart}" where "{as_of}" = ?',
                      [result.as_of_date]).set_index(key).loc[scores[key]]
     np.testing.assert_allclose(p, model.predict_proba(mart_rows), rtol=0, atol=1e-12)
     assert scores["model_version"].eq(model.version).all()
@@ -86,7 +83,7 @@ def test_scores_cover_every_active_customer_consistently(scoring_warehouse: Chur
         assert (scores[f"reason_{i}_contribution"] >= scores[f"reason_{i + 1}_contribution"]).all()
     assert (scores[[f"reason_{i}" for i in range(1, k + 1)]].nunique(axis=1) == k).all()
 
-    history = read(config, f"select * from {HISTORY_TABLE}")
+    history = query(config, f"select * from {HISTORY_TABLE}")
     assert len(history) == len(scores)
     assert set(history.columns) == set(scores.columns)
 
@@ -94,14 +91,14 @@ def test_scores_cover_every_active_customer_consistently(scoring_warehouse: Chur
 def test_rescoring_replaces_instead_of_duplicating(scoring_warehouse: ChurnConfig) -> None:
     config = scoring_warehouse
     first = score(config)
-    before = read(config, f"select * exclude (scored_at, run_id) from {SCORES_TABLE} order by rank")
+    before = query(config, f"select * exclude (scored_at, run_id) from {SCORES_TABLE} order by rank")
     second = score(config, chunk_rows=700)  # several chunks: same answer as one
-    after = read(config, f"select * exclude (scored_at, run_id) from {SCORES_TABLE} order by rank")
+    after = query(config, f"select * exclude (scored_at, run_id) from {SCORES_TABLE} order by rank")
     assert second.rows == first.rows
     pd.testing.assert_frame_equal(before, after, check_exact=False, rtol=1e-9)
     model = load_champion(config)
     key, as_of = model.contract.key, model.contract.as_of
-    history = read(config, f"select * from {HISTORY_TABLE}")
+    history = query(config, f"select * from {HISTORY_TABLE}")
     assert len(history) == first.rows
     assert not history.duplicated([key, as_of, "model_version"]).any()
     assert history["run_id"].eq(second.run_id).all()
@@ -111,8 +108,8 @@ def test_rescoring_replaces_instead_of_duplicating(scoring_warehouse: ChurnConfi
 def test_a_mart_that_breaks_the_contract_is_refused(scoring_warehouse: ChurnConfig, change: str) -> None:
     config = scoring_warehouse
     score(config)
-    before = read(config, f"select * from {SCORES_TABLE} order by rank")
-    history_before = read(config, f"select count(*) as n from {HISTORY_TABLE}")["n"].iloc[0]
+    before = query(config, f"select * from {SCORES_TABLE} order by rank")
+    history_before = query(config, f"select count(*) as n from {HISTORY_TABLE}")["n"].iloc[0]
     column = load_champion(config).contract.numeric[0]
     mart = config.dataset.feature_mart
     with connect(config.warehouse.build_db) as con:
@@ -126,8 +123,8 @@ def test_a_mart_that_breaks_the_contract_is_refused(scoring_warehouse: ChurnConf
     assert repr(column) in message and repr(mart) in message
     assert ("missing" if change == "drop" else "VARCHAR") in message
     # What BI reads is untouched by the refused run.
-    pd.testing.assert_frame_equal(read(config, f"select * from {SCORES_TABLE} order by rank"), before)
-    assert read(config, f"select count(*) as n from {HISTORY_TABLE}")["n"].iloc[0] == history_before
+    pd.testing.assert_frame_equal(query(config, f"select * from {SCORES_TABLE} order by rank"), before)
+    assert query(config, f"select count(*) as n from {HISTORY_TABLE}")["n"].iloc[0] == history_before
 
 
 def test_scoring_without_a_champion_says_to_train(private_warehouse: ChurnConfig) -> None:
@@ -148,7 +145,7 @@ def test_cli_scores_and_reports(
 ) -> None:
     assert main(["--config", str(scoring_warehouse.source_file), "score", "--chunk-rows", "1000"]) == 0
     out = capsys.readouterr().out
-    rows = read(scoring_warehouse, f"select count(*) as n from {SCORES_TABLE}")["n"].iloc[0]
+    rows = query(scoring_warehouse, f"select count(*) as n from {SCORES_TABLE}")["n"].iloc[0]
     assert f"{rows:,d} customers" in out and "flagged" in out
 
 
@@ -173,7 +170,7 @@ def test_nightly_summary_reports_scores_and_held_out_metrics(scoring_warehouse: 
     text = "\n".join(lines)
     assert f"scored {result.rows:,d} customers as of {result.as_of_date}" in text
     assert f"model {result.model_version}: {result.flagged:,d} flagged ({result.flagged_share:.1%})" in text
-    metrics = read(
+    metrics = query(
         config,
         "select split, recall, precision, roc_auc from model_metrics "
         "where model_version = ? and split in ('out_of_time', 'baseline')",

@@ -21,7 +21,7 @@ from ml.evaluate import expected_calibration_error
 from ml.registry import champion_version, load_model
 from ml.train import TrainResult, cv_folds, train, validation_split
 from ml.warehouse import connect, table_columns, write_table
-from tests.conftest import make_config
+from tests.conftest import make_config, query
 
 QUICK = {"training": {"search_iterations": 1, "cv_folds": 3}}
 
@@ -103,13 +103,10 @@ def synthetic_trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[ChurnCo
     return config, result, seen
 
 
-def _table(config: ChurnConfig, sql: str) -> pd.DataFrame:
-    with connect(config.warehouse.build_db) as con:
-        return con.execute(sql).df()
 
 
 def _run_counts(config: ChurnConfig, run_id: str) -> dict[str, int]:
-    return {t: int(_table(config, f"select count(*) n from {t} where run_id = '{run_id}'")["n"][0])
+    return {t: int(query(config, f"select count(*) n from {t} where run_id = '{run_id}'")["n"][0])
             for t in ("model_runs", "model_metrics", "feature_importance", "threshold_curve")}
 
 
@@ -143,7 +140,7 @@ def test_out_of_time_rows_never_reach_cv_or_selection(synthetic_trained) -> None
     # snapshot 3 (2024-04-01) is the newest labelled one; snapshot 4 is unlabelled
     for X in seen:
         assert sorted(X["snapshot_index"].unique()) == [0.0, 1.0, 2.0]
-    runs = _table(config, "select * from model_runs where run_id = 'shared'")
+    runs = query(config, "select * from model_runs where run_id = 'shared'")
     assert runs.loc[0, "train_rows"] == 900 and runs.loc[0, "oot_rows"] == 300
     assert str(runs.loc[0, "snapshot_max"].date()) == "2024-04-01"
     assert result.oot_metrics["rows"] == 300
@@ -155,7 +152,7 @@ def test_single_snapshot_falls_back_to_stratified_holdout(tmp_path: Path, monkey
     result = train(config, run_id="single")
     assert result.validation_strategy == "stratified_holdout"
     assert not result.skipped and result.promoted
-    runs = _table(config, "select * from model_runs where run_id = 'single'")
+    runs = query(config, "select * from model_runs where run_id = 'single'")
     assert runs.loc[0, "validation_strategy"] == "stratified_holdout"
     assert runs.loc[0, "status"] == "success"
     assert 0.15 * 600 <= runs.loc[0, "oot_rows"] <= 0.25 * 600
@@ -182,11 +179,11 @@ def test_tables_have_expected_columns(synthetic_trained) -> None:
             "run_id", "model_version", "feature", "importance_type", "value", "rank"]
         assert list(table_columns(con, "threshold_curve")) == [
             "run_id", "model_version", "threshold", "recall", "precision", "f1", "share_flagged"]
-    runs = _table(config, "select * from model_runs where run_id = 'shared'")
+    runs = query(config, "select * from model_runs where run_id = 'shared'")
     assert runs.loc[0, "model_version"] == result.version
     assert runs.loc[0, "config_hash"] == config.fingerprint()
     assert len(runs.loc[0, "training_data_hash"]) == 64
-    metrics = _table(config, "select * from model_metrics where run_id = 'shared'")
+    metrics = query(config, "select * from model_metrics where run_id = 'shared'")
     assert set(metrics["split"]) == {"cv_fold_1", "cv_fold_2", "cv_fold_3", "cv_mean", "cv_std",
                                      "out_of_time", "baseline"}
     baseline = metrics[metrics["split"] == "baseline"].iloc[0]
@@ -197,11 +194,11 @@ def test_tables_have_expected_columns(synthetic_trained) -> None:
     assert baseline["accuracy"] == pytest.approx(1 - oot["prevalence"])
     # the model beats "nobody churns" by a wide margin on this learnable data
     assert oot["roc_auc"] > 0.75 and oot["pr_auc"] > baseline["pr_auc"] + 0.2
-    importance = _table(config, "select * from feature_importance where run_id = 'shared'")
+    importance = query(config, "select * from feature_importance where run_id = 'shared'")
     top = importance[importance["rank"] == 1].set_index("importance_type")["feature"]
     assert top["permutation"] == "signal"
     assert set(importance["feature"]) == set(SYNTHETIC_CONTRACT.feature_names)
-    curve = _table(config, "select * from threshold_curve where run_id = 'shared' order by threshold")
+    curve = query(config, "select * from threshold_curve where run_id = 'shared' order by threshold")
     assert curve["threshold"].iloc[0] == pytest.approx(0.01) and curve["threshold"].iloc[-1] == pytest.approx(0.99)
     assert curve["share_flagged"].is_monotonic_decreasing
 
@@ -217,7 +214,7 @@ def test_rerun_with_same_run_id_replaces_its_rows(synthetic_trained, tmp_path: P
     second = train(config, force=True, run_id="shared")
     assert _run_counts(config, "shared") == before
     assert second.version != first.version
-    runs = _table(config, "select model_version from model_runs where run_id = 'shared'")
+    runs = query(config, "select model_version from model_runs where run_id = 'shared'")
     assert runs["model_version"].tolist() == [second.version]
 
 
@@ -229,7 +226,7 @@ def test_threshold_meets_recall_target_on_out_of_fold_rows(synthetic_trained) ->
     assert choice["rule"] == "recall_target"
     assert choice["recall"] >= synthetic.problem.success_target
     assert model.threshold == pytest.approx(choice["threshold"])
-    metrics = _table(synthetic, "select * from model_metrics where run_id = 'shared' and chosen and split = 'cv_mean'")
+    metrics = query(synthetic, "select * from model_metrics where run_id = 'shared' and chosen and split = 'cv_mean'")
     assert metrics.loc[0, "threshold"] == pytest.approx(model.threshold)
     # out-of-fold calibration is close on held-out rows
     assert metrics.loc[0, "calibration_error"] < 0.05
@@ -241,7 +238,7 @@ def test_train_skips_when_champion_exists_unless_forced(synthetic_trained) -> No
     skipped = train(synthetic)
     assert skipped.skipped and skipped.version == first.version
     assert "--force" in skipped.message
-    runs = _table(synthetic, "select run_id from model_runs")
+    runs = query(synthetic, "select run_id from model_runs")
     assert runs["run_id"].tolist() == ["shared"]
 
 
@@ -274,14 +271,14 @@ def test_single_class_mart_fails_clearly_and_records_failed_run(tmp_path: Path, 
     config = synthetic_warehouse(tmp_path / "wh", monkeypatch, mart)
     with pytest.raises(train_module.TrainingError, match="both classes"):
         train(config, run_id="oneclass")
-    runs = _table(config, "select status, message from model_runs where run_id = 'oneclass'")
+    runs = query(config, "select status, message from model_runs where run_id = 'oneclass'")
     assert runs.loc[0, "status"] == "failed" and "customer_features" in runs.loc[0, "message"]
     assert champion_version(config) is None
 
 
 def test_demo_mart_trains_and_beats_baseline(trained_warehouse: ChurnConfig) -> None:
-    metrics = _table(trained_warehouse, "select * from model_metrics")
-    runs = _table(trained_warehouse, "select * from model_runs")
+    metrics = query(trained_warehouse, "select * from model_metrics")
+    runs = query(trained_warehouse, "select * from model_runs")
     assert runs.loc[0, "validation_strategy"] == "out_of_time"
     assert runs.loc[0, "status"] == "success"
     oot = metrics[metrics["split"] == "out_of_time"].iloc[0]
