@@ -400,14 +400,31 @@ def new_labelled_snapshots(
     return int(row[0])
 
 
+def newest_trained_snapshot(con: duckdb.DuckDBPyConnection, dataset: str) -> dt.date | None:
+    """The newest snapshot any successful training run of `dataset` has seen.
+
+    A rejected challenger has already learned from it too: retraining on the same
+    snapshots would only reject the same challenger again, night after night.
+    """
+    if not table_exists(con, "model_runs"):
+        return None
+    row = con.execute(
+        "select max(snapshot_max) from model_runs where dataset = ? and status = 'success'", [dataset]
+    ).fetchone()
+    return _date(row[0]) if row and row[0] is not None else None
+
+
 def policy_inputs(config: ChurnConfig, result: MonitorResult, today: dt.date) -> PolicyInputs:
     from ml.registry import load_model
 
     model = load_model(config, result.model_version)
-    trained_up_to = (model.metadata.get("snapshot_range") or [None, None])[1]
+    champion_up_to = (model.metadata.get("snapshot_range") or [None, None])[1]
     with connect(config.warehouse.build_db, read_only=True) as con:
         since = champion_since(con, result.model_version, today)
         realized, realized_as_of = latest_realized_recall(con, result.model_version)
+        known = [d for d in (_date(champion_up_to) if champion_up_to else None,
+                             newest_trained_snapshot(con, config.dataset.name)) if d is not None]
+        trained_up_to = max(known).isoformat() if known else None
         fresh = new_labelled_snapshots(con, config.dataset.feature_mart, model.contract, trained_up_to)
     return PolicyInputs(
         today=today,

@@ -44,7 +44,8 @@ class PolicyInputs:
     realized_recall: float | None = None
     realized_as_of: dt.date | None = None
     estimated_recall: float | None = None
-    # Fully labelled snapshots newer than the champion's training data (None: unknown).
+    # Fully labelled snapshots newer than any training run's data, a rejected
+    # challenger's included (None: unknown).
     new_labelled_snapshots: int | None = None
 
 

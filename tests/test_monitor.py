@@ -238,3 +238,43 @@ def test_cli_monitor_reports(scored_copy: ChurnConfig, capsys: pytest.CaptureFix
     assert "drifted features" in out and "estimated:" in out and "retrain:" in out
     with duckdb.connect(str(scored_copy.warehouse.build_db), read_only=True) as con:
         assert con.execute("select count(*) from retrain_decisions").fetchone()[0] == 1
+
+
+def test_a_rejected_challenger_uses_up_the_new_labels(scored_copy: ChurnConfig, monkeypatch) -> None:
+    """Once any training run has seen the newest labelled snapshot, the policy finds
+    nothing new: it must not retrain on the same data (and reject again) every night."""
+    from ml.contract import load_contract
+    from ml.dbt import dbt_target_path
+    from ml.monitor import measure, new_labelled_snapshots, newest_trained_snapshot, policy_inputs
+
+    config = scored_copy
+    contract = load_contract(dbt_target_path(config) / "manifest.json", config.dataset.feature_mart)
+    labelled = _labelled_dates(config, contract)
+    with connect(config.warehouse.build_db, read_only=True) as con:
+        assert new_labelled_snapshots(con, config.dataset.feature_mart, contract, str(labelled[0])) > 0
+    with connect(config.warehouse.build_db) as con:
+        con.execute(
+            "insert into model_runs by name select 'rejected-challenger' as run_id, ? as dataset, "
+            "'success' as status, ?::timestamp as snapshot_max",
+            [config.dataset.name, pd.Timestamp(labelled[-1])],
+        )
+        assert newest_trained_snapshot(con, config.dataset.name) == pd.Timestamp(labelled[-1]).date()
+    # The champion was trained on the first labelled snapshot only; newer ones exist,
+    # but the rejected challenger above already learned from all of them.
+    import ml.registry
+
+    real_load_model = ml.registry.load_model
+
+    def older_champion(*args, **kwargs):
+        model = real_load_model(*args, **kwargs)
+        model.metadata["snapshot_range"] = [str(labelled[0]), str(labelled[0])]
+        return model
+
+    monkeypatch.setattr(ml.registry, "load_model", older_champion)
+    result = measure(config)
+    inputs = policy_inputs(config, result, pd.Timestamp(result.as_of_date).date())
+    assert inputs.new_labelled_snapshots == 0
+    # Without the training runs' record, only the champion's range counts: new snapshots.
+    with connect(config.warehouse.build_db) as con:
+        con.execute("delete from model_runs")
+    assert policy_inputs(config, result, pd.Timestamp(result.as_of_date).date()).new_labelled_snapshots > 0
