@@ -112,15 +112,15 @@ def test_small_shift_has_tiny_p_value_but_is_not_flagged(monitoring):
 
 
 def test_small_sample_noise_is_not_drift_but_a_large_effect_is(monitoring):
-    """40 values: the distance is large by chance alone, and the KS p-value vetoes it."""
+    """20 values: the distance is large by chance alone, and the KS p-value vetoes it."""
     rng = np.random.default_rng(8)
     ref = numeric_reference(rng.normal(size=100_000), monitoring)
-    noise_rows = drift.numeric_drift("a", ref, rng.normal(size=40), monitoring)
+    noise_rows = drift.numeric_drift("a", ref, rng.normal(size=20), monitoring)
     w = _stat(noise_rows, "a", drift.WASSERSTEIN)
     psi_row = _stat(noise_rows, "a", drift.PSI)
     assert w.value > monitoring.distance_threshold and psi_row.value > monitoring.psi_threshold
     assert w.p_value > monitoring.max_p_value and not w.drifted and not psi_row.drifted
-    shifted = drift.numeric_drift("a", ref, rng.normal(loc=2.0, size=40), monitoring)
+    shifted = drift.numeric_drift("a", ref, rng.normal(loc=2.0, size=20), monitoring)
     assert _stat(shifted, "a", drift.WASSERSTEIN).drifted
 
 
