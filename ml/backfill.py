@@ -122,9 +122,9 @@ def reset_sandbox(config: ChurnConfig) -> None:
 
 def data_end(config: ChurnConfig) -> dt.date:
     """The latest as_of_date the data supports (last observed day + 1), from a full build."""
-    from ml.build import build_warehouse
-    from ml.contract import load_contract
-    from ml.dbt import dbt_target_path
+    from ml.features.build import build_warehouse
+    from ml.features.contract import load_contract
+    from ml.features.dbt import dbt_target_path
     from ml.pipeline import ensure_landing
 
     ensure_landing(config)
@@ -141,7 +141,7 @@ def data_end(config: ChurnConfig) -> dt.date:
 
 def check_no_future_champion(config: ChurnConfig, start: dt.date) -> None:
     """Refuse an in-place replay whose champion was trained on data from after `start`."""
-    from ml.registry import load_champion
+    from ml.modeling.registry import load_champion
 
     if not config.warehouse.build_db.exists():
         return

@@ -16,18 +16,18 @@ from ml.logs import configure_logging, get_logger
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "generate": ("ml.generate", "write demo raw tables (and the hidden oracle) to the landing folder"),
-    "build": ("ml.build", "run dbt build: staging, intermediate and feature marts, with dbt tests"),
-    "profile": ("ml.profile", "profile the feature mart: missing values, balance, outliers, plots"),
-    "contract": ("ml.contract_cli", "print the feature contract read from dbt's manifest"),
-    "train": ("ml.train", "train, compare and register a model (champion/challenger)"),
-    "score": ("ml.score", "score active customers with the champion into churn_scores"),
-    "audit": ("ml.quality", "run the Great Expectations suites against the build database"),
-    "monitor": ("ml.monitor", "drift, realized and estimated performance, retraining decision"),
-    "publish": ("ml.publish", "atomically publish BI tables to the published database"),
+    "generate": ("ml.data.generate", "write demo raw tables (and the hidden oracle) to the landing folder"),
+    "build": ("ml.features.build", "run dbt build: staging, intermediate and feature marts, with dbt tests"),
+    "profile": ("ml.reports.profile", "profile the feature mart: missing values, balance, outliers, plots"),
+    "contract": ("ml.features.contract_cli", "print the feature contract read from dbt's manifest"),
+    "train": ("ml.modeling.train", "train, compare and register a model (champion/challenger)"),
+    "score": ("ml.modeling.score", "score active customers with the champion into churn_scores"),
+    "audit": ("ml.quality.audit", "run the Great Expectations suites against the build database"),
+    "monitor": ("ml.monitoring.monitor", "drift, realized and estimated performance, retraining decision"),
+    "publish": ("ml.serving.publish", "atomically publish BI tables to the published database"),
     "nightly": ("ml.pipeline", "the whole refresh: build, audit, train if needed, score, monitor, publish"),
     "backfill": ("ml.backfill", "replay the nightly over past dates to build monitoring history"),
-    "serve": ("ml.serve", "real-time scoring API computing features with the mart's own SQL"),
+    "serve": ("ml.serving.api", "real-time scoring API computing features with the mart's own SQL"),
 }
 
 

@@ -16,17 +16,17 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from ml.build import build_warehouse, mart_row_counts
+from ml.features.build import build_warehouse, mart_row_counts
 from ml.config import ChurnConfig
-from ml.landing import validate_landing
-from ml import monitor
+from ml.data.landing import validate_landing
+from ml.monitoring import monitor
 from ml.logs import get_logger, timed
-from ml.policy import OUTCOME_PROMOTED
-from ml.publish import pause_point, publish
-from ml.quality import audit
-from ml.summary import score_summary
-from ml.profile import profile
-from ml.train import train
+from ml.monitoring.policy import OUTCOME_PROMOTED
+from ml.serving.publish import pause_point, publish
+from ml.quality.audit import audit
+from ml.reports.summary import score_summary
+from ml.reports.profile import profile
+from ml.modeling.train import train
 from ml.warehouse import connect, write_table
 
 log = get_logger("pipeline")
@@ -81,7 +81,7 @@ def ensure_landing(config: ChurnConfig) -> None:
         return
     if not config.dataset.generate_if_empty:
         raise LandingError(f"landing folder {landing} has no .{config.dataset.landing_format} files")
-    from ml.generate import GenerateOptions, generate
+    from ml.data.generate import GenerateOptions, generate
 
     generate(GenerateOptions.from_config(config))
 
@@ -106,7 +106,7 @@ def nightly(config: ChurnConfig, as_of: str | None = None, force_train: bool = F
         # trains only when the dataset has no champion yet, or when forced
         train(config, force=force_train, run_id=run.run_id)
     with run.step("score"):
-        from ml.score import score
+        from ml.modeling.score import score
 
         score(config, run_id=run.run_id)
     with run.step("audit_scores"):

@@ -37,7 +37,7 @@ def small_config(tmp_path_factory: pytest.TempPathFactory) -> ChurnConfig:
 @pytest.fixture(scope="session")
 def generated(small_config: ChurnConfig) -> ChurnConfig:
     """Small demo landing data (and oracle) written once per session."""
-    from ml.generate import GenerateOptions, generate
+    from ml.data.generate import GenerateOptions, generate
 
     generate(GenerateOptions.from_config(small_config))
     return small_config
@@ -46,7 +46,7 @@ def generated(small_config: ChurnConfig) -> ChurnConfig:
 @pytest.fixture(scope="session")
 def built_warehouse(generated: ChurnConfig) -> ChurnConfig:
     """The session warehouse after `dbt build`. Treat as read-only; copy to change it."""
-    from ml.build import build_warehouse
+    from ml.features.build import build_warehouse
 
     build_warehouse(generated)
     return generated
@@ -75,7 +75,7 @@ QUICK_TRAINING = {"training": {"search_iterations": 2, "cv_folds": 3, "out_of_ti
 def trained_warehouse(built_warehouse: ChurnConfig, tmp_path_factory: pytest.TempPathFactory) -> ChurnConfig:
     """A copy of the built warehouse with a champion trained once (quick search). Read-only;
     use `copy_warehouse(trained_warehouse, root, QUICK_TRAINING)` to change it."""
-    from ml.train import train
+    from ml.modeling.train import train
 
     config = copy_warehouse(built_warehouse, tmp_path_factory.mktemp("trained"), QUICK_TRAINING)
     train(config)

@@ -56,7 +56,7 @@ def test_sandbox_moves_outputs_but_reads_the_same_landing(tmp_path: Path):
 
 
 def test_in_place_replay_before_the_champions_data_is_refused(trained_warehouse: ChurnConfig):
-    from ml.registry import load_champion
+    from ml.modeling.registry import load_champion
 
     last = load_champion(trained_warehouse).metadata["snapshot_range"][1]
     with pytest.raises(BackfillError, match="see the future"):
@@ -108,7 +108,7 @@ def _decisions(config: ChurnConfig) -> pd.DataFrame:
 
 def _changed_features(config: ChurnConfig) -> tuple[set[str], set[str]]:
     """Price and usage features, found by the words in their names and contract descriptions."""
-    from ml.registry import load_champion
+    from ml.modeling.registry import load_champion
 
     contract = load_champion(config).contract
 

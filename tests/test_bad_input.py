@@ -165,8 +165,8 @@ def drop_needed_feature(config: ChurnConfig) -> tuple[str, Path]:
     dbt), so the build passes and scoring must refuse."""
     import yaml
 
-    from ml.contract import load_contract
-    from ml.dbt import dbt_target_path
+    from ml.features.contract import load_contract
+    from ml.features.dbt import dbt_target_path
 
     mart = config.dataset.feature_mart
     feature = load_contract(dbt_target_path(config) / "manifest.json", mart).numeric[0]

@@ -20,7 +20,7 @@ import duckdb
 import numpy as np
 
 from ml.config import ChurnConfig
-from ml.publish import INFO_TABLE
+from ml.serving.publish import INFO_TABLE
 
 from .conftest import QUICK_TRAINING, REPO_ROOT, copy_warehouse
 

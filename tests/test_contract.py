@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from ml.config import ChurnConfig
-from ml.contract import ContractError, load_contract
-from ml.dbt import dbt_target_path, run_dbt
+from ml.features.contract import ContractError, load_contract
+from ml.features.dbt import dbt_target_path, run_dbt
 from ml.warehouse import connect, table_columns
 
 MART_SQL = "models/marts/customer_features.sql"

@@ -2,7 +2,7 @@
 
 The nightly runs as a `churn nightly` subprocess in its own process group (so dbt
 dies with it). It is SIGKILLed while dbt builds (seen in its log), and at named
-pause points (`CHURN_PAUSE_AT`, see ml.publish.pause_point): the start of the
+pause points (`CHURN_PAUSE_AT`, see ml.serving.publish.pause_point): the start of the
 mart audit, of training, of scoring, and in the middle of writing the new
 published file. After each kill the published file must open read-only and be
 byte-identical to the last good state; the next run must start cleanly (it gets
@@ -24,7 +24,7 @@ import duckdb
 import pytest
 
 from ml.config import ChurnConfig
-from ml.publish import INFO_TABLE, PAUSE_ENV, PAUSE_FILE_ENV
+from ml.serving.publish import INFO_TABLE, PAUSE_ENV, PAUSE_FILE_ENV
 
 from .conftest import QUICK_TRAINING, REPO_ROOT, copy_warehouse
 

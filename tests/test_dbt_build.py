@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from ml.config import ChurnConfig
-from ml.dbt import dbt_target_path, run_dbt
+from ml.features.dbt import dbt_target_path, run_dbt
 from tests.conftest import copy_warehouse, query
 
 STAGING_CATEGORIES = {

@@ -8,10 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ml import drift
+from ml.monitoring import drift
 from ml.config import load_config
-from ml.contract import Feature, FeatureContract
-from ml.reference import (
+from ml.features.contract import Feature, FeatureContract
+from ml.modeling.reference import (
     NULL_LEVEL,
     bin_shares,
     categorical_reference,

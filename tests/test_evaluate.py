@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ml.evaluate import (
+from ml.modeling.evaluate import (
     CandidateScore,
     aggregate_importance,
     baseline_metrics,

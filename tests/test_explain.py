@@ -15,9 +15,9 @@ from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 
-from ml.contract import Feature, FeatureContract
-from ml.explain import ExplainError, Explainer, contributions, reason_columns, top_k, top_reasons
-from ml.model import ChurnModel, ScoreCalibrator, build_preprocessor
+from ml.features.contract import Feature, FeatureContract
+from ml.modeling.explain import ExplainError, Explainer, contributions, reason_columns, top_k, top_reasons
+from ml.modeling.model import ChurnModel, ScoreCalibrator, build_preprocessor
 
 CONTRACT = FeatureContract(
     model="synthetic_mart",

@@ -14,11 +14,11 @@ import pandas as pd
 import yaml
 
 from ml.config import ChurnConfig
-from ml.contract import load_contract
-from ml.dbt import dbt_target_path, run_dbt
-from ml.registry import load_champion
-from ml.score import SCORES_TABLE, score
-from ml.train import train
+from ml.features.contract import load_contract
+from ml.features.dbt import dbt_target_path, run_dbt
+from ml.modeling.registry import load_champion
+from ml.modeling.score import SCORES_TABLE, score
+from ml.modeling.train import train
 from ml.warehouse import connect, table_columns
 from tests.conftest import copy_warehouse
 

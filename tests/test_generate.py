@@ -18,7 +18,7 @@ from sklearn.metrics import roc_auc_score
 
 from ml.cli import main as cli_main
 from ml.config import ChurnConfig
-from ml.generate import (
+from ml.data.generate import (
     ORACLE_FILE,
     PROCESS,
     TABLE_SCHEMAS,

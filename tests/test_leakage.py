@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from ml.config import ChurnConfig
-from ml.dbt import DbtError, dbt_target_path, run_dbt
+from ml.features.dbt import DbtError, dbt_target_path, run_dbt
 
 LEAKAGE_TEST = "assert_features_use_only_past_events"
 

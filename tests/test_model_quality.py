@@ -16,9 +16,9 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from ml.config import ChurnConfig
-from ml.evaluate import classification_metrics, expected_calibration_error
-from ml.registry import load_champion
-from ml.train import load_evaluation_rows
+from ml.modeling.evaluate import classification_metrics, expected_calibration_error
+from ml.modeling.registry import load_champion
+from ml.modeling.train import load_evaluation_rows
 
 # Tolerances of the small warehouse (about 3 x 55 churners out of time).
 MAX_AUC_GAP_TO_ORACLE = 0.05

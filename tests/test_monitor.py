@@ -11,12 +11,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ml import monitor as mon
+from ml.monitoring import monitor as mon
 from ml.cli import main
 from ml.config import ChurnConfig
-from ml.performance import estimated_metrics
-from ml.policy import OUTCOME_FAILED, OUTCOME_PROMOTED
-from ml.registry import load_champion
+from ml.monitoring.performance import estimated_metrics
+from ml.monitoring.policy import OUTCOME_FAILED, OUTCOME_PROMOTED
+from ml.modeling.registry import load_champion
 from ml.warehouse import connect
 from tests.conftest import QUICK_TRAINING, copy_warehouse, query
 
@@ -26,7 +26,7 @@ ORACLE_VERSION = "oracle"
 @pytest.fixture(scope="module")
 def scored_warehouse(trained_warehouse: ChurnConfig, tmp_path_factory: pytest.TempPathFactory) -> ChurnConfig:
     """The trained warehouse, scored once. Read-only: copy it to change it."""
-    from ml.score import score
+    from ml.modeling.score import score
 
     config = copy_warehouse(trained_warehouse, tmp_path_factory.mktemp("scored"), QUICK_TRAINING)
     score(config)
@@ -183,7 +183,7 @@ def test_estimate_tracks_realized_without_concept_drift(scored_copy: ChurnConfig
 
 
 def test_policy_records_promotion_and_failure(scored_copy: ChurnConfig, monkeypatch) -> None:
-    from ml.train import TrainResult
+    from ml.modeling.train import TrainResult
 
     result = mon.measure(scored_copy, run_id="policy-night")
     calls = []
@@ -192,8 +192,8 @@ def test_policy_records_promotion_and_failure(scored_copy: ChurnConfig, monkeypa
         calls.append((force, run_id))
         return TrainResult("m-new", "xgboost", {}, True, run_id, message="challenger won")
 
-    monkeypatch.setattr("ml.train.train", promoted)
-    monkeypatch.setattr("ml.monitor.decide", lambda config, inputs: mon.RetrainDecision(True, ("schedule",), {}))
+    monkeypatch.setattr("ml.modeling.train.train", promoted)
+    monkeypatch.setattr("ml.monitoring.monitor.decide", lambda config, inputs: mon.RetrainDecision(True, ("schedule",), {}))
     today = dt.date(2025, 7, 2)
     out = mon.apply_policy(scored_copy, result, today)
     assert calls == [(True, "policy-night-retrain")]
@@ -207,7 +207,7 @@ def test_policy_records_promotion_and_failure(scored_copy: ChurnConfig, monkeypa
     def broken(config, force=False, run_id=None):
         raise RuntimeError("no labelled rows")
 
-    monkeypatch.setattr("ml.train.train", broken)
+    monkeypatch.setattr("ml.modeling.train.train", broken)
     with pytest.raises(RuntimeError, match="no labelled rows"):
         mon.apply_policy(scored_copy, result, today)
     row = query(scored_copy, "select outcome, message from retrain_decisions").iloc[0]
@@ -243,9 +243,9 @@ def test_cli_monitor_reports(scored_copy: ChurnConfig, capsys: pytest.CaptureFix
 def test_a_rejected_challenger_uses_up_the_new_labels(scored_copy: ChurnConfig, monkeypatch) -> None:
     """Once any training run has seen the newest labelled snapshot, the policy finds
     nothing new: it must not retrain on the same data (and reject again) every night."""
-    from ml.contract import load_contract
-    from ml.dbt import dbt_target_path
-    from ml.monitor import measure, new_labelled_snapshots, newest_trained_snapshot, policy_inputs
+    from ml.features.contract import load_contract
+    from ml.features.dbt import dbt_target_path
+    from ml.monitoring.monitor import measure, new_labelled_snapshots, newest_trained_snapshot, policy_inputs
 
     config = scored_copy
     contract = load_contract(dbt_target_path(config) / "manifest.json", config.dataset.feature_mart)
@@ -261,16 +261,16 @@ def test_a_rejected_challenger_uses_up_the_new_labels(scored_copy: ChurnConfig, 
         assert newest_trained_snapshot(con, config.dataset.name) == pd.Timestamp(labelled[-1]).date()
     # The champion was trained on the first labelled snapshot only; newer ones exist,
     # but the rejected challenger above already learned from all of them.
-    import ml.registry
+    import ml.modeling.registry
 
-    real_load_model = ml.registry.load_model
+    real_load_model = ml.modeling.registry.load_model
 
     def older_champion(*args, **kwargs):
         model = real_load_model(*args, **kwargs)
         model.metadata["snapshot_range"] = [str(labelled[0]), str(labelled[0])]
         return model
 
-    monkeypatch.setattr(ml.registry, "load_model", older_champion)
+    monkeypatch.setattr(ml.modeling.registry, "load_model", older_champion)
     result = measure(config)
     inputs = policy_inputs(config, result, pd.Timestamp(result.as_of_date).date())
     assert inputs.new_labelled_snapshots == 0

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from ml.performance import estimated_metrics, realized_metrics
+from ml.monitoring.performance import estimated_metrics, realized_metrics
 
 
 def test_realized_metrics_by_hand():

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from ml import policy
+from ml.monitoring import policy
 from ml.config import load_config
 from tests.conftest import REPO_ROOT
 

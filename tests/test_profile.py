@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from ml.config import ChurnConfig
-from ml.contract import FeatureContract, load_contract
-from ml.dbt import dbt_target_path
-from ml.profile import PLOTS, TABLES, ProfileError, profile
+from ml.features.contract import FeatureContract, load_contract
+from ml.features.dbt import dbt_target_path
+from ml.reports.profile import PLOTS, TABLES, ProfileError, profile
 from ml.warehouse import connect, table_exists
 from tests.conftest import REPO_ROOT, copy_warehouse
 

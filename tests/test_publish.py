@@ -8,9 +8,9 @@ from pathlib import Path
 import duckdb
 import pytest
 
-import ml.publish as publish_module
+import ml.serving.publish as publish_module
 from ml.config import ChurnConfig
-from ml.publish import INFO_TABLE, PublishError, publish, published_tables, remove_stale_temps
+from ml.serving.publish import INFO_TABLE, PublishError, publish, published_tables, remove_stale_temps
 from ml.warehouse import connect
 
 

@@ -10,7 +10,7 @@ import duckdb
 import pytest
 
 from ml.config import ChurnConfig
-from ml.quality import (
+from ml.quality.audit import (
     COUNTS_TABLE,
     RESULTS_TABLE,
     SEVERITIES,
@@ -124,7 +124,7 @@ def test_missing_column_is_an_error_not_a_pass(tmp_path: Path, small_config: Chu
     assert check.success is False
     assert "no_such_column" in check.details and "expectation raised" in check.details
     # The Data Docs page still renders (the error shows there too).
-    from ml.quality import write_docs
+    from ml.quality.audit import write_docs
 
     config = small_config.replace_paths(reports_dir=tmp_path / "reports")
     [page] = write_docs(config, "mart", "r", [validation])
@@ -214,7 +214,7 @@ def test_row_count_band_and_label_share_band_stop_the_run(private_warehouse: Chu
 
 
 def load_suites_mart(config: ChurnConfig):
-    from ml.quality import load_suites
+    from ml.quality.audit import load_suites
 
     [suite] = load_suites(config, "mart")
     return suite

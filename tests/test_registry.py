@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from ml.config import ChurnConfig
-from ml.model import ChurnModel, ScoreCalibrator, contract_feature_frame
-from ml.registry import (
+from ml.modeling.model import ChurnModel, ScoreCalibrator, contract_feature_frame
+from ml.modeling.registry import (
     BOOSTER_FILE,
     METADATA_FILE,
     PIPELINE_FILE,
@@ -22,7 +22,7 @@ from ml.registry import (
     register,
     registry_frame,
 )
-from ml.train import make_pipeline
+from ml.modeling.train import make_pipeline
 from ml.warehouse import connect, write_table
 from tests.conftest import make_config
 from tests.test_train import SYNTHETIC_CONTRACT, synthetic_mart
@@ -149,7 +149,7 @@ def test_champion_that_cannot_score_the_current_mart_is_replaced(config: ChurnCo
     """A feature dropped from the mart: the old champion cannot be re-scored, so it cannot win."""
     import dataclasses
 
-    from ml.contract import Feature
+    from ml.features.contract import Feature
 
     old_contract = dataclasses.replace(
         SYNTHETIC_CONTRACT, features=(*SYNTHETIC_CONTRACT.features, Feature("dropped_later", "numeric")))

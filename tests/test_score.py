@@ -10,11 +10,11 @@ import pytest
 
 from ml.cli import main
 from ml.config import ChurnConfig
-from ml.contract import ContractError, Feature, FeatureContract
-from ml.explain import reason_columns
-from ml.registry import load_champion
-from ml.score import HISTORY_TABLE, SCORES_TABLE, ScoreError, check_mart, risk_bands, score
-from ml.summary import score_summary
+from ml.features.contract import ContractError, Feature, FeatureContract
+from ml.modeling.explain import reason_columns
+from ml.modeling.registry import load_champion
+from ml.modeling.score import HISTORY_TABLE, SCORES_TABLE, ScoreError, check_mart, risk_bands, score
+from ml.reports.summary import score_summary
 from ml.warehouse import connect, table_columns, table_exists
 from tests.conftest import QUICK_TRAINING, copy_warehouse, query
 

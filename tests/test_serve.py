@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from ml.config import ChurnConfig
-from ml.serve import RequestError, ScoringService, make_server, read_landing_rows
+from ml.serving.api import RequestError, ScoringService, make_server, read_landing_rows
 from ml.warehouse import connect
 
 

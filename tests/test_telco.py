@@ -19,8 +19,8 @@ import yaml
 
 from ml.cli import main as churn_main
 from ml.config import ChurnConfig, load_config
-from ml.contract import load_contract
-from ml.dbt import dbt_target_path
+from ml.features.contract import load_contract
+from ml.features.dbt import dbt_target_path
 from ml.warehouse import connect, table_exists
 from tests.conftest import REPO_ROOT, make_config
 

@@ -14,12 +14,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import ml.train as train_module
+import ml.modeling.train as train_module
 from ml.config import ChurnConfig
-from ml.contract import ContractError, Feature, FeatureContract
-from ml.evaluate import expected_calibration_error
-from ml.registry import champion_version, load_model
-from ml.train import TrainResult, cv_folds, train, validation_split
+from ml.features.contract import ContractError, Feature, FeatureContract
+from ml.modeling.evaluate import expected_calibration_error
+from ml.modeling.registry import champion_version, load_model
+from ml.modeling.train import TrainResult, cv_folds, train, validation_split
 from ml.warehouse import connect, table_columns, write_table
 from tests.conftest import make_config, query
 
@@ -289,7 +289,7 @@ def test_demo_mart_trains_and_beats_baseline(trained_warehouse: ChurnConfig) -> 
 
 
 def test_expected_calibration_error_is_small_after_oof_calibration() -> None:
-    from ml.model import ScoreCalibrator
+    from ml.modeling.model import ScoreCalibrator
 
     rng = np.random.default_rng(3)
     truth = rng.uniform(0, 0.6, 20000)
@@ -304,9 +304,9 @@ def test_expected_calibration_error_is_small_after_oof_calibration() -> None:
 def test_row_cap_samples_whole_customers_across_every_snapshot(built_warehouse: ChurnConfig, tmp_path: Path) -> None:
     """Above max_training_rows, training keeps a share of customers with all their
     snapshots: grouping holds and the out-of-time snapshots are still there."""
-    from ml.contract import load_contract
-    from ml.dbt import dbt_target_path
-    from ml.train import load_training_rows
+    from ml.features.contract import load_contract
+    from ml.features.dbt import dbt_target_path
+    from ml.modeling.train import load_training_rows
     from tests.conftest import copy_warehouse
 
     contract = load_contract(dbt_target_path(built_warehouse) / "manifest.json", built_warehouse.dataset.feature_mart)

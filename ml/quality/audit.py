@@ -54,7 +54,7 @@ import duckdb
 import pandas as pd
 
 from ml.config import ChurnConfig
-from ml.landing import LandingTable, landing_tables
+from ml.data.landing import LandingTable, landing_tables
 from ml.logs import get_logger, timed
 from ml.warehouse import connect, table_exists, write_table
 
@@ -151,8 +151,8 @@ def _names(config: ChurnConfig) -> dict[str, str]:
 
 def _feature_names(config: ChurnConfig) -> list[str]:
     """The mart's features from the contract in dbt's manifest (`$each_feature` expands to these)."""
-    from ml.contract import load_contract
-    from ml.dbt import dbt_target_path
+    from ml.features.contract import load_contract
+    from ml.features.dbt import dbt_target_path
 
     manifest = dbt_target_path(config) / "manifest.json"
     if not manifest.exists():

@@ -10,7 +10,7 @@ wrote, so the summary shows what BI will see, not what a stage meant to write.
 from __future__ import annotations
 
 from ml.config import ChurnConfig
-from ml.score import SCORES_TABLE
+from ml.modeling.score import SCORES_TABLE
 from ml.warehouse import connect, table_exists
 
 SUMMARY_METRICS = ("recall", "precision", "roc_auc", "pr_auc")

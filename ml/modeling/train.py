@@ -35,9 +35,9 @@ from threadpoolctl import threadpool_limits
 from xgboost import XGBClassifier
 
 from ml.config import ChurnConfig
-from ml.contract import ContractError, FeatureContract, load_contract
-from ml.dbt import dbt_target_path
-from ml.evaluate import (
+from ml.features.contract import ContractError, FeatureContract, load_contract
+from ml.features.dbt import dbt_target_path
+from ml.modeling.evaluate import (
     CandidateScore,
     ThresholdChoice,
     aggregate_importance,
@@ -49,7 +49,7 @@ from ml.evaluate import (
     threshold_curve,
 )
 from ml.logs import get_logger, timed
-from ml.model import ALGORITHMS, ChurnModel, ScoreCalibrator, build_preprocessor, contract_feature_frame
+from ml.modeling.model import ALGORITHMS, ChurnModel, ScoreCalibrator, build_preprocessor, contract_feature_frame
 from ml.warehouse import WarehouseError, connect, table_columns, table_exists, write_table
 
 log = get_logger("train")
@@ -446,7 +446,7 @@ def train(config: ChurnConfig, force: bool = False, run_id: str | None = None) -
 
     Without `force`, an existing champion means nothing is done (and that is said).
     """
-    from ml.registry import champion_version, register
+    from ml.modeling.registry import champion_version, register
 
     current = champion_version(config)
     if current and not force:
@@ -536,7 +536,7 @@ def _train(config: ChurnConfig, run_id: str, run: dict[str, Any], register) -> t
              oot[config.problem.selection_metric], oot["roc_auc"], oot["recall"], oot["precision"],
              model.threshold, baseline["pr_auc"])
 
-    from ml.reference import compute_reference
+    from ml.modeling.reference import compute_reference
 
     with timed("reference statistics and feature importance", log):
         train_scores = model.predict_proba(train_frame)
@@ -561,7 +561,7 @@ def _train(config: ChurnConfig, run_id: str, run: dict[str, Any], register) -> t
     }
 
     version = register(config, model, run_id, oot, evaluation_frame=eval_frame)
-    from ml.registry import champion_version
+    from ml.modeling.registry import champion_version
 
     promoted = champion_version(config) == version
     run.update(chosen_algorithm=best.algorithm, model_version=version, promoted=promoted)

@@ -22,7 +22,7 @@ METRICS = ("roc_auc", "pr_auc", "recall", "precision", "brier", "flagged_share")
 
 
 def _ratio(numerator: float, denominator: float) -> float:
-    """0 when nothing is in the denominator, the conventions of ml.evaluate."""
+    """0 when nothing is in the denominator, the conventions of ml.modeling.evaluate."""
     return float(numerator / denominator) if denominator > 0 else 0.0
 
 

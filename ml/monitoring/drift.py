@@ -24,7 +24,7 @@ from scipy import stats
 from scipy.spatial.distance import jensenshannon
 
 from ml.config import MonitoringConfig
-from ml.reference import (
+from ml.modeling.reference import (
     FLAGGED_LEVEL,
     NOT_FLAGGED_LEVEL,
     NULL_LEVEL,

@@ -21,7 +21,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
-from ml.contract import ContractError, FeatureContract
+from ml.features.contract import ContractError, FeatureContract
 
 ALGORITHMS = ("logistic_regression", "random_forest", "xgboost")
 CALIBRATION_METHODS = ("isotonic", "sigmoid")

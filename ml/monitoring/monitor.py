@@ -30,13 +30,13 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-from ml import drift
+from ml.monitoring import drift
 from ml.config import ChurnConfig
-from ml.contract import FeatureContract
+from ml.features.contract import FeatureContract
 from ml.logs import get_logger, timed
-from ml.model import ChurnModel
-from ml.performance import ESTIMATED, METRICS, REALIZED, estimated_metrics, realized_metrics
-from ml.policy import (
+from ml.modeling.model import ChurnModel
+from ml.monitoring.performance import ESTIMATED, METRICS, REALIZED, estimated_metrics, realized_metrics
+from ml.monitoring.policy import (
     OUTCOME_FAILED,
     OUTCOME_NO_NEW_LABELS,
     OUTCOME_NOT_TRIGGERED,
@@ -283,7 +283,7 @@ def realized_performance(
 
 def measure(config: ChurnConfig, run_id: str | None = None) -> MonitorResult:
     """Compute and write tonight's drift and performance rows for the champion."""
-    from ml.registry import load_champion
+    from ml.modeling.registry import load_champion
 
     started = time.perf_counter()
     run_id = run_id or new_run_id()
@@ -415,7 +415,7 @@ def newest_trained_snapshot(con: duckdb.DuckDBPyConnection, dataset: str) -> dt.
 
 
 def policy_inputs(config: ChurnConfig, result: MonitorResult, today: dt.date) -> PolicyInputs:
-    from ml.registry import load_model
+    from ml.modeling.registry import load_model
 
     model = load_model(config, result.model_version)
     champion_up_to = (model.metadata.get("snapshot_range") or [None, None])[1]
@@ -472,7 +472,7 @@ def apply_policy(config: ChurnConfig, result: MonitorResult, today: dt.date, ret
     The decision row is written whatever happens, including when training fails
     (outcome 'failed', then the error propagates and stops the nightly).
     """
-    from ml.train import train
+    from ml.modeling.train import train
 
     decision = decide(config, policy_inputs(config, result, today))
     result.decision = decision

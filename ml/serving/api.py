@@ -37,12 +37,12 @@ import numpy as np
 import pandas as pd
 
 from ml.config import ChurnConfig
-from ml.dbt import run_dbt
-from ml.explain import Explainer
+from ml.features.dbt import run_dbt
+from ml.modeling.explain import Explainer
 from ml.logs import get_logger, timed
-from ml.model import ChurnModel
-from ml.registry import load_model
-from ml.score import risk_bands, score_frame
+from ml.modeling.model import ChurnModel
+from ml.modeling.registry import load_model
+from ml.modeling.score import risk_bands, score_frame
 from ml.warehouse import connect, table_exists
 
 log = get_logger("serve")
@@ -109,7 +109,7 @@ def compile_features(config: ChurnConfig, as_of: dt.date, workdir: Path) -> Comp
     )
     if mart_id is None:
         raise RequestError(f"dbt project has no model {config.dataset.feature_mart!r}")
-    from ml.contract import load_contract
+    from ml.features.contract import load_contract
 
     contract = load_contract(target / "manifest.json", config.dataset.feature_mart)
     order = _dependency_order(nodes, mart_id)

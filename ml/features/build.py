@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from ml.config import ChurnConfig
-from ml.dbt import DbtResult, run_dbt
+from ml.features.dbt import DbtResult, run_dbt
 from ml.logs import get_logger
 from ml.warehouse import connect
 

@@ -26,12 +26,12 @@ import numpy as np
 import pandas as pd
 
 from ml.config import ChurnConfig
-from ml.contract import ContractError, FeatureContract, load_contract
-from ml.dbt import dbt_target_path
-from ml.explain import Explainer, top_k
+from ml.features.contract import ContractError, FeatureContract, load_contract
+from ml.features.dbt import dbt_target_path
+from ml.modeling.explain import Explainer, top_k
 from ml.logs import get_logger, timed
-from ml.model import ChurnModel
-from ml.registry import load_champion
+from ml.modeling.model import ChurnModel
+from ml.modeling.registry import load_champion
 from ml.warehouse import connect, table_columns, table_exists
 
 log = get_logger("score")

@@ -32,8 +32,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 
 from ml.config import ChurnConfig
-from ml.contract import FeatureContract, load_contract
-from ml.dbt import dbt_target_path
+from ml.features.contract import FeatureContract, load_contract
+from ml.features.dbt import dbt_target_path
 from ml.logs import get_logger, timed
 from ml.warehouse import connect, table_columns, table_exists
 

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from ml.config import MonitoringConfig
-from ml.contract import FeatureContract
+from ml.features.contract import FeatureContract
 
 REFERENCE_VERSION = 1
 # Category levels used in shares: a null is its own level, and rare tails are

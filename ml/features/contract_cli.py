@@ -6,8 +6,8 @@ import argparse
 import json
 
 from ml.config import ChurnConfig
-from ml.contract import load_contract
-from ml.dbt import dbt_target_path, run_dbt
+from ml.features.contract import load_contract
+from ml.features.dbt import dbt_target_path, run_dbt
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -25,10 +25,10 @@ import sklearn
 from sklearn.pipeline import Pipeline
 
 from ml.config import ChurnConfig
-from ml.contract import ContractError, FeatureContract
-from ml.evaluate import classification_metrics
+from ml.features.contract import ContractError, FeatureContract
+from ml.modeling.evaluate import classification_metrics
 from ml.logs import get_logger
-from ml.model import ChurnModel
+from ml.modeling.model import ChurnModel
 from ml.warehouse import connect, table_exists
 
 log = get_logger("registry")
@@ -255,7 +255,7 @@ def registry_frame(config: ChurnConfig) -> pd.DataFrame:
 
 def _evaluation_rows(config: ChurnConfig, model: ChurnModel) -> pd.DataFrame:
     """The challenger's out-of-time (or hold-out) rows, re-read from the feature mart."""
-    from ml.train import load_evaluation_rows
+    from ml.modeling.train import load_evaluation_rows
 
     return load_evaluation_rows(config, model.contract, model.metadata["validation"])
 

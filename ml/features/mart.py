@@ -1,0 +1,234 @@
+"""Checked reads of the feature mart: the one place the ML layer reads dbt's mart.
+
+The mart is dbt's table; its shape is the contract in dbt's manifest. Every
+stage that reads it (training, the registry's champion comparison, scoring,
+monitoring, the profile) first refuses a mart that is missing or does not
+match the contract, naming the table and the columns, and then reads only the
+contract's columns. Keeping those reads here breaks what used to be a cycle
+(training and the registry both need the evaluation rows) and means a second
+engine needs one more implementation of this module, not of five stages.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import pandas as pd
+
+from ml.config import ChurnConfig
+from ml.features.contract import ContractError, FeatureContract, load_contract
+from ml.features.dbt import dbt_target_path
+from ml.logs import get_logger
+from ml.warehouse import Session, column_list, is_numeric_type, quote
+
+log = get_logger("mart")
+
+
+class MartError(ContractError):
+    """The feature mart is missing, empty, or does not match the feature contract."""
+
+
+class TrainingError(RuntimeError):
+    """The labelled mart cannot support training (empty, one class, labels not 0/1)."""
+
+
+def current_contract(config: ChurnConfig) -> FeatureContract:
+    """The active dataset's mart contract, from the manifest of the last dbt run."""
+    return load_contract(dbt_target_path(config) / "manifest.json", config.dataset.feature_mart)
+
+
+def mart_columns(
+    session: Session, config: ChurnConfig, contract: FeatureContract,
+    require_label: bool = False, numeric_label: bool = False,
+) -> dict[str, str]:
+    """The mart's column types, after refusing a mart that is absent or lacks contract columns.
+
+    `require_label` also needs the label column (training, profiling);
+    `numeric_label` checks the label's type with the numeric features'.
+    """
+    mart = config.dataset.feature_mart
+    if not session.exists(mart):
+        raise MartError(f"feature mart {mart!r} not found in {session.path} (run `churn build` first)")
+    columns = session.columns(mart)
+    contract.check_columns(mart, columns)
+    if require_label and contract.label not in columns:
+        raise MartError(f"feature mart {mart!r} in {session.path}: label column {contract.label!r} is missing")
+    typed = [*contract.numeric, *([contract.label] if numeric_label else [])]
+    not_numeric = [f"{c} ({columns[c]})" for c in typed if c in columns and not is_numeric_type(columns[c])]
+    if not_numeric:
+        raise MartError(
+            f"feature mart {mart!r} in {session.path}: column(s) declared numeric in the contract have "
+            f"non-numeric types: {', '.join(not_numeric)}"
+        )
+    return columns
+
+
+def check_mart(
+    model_contract: FeatureContract,
+    current: FeatureContract,
+    table: str,
+    columns: dict[str, str],
+    version: str = "the model",
+) -> None:
+    """Refuse a mart that no longer matches the contract a model was trained on.
+
+    Three checks, all reported together: the contract in today's manifest
+    (missing or re-kinded features, changed key/as_of columns), the table's
+    actual columns, and each numeric feature's SQL type.
+    """
+    problems = [f"manifest: {p}" for p in model_contract.diff(current)]
+    required = [model_contract.key, model_contract.as_of, *model_contract.feature_names]
+    problems += [f"column {c!r} is missing from the table" for c in required if c not in columns]
+    problems += [
+        f"numeric feature {c!r} has type {columns[c]} (expected a number)"
+        for c in model_contract.numeric
+        if c in columns and not is_numeric_type(columns[c])
+    ]
+    if problems:
+        raise ContractError(
+            f"table {table!r} does not match the feature contract {version} was trained on: "
+            + "; ".join(problems)
+            + ". Retrain (churn train --force) or restore the column(s)."
+        )
+
+
+def _labelled_select(config: ChurnConfig, contract: FeatureContract) -> str:
+    return (f"select {column_list(contract.columns)} from {quote(config.dataset.feature_mart)} "
+            f"where {quote(contract.label)} is not null")
+
+
+def load_training_rows(session: Session, config: ChurnConfig, contract: FeatureContract) -> pd.DataFrame:
+    """Labelled mart rows, capped at about training.max_training_rows.
+
+    Above the cap a seeded hash of the customer key picks a share of customers
+    with all their snapshots: every as_of_date stays represented (the
+    out-of-time split needs the newest ones, the model the older ones) and a
+    customer is never split, which grouped cross-validation relies on. Keeping
+    the newest rows instead would shrink to a single snapshot at scale.
+    """
+    mart_columns(session, config, contract, require_label=True)
+    mart = config.dataset.feature_mart
+    cap = config.training.max_training_rows
+    labelled = f"{quote(contract.label)} is not null"
+    total = session.scalar(f"select count(*) from {quote(mart)} where {labelled}")
+    sample = ""
+    if total > cap:
+        per_million = int(1_000_000 * cap / total)
+        sample = (f"and hash({quote(contract.key)}::varchar || ':{int(config.training.random_state)}') "
+                  f"% 1000000 < {per_million}")
+        log.info("%s has %d labelled rows, above training.max_training_rows=%d: "
+                 "training on %.1f%% of customers, all snapshots", mart, total, cap, per_million / 1e4)
+    frame = session.frame(
+        f"{_labelled_select(config, contract)} {sample} order by {quote(contract.as_of)} desc, {quote(contract.key)}"
+    )
+    if frame.empty:
+        raise TrainingError(f"feature mart {mart!r} has no labelled rows ({contract.label} is null everywhere)")
+    label = pd.to_numeric(frame[contract.label], errors="coerce")
+    bad = int((~label.isin([0, 1])).sum())
+    if bad:
+        raise TrainingError(f"feature mart {mart!r}: label {contract.label!r} is not 0/1 in {bad} row(s)")
+    frame[contract.label] = label.astype(int)
+    frame[contract.as_of] = pd.to_datetime(frame[contract.as_of])
+    positives = int(frame[contract.label].sum())
+    if positives == 0 or positives == len(frame):
+        raise TrainingError(
+            f"feature mart {mart!r}: all {len(frame)} labelled rows have {contract.label} = "
+            f"{int(frame[contract.label].iloc[0])}; a classifier needs both classes"
+        )
+    return frame
+
+
+def fully_labelled_dates(session: Session, config: ChurnConfig, contract: FeatureContract) -> list[pd.Timestamp]:
+    """as_of_dates whose horizon is fully observed: every row has a label."""
+    mart_columns(session, config, contract, require_label=True)
+    rows = session.rows(
+        f"select {quote(contract.as_of)} from {quote(config.dataset.feature_mart)} group by 1 "
+        f"having count({quote(contract.label)}) = count(*) order by 1"
+    )
+    return [pd.Timestamp(r[0]) for r in rows]
+
+
+def count_labelled_dates_after(
+    session: Session, config: ChurnConfig, contract: FeatureContract, after: dt.date
+) -> int:
+    """Fully labelled as_of_dates in the mart after `after` (new data a retrain would learn from)."""
+    a, y = quote(contract.as_of), quote(contract.label)
+    return int(session.scalar(
+        f"select count(*) from (select {a} from {quote(config.dataset.feature_mart)} where {a} > ? group by 1 "
+        f"having count({y}) = count(*))",
+        [after],
+    ))
+
+
+def load_evaluation_rows(
+    session: Session, config: ChurnConfig, contract: FeatureContract, validation: dict[str, Any]
+) -> pd.DataFrame:
+    """Re-read a model's evaluation rows (its out-of-time dates or held-out keys) from the mart."""
+    mart_columns(session, config, contract, require_label=True)
+    base = _labelled_select(config, contract)
+    if validation["strategy"] == "out_of_time":
+        frame = session.frame(
+            f"{base} and cast({quote(contract.as_of)} as date) in (select unnest(?::date[]))",
+            [validation["eval_as_of_dates"]],
+        )
+    else:
+        keys = pd.DataFrame(validation["eval_keys"], columns=["_key", "_as_of"])
+        keys["_as_of"] = pd.to_datetime(keys["_as_of"]).dt.date
+        with session.registered(keys) as eval_keys:
+            frame = session.frame(
+                f"select m.* from ({base}) m join {eval_keys} k "
+                f"on m.{quote(contract.key)} = k._key and cast(m.{quote(contract.as_of)} as date) = k._as_of"
+            )
+    if frame.empty:
+        raise TrainingError(
+            f"feature mart {config.dataset.feature_mart!r}: none of the model's evaluation rows are present"
+        )
+    frame[contract.label] = frame[contract.label].astype(int)
+    return frame
+
+
+def latest_snapshot_date(session: Session, config: ChurnConfig, contract: FeatureContract) -> dt.date | None:
+    """The mart's newest as_of_date (tonight's scoring snapshot), or None for an empty mart."""
+    value = session.scalar(f"select max({quote(contract.as_of)}) from {quote(config.dataset.feature_mart)}")
+    return None if value is None else pd.Timestamp(value).date()
+
+
+def snapshot_rows(
+    session: Session, config: ChurnConfig, contract: FeatureContract, as_of_date: dt.date,
+    with_label: bool = False,
+) -> pd.DataFrame:
+    """Key, as_of and the contract's features (and the label) of one snapshot."""
+    columns = [contract.key, contract.as_of, *([contract.label] if with_label else []), *contract.feature_names]
+    return session.frame(
+        f"select {column_list(columns)} from {quote(config.dataset.feature_mart)} where {quote(contract.as_of)} = ?",
+        [as_of_date],
+    )
+
+
+def snapshot_chunks(
+    session: Session, config: ChurnConfig, contract: FeatureContract, as_of_date: dt.date, chunk_rows: int,
+):
+    """One snapshot's key, as_of and features in chunks ordered by key (bounded memory for scoring)."""
+    columns = [contract.key, contract.as_of, *contract.feature_names]
+    return session.chunks(
+        f"select {column_list(columns)} from {quote(config.dataset.feature_mart)} "
+        f"where {quote(contract.as_of)} = ? order by {quote(contract.key)}",
+        [as_of_date], chunk_rows,
+    )
+
+
+def snapshot_size(session: Session, config: ChurnConfig, contract: FeatureContract, as_of_date: dt.date) -> int:
+    return int(session.scalar(
+        f"select count(*) from {quote(config.dataset.feature_mart)} where {quote(contract.as_of)} = ?", [as_of_date]
+    ))
+
+
+def labels_of(session: Session, config: ChurnConfig, contract: FeatureContract, as_of_dates: list[dt.date]) -> pd.DataFrame:
+    """Key, as_of and label of the given snapshots (NULL labels included)."""
+    columns = [contract.key, contract.as_of, contract.label]
+    return session.frame(
+        f"select {column_list(columns)} from {quote(config.dataset.feature_mart)} "
+        f"where cast({quote(contract.as_of)} as date) in (select unnest(?::date[]))",
+        [[d.isoformat() for d in as_of_dates]],
+    )

@@ -1,0 +1,1 @@
+"""Modeling: training and selection, evaluation, the model registry, explanations and batch scoring."""

@@ -1,0 +1,1 @@
+"""Monitoring: drift, realized and estimated performance, and the retraining decision."""

@@ -1,0 +1,1 @@
+"""Reports: the EDA profile of the feature mart and the nightly's closing summary."""

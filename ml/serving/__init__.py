@@ -1,0 +1,1 @@
+"""Serving: publishing the BI tables atomically, and the real-time scoring API."""

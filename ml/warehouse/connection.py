@@ -1,0 +1,211 @@
+"""Connections to the warehouse, and the one object every SQL statement of the ML layer goes through.
+
+DuckDB allows one read-write process or many read-only ones on a file, and a
+process that keeps a connection open sees its own cached copy of the file. So
+connections are opened for one job and always closed (`connect`), and the
+stages never hold a raw engine connection: they get a `Session`, whose small
+vocabulary (read a frame, a row or a value; stream chunks; a transaction;
+append, replace rows, replace a table; table existence and columns) is all
+they need. A second engine can be added behind the same vocabulary.
+
+Transactions nest: an inner `transaction()` joins the outer one, so a helper
+that writes "atomically" can be called on its own or as part of a larger
+atomic write without committing early.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pandas as pd
+
+from ml.warehouse.catalog import TableSpec
+from ml.warehouse.sql import quote
+
+# DuckDB hands results over in vectors of this many rows.
+VECTOR_ROWS = 2048
+MEMORY = ":memory:"
+
+_frame_names = itertools.count()
+
+
+class WarehouseError(RuntimeError):
+    """A warehouse table is missing or not what a stage expects."""
+
+
+Params = Sequence[Any] | None
+
+
+class Session:
+    """An open warehouse connection with the operations the stages use."""
+
+    def __init__(self, connection: duckdb.DuckDBPyConnection, path: str, read_only: bool) -> None:
+        self._con = connection
+        self.path = path
+        self.read_only = read_only
+        self._depth = 0
+
+    # ------------------------------------------------------------ reading
+
+    def execute(self, sql: str, params: Params = None) -> None:
+        # TRANSITION: returns the engine's result until every stage uses rows/one/scalar/frame/chunks.
+        return self._con.execute(sql, list(params) if params is not None else None)
+
+    def __getattr__(self, name: str) -> Any:  # TRANSITION: raw engine calls, removed when stages migrate
+        return getattr(self._con, name)
+
+    def rows(self, sql: str, params: Params = None) -> list[tuple[Any, ...]]:
+        return self._con.execute(sql, list(params) if params is not None else None).fetchall()
+
+    def one(self, sql: str, params: Params = None) -> tuple[Any, ...] | None:
+        return self._con.execute(sql, list(params) if params is not None else None).fetchone()
+
+    def scalar(self, sql: str, params: Params = None) -> Any:
+        row = self.one(sql, params)
+        return row[0] if row else None
+
+    def frame(self, sql: str, params: Params = None) -> pd.DataFrame:
+        return self._con.execute(sql, list(params) if params is not None else None).df()
+
+    def chunks(self, sql: str, params: Params = None, chunk_rows: int = 200_000,
+               always_one: bool = False) -> Iterator[pd.DataFrame]:
+        """The result in frames of about `chunk_rows` rows, so memory stays bounded by one chunk.
+
+        `always_one` yields the (empty) first chunk of an empty result too, for
+        consumers that must see the columns even when there are no rows.
+        """
+        result = self._con.execute(sql, list(params) if params is not None else None)
+        vectors = max(1, math.ceil(chunk_rows / VECTOR_ROWS))
+        first = True
+        while True:
+            chunk = result.fetch_df_chunk(vectors)
+            if chunk.empty and not (first and always_one):
+                return
+            yield chunk
+            if chunk.empty:
+                return
+            first = False
+
+    # ------------------------------------------------------------ introspection
+
+    def exists(self, table: str | TableSpec) -> bool:
+        return bool(self.scalar(
+            "select count(*) from information_schema.tables where table_name = ?", [_name(table)]
+        ))
+
+    def columns(self, table: str | TableSpec) -> dict[str, str]:
+        """Column name -> SQL type, in table order; empty when the table is absent."""
+        rows = self.rows(
+            "select column_name, data_type from information_schema.columns "
+            "where table_name = ? order by ordinal_position",
+            [_name(table)],
+        )
+        return {name: dtype for name, dtype in rows}
+
+    def tables(self, schema: str = "main", base_tables_only: bool = True) -> list[str]:
+        """Names of the tables in `schema`, sorted (views too unless `base_tables_only`)."""
+        kind = " and table_type = 'BASE TABLE'" if base_tables_only else ""
+        return [r[0] for r in self.rows(
+            f"select table_name from information_schema.tables where table_schema = ?{kind} order by table_name",
+            [schema],
+        )]
+
+    def row_count(self, table: str | TableSpec) -> int:
+        return int(self.scalar(f"select count(*) from {quote(_name(table))}"))
+
+    # ------------------------------------------------------------ writing
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """All writes inside commit together or not at all; nested calls join the outer one."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield self
+            finally:
+                self._depth -= 1
+            return
+        self._con.execute("begin transaction")
+        self._depth = 1
+        try:
+            yield self
+        except BaseException:
+            self._depth = 0
+            self._con.execute("rollback")
+            raise
+        self._depth = 0
+        self._con.execute("commit")
+
+    @contextmanager
+    def registered(self, frame: pd.DataFrame) -> Iterator[str]:
+        """`frame` visible to SQL under a fresh name for the duration of the block."""
+        name = f"_frame_{next(_frame_names)}"
+        self._con.register(name, frame)
+        try:
+            yield name
+        finally:
+            self._con.unregister(name)
+
+    def create(self, spec: TableSpec) -> None:
+        """Create a declared table with its declared column types, if it does not exist."""
+        self.execute(spec.ddl())
+
+    def append(self, table: str | TableSpec, frame: pd.DataFrame, where: str | None = None,
+               params: Params = None) -> int:
+        """Insert `frame` by column name, in one transaction; `where` first deletes the rows it matches.
+
+        A declared table is created from its declaration; an undeclared (or
+        contract-shaped) one from the frame's own columns on first write.
+        Deleting first is how re-running a step replaces its own rows instead of
+        duplicating them.
+        """
+        name = _name(table)
+        with self.transaction(), self.registered(frame) as incoming:
+            if isinstance(table, TableSpec) and not table.contract_columns:
+                self.create(table)
+            elif not self.exists(name):
+                self.execute(f"create table {quote(name)} as select * from {incoming} limit 0")
+            if where is not None:
+                self.execute(f"delete from {quote(name)} where {where}", params)
+            if len(frame):
+                self.execute(f"insert into {quote(name)} by name select * from {incoming}")
+        return len(frame)
+
+    def replace_table(self, table: str | TableSpec, select_sql: str, params: Params = None) -> None:
+        """Replace the whole table with the result of `select_sql` (atomic for readers)."""
+        self.execute(f"create or replace table {quote(_name(table))} as {select_sql}", params)
+
+    def add_missing_columns(self, table: str | TableSpec, columns: dict[str, str]) -> list[str]:
+        """Add the columns `table` lacks (name -> SQL type); returns the names added."""
+        existing = self.columns(table)
+        added = [c for c in columns if c not in existing]
+        for column in added:
+            self.execute(f"alter table {quote(_name(table))} add column {quote(column)} {columns[column]}")
+        return added
+
+
+def _name(table: str | TableSpec) -> str:
+    return table.name if isinstance(table, TableSpec) else str(table)
+
+
+@contextmanager
+def connect(path: Path | str, read_only: bool = False) -> Iterator[Session]:
+    """Open a warehouse file (or `":memory:"`) and always close it: DuckDB locks the file while open."""
+    if str(path) == MEMORY:
+        con = duckdb.connect(MEMORY)
+    else:
+        path = Path(path)
+        if read_only and not path.exists():
+            raise WarehouseError(f"database not found: {path}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        con = duckdb.connect(str(path), read_only=read_only)
+    try:
+        yield Session(con, str(path), read_only)
+    finally:
+        con.close()
