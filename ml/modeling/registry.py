@@ -15,6 +15,7 @@ import json
 import platform
 import shutil
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from ml.features.contract import ContractError, FeatureContract
 from ml.modeling.evaluate import classification_metrics
 from ml.logs import get_logger
 from ml.modeling.model import ChurnModel
-from ml.warehouse import connect, table_exists
+from ml.warehouse import Session, connect, float_or_none, quote, table_exists
 
 log = get_logger("registry")
 
@@ -369,3 +370,51 @@ def _float_or_none(value: Any) -> float | None:
         return None
     value = float(value)
     return None if np.isnan(value) else value
+
+
+# ---------------------------------------------------------------- reads for other stages
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """What other stages need to know of one registered model."""
+
+    model_version: str
+    dataset: str
+    algorithm: str
+    status: str
+    threshold: float | None
+    run_id: str | None
+
+
+def champion_in(session: Session, dataset: str) -> str | None:
+    """The champion version of `dataset` in the registry this session sees (build or published)."""
+    if not session.exists(REGISTRY_TABLE):
+        return None
+    return session.scalar(
+        f"select model_version from {quote(REGISTRY_TABLE)} where dataset = ? and status = ? "
+        "order by status_changed_at desc limit 1",
+        [dataset, STATUS_CHAMPION],
+    )
+
+
+def model_record(session: Session, version: str) -> ModelRecord | None:
+    """One model's registry facts, or None when the registry or the version is absent."""
+    if not session.exists(REGISTRY_TABLE):
+        return None
+    row = session.one(
+        f"select model_version, dataset, algorithm, status, threshold, run_id from {quote(REGISTRY_TABLE)} "
+        "where model_version = ?",
+        [version],
+    )
+    if row is None:
+        return None
+    return ModelRecord(row[0], row[1], row[2], row[3], float_or_none(row[4]), row[5])
+
+
+def model_thresholds(session: Session) -> dict[str, float]:
+    """Decision threshold of every registered model, by version."""
+    if not session.exists(REGISTRY_TABLE):
+        return {}
+    rows = session.rows(f"select model_version, threshold from {quote(REGISTRY_TABLE)}")
+    return {version: float(threshold) for version, threshold in rows if threshold is not None}

@@ -50,7 +50,7 @@ from ml.modeling.evaluate import (
 )
 from ml.logs import get_logger, timed
 from ml.modeling.model import ALGORITHMS, ChurnModel, ScoreCalibrator, build_preprocessor, contract_feature_frame
-from ml.warehouse import WarehouseError, connect, table_columns, table_exists, write_table
+from ml.warehouse import Session, WarehouseError, column_list, connect, table_columns, table_exists, write_table
 
 log = get_logger("train")
 
@@ -604,3 +604,56 @@ def run_command(config: ChurnConfig, args: argparse.Namespace) -> int:
     print(f"  baseline (always no churn) {metric} {b[metric]:.4f}  roc_auc {b['roc_auc']:.4f}  "
           f"recall {b['recall']:.3f}  accuracy {b['accuracy']:.3f}")
     return 0
+
+
+# ---------------------------------------------------------------- reads for other stages
+
+# Importance used to rank "top features": permutation (model-agnostic, on the
+# evaluation rows) when the trainer recorded it, else the model's native one.
+IMPORTANCE_PREFERENCE = ("permutation", "gain", "abs_coef")
+
+
+def top_features(session: Session, version: str, limit: int) -> list[str]:
+    """The model's most important contract features, by the preferred importance type."""
+    if not session.exists("feature_importance"):
+        return []
+    frame = session.frame(
+        'select feature, importance_type, "rank" from feature_importance where model_version = ?', [version]
+    )
+    for kind in IMPORTANCE_PREFERENCE:
+        chosen = frame[frame["importance_type"] == kind]
+        if not chosen.empty:
+            return chosen.sort_values("rank")["feature"].head(limit).tolist()
+    return frame.sort_values("rank")["feature"].drop_duplicates().head(limit).tolist()
+
+
+def newest_trained_snapshot(session: Session, dataset: str) -> dt.date | None:
+    """The newest snapshot any successful training run of `dataset` has seen.
+
+    A rejected challenger has already learned from it too: retraining on the same
+    snapshots would only reject the same challenger again, night after night.
+    """
+    if not session.exists("model_runs"):
+        return None
+    value = session.scalar(
+        "select max(snapshot_max) from model_runs where dataset = ? and status = 'success'", [dataset]
+    )
+    return None if value is None else pd.Timestamp(value).date()
+
+
+def validation_strategy(session: Session, run_id: str) -> str | None:
+    """How training run `run_id` judged its model (`out_of_time` or `stratified_holdout`)."""
+    if not session.exists("model_runs"):
+        return None
+    return session.scalar("select any_value(validation_strategy) from model_runs where run_id = ?", [run_id])
+
+
+def held_out_metrics(session: Session, version: str, metrics: tuple[str, ...]) -> pd.DataFrame:
+    """The model's held-out (`out_of_time`) and baseline rows of model_metrics: split, candidate, metrics, rows."""
+    if not session.exists("model_metrics"):
+        return pd.DataFrame(columns=["split", "candidate", *metrics, "rows"])
+    return session.frame(
+        f"select split, candidate, {column_list(metrics)}, rows from model_metrics "
+        "where model_version = ? and split in ('out_of_time', 'baseline')",
+        [version],
+    )

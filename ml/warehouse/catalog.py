@@ -1,8 +1,7 @@
 """The table catalogue: every warehouse table the ML layer writes, declared once by its owner.
 
 A table's owner is the one module that writes it. It declares the table here
-with `declare(...)` (name, grain, columns with their SQL types, whether BI
-receives it) next to the code that fills it, and offers small typed read
+with `declare(...)` (name, grain, columns with their SQL types) next to the code that fills it, and offers small typed read
 functions for everybody else, so no other module spells the table's name or
 columns in SQL of its own. Creating a table from its declaration (never from
 the first frame written) gives every column an explicit type, even one that
@@ -46,7 +45,6 @@ class TableSpec:
     grain: str
     description: str
     columns: tuple[Column, ...] = ()
-    published: bool = False
     contract_columns: bool = False
     primary_key: tuple[str, ...] = field(default=())
 
@@ -77,7 +75,6 @@ def declare(
     grain: str,
     description: str,
     columns: list[tuple[str, str]] | list[tuple[str, str, str]] = (),
-    published: bool = False,
     contract_columns: bool = False,
     primary_key: tuple[str, ...] = (),
 ) -> TableSpec:
@@ -88,7 +85,6 @@ def declare(
         grain=grain,
         description=description,
         columns=tuple(Column(*c) for c in columns),
-        published=published,
         contract_columns=contract_columns,
         primary_key=tuple(primary_key),
     )
