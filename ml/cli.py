@@ -1,34 +1,196 @@
 """`churn` command line: one sub-command per stage, plus the nightly pipeline.
 
-Each stage module exposes `add_arguments(parser)` and `run_command(config, args)`;
-this file only wires them up, so a stage's options live beside its code.
+Every command's options are declared here, in `COMMANDS`, as plain data. The
+stage modules pull in GX, scikit-learn, XGBoost, matplotlib and DuckDB; asking
+each of them for its arguments made `churn --help` take seconds. So building
+the parser imports no stage module, and a command's module is imported only
+when that command runs (`run_command(config, args)` unless the table names
+another handler).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-from ml.config import ConfigError, load_config
+from ml.config import ChurnConfig, ConfigError, load_config
 from ml.logs import configure_logging, get_logger
 
-# command -> (module, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "generate": ("ml.data.generate", "write demo raw tables (and the hidden oracle) to the landing folder"),
-    "build": ("ml.features.build", "run dbt build: staging, intermediate and feature marts, with dbt tests"),
-    "profile": ("ml.reports.profile", "profile the feature mart: missing values, balance, outliers, plots"),
-    "contract": ("ml.features.contract_cli", "print the feature contract read from dbt's manifest"),
-    "train": ("ml.modeling.train", "train, compare and register a model (champion/challenger)"),
-    "score": ("ml.modeling.score", "score active customers with the champion into churn_scores"),
-    "audit": ("ml.quality.audit", "run the Great Expectations suites against the build database"),
-    "monitor": ("ml.monitoring.monitor", "drift, realized and estimated performance, retraining decision"),
-    "publish": ("ml.serving.publish", "atomically publish BI tables to the published database"),
-    "nightly": ("ml.pipeline", "the whole refresh: build, audit, train if needed, score, monitor, publish"),
-    "backfill": ("ml.backfill", "replay the nightly over past dates to build monitoring history"),
-    "serve": ("ml.serving.api", "real-time scoring API computing features with the mart's own SQL"),
-}
+# Stage defaults that appear in help texts. They are copies of the stages' own
+# constants (importing the stage to read them is what made --help slow);
+# tests/test_cli.py checks that each copy equals the stage's value.
+PLOT_SAMPLE_ROWS = 20_000  # ml.reports.profile.PLOT_SAMPLE_ROWS
+SCORE_CHUNK_ROWS = 200_000  # ml.modeling.score.DEFAULT_CHUNK_ROWS
+AUDIT_STAGES = ("landing", "mart", "scores")  # ml.quality.audit.STAGES
+
+Handler = Callable[[ChurnConfig, argparse.Namespace], int | None]
+
+
+@dataclass(frozen=True)
+class Option:
+    """One `parser.add_argument(*flags, **settings)` call, kept as data."""
+
+    flags: tuple[str, ...]
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def option(*flags: str, **settings: Any) -> Option:
+    return Option(flags, settings)
+
+
+@dataclass(frozen=True)
+class Command:
+    """A sub-command: where its code lives, what it says, which options it takes.
+
+    `exclusive` holds groups of options of which at most one may be given; they
+    are added after `options`, as the stages always did.
+    """
+
+    name: str
+    module: str
+    help: str
+    options: tuple[Option, ...] = ()
+    exclusive: tuple[tuple[Option, ...], ...] = ()
+    handler: str = "run_command"
+
+
+def optional_date(text: str) -> dt.date | str:
+    """A date, or the string 'none' that the generator reads as 'disabled'."""
+    return "none" if text.lower() in ("none", "null", "") else dt.date.fromisoformat(text)
+
+
+_GENERATOR_DEFAULTS = "(default: churn.yml generator section)"
+
+COMMANDS: tuple[Command, ...] = (
+    Command(
+        "generate", "ml.data.generate",
+        "write demo raw tables (and the hidden oracle) to the landing folder",
+        options=(
+            option("--customers", type=int,
+                   help=f"customers in total, initial base plus signups {_GENERATOR_DEFAULTS}"),
+            option("--start-date", type=dt.date.fromisoformat,
+                   help=f"first day of data, a month start {_GENERATOR_DEFAULTS}"),
+            option("--months", type=int, help=f"months of events {_GENERATOR_DEFAULTS}"),
+            option("--seed", type=int,
+                   help=f"random seed; same options and seed give identical files {_GENERATOR_DEFAULTS}"),
+            option("--out", type=Path, help="landing folder (default: the demo dataset's landing_dir)"),
+            option("--oracle-out", type=Path, help=f"folder for oracle.parquet {_GENERATOR_DEFAULTS}"),
+            option("--drift-from", type=optional_date,
+                   help="date from which one segment gets a price rise and uses less; "
+                        f"'none' disables {_GENERATOR_DEFAULTS}"),
+            option("--overwrite", action="store_true", help="replace the landing folder if it holds files"),
+        ),
+    ),
+    Command(
+        "build", "ml.features.build",
+        "run dbt build: staging, intermediate and feature marts, with dbt tests",
+        options=(option("--as-of", help="build as if on this date (YYYY-MM-DD): later data is invisible"),),
+    ),
+    Command(
+        "profile", "ml.reports.profile",
+        "profile the feature mart: missing values, balance, outliers, plots",
+        options=(
+            option("--sample-rows", type=int, default=PLOT_SAMPLE_ROWS,
+                   help="labelled rows sampled for the plots "
+                        f"(statistics always use every row; default {PLOT_SAMPLE_ROWS:,d})"),
+        ),
+    ),
+    Command(
+        "contract", "ml.features.contract_cli",
+        "print the feature contract read from dbt's manifest",
+        options=(option("--no-parse", action="store_true", help="read the existing manifest, do not run dbt parse"),),
+    ),
+    Command(
+        "train", "ml.modeling.train",
+        "train, compare and register a model (champion/challenger)",
+        options=(option("--force", action="store_true", help="train even if a champion model exists"),),
+    ),
+    Command(
+        "score", "ml.modeling.score",
+        "score active customers with the champion into churn_scores",
+        options=(
+            option("--chunk-rows", type=int, default=SCORE_CHUNK_ROWS,
+                   help=f"rows scored per chunk; bounds memory (default {SCORE_CHUNK_ROWS:,d})"),
+        ),
+    ),
+    Command(
+        "audit", "ml.quality.audit",
+        "run the Great Expectations suites against the build database",
+        options=(
+            option("--stage", choices=[*AUDIT_STAGES, "all"], default="all",
+                   help="which suites to run (default: all; landing suites read the landing files)"),
+            option("--as-of", help="the run's as-of date (YYYY-MM-DD) for date and row-count bands"),
+        ),
+    ),
+    Command(
+        # Retraining may move to ml.pipeline: repoint `module`/`handler` here, nothing else.
+        "monitor", "ml.monitoring.monitor",
+        "drift, realized and estimated performance, retraining decision",
+        options=(
+            option("--as-of", help="'today' for the retrain calendar rule (YYYY-MM-DD; default: today)"),
+            option("--retrain", action="store_true",
+                   help="train a challenger when the policy fires (the nightly does; plain monitor only decides)"),
+        ),
+    ),
+    Command(
+        "publish", "ml.serving.publish",
+        "atomically publish BI tables to the published database",
+        options=(option("--run-id", help="the nightly run the published state comes from (recorded in publish_info)"),),
+    ),
+    Command(
+        "nightly", "ml.pipeline",
+        "the whole refresh: build, audit, train if needed, score, monitor, publish",
+        options=(
+            option("--as-of", help="run as if on this date (YYYY-MM-DD): later data is invisible"),
+            option("--force-train", action="store_true", help="train a new model even if a champion exists"),
+        ),
+    ),
+    Command(
+        "backfill", "ml.backfill",
+        "replay the nightly over past dates to build monitoring history",
+        options=(
+            option("--from", dest="start", type=dt.date.fromisoformat,
+                   help="first replayed date (default: monitoring.backfill_months before --to)"),
+            option("--to", dest="end", type=dt.date.fromisoformat,
+                   help="last replayed date (default: the end of the data)"),
+            option("--every", help="spacing of replayed nights, e.g. 7d, 2w, 1m "
+                                   "(default: monitoring.backfill_every); month starts are always replayed"),
+            option("--no-month-starts", dest="month_starts", action="store_false",
+                   help="replay only the --every dates (month starts give realized performance later)"),
+        ),
+        exclusive=((
+            option("--in-place", action="store_true",
+                   help="replay into the configured warehouse (refused if its champion saw later data)"),
+            option("--into", type=Path, help="sandbox folder (default: <warehouse>/backfill, recreated)"),
+        ),),
+    ),
+    Command(
+        "serve", "ml.serving.api",
+        "real-time scoring API computing features with the mart's own SQL",
+        options=(
+            option("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)"),
+            option("--port", type=int, default=8000, help="port (default 8000)"),
+        ),
+    ),
+)
+
+
+def add_command(sub: argparse._SubParsersAction, command: Command) -> None:
+    """Declare one sub-command and its options; imports nothing."""
+    parser = sub.add_parser(command.name, help=command.help, description=command.help)
+    for opt in command.options:
+        parser.add_argument(*opt.flags, **opt.settings)
+    for group_options in command.exclusive:
+        group = parser.add_mutually_exclusive_group()
+        for opt in group_options:
+            group.add_argument(*opt.flags, **opt.settings)
+    parser.set_defaults(command_spec=command)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,17 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", help="dataset profile from churn.yml (default: its `dataset`)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (module_name, help_text) in COMMANDS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
-            continue  # stage not installed in this build
-        command_parser = sub.add_parser(name, help=help_text, description=help_text)
-        module.add_arguments(command_parser)
-        command_parser.set_defaults(handler=module.run_command)
+    for command in COMMANDS:
+        add_command(sub, command)
     return parser
+
+
+def load_handler(command: Command) -> Handler:
+    """Import the command's module now that it is about to run, and return its handler."""
+    return getattr(importlib.import_module(command.module), command.handler)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -57,7 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     log = get_logger()
     try:
         config = load_config(args.config, dataset=args.dataset)
-        return int(args.handler(config, args) or 0)
+        handler = load_handler(args.command_spec)
+        return int(handler(config, args) or 0)
     except ConfigError as exc:
         log.error("configuration error: %s", exc)
         return 2
