@@ -171,6 +171,14 @@ def find_config_file(explicit: str | os.PathLike[str] | None = None) -> Path:
     return path.resolve()
 
 
+def _read_raw(source: Path) -> dict[str, Any]:
+    """The file's YAML as a mapping; an empty file is an empty mapping."""
+    try:
+        return yaml.safe_load(source.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+
+
 def _section(raw: dict[str, Any], name: str, source: Path) -> dict[str, Any]:
     value = raw.get(name)
     if not isinstance(value, dict):
@@ -179,7 +187,11 @@ def _section(raw: dict[str, Any], name: str, source: Path) -> dict[str, Any]:
 
 
 def _build(cls: type, values: dict[str, Any], section: str, source: Path, **converted: Any):
-    """Construct a section dataclass, naming unknown or missing keys."""
+    """Construct a section dataclass, naming unknown or missing keys.
+
+    Unknown keys are judged on the file's own keys, missing ones after the
+    converted values are merged in, so a typo is named as the user wrote it.
+    """
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - names
     if unknown:
@@ -197,87 +209,115 @@ def _date(value: Any) -> dt.date | None:
     return dt.date.fromisoformat(str(value))
 
 
-def load_config(
-    path: str | os.PathLike[str] | None = None, dataset: str | None = None
-) -> ChurnConfig:
-    """Read churn.yml into a ChurnConfig; `dataset` overrides the default profile."""
-    source = find_config_file(path)
-    try:
-        raw = yaml.safe_load(source.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
-    root = source.parent
+def _resolve(value: Any, root: Path) -> Path:
+    """A configured path; relative ones are relative to the config file's folder."""
+    path = Path(str(value))
+    return path if path.is_absolute() else root / path
 
-    def resolve(value: Any) -> Path:
-        p = Path(str(value))
-        return p if p.is_absolute() else root / p
 
+def _problem(raw: dict[str, Any], source: Path) -> ProblemConfig:
     problem = _build(ProblemConfig, _section(raw, "problem", source), "problem", source)
     if not 0 < problem.success_target <= 1:
         raise ConfigError(f"{source}: problem.success_target must be in (0, 1]")
     if problem.selection_metric not in ("pr_auc", "roc_auc"):
         raise ConfigError(f"{source}: problem.selection_metric must be pr_auc or roc_auc")
+    return problem
 
-    datasets = {}
-    for name, values in _section(raw, "datasets", source).items():
-        datasets[name] = _build(
+
+def _datasets(raw: dict[str, Any], source: Path) -> dict[str, DatasetConfig]:
+    """Every dataset profile, keyed by its name (which is also its `name` field)."""
+    return {
+        name: _build(
             DatasetConfig,
             {**values, "name": name},
             f"datasets.{name}",
             source,
-            landing_dir=resolve(values.get("landing_dir", "")),
+            landing_dir=_resolve(values.get("landing_dir", ""), source.parent),
         )
-    chosen = dataset or os.environ.get("CHURN_DATASET") or raw.get("dataset")
+        for name, values in _section(raw, "datasets", source).items()
+    }
+
+
+def _chosen_dataset(
+    raw: dict[str, Any], datasets: dict[str, DatasetConfig], requested: str | None, source: Path
+) -> DatasetConfig:
+    """The active profile: the caller's choice, else $CHURN_DATASET, else the file's `dataset`."""
+    chosen = requested or os.environ.get("CHURN_DATASET") or raw.get("dataset")
     if chosen not in datasets:
         raise ConfigError(
             f"{source}: dataset {chosen!r} is not one of: {', '.join(sorted(datasets))}"
         )
+    return datasets[chosen]
 
-    wh_raw = _section(raw, "warehouse", source)
-    warehouse = _build(
-        WarehouseConfig, wh_raw, "warehouse", source, **{k: resolve(v) for k, v in wh_raw.items()}
-    )
-    gen_raw = _section(raw, "generator", source)
-    generator = _build(
+
+def _warehouse(raw: dict[str, Any], source: Path) -> WarehouseConfig:
+    values = _section(raw, "warehouse", source)
+    paths = {key: _resolve(value, source.parent) for key, value in values.items()}
+    return _build(WarehouseConfig, values, "warehouse", source, **paths)
+
+
+def _generator(raw: dict[str, Any], source: Path) -> GeneratorConfig:
+    values = _section(raw, "generator", source)
+    return _build(
         GeneratorConfig,
-        gen_raw,
+        values,
         "generator",
         source,
-        start_date=_date(gen_raw.get("start_date")),
-        drift_from=_date(gen_raw.get("drift_from")),
-        oracle_dir=resolve(gen_raw.get("oracle_dir", "")),
+        start_date=_date(values.get("start_date")),
+        drift_from=_date(values.get("drift_from")),
+        oracle_dir=_resolve(values.get("oracle_dir", ""), source.parent),
     )
+
+
+def _training(raw: dict[str, Any], source: Path) -> TrainingConfig:
     training = _build(TrainingConfig, _section(raw, "training", source), "training", source)
+    # Cost-based thresholds need both costs; one alone would silently weigh the other as zero.
     if (training.cost_missed_churner is None) != (training.cost_wasted_offer is None):
         raise ConfigError(
             f"{source}: set both training.cost_missed_churner and training.cost_wasted_offer, or neither"
         )
-    scoring = _build(ScoringConfig, _section(raw, "scoring", source), "scoring", source)
-    monitoring = _build(
-        MonitoringConfig, _section(raw, "monitoring", source), "monitoring", source
-    )
-    quality_raw = _section(raw, "quality", source)
+    return training
+
+
+def _quality(raw: dict[str, Any], source: Path) -> QualityConfig:
+    values = _section(raw, "quality", source)
     quality = _build(
-        QualityConfig, quality_raw, "quality", source,
-        label_share_band=tuple(float(v) for v in quality_raw.get("label_share_band", ())),
+        QualityConfig, values, "quality", source,
+        label_share_band=tuple(float(v) for v in values.get("label_share_band", ())),
     )
     band = quality.label_share_band
     if len(band) != 2 or not 0 <= band[0] < band[1] <= 1:
         raise ConfigError(f"{source}: quality.label_share_band must be [low, high] within [0, 1]")
+    return quality
+
+
+def _assemble(raw: dict[str, Any], source: Path, dataset: str | None) -> ChurnConfig:
+    """Build and check every section, in file order so the first problem is reported first."""
+    problem = _problem(raw, source)
+    datasets = _datasets(raw, source)
+    chosen = _chosen_dataset(raw, datasets, dataset, source)
     return ChurnConfig(
-        root=root,
+        root=source.parent,
         source_file=source,
         problem=problem,
-        dataset=datasets[chosen],
+        dataset=chosen,
         datasets=datasets,
-        warehouse=warehouse,
-        generator=generator,
-        training=training,
-        scoring=scoring,
-        monitoring=monitoring,
-        quality=quality,
+        warehouse=_warehouse(raw, source),
+        generator=_generator(raw, source),
+        training=_training(raw, source),
+        scoring=_build(ScoringConfig, _section(raw, "scoring", source), "scoring", source),
+        monitoring=_build(MonitoringConfig, _section(raw, "monitoring", source), "monitoring", source),
+        quality=_quality(raw, source),
         raw=raw,
     )
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, dataset: str | None = None
+) -> ChurnConfig:
+    """Read churn.yml into a ChurnConfig; `dataset` overrides the default profile."""
+    source = find_config_file(path)
+    return _assemble(_read_raw(source), source, dataset)
 
 
 def _deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

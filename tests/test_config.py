@@ -44,3 +44,35 @@ def test_relocated_config_moves_only_generated_paths(tmp_path: Path) -> None:
     assert moved.datasets["telco"].landing_dir == base.datasets["telco"].landing_dir
     assert moved.warehouse.dbt_project_dir == base.warehouse.dbt_project_dir
     assert moved.generator.customers == 10
+
+
+def write_changed(tmp_path: Path, change) -> Path:
+    raw = yaml.safe_load((REPO_ROOT / "churn.yml").read_text())
+    change(raw)
+    path = tmp_path / "churn.yml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda raw: raw["warehouse"].pop("build_db"), r"missing key\(s\) in 'warehouse': build_db"),
+        (lambda raw: raw.pop("scoring"), "section 'scoring' is missing or not a mapping"),
+        (lambda raw: raw["problem"].update(success_target=1.5), r"problem.success_target must be in \(0, 1\]"),
+        (lambda raw: raw["training"].update(cost_missed_churner=5.0, cost_wasted_offer=None),
+         "set both training.cost_missed_churner and training.cost_wasted_offer, or neither"),
+        (lambda raw: raw["quality"].update(label_share_band=[0.5, 0.2]), "quality.label_share_band must be"),
+        (lambda raw: raw.update(dataset="nope"), "dataset 'nope' is not one of: demo, telco"),
+    ],
+)
+def test_each_inconsistency_is_named(tmp_path: Path, change, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(write_changed(tmp_path, change))
+
+
+def test_invalid_yaml_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "churn.yml"
+    path.write_text("problem: [")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
