@@ -10,7 +10,7 @@ DATASET ?=
 DATASET_FLAG := $(if $(DATASET),--dataset $(DATASET),)
 
 .DEFAULT_GOAL := help
-.PHONY: help install nightly build train score monitor publish backfill profile generate serve test test-slow bench clean
+.PHONY: help install nightly build train score monitor publish backfill profile generate serve lint test test-slow bench clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -52,6 +52,9 @@ backfill: $(STAMP) ## replay a few months of nightly runs for monitoring history
 
 serve: $(STAMP) ## real-time scoring API on 127.0.0.1:8000 (features by the mart's own SQL)
 	$(BIN)/churn $(DATASET_FLAG) serve
+
+lint: $(STAMP) ## ruff: style, bug-prone patterns and import order (rules in pyproject.toml)
+	$(BIN)/ruff check ml tests benchmarks
 
 test: $(STAMP) ## the test suite (small generated data, a few minutes)
 	$(BIN)/python -m pytest

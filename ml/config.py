@@ -132,7 +132,7 @@ class ChurnConfig:
     quality: QualityConfig
     raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
 
-    def with_dataset(self, name: str) -> "ChurnConfig":
+    def with_dataset(self, name: str) -> ChurnConfig:
         """The same configuration pointed at another dataset profile."""
         if name not in self.datasets:
             raise ConfigError(
@@ -141,7 +141,7 @@ class ChurnConfig:
             )
         return dataclasses.replace(self, dataset=self.datasets[name])
 
-    def replace_paths(self, **warehouse_paths: Path) -> "ChurnConfig":
+    def replace_paths(self, **warehouse_paths: Path) -> ChurnConfig:
         """A copy with some warehouse paths moved (tests, benchmarks, backfills)."""
         return dataclasses.replace(
             self, warehouse=dataclasses.replace(self.warehouse, **warehouse_paths)

@@ -31,7 +31,8 @@ EXPECTED_OPTIONS: dict[str, list[tuple]] = {
          "customers in total, initial base plus signups (default: churn.yml generator section)"),
         (("--start-date",), "start_date", "Store", "fromisoformat", None, None,
          "first day of data, a month start (default: churn.yml generator section)"),
-        (("--months",), "months", "Store", "int", None, None, "months of events (default: churn.yml generator section)"),
+        (("--months",), "months", "Store", "int", None, None,
+         "months of events (default: churn.yml generator section)"),
         (("--seed",), "seed", "Store", "int", None, None,
          "random seed; same options and seed give identical files (default: churn.yml generator section)"),
         (("--out",), "out", "Store", "Path", None, None, "landing folder (default: the demo dataset's landing_dir)"),
@@ -51,7 +52,8 @@ EXPECTED_OPTIONS: dict[str, list[tuple]] = {
          "labelled rows sampled for the plots (statistics always use every row; default 20,000)"),
     ],
     "contract": [
-        (("--no-parse",), "no_parse", "StoreTrue", None, False, None, "read the existing manifest, do not run dbt parse"),
+        (("--no-parse",), "no_parse", "StoreTrue", None, False, None,
+         "read the existing manifest, do not run dbt parse"),
     ],
     "train": [
         (("--force",), "force", "StoreTrue", None, False, None, "train even if a champion model exists"),
@@ -77,8 +79,10 @@ EXPECTED_OPTIONS: dict[str, list[tuple]] = {
          "the nightly run the published state comes from (recorded in publish_info)"),
     ],
     "nightly": [
-        (("--as-of",), "as_of", "Store", None, None, None, "run as if on this date (YYYY-MM-DD): later data is invisible"),
-        (("--force-train",), "force_train", "StoreTrue", None, False, None, "train a new model even if a champion exists"),
+        (("--as-of",), "as_of", "Store", None, None, None,
+         "run as if on this date (YYYY-MM-DD): later data is invisible"),
+        (("--force-train",), "force_train", "StoreTrue", None, False, None,
+         "train a new model even if a champion exists"),
     ],
     "backfill": [
         (("--from",), "start", "Store", "fromisoformat", None, None,
@@ -186,7 +190,10 @@ def test_commands_and_options_are_unchanged() -> None:
         a for a in parser._actions if isinstance(a, argparse._SubParsersAction))._choices_actions}
     assert help_lines == EXPECTED_HELP
     assert [(tuple(a.option_strings), a.dest) for a in parser._actions if a.option_strings] == [
-        (("-h", "--help"), "help"), (("--config",), "config"), (("--dataset",), "dataset"), (("-v", "--verbose"), "verbose"),
+        (("-h", "--help"), "help"),
+        (("--config",), "config"),
+        (("--dataset",), "dataset"),
+        (("-v", "--verbose"), "verbose"),
     ]
 
 
