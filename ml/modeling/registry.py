@@ -93,6 +93,10 @@ class Comparison:
     challenger_metric: float | None = None
     comparison_rows: int | None = None
 
+    @property
+    def status(self) -> str:
+        return STATUS_CHAMPION if self.promoted else STATUS_CHALLENGER
+
 
 @dataclass(frozen=True)
 class Registration:
@@ -106,7 +110,21 @@ class Registration:
     challenger_metric: float | None
     comparison_rows: int | None
     decision: str
-    model: ChurnModel  # the registered model: the caller's, with `version` and saved metadata set
+    model: ChurnModel  # the registered copy of the caller's model, with its `version` set
+
+    @classmethod
+    def of(cls, registered: ChurnModel, comparison: Comparison) -> Registration:
+        return cls(
+            version=registered.version,
+            promoted=comparison.promoted,
+            status=comparison.status,
+            compared_with=comparison.compared_with,
+            champion_metric=comparison.champion_metric,
+            challenger_metric=comparison.challenger_metric,
+            comparison_rows=comparison.comparison_rows,
+            decision=comparison.decision,
+            model=registered,
+        )
 
 
 def library_versions() -> dict[str, str]:
@@ -323,10 +341,11 @@ def compare_with_champion(
 
 # ---------------------------------------------------------------- registering
 
-def _registry_frame_row(
+def _new_registry_row(
     config: ChurnConfig, model: ChurnModel, run_id: str, oot_metrics: dict[str, Any],
     comparison: Comparison, hashes: dict[str, str], now: dt.datetime,
 ) -> pd.DataFrame:
+    """The new version's model_registry row, as a one-row frame for `Session.append`."""
     metric = config.problem.selection_metric
     row = {
         "model_version": model.version,
@@ -334,7 +353,7 @@ def _registry_frame_row(
         "feature_mart": config.dataset.feature_mart,
         "run_id": run_id,
         "algorithm": model.algorithm,
-        "status": _status(comparison),
+        "status": comparison.status,
         "registered_at": now,
         "status_changed_at": now,
         "threshold": float(model.threshold),
@@ -352,11 +371,9 @@ def _registry_frame_row(
     return pd.DataFrame({name: pd.Series([value], dtype=object) for name, value in row.items()})
 
 
-def _status(comparison: Comparison) -> str:
-    return STATUS_CHAMPION if comparison.promoted else STATUS_CHALLENGER
-
-
-def _record(session: Session, config: ChurnConfig, row: pd.DataFrame, promoted: bool, now: dt.datetime) -> None:
+def _write_registry_row(
+    session: Session, config: ChurnConfig, row: pd.DataFrame, promoted: bool, now: dt.datetime
+) -> None:
     """Retire the old champion (when promoting) and add the new row, atomically."""
     with session.transaction():
         session.create(REGISTRY)
@@ -388,7 +405,7 @@ def register(
     registered = dataclasses.replace(model, version=new_version_id(model.algorithm))
     version = registered.version
     comparison = compare_with_champion(config, registered, evaluation_frame)
-    log.info("model %s: %s -> %s", version, comparison.decision, _status(comparison))
+    log.info("model %s: %s -> %s", version, comparison.decision, comparison.status)
 
     final_dir = config.warehouse.models_dir / version
     staging_dir = config.warehouse.models_dir / f".{version}.partial"
@@ -396,24 +413,14 @@ def register(
         hashes = save_artifacts(registered, staging_dir)
         staging_dir.rename(final_dir)
         now = dt.datetime.now()
+        row = _new_registry_row(config, registered, run_id, oot_metrics, comparison, hashes, now)
         with connect(config.warehouse.build_db) as session:
-            _record(session, config, _registry_frame_row(config, registered, run_id, oot_metrics, comparison,
-                                                         hashes, now), comparison.promoted, now)
+            _write_registry_row(session, config, row, comparison.promoted, now)
     except Exception:
         shutil.rmtree(staging_dir, ignore_errors=True)
         shutil.rmtree(final_dir, ignore_errors=True)
         raise
-    return Registration(
-        version=version,
-        promoted=comparison.promoted,
-        status=_status(comparison),
-        compared_with=comparison.compared_with,
-        champion_metric=comparison.champion_metric,
-        challenger_metric=comparison.challenger_metric,
-        comparison_rows=comparison.comparison_rows,
-        decision=comparison.decision,
-        model=registered,
-    )
+    return Registration.of(registered, comparison)
 
 
 # ---------------------------------------------------------------- reads for other stages
