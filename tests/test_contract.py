@@ -13,8 +13,9 @@ import pytest
 
 from ml.config import ChurnConfig
 from ml.features.contract import ContractError, load_contract
-from ml.features.dbt import dbt_target_path, run_dbt
-from ml.warehouse import connect, table_columns
+from ml.features.dbt import run_dbt
+from ml.features.mart import current_contract
+from ml.warehouse import connect, quote
 
 MART_SQL = "models/marts/customer_features.sql"
 MART_YAML = "models/marts/_marts__models.yml"
@@ -37,7 +38,7 @@ def edit(path: Path, old: str, new: str) -> None:
 
 def test_contract_roles_and_kinds_from_the_manifest(built_warehouse: ChurnConfig) -> None:
     mart = built_warehouse.dataset.feature_mart
-    contract = load_contract(dbt_target_path(built_warehouse) / "manifest.json", mart)
+    contract = current_contract(built_warehouse)
     assert contract.key == built_warehouse.problem.entity_key
     assert contract.as_of == built_warehouse.problem.as_of_column
     assert contract.label == built_warehouse.problem.target
@@ -46,7 +47,7 @@ def test_contract_roles_and_kinds_from_the_manifest(built_warehouse: ChurnConfig
     assert all(f.description for f in contract.features)
     # the contract and the table agree column for column, nothing undocumented
     with connect(built_warehouse.warehouse.build_db, read_only=True) as con:
-        columns = table_columns(con, mart)
+        columns = con.columns(mart)
     assert sorted(columns) == sorted(contract.columns)
     contract.check_columns(mart, columns)
 
@@ -69,7 +70,7 @@ def test_new_feature_needs_only_sql_and_yaml(private_warehouse: ChurnConfig, tmp
         "          meta: {role: feature, kind: numeric}\n"
     )
     mart = private_warehouse.dataset.feature_mart
-    before = load_contract(dbt_target_path(private_warehouse) / "manifest.json", mart)
+    before = current_contract(private_warehouse)
     assert "minutes_per_login_day" not in before.feature_names
 
     result = run_dbt(private_warehouse, "build", select=mart, project_dir=project)
@@ -79,8 +80,8 @@ def test_new_feature_needs_only_sql_and_yaml(private_warehouse: ChurnConfig, tmp
     assert after.categorical == before.categorical
     assert before.diff(after) == []
     with connect(private_warehouse.warehouse.build_db, read_only=True) as con:
-        assert "minutes_per_login_day" in table_columns(con, mart)
-        negative = con.execute(f"select count(*) from {mart} where minutes_per_login_day < 0").fetchone()[0]
+        assert "minutes_per_login_day" in con.columns(mart)
+        negative = con.scalar(f"select count(*) from {quote(mart)} where minutes_per_login_day < 0")
     assert negative == 0
 
 

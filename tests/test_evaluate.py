@@ -100,5 +100,5 @@ def test_selection_prefers_simpler_within_tolerance() -> None:
 def test_importance_is_summed_back_to_source_features() -> None:
     summed = aggregate_importance(np.array([1.0, 2.0, 0.5, 0.25]), ["a", "b", "b", "a"])
     assert summed.to_dict() == {"a": 1.25, "b": 2.5}
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="1 importances for 2 transformed columns"):
         aggregate_importance(np.array([1.0]), ["a", "b"])

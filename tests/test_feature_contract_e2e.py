@@ -14,12 +14,12 @@ import pandas as pd
 import yaml
 
 from ml.config import ChurnConfig
-from ml.features.contract import load_contract
-from ml.features.dbt import dbt_target_path, run_dbt
+from ml.features.dbt import run_dbt
+from ml.features.mart import current_contract
 from ml.modeling.registry import load_champion
 from ml.modeling.score import SCORES_TABLE, score
 from ml.modeling.train import train
-from ml.warehouse import connect, table_columns
+from ml.warehouse import connect, quote
 from tests.conftest import copy_warehouse
 
 PROBE = "e2e_probe_bucket"
@@ -62,13 +62,13 @@ def test_a_feature_added_in_sql_and_yaml_reaches_model_and_scores(
         {**PLUMBING_TRAINING, "warehouse": {"dbt_project_dir": str(project)}},
     )
     mart = config.dataset.feature_mart
-    key = load_contract(dbt_target_path(config) / "manifest.json", mart).key
+    key = current_contract(config).key
     add_probe_feature(project, mart, key)
 
     # Only the mart needs rebuilding: its upstream tables are in the copied database.
     run_dbt(config, "build", select=mart, project_dir=project)
     with connect(config.warehouse.build_db, read_only=True) as con:
-        assert PROBE in table_columns(con, mart)
+        assert PROBE in con.columns(mart)
 
     result = train(config)
     model = load_champion(config)
@@ -76,17 +76,17 @@ def test_a_feature_added_in_sql_and_yaml_reaches_model_and_scores(
     assert (PROBE, "numeric") in [(f.name, f.kind) for f in model.contract.features]
 
     with connect(config.warehouse.build_db, read_only=True) as con:
-        importance = con.execute(
+        importance = con.frame(
             "select importance_type, value from feature_importance where model_version = ? and feature = ?",
             [result.version, PROBE],
-        ).df()
+        )
     assert len(importance) >= 1
     native = importance[importance["importance_type"] != "permutation"]
     assert len(native) == 1 and native["value"].iloc[0] > 0
 
     scored = score(config)
     with connect(config.warehouse.build_db, read_only=True) as con:
-        scores = con.execute(f"select * from {SCORES_TABLE}").df()
+        scores = con.frame(f"select * from {quote(SCORES_TABLE)}")
     assert len(scores) == scored.rows > 0
     reasons = pd.concat([scores[f"reason_{i}"] for i in range(1, config.scoring.top_reasons + 1)])
     assert set(reasons) <= set(model.contract.feature_names)

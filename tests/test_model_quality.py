@@ -16,9 +16,10 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from ml.config import ChurnConfig
+from ml.features.mart import load_evaluation_rows
 from ml.modeling.evaluate import classification_metrics, expected_calibration_error
 from ml.modeling.registry import load_champion
-from ml.modeling.train import load_evaluation_rows
+from ml.warehouse import connect
 
 # Tolerances of the small warehouse (about 3 x 55 churners out of time).
 MAX_AUC_GAP_TO_ORACLE = 0.05
@@ -32,7 +33,8 @@ def oot_with_oracle(trained_warehouse: ChurnConfig) -> tuple[pd.DataFrame, objec
     config = trained_warehouse
     model = load_champion(config)
     contract = model.contract
-    rows = load_evaluation_rows(config, contract, model.metadata["validation"])
+    with connect(config.warehouse.build_db, read_only=True) as session:
+        rows = load_evaluation_rows(session, config, contract, model.metadata.validation)
     oracle = pd.read_parquet(config.generator.oracle_dir / "oracle.parquet")
     for frame in (rows, oracle):
         frame["_as_of_day"] = pd.to_datetime(frame[contract.as_of]).dt.date
@@ -48,7 +50,7 @@ def oot_with_oracle(trained_warehouse: ChurnConfig) -> tuple[pd.DataFrame, objec
 
 def test_out_of_time_rows_are_the_newest_labelled_snapshots(trained_warehouse: ChurnConfig, oot_with_oracle) -> None:
     joined, model = oot_with_oracle
-    validation = model.metadata["validation"]
+    validation = model.metadata.validation
     assert validation["strategy"] == "out_of_time"
     assert len(validation["eval_as_of_dates"]) == trained_warehouse.training.out_of_time_snapshots
     assert joined[model.contract.label].sum() >= 100  # enough churners for the tolerances below

@@ -10,7 +10,12 @@ import pandas as pd
 import pytest
 
 from ml.config import ChurnConfig
-from ml.modeling.model import ChurnModel, ScoreCalibrator, contract_feature_frame
+from ml.modeling.model import (
+    ChurnModel,
+    ModelMetadata,
+    ScoreCalibrator,
+    contract_feature_frame,
+)
 from ml.modeling.registry import (
     BOOSTER_FILE,
     METADATA_FILE,
@@ -23,7 +28,7 @@ from ml.modeling.registry import (
     registry_frame,
 )
 from ml.modeling.train import make_pipeline
-from ml.warehouse import connect, write_table
+from ml.warehouse import connect
 from tests.conftest import make_config
 from tests.test_train import SYNTHETIC_CONTRACT, synthetic_mart
 
@@ -34,7 +39,7 @@ EVAL_DATE = "2024-04-01"
 def config(tmp_path: Path) -> ChurnConfig:
     config = make_config(tmp_path / "wh")
     with connect(config.warehouse.build_db) as con:
-        write_table(con, config.dataset.feature_mart, synthetic_mart())
+        con.append(config.dataset.feature_mart, synthetic_mart())
     return config
 
 
@@ -58,17 +63,17 @@ def fitted_model(algorithm: str = "logistic_regression", shuffle_labels: bool = 
     pipeline = make_pipeline(SYNTHETIC_CONTRACT, algorithm, params, seed, 3.0).fit(X, y)
     calibrator = ScoreCalibrator("sigmoid").fit(pipeline.predict_proba(X)[:, 1], y)
     return ChurnModel(pipeline, calibrator, SYNTHETIC_CONTRACT, algorithm, params, threshold=0.3,
-                      metadata={"validation": {"strategy": "out_of_time", "eval_as_of_dates": [EVAL_DATE]}})
+                      metadata=ModelMetadata(validation={"strategy": "out_of_time", "eval_as_of_dates": [EVAL_DATE]}))
 
 
 def test_champion_challenger_rule_compares_on_the_same_rows(config: ChurnConfig) -> None:
     _, eval_rows = _frames()
-    weak = register(config, fitted_model(shuffle_labels=True), "r1", {"pr_auc": 0.3}, evaluation_frame=eval_rows)
+    weak = register(config, fitted_model(shuffle_labels=True), "r1", {"pr_auc": 0.3}, evaluation_frame=eval_rows).version
     assert champion_version(config) == weak  # the first model is champion by default
 
     weaker = register(config, fitted_model(shuffle_labels=True, seed=5), "r2", {"pr_auc": 0.9},
-                      evaluation_frame=eval_rows)
-    strong = register(config, fitted_model(), "r3", {"pr_auc": 0.1}, evaluation_frame=eval_rows)
+                      evaluation_frame=eval_rows).version
+    strong = register(config, fitted_model(), "r3", {"pr_auc": 0.1}, evaluation_frame=eval_rows).version
 
     registry = registry_frame(config).set_index("model_version")
     # reported oot metrics are not what decides: the champion is re-scored on the same rows
@@ -87,15 +92,15 @@ def test_champion_challenger_rule_compares_on_the_same_rows(config: ChurnConfig)
 
 
 def test_comparison_rows_are_reread_from_the_mart_when_not_given(config: ChurnConfig) -> None:
-    first = register(config, fitted_model(shuffle_labels=True), "r1", {})
-    second = register(config, fitted_model(), "r2", {})
+    first = register(config, fitted_model(shuffle_labels=True), "r1", {}).version
+    second = register(config, fitted_model(), "r2", {}).version
     registry = registry_frame(config).set_index("model_version")
     assert registry.loc[second, "status"] == "champion" and registry.loc[first, "status"] == "retired"
     assert registry.loc[second, "comparison_rows"] == 300  # the synthetic mart's 2024-04-01 rows
 
 
 def test_load_refuses_a_changed_artifact_naming_the_file(config: ChurnConfig) -> None:
-    version = register(config, fitted_model(), "r1", {})
+    version = register(config, fitted_model(), "r1", {}).version
     path = config.warehouse.models_dir / version / PIPELINE_FILE
     with open(path, "ab") as handle:
         handle.write(b"tampered")
@@ -106,7 +111,7 @@ def test_load_refuses_a_changed_artifact_naming_the_file(config: ChurnConfig) ->
 
 
 def test_load_refuses_a_missing_artifact(config: ChurnConfig) -> None:
-    version = register(config, fitted_model(), "r1", {})
+    version = register(config, fitted_model(), "r1", {}).version
     path = config.warehouse.models_dir / version / METADATA_FILE
     path.unlink()
     with pytest.raises(RegistryError, match=f"{path}.*missing"):
@@ -123,7 +128,7 @@ def test_unknown_version_and_empty_registry(config: ChurnConfig) -> None:
 
 def test_xgboost_booster_saved_as_json_and_round_trips(config: ChurnConfig) -> None:
     model = fitted_model("xgboost", params={"n_estimators": 20, "max_depth": 3})
-    version = register(config, model, "r1", {})
+    version = register(config, model, "r1", {}).version
     folder = config.warehouse.models_dir / version
     assert json.loads((folder / BOOSTER_FILE).read_text())["learner"]  # XGBoost's own JSON format
     metadata = json.loads((folder / METADATA_FILE).read_text())
@@ -139,7 +144,7 @@ def test_xgboost_booster_saved_as_json_and_round_trips(config: ChurnConfig) -> N
 
 
 def test_champions_are_kept_per_dataset(config: ChurnConfig) -> None:
-    demo = register(config, fitted_model(), "r1", {})
+    demo = register(config, fitted_model(), "r1", {}).version
     telco = config.with_dataset("telco")
     assert champion_version(telco) is None
     assert champion_version(config) == demo
@@ -160,11 +165,60 @@ def test_champion_that_cannot_score_the_current_mart_is_replaced(config: ChurnCo
     pipeline = make_pipeline(old_contract, "logistic_regression", {"C": 1.0}, 0, 3.0).fit(X, y)
     calibrator = ScoreCalibrator("sigmoid").fit(pipeline.predict_proba(X)[:, 1], y)
     old = ChurnModel(pipeline, calibrator, old_contract, "logistic_regression", {"C": 1.0}, 0.3,
-                     metadata={"validation": {"strategy": "out_of_time", "eval_as_of_dates": [EVAL_DATE]}})
-    old_version = register(config, old, "r1", {})
-    new_version = register(config, fitted_model(shuffle_labels=True), "r2", {}, evaluation_frame=eval_rows)
+                     metadata=ModelMetadata(validation={"strategy": "out_of_time", "eval_as_of_dates": [EVAL_DATE]}))
+    old_version = register(config, old, "r1", {}).version
+    new_version = register(config, fitted_model(shuffle_labels=True), "r2", {}, evaluation_frame=eval_rows).version
     registry = registry_frame(config).set_index("model_version")
     assert registry.loc[new_version, "status"] == "champion"
     assert registry.loc[old_version, "status"] == "retired"
     assert "cannot score" in registry.loc[new_version, "decision"]
     assert "dropped_later" in registry.loc[new_version, "decision"]
+
+
+def test_model_saved_before_typed_metadata_still_loads_and_scores(config: ChurnConfig) -> None:
+    """A metadata.json in the format written before ModelMetadata existed (commit c676dec: the
+    model's facts, then the metadata dict as given) loads: keys it lacks are None, others kept."""
+    from ml.modeling.registry import REGISTRY, sha256_file
+
+    model = fitted_model()
+    version = register(config, model, "r1", {}).version
+    folder = config.warehouse.models_dir / version
+    written = json.loads((folder / METADATA_FILE).read_text())
+    old_style = {
+        key: written[key]
+        for key in ("version", "algorithm", "params", "threshold", "calibration", "contract",
+                    "library_versions", "artifact_sha256")
+    }
+    old_style.update(run_id="r1", dataset="demo", snapshot_range=["2024-01-01", "2024-03-01"],
+                     validation={"strategy": "out_of_time", "eval_as_of_dates": [EVAL_DATE]},
+                     metrics={"out_of_time": {"pr_auc": 0.5}})  # no reference, threshold_choice, candidates...
+    (folder / METADATA_FILE).write_text(json.dumps(old_style, indent=2))
+    hashes = {**json.loads(registry_frame(config).set_index("model_version").loc[version, "artifact_sha256"]),
+              METADATA_FILE: sha256_file(folder / METADATA_FILE)}
+    with connect(config.warehouse.build_db) as con:
+        con.execute(f"update {REGISTRY.name} set artifact_sha256 = ? where model_version = ?",
+                    [json.dumps(hashes, sort_keys=True), version])
+
+    loaded = load_model(config, version)
+    assert loaded.metadata.snapshot_range == ["2024-01-01", "2024-03-01"]
+    assert loaded.metadata.validation["eval_as_of_dates"] == [EVAL_DATE]
+    assert loaded.metadata.metrics == {"out_of_time": {"pr_auc": 0.5}}
+    assert loaded.metadata.reference is None and loaded.metadata.threshold_choice is None
+    assert loaded.metadata.library_versions == written["library_versions"]
+    _, eval_rows = _frames()
+    np.testing.assert_allclose(loaded.predict_proba(eval_rows), model.predict_proba(eval_rows), rtol=1e-9)
+
+
+def test_metadata_json_keeps_its_keys_and_values() -> None:
+    """ModelMetadata writes back exactly the keys and values it was read from (training's full set)."""
+    stored = {
+        "library_versions": {"python": "3.12"}, "artifact_sha256": {PIPELINE_FILE: "ab"}, "run_id": "r1",
+        "dataset": "demo", "feature_mart": "customer_features", "config_hash": "c", "training_data_hash": "t",
+        "training_rows": 900, "snapshot_range": ["2024-01-01", "2024-03-01"],
+        "validation": {"strategy": "out_of_time", "eval_as_of_dates": [EVAL_DATE]}, "selection_metric": "pr_auc",
+        "threshold_choice": {"threshold": 0.2, "rule": "recall_target"}, "metrics": {"baseline": {"pr_auc": 0.1}},
+        "candidates": {"xgboost": {"params": {}}}, "reference": {"n_rows": 900, "features": {}},
+    }
+    assert ModelMetadata.from_dict(stored).to_dict() == stored
+    assert list(ModelMetadata.from_dict(stored).to_dict()) == list(stored)
+    assert ModelMetadata(validation={"strategy": "x"}).to_dict() == {"validation": {"strategy": "x"}}

@@ -20,7 +20,7 @@ from ml.features.contract import ContractError, Feature, FeatureContract
 from ml.modeling.evaluate import expected_calibration_error
 from ml.modeling.registry import champion_version, load_model
 from ml.modeling.train import TrainResult, cv_folds, train, validation_split
-from ml.warehouse import connect, table_columns, write_table
+from ml.warehouse import connect
 from tests.conftest import make_config, query
 
 QUICK = {"training": {"search_iterations": 1, "cv_folds": 3}}
@@ -77,8 +77,8 @@ def synthetic_warehouse(root: Path, monkeypatch: pytest.MonkeyPatch, mart: pd.Da
     """A private config whose build DB holds `mart` as the feature mart."""
     config = make_config(root, {**QUICK, **(overrides or {})})
     with connect(config.warehouse.build_db) as con:
-        write_table(con, config.dataset.feature_mart, mart)
-    monkeypatch.setattr(train_module, "mart_contract", lambda _config: SYNTHETIC_CONTRACT)
+        con.append(config.dataset.feature_mart, mart)
+    monkeypatch.setattr(train_module, "current_contract", lambda _config: SYNTHETIC_CONTRACT)
     return config
 
 
@@ -171,13 +171,13 @@ def test_tables_have_expected_columns(synthetic_trained) -> None:
     with connect(config.warehouse.build_db) as con:
         assert {"run_id", "started_at", "finished_at", "dataset", "snapshot_min", "snapshot_max", "train_rows",
                 "oot_rows", "config_hash", "training_data_hash", "validation_strategy", "chosen_algorithm",
-                "model_version", "status"} <= set(table_columns(con, "model_runs"))
+                "model_version", "status"} <= set(con.columns("model_runs"))
         assert {"run_id", "model_version", "candidate", "split", "roc_auc", "pr_auc", "log_loss", "brier",
                 "recall", "precision", "f1", "accuracy", "tp", "fp", "tn", "fn", "calibration_error",
-                "threshold"} <= set(table_columns(con, "model_metrics"))
-        assert list(table_columns(con, "feature_importance")) == [
+                "threshold"} <= set(con.columns("model_metrics"))
+        assert list(con.columns("feature_importance")) == [
             "run_id", "model_version", "feature", "importance_type", "value", "rank"]
-        assert list(table_columns(con, "threshold_curve")) == [
+        assert list(con.columns("threshold_curve")) == [
             "run_id", "model_version", "threshold", "recall", "precision", "f1", "share_flagged"]
     runs = query(config, "select * from model_runs where run_id = 'shared'")
     assert runs.loc[0, "model_version"] == result.version
@@ -209,7 +209,7 @@ def test_rerun_with_same_run_id_replaces_its_rows(synthetic_trained, tmp_path: P
     config = make_config(tmp_path / "wh", QUICK)
     shutil.copytree(shared.warehouse.dir, config.warehouse.dir, dirs_exist_ok=True,
                     ignore=shutil.ignore_patterns("churn.yml"))
-    monkeypatch.setattr(train_module, "mart_contract", lambda _config: SYNTHETIC_CONTRACT)
+    monkeypatch.setattr(train_module, "current_contract", lambda _config: SYNTHETIC_CONTRACT)
     before = _run_counts(config, "shared")
     second = train(config, force=True, run_id="shared")
     assert _run_counts(config, "shared") == before
@@ -222,7 +222,7 @@ def test_threshold_meets_recall_target_on_out_of_fold_rows(synthetic_trained) ->
     synthetic, result, _ = synthetic_trained
 
     model = load_model(synthetic, result.version)
-    choice = model.metadata["threshold_choice"]
+    choice = model.metadata.threshold_choice
     assert choice["rule"] == "recall_target"
     assert choice["recall"] >= synthetic.problem.success_target
     assert model.threshold == pytest.approx(choice["threshold"])
@@ -246,7 +246,7 @@ def test_model_stores_reference_and_traces_transformed_columns(synthetic_trained
     synthetic, result, _ = synthetic_trained
 
     model = load_model(synthetic, result.version)
-    reference = model.metadata["reference"]
+    reference = model.metadata.reference
     assert reference["n_rows"] == 900
     assert set(reference["features"]) == set(SYNTHETIC_CONTRACT.feature_names)
     sources = model.transformed_feature_sources()
@@ -304,21 +304,23 @@ def test_expected_calibration_error_is_small_after_oof_calibration() -> None:
 def test_row_cap_samples_whole_customers_across_every_snapshot(built_warehouse: ChurnConfig, tmp_path: Path) -> None:
     """Above max_training_rows, training keeps a share of customers with all their
     snapshots: grouping holds and the out-of-time snapshots are still there."""
-    from ml.features.contract import load_contract
-    from ml.features.dbt import dbt_target_path
-    from ml.modeling.train import load_training_rows
+    from ml.features.mart import current_contract, load_training_rows
     from tests.conftest import copy_warehouse
 
-    contract = load_contract(dbt_target_path(built_warehouse) / "manifest.json", built_warehouse.dataset.feature_mart)
-    full = load_training_rows(built_warehouse, contract)
+    def load_training_rows_of(config: ChurnConfig) -> pd.DataFrame:
+        with connect(config.warehouse.build_db, read_only=True) as session:
+            return load_training_rows(session, config, contract)
+
+    contract = current_contract(built_warehouse)
+    full = load_training_rows_of(built_warehouse)
     cap = len(full) // 4
     capped_config = copy_warehouse(built_warehouse, tmp_path / "capped", {"training": {"max_training_rows": cap}})
-    capped = load_training_rows(capped_config, contract)
+    capped = load_training_rows_of(capped_config)
 
     assert 0.7 * cap < len(capped) < 1.3 * cap
     assert set(capped[contract.as_of]) == set(full[contract.as_of])
     rows_per_customer = full.groupby(contract.key).size()
     kept = capped.groupby(contract.key).size()
     assert (kept == rows_per_customer.loc[kept.index]).all(), "a sampled customer keeps all its snapshots"
-    again = load_training_rows(capped_config, contract)
+    again = load_training_rows_of(capped_config)
     assert again[contract.key].tolist() == capped[contract.key].tolist(), "the sample is seeded"

@@ -23,15 +23,8 @@ def build_warehouse(config: ChurnConfig, as_of: str | None = None) -> DbtResult:
 
 def mart_row_counts(config: ChurnConfig) -> dict[str, int]:
     """Rows per model of the last build, read back from the build database."""
-    with connect(config.warehouse.build_db, read_only=True) as con:
-        tables = [
-            r[0]
-            for r in con.execute(
-                "select table_name from information_schema.tables "
-                "where table_schema = 'main' and table_type = 'BASE TABLE' order by table_name"
-            ).fetchall()
-        ]
-        return {t: con.execute(f'select count(*) from "{t}"').fetchone()[0] for t in tables}
+    with connect(config.warehouse.build_db, read_only=True) as session:
+        return {table: session.row_count(table) for table in session.tables()}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

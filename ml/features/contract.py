@@ -56,7 +56,7 @@ class FeatureContract:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "FeatureContract":
+    def from_dict(cls, data: dict[str, Any]) -> FeatureContract:
         return cls(
             model=data["model"],
             key=data["key"],
@@ -75,7 +75,7 @@ class FeatureContract:
                 f"missing column(s) {', '.join(missing)}"
             )
 
-    def diff(self, other: "FeatureContract") -> list[str]:
+    def diff(self, other: FeatureContract) -> list[str]:
         """Human-readable differences between two contracts (model vs current mart)."""
         mine = {f.name: f.kind for f in self.features}
         theirs = {f.name: f.kind for f in other.features}

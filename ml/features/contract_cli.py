@@ -6,8 +6,8 @@ import argparse
 import json
 
 from ml.config import ChurnConfig
-from ml.features.contract import load_contract
-from ml.features.dbt import dbt_target_path, run_dbt
+from ml.features.dbt import run_dbt
+from ml.features.mart import current_contract
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,6 +17,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_command(config: ChurnConfig, args: argparse.Namespace) -> int:
     if not args.no_parse:
         run_dbt(config, "parse")
-    contract = load_contract(dbt_target_path(config) / "manifest.json", config.dataset.feature_mart)
+    contract = current_contract(config)
     print(json.dumps(contract.to_dict(), indent=2))
     return 0

@@ -96,7 +96,8 @@ def run_dbt(
     results_file = target_path / "run_results.json"
     results_file.unlink(missing_ok=True)  # never report a previous run's results
     with timed(f"dbt {command} ({config.dataset.name})", log):
-        proc = subprocess.run(args, env=env, capture_output=True, text=True)
+        # check=False: a failure is raised below as DbtError, with dbt's own summary of what failed.
+        proc = subprocess.run(args, env=env, capture_output=True, text=True, check=False)
     results = json.loads(results_file.read_text())["results"] if results_file.exists() else []
     if proc.returncode != 0:
         failures = [

@@ -84,7 +84,7 @@ def classification_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> di
         **counts,
         "calibration_error": expected_calibration_error(y, p),
         "threshold": float(threshold),
-        "rows": int(len(y)),
+        "rows": len(y),
         "prevalence": float(y.mean()) if len(y) else float("nan"),
     }
 

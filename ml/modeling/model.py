@@ -9,7 +9,8 @@ out-of-fold scores, not on the rows the estimator saw.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -69,7 +70,7 @@ class ScoreCalibrator:
         self.method = method
         self.estimator_: IsotonicRegression | LogisticRegression | None = None
 
-    def fit(self, raw: np.ndarray, y: np.ndarray) -> "ScoreCalibrator":
+    def fit(self, raw: np.ndarray, y: np.ndarray) -> ScoreCalibrator:
         raw = np.asarray(raw, dtype=float)
         y = np.asarray(y, dtype=int)
         if self.method == "isotonic":
@@ -117,6 +118,61 @@ def contract_feature_frame(
     return out
 
 
+@dataclass(frozen=True)
+class ModelMetadata:
+    """What training recorded about a model, as stored in its metadata.json.
+
+    Every field is optional because models saved before a field existed must
+    still load and score: `from_dict` fills what a file lacks with None, and
+    `to_dict` writes only the fields that are set, so a model's metadata.json
+    keeps exactly the keys (and order) it was written with. `reference`,
+    `validation`, `metrics` and the like stay plain JSON dicts: their shape is
+    owned by the code that computes them (e.g. `ml.modeling.reference`).
+    `library_versions` and `artifact_sha256` are filled by the registry when it
+    saves (and are present on every loaded model).
+    """
+
+    library_versions: dict[str, str] | None = None
+    artifact_sha256: dict[str, str] | None = None
+    run_id: str | None = None
+    dataset: str | None = None
+    feature_mart: str | None = None
+    config_hash: str | None = None
+    training_data_hash: str | None = None
+    training_rows: int | None = None
+    snapshot_range: list[str] | None = None  # [first, last] training as_of_date, YYYY-MM-DD
+    validation: dict[str, Any] | None = None  # strategy, eval_as_of_dates (and eval_keys for a hold-out)
+    selection_metric: str | None = None
+    threshold_choice: dict[str, Any] | None = None
+    metrics: dict[str, Any] | None = None
+    candidates: dict[str, Any] | None = None
+    reference: dict[str, Any] | None = None  # drift reference, as compute_reference returns it
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelMetadata:
+        """From a metadata.json dict: missing keys become None, keys of other owners are ignored."""
+        return cls(**{f.name: data.get(f.name) for f in fields(cls)})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields that are set, in metadata.json order."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    # TRANSITION: mapping-style reads (`metadata.get("reference")`, `metadata["validation"]`)
+    # used by monitoring, serving and backfill until they switch to the attributes.
+    def get(self, key: str, default: Any = None) -> Any:
+        value = getattr(self, key, None) if key in self._names() else None
+        return default if value is None else value
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._names() or getattr(self, key) is None:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    @classmethod
+    def _names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+
 @dataclass
 class ChurnModel:
     """A fitted, calibrated churn model bound to the feature contract it was trained on."""
@@ -127,8 +183,8 @@ class ChurnModel:
     algorithm: str
     params: dict[str, Any]
     threshold: float
-    metadata: dict[str, Any] = field(default_factory=dict)
-    version: str | None = None
+    metadata: ModelMetadata = field(default_factory=ModelMetadata)
+    version: str | None = None  # set by the registry on the copy it registers or loads
 
     def feature_frame(self, frame: pd.DataFrame, source: str = "input frame") -> pd.DataFrame:
         """Contract features in order; ContractError names any missing column."""

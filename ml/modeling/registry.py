@@ -9,6 +9,7 @@ file changed after it was judged is refused rather than silently used to score.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -27,14 +28,14 @@ from sklearn.pipeline import Pipeline
 
 from ml.config import ChurnConfig
 from ml.features.contract import ContractError, FeatureContract
-from ml.modeling.evaluate import classification_metrics
+from ml.features.mart import load_evaluation_rows
 from ml.logs import get_logger
-from ml.modeling.model import ChurnModel
-from ml.warehouse import Session, connect, float_or_none, quote, table_exists
+from ml.modeling.evaluate import classification_metrics
+from ml.modeling.model import ChurnModel, ModelMetadata
+from ml.warehouse import Session, connect, declare, float_or_none, quote, to_json
 
 log = get_logger("registry")
 
-REGISTRY_TABLE = "model_registry"
 METADATA_FILE = "metadata.json"
 PIPELINE_FILE = "model.joblib"
 BOOSTER_FILE = "xgboost_model.json"
@@ -43,32 +44,87 @@ STATUS_CHAMPION = "champion"
 STATUS_CHALLENGER = "challenger"
 STATUS_RETIRED = "retired"
 
-REGISTRY_DDL = f"""
-create table if not exists {REGISTRY_TABLE} (
-    model_version varchar primary key,
-    dataset varchar not null,
-    feature_mart varchar not null,
-    run_id varchar,
-    algorithm varchar not null,
-    status varchar not null,
-    registered_at timestamp not null,
-    status_changed_at timestamp not null,
-    threshold double,
-    selection_metric varchar,
-    oot_metric double,
-    compared_with varchar,
-    champion_metric_same_rows double,
-    challenger_metric_same_rows double,
-    comparison_rows bigint,
-    decision varchar,
-    artifact_dir varchar not null,
-    artifact_sha256 varchar not null
+REGISTRY = declare(
+    name="model_registry",
+    owner=__name__,
+    grain="one row per registered model version",
+    description="Every registered model: its status (champion / challenger / retired), how the "
+                "champion comparison decided, and where its hash-checked artifact lives.",
+    columns=[
+        ("model_version", "VARCHAR NOT NULL"),
+        ("dataset", "VARCHAR NOT NULL"),
+        ("feature_mart", "VARCHAR NOT NULL"),
+        ("run_id", "VARCHAR"),
+        ("algorithm", "VARCHAR NOT NULL"),
+        ("status", "VARCHAR NOT NULL"),
+        ("registered_at", "TIMESTAMP NOT NULL"),
+        ("status_changed_at", "TIMESTAMP NOT NULL"),
+        ("threshold", "DOUBLE"),
+        ("selection_metric", "VARCHAR"),
+        ("oot_metric", "DOUBLE"),
+        ("compared_with", "VARCHAR"),
+        ("champion_metric_same_rows", "DOUBLE"),
+        ("challenger_metric_same_rows", "DOUBLE"),
+        ("comparison_rows", "BIGINT"),
+        ("decision", "VARCHAR"),
+        ("artifact_dir", "VARCHAR NOT NULL"),
+        ("artifact_sha256", "VARCHAR NOT NULL"),
+    ],
+    primary_key=("model_version",),
 )
-"""
+REGISTRY_TABLE = REGISTRY.name
+
+# metadata.json keys the registry writes itself; the rest is the model's ModelMetadata.
+MODEL_KEYS = ("version", "algorithm", "params", "threshold", "calibration", "contract")
 
 
 class RegistryError(RuntimeError):
     """A model is missing from the registry, or its artifact is missing or changed."""
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The champion/challenger decision for one new model (before anything is written)."""
+
+    promoted: bool
+    decision: str
+    compared_with: str | None = None
+    champion_metric: float | None = None
+    challenger_metric: float | None = None
+    comparison_rows: int | None = None
+
+    @property
+    def status(self) -> str:
+        return STATUS_CHAMPION if self.promoted else STATUS_CHALLENGER
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What `register` did: the new version, its status and why."""
+
+    version: str
+    promoted: bool
+    status: str
+    compared_with: str | None
+    champion_metric: float | None
+    challenger_metric: float | None
+    comparison_rows: int | None
+    decision: str
+    model: ChurnModel  # the registered copy of the caller's model, with its `version` set
+
+    @classmethod
+    def of(cls, registered: ChurnModel, comparison: Comparison) -> Registration:
+        return cls(
+            version=registered.version,
+            promoted=comparison.promoted,
+            status=comparison.status,
+            compared_with=comparison.compared_with,
+            champion_metric=comparison.champion_metric,
+            challenger_metric=comparison.challenger_metric,
+            comparison_rows=comparison.comparison_rows,
+            decision=comparison.decision,
+            model=registered,
+        )
 
 
 def library_versions() -> dict[str, str]:
@@ -99,21 +155,7 @@ def new_version_id(algorithm: str) -> str:
     return f"m{stamp}-{algorithm}-{uuid.uuid4().hex[:6]}"
 
 
-def _ensure_table(con) -> None:
-    con.execute(REGISTRY_DDL)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, (dt.date, dt.datetime, pd.Timestamp)):
-        return value.isoformat()
-    return str(value)
-
+# ---------------------------------------------------------------- artifacts
 
 def save_artifacts(model: ChurnModel, folder: Path) -> dict[str, str]:
     """Write the model's files into `folder`; return file name -> sha256.
@@ -138,20 +180,23 @@ def save_artifacts(model: ChurnModel, folder: Path) -> dict[str, str]:
         folder / PIPELINE_FILE,
     )
     hashes[PIPELINE_FILE] = sha256_file(folder / PIPELINE_FILE)
-    metadata = {
+    (folder / METADATA_FILE).write_text(to_json(metadata_document(model, hashes), indent=2))
+    hashes[METADATA_FILE] = sha256_file(folder / METADATA_FILE)
+    return hashes
+
+
+def metadata_document(model: ChurnModel, hashes: dict[str, str]) -> dict[str, Any]:
+    """metadata.json: the model's own facts, then the libraries and hashes of this save, then its ModelMetadata."""
+    stamped = dataclasses.replace(model.metadata, library_versions=library_versions(), artifact_sha256=dict(hashes))
+    return {
         "version": model.version,
         "algorithm": model.algorithm,
         "params": model.params,
         "threshold": model.threshold,
         "calibration": model.calibrator.method,
         "contract": model.contract.to_dict(),
-        "library_versions": library_versions(),
-        "artifact_sha256": dict(hashes),
-        **{k: v for k, v in model.metadata.items() if k not in ("library_versions", "artifact_sha256")},
+        **stamped.to_dict(),
     }
-    (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=_json_default))
-    hashes[METADATA_FILE] = sha256_file(folder / METADATA_FILE)
-    return hashes
 
 
 def _registry_row(config: ChurnConfig, version: str, registry_db: Path | None = None) -> dict[str, Any]:
@@ -159,14 +204,12 @@ def _registry_row(config: ChurnConfig, version: str, registry_db: Path | None = 
     if not db.exists():
         raise RegistryError(f"no model registry: database {db} does not exist")
     # Another database (the published copy) is only ever read: servers must not lock it.
-    with connect(db, read_only=registry_db is not None) as con:
-        if not table_exists(con, REGISTRY_TABLE):
-            raise RegistryError(f"no model registry: table {REGISTRY_TABLE!r} not found in {db}")
-        frame = con.execute(
-            f"select * from {REGISTRY_TABLE} where model_version = ?", [version]
-        ).df()
+    with connect(db, read_only=registry_db is not None) as session:
+        if not session.exists(REGISTRY):
+            raise RegistryError(f"no model registry: table {REGISTRY.name!r} not found in {db}")
+        frame = session.frame(f"select * from {quote(REGISTRY.name)} where model_version = ?", [version])
     if frame.empty:
-        raise RegistryError(f"model version {version!r} is not in {REGISTRY_TABLE} ({db})")
+        raise RegistryError(f"model version {version!r} is not in {REGISTRY.name} ({db})")
     return frame.iloc[0].to_dict()
 
 
@@ -177,15 +220,7 @@ def artifact_folder(config: ChurnConfig, artifact_dir: str) -> Path:
     return folder if folder.is_absolute() else config.warehouse.models_dir / folder
 
 
-def load_model(config: ChurnConfig, version: str, registry_db: Path | None = None) -> ChurnModel:
-    """Load a registered model after checking every artifact file's sha256.
-
-    `registry_db` reads the registry row from another database, e.g. the published
-    copy, so a long-running server never contends for the build database's lock.
-    """
-    row = _registry_row(config, version, registry_db)
-    folder = artifact_folder(config, row["artifact_dir"])
-    expected: dict[str, str] = json.loads(row["artifact_sha256"])
+def _check_artifacts(version: str, folder: Path, expected: dict[str, str]) -> None:
     for name, digest in expected.items():
         path = folder / name
         if not path.is_file():
@@ -196,42 +231,47 @@ def load_model(config: ChurnConfig, version: str, registry_db: Path | None = Non
                 f"model {version}: artifact file {path} was changed after registration "
                 f"(sha256 {actual[:12]}..., registered {digest[:12]}...); refusing to load it"
             )
-    metadata = json.loads((folder / METADATA_FILE).read_text())
+
+
+def load_model(config: ChurnConfig, version: str, registry_db: Path | None = None) -> ChurnModel:
+    """Load a registered model after checking every artifact file's sha256.
+
+    `registry_db` reads the registry row from another database, e.g. the published
+    copy, so a long-running server never contends for the build database's lock.
+    """
+    row = _registry_row(config, version, registry_db)
+    folder = artifact_folder(config, row["artifact_dir"])
+    _check_artifacts(version, folder, json.loads(row["artifact_sha256"]))
+    document = json.loads((folder / METADATA_FILE).read_text())
     parts = joblib.load(folder / PIPELINE_FILE)
     estimator = parts["estimator"]
-    if metadata["algorithm"] == "xgboost":
+    if document["algorithm"] == "xgboost":
         from xgboost import XGBClassifier
 
         estimator = XGBClassifier()
         estimator.load_model(str(folder / BOOSTER_FILE))
     pipeline = Pipeline([("preprocess", parts["preprocess"]), ("model", estimator)])
-    reserved = {"version", "algorithm", "params", "threshold", "calibration", "contract"}
     return ChurnModel(
         pipeline=pipeline,
         calibrator=parts["calibrator"],
-        contract=FeatureContract.from_dict(metadata["contract"]),
-        algorithm=metadata["algorithm"],
-        params=metadata["params"],
-        threshold=float(metadata["threshold"]),
-        metadata={k: v for k, v in metadata.items() if k not in reserved},
+        contract=FeatureContract.from_dict(document["contract"]),
+        algorithm=document["algorithm"],
+        params=document["params"],
+        threshold=float(document["threshold"]),
+        metadata=ModelMetadata.from_dict(document),
         version=version,
     )
 
+
+# ---------------------------------------------------------------- the champion
 
 def champion_version(config: ChurnConfig) -> str | None:
     """The current champion of the active dataset, or None before the first model."""
     db = config.warehouse.build_db
     if not db.exists():
         return None
-    with connect(db) as con:
-        if not table_exists(con, REGISTRY_TABLE):
-            return None
-        row = con.execute(
-            f"select model_version from {REGISTRY_TABLE} where dataset = ? and status = ? "
-            "order by status_changed_at desc limit 1",
-            [config.dataset.name, STATUS_CHAMPION],
-        ).fetchone()
-    return row[0] if row else None
+    with connect(db) as session:
+        return champion_in(session, config.dataset.name)
 
 
 def load_champion(config: ChurnConfig) -> ChurnModel | None:
@@ -245,20 +285,19 @@ def registry_frame(config: ChurnConfig) -> pd.DataFrame:
     db = config.warehouse.build_db
     if not db.exists():
         return pd.DataFrame()
-    with connect(db) as con:
-        if not table_exists(con, REGISTRY_TABLE):
+    with connect(db) as session:
+        if not session.exists(REGISTRY):
             return pd.DataFrame()
-        return con.execute(
-            f"select * from {REGISTRY_TABLE} where dataset = ? order by registered_at desc",
+        return session.frame(
+            f"select * from {quote(REGISTRY.name)} where dataset = ? order by registered_at desc",
             [config.dataset.name],
-        ).df()
+        )
 
 
 def _evaluation_rows(config: ChurnConfig, model: ChurnModel) -> pd.DataFrame:
     """The challenger's out-of-time (or hold-out) rows, re-read from the feature mart."""
-    from ml.modeling.train import load_evaluation_rows
-
-    return load_evaluation_rows(config, model.contract, model.metadata["validation"])
+    with connect(config.warehouse.build_db) as session:
+        return load_evaluation_rows(session, config, model.contract, model.metadata.validation)
 
 
 def _compare(
@@ -276,100 +315,112 @@ def _compare(
     return mine, theirs, f"{metric} on {len(rows)} shared evaluation rows: challenger {mine:.4f} vs champion {theirs:.4f}"
 
 
+def compare_with_champion(
+    config: ChurnConfig, challenger: ChurnModel, evaluation_frame: pd.DataFrame | None = None
+) -> Comparison:
+    """Promote the first model of a dataset; later ones only if they beat the champion on the same rows.
+
+    The rows are the challenger's own evaluation rows (`evaluation_frame`, or
+    re-read from the mart through its metadata's `validation`).
+    """
+    current = champion_version(config)
+    if current is None:
+        return Comparison(promoted=True, decision="first model for this dataset")
+    champion = load_model(config, current)
+    rows = evaluation_frame if evaluation_frame is not None else _evaluation_rows(config, challenger)
+    challenger_metric, champion_metric, decision = _compare(config, challenger, champion, rows)
+    return Comparison(
+        promoted=champion_metric is None or challenger_metric > champion_metric,
+        decision=decision,
+        compared_with=current,
+        champion_metric=champion_metric,
+        challenger_metric=challenger_metric,
+        comparison_rows=len(rows),
+    )
+
+
+# ---------------------------------------------------------------- registering
+
+def _new_registry_row(
+    config: ChurnConfig, model: ChurnModel, run_id: str, oot_metrics: dict[str, Any],
+    comparison: Comparison, hashes: dict[str, str], now: dt.datetime,
+) -> pd.DataFrame:
+    """The new version's model_registry row, as a one-row frame for `Session.append`."""
+    metric = config.problem.selection_metric
+    row = {
+        "model_version": model.version,
+        "dataset": config.dataset.name,
+        "feature_mart": config.dataset.feature_mart,
+        "run_id": run_id,
+        "algorithm": model.algorithm,
+        "status": comparison.status,
+        "registered_at": now,
+        "status_changed_at": now,
+        "threshold": float(model.threshold),
+        "selection_metric": metric,
+        "oot_metric": float_or_none(oot_metrics.get(metric)),
+        "compared_with": comparison.compared_with,
+        "champion_metric_same_rows": comparison.champion_metric,
+        "challenger_metric_same_rows": comparison.challenger_metric,
+        "comparison_rows": comparison.comparison_rows,
+        "decision": comparison.decision,
+        "artifact_dir": model.version,  # relative to warehouse.models_dir
+        "artifact_sha256": to_json(hashes, sort_keys=True),
+    }
+    # object columns: the declared table types the values, a NULL stays NULL whatever the column.
+    return pd.DataFrame({name: pd.Series([value], dtype=object) for name, value in row.items()})
+
+
+def _write_registry_row(
+    session: Session, config: ChurnConfig, row: pd.DataFrame, promoted: bool, now: dt.datetime
+) -> None:
+    """Retire the old champion (when promoting) and add the new row, atomically."""
+    with session.transaction():
+        session.create(REGISTRY)
+        if promoted:
+            session.execute(
+                f"update {quote(REGISTRY.name)} set status = ?, status_changed_at = ? "
+                "where dataset = ? and status = ?",
+                [STATUS_RETIRED, now, config.dataset.name, STATUS_CHAMPION],
+            )
+        session.append(REGISTRY, row)
+
+
 def register(
     config: ChurnConfig,
     model: ChurnModel,
     run_id: str,
     oot_metrics: dict[str, Any],
     evaluation_frame: pd.DataFrame | None = None,
-) -> str:
+) -> Registration:
     """Store `model` as a new version and decide champion vs challenger.
 
     The first model of a dataset becomes champion. Later ones are promoted only if
     their selection metric beats the champion's on the challenger's own evaluation
-    rows (`evaluation_frame`, or re-read from the mart via model.metadata['validation']);
+    rows (`evaluation_frame`, or re-read from the mart via model.metadata.validation);
     the old champion is then retired. Artifacts are written to a temporary folder and
     renamed into place, and removed again if the registry row cannot be written.
+    The caller's `model` is left as it was; the result carries the registered copy.
     """
-    version = new_version_id(model.algorithm)
-    model.version = version
-    models_dir = config.warehouse.models_dir
-    final_dir = models_dir / version
-    staging_dir = models_dir / f".{version}.partial"
-    metric = config.problem.selection_metric
+    registered = dataclasses.replace(model, version=new_version_id(model.algorithm))
+    version = registered.version
+    comparison = compare_with_champion(config, registered, evaluation_frame)
+    log.info("model %s: %s -> %s", version, comparison.decision, comparison.status)
 
-    current = champion_version(config)
-    compared_with = None
-    champion_metric = None
-    challenger_metric = None
-    comparison_rows = None
-    if current is None:
-        promote, decision = True, "first model for this dataset"
-    else:
-        champion = load_model(config, current)
-        rows = evaluation_frame if evaluation_frame is not None else _evaluation_rows(config, model)
-        challenger_metric, champion_metric, decision = _compare(config, model, champion, rows)
-        compared_with, comparison_rows = current, len(rows)
-        promote = champion_metric is None or challenger_metric > champion_metric
-    log.info("model %s: %s -> %s", version, decision, STATUS_CHAMPION if promote else STATUS_CHALLENGER)
-
+    final_dir = config.warehouse.models_dir / version
+    staging_dir = config.warehouse.models_dir / f".{version}.partial"
     try:
-        hashes = save_artifacts(model, staging_dir)
+        hashes = save_artifacts(registered, staging_dir)
         staging_dir.rename(final_dir)
         now = dt.datetime.now()
-        row = {
-            "model_version": version,
-            "dataset": config.dataset.name,
-            "feature_mart": config.dataset.feature_mart,
-            "run_id": run_id,
-            "algorithm": model.algorithm,
-            "status": STATUS_CHAMPION if promote else STATUS_CHALLENGER,
-            "registered_at": now,
-            "status_changed_at": now,
-            "threshold": float(model.threshold),
-            "selection_metric": metric,
-            "oot_metric": _float_or_none(oot_metrics.get(metric)),
-            "compared_with": compared_with,
-            "champion_metric_same_rows": champion_metric,
-            "challenger_metric_same_rows": challenger_metric,
-            "comparison_rows": comparison_rows,
-            "decision": decision,
-            "artifact_dir": version,  # relative to warehouse.models_dir
-            "artifact_sha256": json.dumps(hashes, sort_keys=True),
-        }
-        with connect(config.warehouse.build_db) as con:
-            _ensure_table(con)
-            con.execute("begin transaction")
-            try:
-                if promote:
-                    con.execute(
-                        f"update {REGISTRY_TABLE} set status = ?, status_changed_at = ? "
-                        "where dataset = ? and status = ?",
-                        [STATUS_RETIRED, now, config.dataset.name, STATUS_CHAMPION],
-                    )
-                columns = ", ".join(row)
-                placeholders = ", ".join("?" for _ in row)
-                con.execute(
-                    f"insert into {REGISTRY_TABLE} ({columns}) values ({placeholders})",
-                    list(row.values()),
-                )
-                con.execute("commit")
-            except Exception:
-                con.execute("rollback")
-                raise
+        row = _new_registry_row(config, registered, run_id, oot_metrics, comparison, hashes, now)
+        with connect(config.warehouse.build_db) as session:
+            _write_registry_row(session, config, row, comparison.promoted, now)
     except Exception:
         shutil.rmtree(staging_dir, ignore_errors=True)
         shutil.rmtree(final_dir, ignore_errors=True)
-        model.version = None
         raise
-    return version
-
-
-def _float_or_none(value: Any) -> float | None:
-    if value is None:
-        return None
-    value = float(value)
-    return None if np.isnan(value) else value
+    return Registration.of(registered, comparison)
 
 
 # ---------------------------------------------------------------- reads for other stages
@@ -389,10 +440,10 @@ class ModelRecord:
 
 def champion_in(session: Session, dataset: str) -> str | None:
     """The champion version of `dataset` in the registry this session sees (build or published)."""
-    if not session.exists(REGISTRY_TABLE):
+    if not session.exists(REGISTRY):
         return None
     return session.scalar(
-        f"select model_version from {quote(REGISTRY_TABLE)} where dataset = ? and status = ? "
+        f"select model_version from {quote(REGISTRY.name)} where dataset = ? and status = ? "
         "order by status_changed_at desc limit 1",
         [dataset, STATUS_CHAMPION],
     )
@@ -400,10 +451,10 @@ def champion_in(session: Session, dataset: str) -> str | None:
 
 def model_record(session: Session, version: str) -> ModelRecord | None:
     """One model's registry facts, or None when the registry or the version is absent."""
-    if not session.exists(REGISTRY_TABLE):
+    if not session.exists(REGISTRY):
         return None
     row = session.one(
-        f"select model_version, dataset, algorithm, status, threshold, run_id from {quote(REGISTRY_TABLE)} "
+        f"select model_version, dataset, algorithm, status, threshold, run_id from {quote(REGISTRY.name)} "
         "where model_version = ?",
         [version],
     )
@@ -414,7 +465,7 @@ def model_record(session: Session, version: str) -> ModelRecord | None:
 
 def model_thresholds(session: Session) -> dict[str, float]:
     """Decision threshold of every registered model, by version."""
-    if not session.exists(REGISTRY_TABLE):
+    if not session.exists(REGISTRY):
         return {}
-    rows = session.rows(f"select model_version, threshold from {quote(REGISTRY_TABLE)}")
+    rows = session.rows(f"select model_version, threshold from {quote(REGISTRY.name)}")
     return {version: float(threshold) for version, threshold in rows if threshold is not None}

@@ -35,8 +35,14 @@ from threadpoolctl import threadpool_limits
 from xgboost import XGBClassifier
 
 from ml.config import ChurnConfig
-from ml.features.contract import ContractError, FeatureContract, load_contract
-from ml.features.dbt import dbt_target_path
+from ml.features.contract import FeatureContract
+from ml.features.mart import (
+    TrainingError,
+    current_contract,
+    fully_labelled_dates,
+    load_training_rows,
+)
+from ml.logs import get_logger, timed
 from ml.modeling.evaluate import (
     CandidateScore,
     ThresholdChoice,
@@ -48,9 +54,25 @@ from ml.modeling.evaluate import (
     select_by_simplicity,
     threshold_curve,
 )
-from ml.logs import get_logger, timed
-from ml.modeling.model import ALGORITHMS, ChurnModel, ScoreCalibrator, build_preprocessor, contract_feature_frame
-from ml.warehouse import Session, WarehouseError, column_list, connect, table_columns, table_exists, write_table
+from ml.modeling.model import (
+    ALGORITHMS,
+    ChurnModel,
+    ModelMetadata,
+    ScoreCalibrator,
+    build_preprocessor,
+    contract_feature_frame,
+)
+from ml.modeling.reference import compute_reference
+from ml.modeling.registry import Registration, champion_version, register
+from ml.warehouse import (
+    Session,
+    TableSpec,
+    column_list,
+    connect,
+    declare,
+    json_value,
+    quote,
+)
 
 log = get_logger("train")
 
@@ -80,10 +102,6 @@ ESTIMATOR_JOBS = 2
 HOLDOUT_FOLDS = 5  # the single-snapshot fallback holds out one fold of five: 20%
 PERMUTATION_REPEATS = 3
 SCORERS = {"pr_auc": "average_precision", "roc_auc": "roc_auc"}
-
-
-class TrainingError(RuntimeError):
-    """The labelled mart cannot support training (missing, empty, one class, bad labels)."""
 
 
 @dataclass(frozen=True)
@@ -116,12 +134,12 @@ class ValidationSplit:
         if self.strategy == "stratified_holdout":
             rows = frame.iloc[self.eval_index]
             described["eval_keys"] = [
-                [_jsonable(k), str(pd.Timestamp(a).date())] for k, a in zip(rows[contract.key], rows[contract.as_of])
+                [json_value(k), str(pd.Timestamp(a).date())] for k, a in zip(rows[contract.key], rows[contract.as_of])
             ]
         return described
 
 
-@dataclass
+@dataclass(frozen=True)
 class SearchResult:
     """Best configuration of one algorithm and its out-of-fold raw scores."""
 
@@ -140,111 +158,7 @@ class SearchResult:
                               len(self.fold_scores))
 
 
-def _jsonable(value: Any) -> Any:
-    return value.item() if isinstance(value, np.generic) else value
-
-
 # ---------------------------------------------------------------- data
-
-def mart_contract(config: ChurnConfig) -> FeatureContract:
-    return load_contract(dbt_target_path(config) / "manifest.json", config.dataset.feature_mart)
-
-
-def _checked_mart(con, config: ChurnConfig, contract: FeatureContract) -> str:
-    mart = config.dataset.feature_mart
-    if not table_exists(con, mart):
-        raise WarehouseError(
-            f"feature mart {mart!r} not found in {config.warehouse.build_db} (run `churn build` first)"
-        )
-    contract.check_columns(mart, table_columns(con, mart))
-    if contract.label not in table_columns(con, mart):
-        raise ContractError(f"feature mart {mart!r} has no label column {contract.label!r}")
-    return mart
-
-
-def _select_list(contract: FeatureContract) -> str:
-    return ", ".join(f'"{c}"' for c in contract.columns)
-
-
-def load_training_rows(config: ChurnConfig, contract: FeatureContract) -> pd.DataFrame:
-    """Labelled mart rows, capped at about training.max_training_rows.
-
-    Above the cap a seeded hash of the customer key picks a share of customers
-    with all their snapshots: every as_of_date stays represented (the
-    out-of-time split needs the newest ones, the model the older ones) and a
-    customer is never split, which grouped cross-validation relies on. Keeping
-    the newest rows instead would shrink to a single snapshot at scale.
-    """
-    cap = config.training.max_training_rows
-    with connect(config.warehouse.build_db) as con:
-        mart = _checked_mart(con, config, contract)
-        labelled = f'"{contract.label}" is not null'
-        total = con.execute(f'select count(*) from "{mart}" where {labelled}').fetchone()[0]
-        sample = ""
-        if total > cap:
-            per_million = int(1_000_000 * cap / total)
-            sample = (f'and hash("{contract.key}"::varchar || \':{config.training.random_state}\') '
-                      f'% 1000000 < {per_million}')
-            log.info("%s has %d labelled rows, above training.max_training_rows=%d: "
-                     "training on %.1f%% of customers, all snapshots", mart, total, cap, per_million / 1e4)
-        frame = con.execute(
-            f'select {_select_list(contract)} from "{mart}" where {labelled} {sample} '
-            f'order by "{contract.as_of}" desc, "{contract.key}"'
-        ).df()
-    if frame.empty:
-        raise TrainingError(f"feature mart {mart!r} has no labelled rows ({contract.label} is null everywhere)")
-    label = pd.to_numeric(frame[contract.label], errors="coerce")
-    bad = int((~label.isin([0, 1])).sum())
-    if bad:
-        raise TrainingError(f"feature mart {mart!r}: label {contract.label!r} is not 0/1 in {bad} row(s)")
-    frame[contract.label] = label.astype(int)
-    frame[contract.as_of] = pd.to_datetime(frame[contract.as_of])
-    positives = int(frame[contract.label].sum())
-    if positives == 0 or positives == len(frame):
-        raise TrainingError(
-            f"feature mart {mart!r}: all {len(frame)} labelled rows have {contract.label} = "
-            f"{int(frame[contract.label].iloc[0])}; a classifier needs both classes"
-        )
-    return frame
-
-
-def fully_labelled_dates(config: ChurnConfig, contract: FeatureContract) -> list[pd.Timestamp]:
-    """as_of_dates whose horizon is fully observed: every row has a label."""
-    with connect(config.warehouse.build_db) as con:
-        mart = _checked_mart(con, config, contract)
-        rows = con.execute(
-            f'select "{contract.as_of}" from "{mart}" group by 1 '
-            f'having count("{contract.label}") = count(*) order by 1'
-        ).fetchall()
-    return [pd.Timestamp(r[0]) for r in rows]
-
-
-def load_evaluation_rows(config: ChurnConfig, contract: FeatureContract, validation: dict[str, Any]) -> pd.DataFrame:
-    """Re-read a model's evaluation rows from the mart (the registry's champion comparison)."""
-    with connect(config.warehouse.build_db) as con:
-        mart = _checked_mart(con, config, contract)
-        base = f'select {_select_list(contract)} from "{mart}" where "{contract.label}" is not null'
-        if validation["strategy"] == "out_of_time":
-            frame = con.execute(
-                f'{base} and cast("{contract.as_of}" as date) in (select unnest(?::date[]))',
-                [validation["eval_as_of_dates"]],
-            ).df()
-        else:
-            keys = pd.DataFrame(validation["eval_keys"], columns=["_key", "_as_of"])
-            keys["_as_of"] = pd.to_datetime(keys["_as_of"]).dt.date
-            con.register("_eval_keys", keys)
-            try:
-                frame = con.execute(
-                    f'select m.* from ({base}) m join _eval_keys k '
-                    f'on m."{contract.key}" = k._key and cast(m."{contract.as_of}" as date) = k._as_of'
-                ).df()
-            finally:
-                con.unregister("_eval_keys")
-    if frame.empty:
-        raise TrainingError(f"feature mart {mart!r}: none of the model's evaluation rows are present")
-    frame[contract.label] = frame[contract.label].astype(int)
-    return frame
-
 
 def frame_hash(frame: pd.DataFrame) -> str:
     """sha256 of a frame's values and column names: identifies the exact training data."""
@@ -311,11 +225,8 @@ def sample_configs(algorithm: str, iterations: int, random_state: int) -> list[d
     """Up to `iterations` distinct seeded draws from the algorithm's fixed grid."""
     space = SEARCH_SPACES[algorithm]
     size = int(np.prod([len(v) for v in space.values()]))
-    return [_native(p) for p in ParameterSampler(space, n_iter=min(iterations, size), random_state=random_state)]
-
-
-def _native(params: dict[str, Any]) -> dict[str, Any]:
-    return {k: _jsonable(v) for k, v in params.items()}
+    # Plain Python values: the params are stored as JSON (metadata.json, model_metrics.params).
+    return [json_value(p) for p in ParameterSampler(space, n_iter=min(iterations, size), random_state=random_state)]
 
 
 def _selection_value(metric: str, y: np.ndarray, scores: np.ndarray) -> float:
@@ -350,9 +261,7 @@ def search_algorithm(
         if best is None or result.score.mean > best.score.mean:
             best = result
     assert best is not None
-    best.seconds = time.perf_counter() - start
-    best.all_configs = tried
-    return best
+    return dataclasses.replace(best, seconds=time.perf_counter() - start, all_configs=tried)
 
 
 def choose_threshold(config: ChurnConfig, y: np.ndarray, p: np.ndarray) -> ThresholdChoice:
@@ -396,10 +305,54 @@ def _ranked(values: pd.Series, importance_type: str) -> pd.DataFrame:
 
 # ---------------------------------------------------------------- tables
 
+METRIC_COLUMNS = ("roc_auc", "pr_auc", "log_loss", "brier", "recall", "precision", "f1", "accuracy",
+                  "tp", "fp", "tn", "fn", "calibration_error", "threshold", "rows", "prevalence")
+
+MODEL_RUNS = declare(
+    name="model_runs",
+    owner=__name__,
+    grain="one row per training run (run_id), failed runs included",
+    description="What each `churn train` run trained on, how it validated, what it chose and how it ended.",
+    columns=[
+        ("run_id", "VARCHAR"), ("started_at", "TIMESTAMP"), ("finished_at", "TIMESTAMP"),
+        ("dataset", "VARCHAR"), ("feature_mart", "VARCHAR"), ("snapshot_min", "TIMESTAMP"),
+        ("snapshot_max", "TIMESTAMP"), ("train_rows", "BIGINT"), ("oot_rows", "BIGINT"),
+        ("config_hash", "VARCHAR"), ("training_data_hash", "VARCHAR"), ("validation_strategy", "VARCHAR"),
+        ("chosen_algorithm", "VARCHAR"), ("model_version", "VARCHAR"), ("promoted", "BOOLEAN"),
+        ("seconds", "DOUBLE"), ("status", "VARCHAR"), ("message", "VARCHAR"),
+    ],
+)
+MODEL_METRICS = declare(
+    name="model_metrics",
+    owner=__name__,
+    grain="one row per run, candidate and split (cv_fold_k, cv_mean, cv_std, out_of_time, baseline)",
+    description="Every candidate's cross-validated metrics, the chosen model's held-out metrics "
+                "and the 'nobody churns' baseline's, at the chosen threshold.",
+    # Counts are DOUBLE: the cv_mean / cv_std rows hold their averages.
+    columns=[("run_id", "VARCHAR"), ("model_version", "VARCHAR"), ("candidate", "VARCHAR"),
+             ("params", "VARCHAR"), ("chosen", "BOOLEAN"), ("split", "VARCHAR"),
+             *[(name, "DOUBLE") for name in METRIC_COLUMNS]],
+)
+FEATURE_IMPORTANCE = declare(
+    name="feature_importance",
+    owner=__name__,
+    grain="one row per run, contract feature and importance type (gain / abs_coef / permutation)",
+    description="The trained model's importance of each contract feature, ranked within its type.",
+    columns=[("run_id", "VARCHAR"), ("model_version", "VARCHAR"), ("feature", "VARCHAR"),
+             ("importance_type", "VARCHAR"), ("value", "DOUBLE"), ("rank", "BIGINT")],
+)
+THRESHOLD_CURVE = declare(
+    name="threshold_curve",
+    owner=__name__,
+    grain="one row per run and threshold 0.01 .. 0.99",
+    description="Recall, precision, F1 and share flagged of the trained model on its held-out rows.",
+    columns=[("run_id", "VARCHAR"), ("model_version", "VARCHAR"), ("threshold", "DOUBLE"),
+             ("recall", "DOUBLE"), ("precision", "DOUBLE"), ("f1", "DOUBLE"), ("share_flagged", "DOUBLE")],
+)
+
+
 def _metric_rows(base: dict[str, Any], split: str, metrics: dict[str, Any]) -> dict[str, Any]:
-    keep = ("roc_auc", "pr_auc", "log_loss", "brier", "recall", "precision", "f1", "accuracy",
-            "tp", "fp", "tn", "fn", "calibration_error", "threshold", "rows", "prevalence")
-    return {**base, "split": split, **{k: metrics[k] for k in keep}}
+    return {**base, "split": split, **{k: metrics[k] for k in METRIC_COLUMNS}}
 
 
 def candidate_metric_rows(
@@ -419,24 +372,241 @@ def candidate_metric_rows(
     return rows, calibrator, choice
 
 
-def _run_row(run: dict[str, Any]) -> pd.DataFrame:
-    """One model_runs row with explicit dtypes, so a failed first run still types the table."""
-    spec = {
-        "run_id": "string", "started_at": "datetime64[us]", "finished_at": "datetime64[us]",
-        "dataset": "string", "feature_mart": "string", "snapshot_min": "datetime64[us]",
-        "snapshot_max": "datetime64[us]", "train_rows": "Int64", "oot_rows": "Int64",
-        "config_hash": "string", "training_data_hash": "string", "validation_strategy": "string",
-        "chosen_algorithm": "string", "model_version": "string", "promoted": "boolean",
-        "seconds": "Float64", "status": "string", "message": "string",
-    }
-    return pd.DataFrame({k: pd.Series([run.get(k)], dtype=v) for k, v in spec.items()})
-
-
-def write_run_tables(config: ChurnConfig, run_id: str, tables: dict[str, pd.DataFrame]) -> None:
-    """Each table's rows for this run replace any earlier rows of the same run."""
-    with connect(config.warehouse.build_db) as con:
+def write_run_tables(config: ChurnConfig, run_id: str, tables: dict[TableSpec, pd.DataFrame]) -> None:
+    """Each table's rows for this run replace any earlier rows of the same run, all in one transaction."""
+    with connect(config.warehouse.build_db) as session, session.transaction():
         for table, frame in tables.items():
-            write_table(con, table, frame, replace_where=("run_id = ?", [run_id]))
+            session.append(table, frame, where="run_id = ?", params=[run_id])
+
+
+# ---------------------------------------------------------------- training steps
+
+@dataclass(frozen=True)
+class TrainingData:
+    """The labelled mart rows, split into training/CV rows and the held-out evaluation rows."""
+
+    contract: FeatureContract
+    frame: pd.DataFrame
+    split: ValidationSplit
+    train_frame: pd.DataFrame
+    eval_frame: pd.DataFrame
+    training_data_hash: str
+
+    @property
+    def snapshot_min(self) -> pd.Timestamp:
+        return self.frame[self.contract.as_of].min()
+
+    @property
+    def snapshot_max(self) -> pd.Timestamp:
+        return self.frame[self.contract.as_of].max()
+
+
+@dataclass(frozen=True)
+class TrainingMatrix:
+    """The training rows as the estimators see them, and the grouped CV folds over them."""
+
+    X: pd.DataFrame
+    y: np.ndarray
+    folds: list[tuple[np.ndarray, np.ndarray]]
+    scale_pos_weight: float
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Every algorithm's best configuration, and the one chosen (simplest within noise of the best)."""
+
+    searches: dict[str, SearchResult]
+    chosen: CandidateScore
+
+    @property
+    def best(self) -> SearchResult:
+        return self.searches[self.chosen.algorithm]
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The chosen candidate's calibrator and threshold (fitted out of fold), and every candidate's CV rows."""
+
+    calibrator: ScoreCalibrator
+    choice: ThresholdChoice
+    metric_rows: tuple[dict[str, Any], ...]
+
+
+@dataclass(frozen=True)
+class HeldOutEvaluation:
+    """The final model on the held-out rows, beside the naive baseline."""
+
+    y: np.ndarray
+    p: np.ndarray
+    metrics: dict[str, float]
+    baseline: dict[str, float]
+
+
+@dataclass(frozen=True)
+class TrainingOutcome:
+    """A finished training: what `churn train` reports, the registration and the run's table rows."""
+
+    result: TrainResult
+    registration: Registration
+    algorithm: str
+    tables: dict[TableSpec, pd.DataFrame]
+
+
+def load_training_data(config: ChurnConfig) -> TrainingData:
+    """Read the labelled rows and split off the evaluation rows (newest labelled snapshots, or a hold-out)."""
+    contract = current_contract(config)
+    with timed(f"load labelled rows of {config.dataset.feature_mart}", log):
+        with connect(config.warehouse.build_db) as session:
+            frame = load_training_rows(session, config, contract)
+            labelled_dates = fully_labelled_dates(session, config, contract)
+        split = validation_split(frame, contract, labelled_dates,
+                                 config.training.out_of_time_snapshots, config.training.random_state)
+    train_frame = frame.iloc[split.train_index].reset_index(drop=True)
+    eval_frame = frame.iloc[split.eval_index].reset_index(drop=True)
+    log.info("%d labelled rows: %d for training/CV, %d held out (%s %s)", len(frame), len(train_frame),
+             len(eval_frame), split.strategy, ", ".join(split.eval_as_of_dates))
+    return TrainingData(contract, frame, split, train_frame, eval_frame, frame_hash(train_frame))
+
+
+def training_matrix(config: ChurnConfig, data: TrainingData) -> TrainingMatrix:
+    """Contract features, labels and grouped folds of the training rows; refuses a single class."""
+    contract = data.contract
+    X = contract_feature_frame(contract, data.train_frame, f"feature mart {config.dataset.feature_mart!r}")
+    y = data.train_frame[contract.label].to_numpy(dtype=int)
+    positives = int(y.sum())
+    if positives == 0 or positives == len(y):
+        raise TrainingError(f"training rows of {config.dataset.feature_mart!r} hold a single class ({len(y)} rows)")
+    folds = cv_folds(y, data.train_frame[contract.key].to_numpy(), config.training.cv_folds,
+                     config.training.random_state)
+    return TrainingMatrix(X, y, folds, (len(y) - positives) / positives)
+
+
+def select_candidate(config: ChurnConfig, contract: FeatureContract, matrix: TrainingMatrix) -> Selection:
+    """Search every algorithm on the same folds and pick the simplest that is as good as the best."""
+    searches: dict[str, SearchResult] = {}
+    for algorithm in ALGORITHMS:
+        with timed(f"candidate {algorithm} ({config.training.cv_folds}-fold grouped CV)", log):
+            searches[algorithm] = search_algorithm(algorithm, contract, matrix.X, matrix.y, matrix.folds, config,
+                                                   matrix.scale_pos_weight)
+    chosen = select_by_simplicity([s.score for s in searches.values()], ALGORITHMS)
+    selection = Selection(searches, chosen)
+    log.info("chosen %s %s: CV %s %.4f +- %.4f", selection.best.algorithm, selection.best.params,
+             config.problem.selection_metric, chosen.mean, chosen.std)
+    return selection
+
+
+def calibrate(config: ChurnConfig, run_id: str, selection: Selection, matrix: TrainingMatrix) -> Calibration:
+    """Calibrate and threshold every candidate out of fold (for its CV rows); keep the chosen one's."""
+    metric_rows: list[dict[str, Any]] = []
+    calibrator, choice = None, None
+    for algorithm, search in selection.searches.items():
+        chosen = algorithm == selection.best.algorithm
+        base = {"run_id": run_id, "candidate": algorithm, "params": json.dumps(search.params), "chosen": chosen}
+        rows, candidate_calibrator, candidate_choice = candidate_metric_rows(search, matrix.y, matrix.folds,
+                                                                             config, base)
+        metric_rows += rows
+        if chosen:
+            calibrator, choice = candidate_calibrator, candidate_choice
+    log.info("threshold %.4f (%s): out-of-fold recall %.3f at precision %.3f, flagging %.1f%% of rows",
+             choice.threshold, choice.rule, choice.recall, choice.precision, 100 * choice.share_flagged)
+    return Calibration(calibrator, choice, tuple(metric_rows))
+
+
+def refit(config: ChurnConfig, contract: FeatureContract, selection: Selection, calibration: Calibration,
+          matrix: TrainingMatrix) -> ChurnModel:
+    """The chosen configuration fitted on all training rows, with the out-of-fold calibrator and threshold."""
+    best = selection.best
+    with timed(f"refit {best.algorithm} on {len(matrix.y)} rows", log):
+        pipeline = make_pipeline(contract, best.algorithm, best.params, config.training.random_state,
+                                 matrix.scale_pos_weight).fit(matrix.X, matrix.y)
+    return ChurnModel(pipeline=pipeline, calibrator=calibration.calibrator, contract=contract,
+                      algorithm=best.algorithm, params=best.params, threshold=calibration.choice.threshold)
+
+
+def evaluate_held_out(config: ChurnConfig, model: ChurnModel, data: TrainingData,
+                      matrix: TrainingMatrix) -> HeldOutEvaluation:
+    """Score the held-out rows once, and the baseline at the training churn rate."""
+    y = data.eval_frame[data.contract.label].to_numpy(dtype=int)
+    p = model.predict_proba(data.eval_frame)
+    metrics = classification_metrics(y, p, model.threshold)
+    baseline = baseline_metrics(y, float(matrix.y.mean()))
+    log.info("out-of-time (%s, %d rows): %s=%.4f roc_auc=%.4f recall=%.3f precision=%.3f at threshold %.4f; "
+             "baseline pr_auc=%.4f", data.split.strategy, len(y), config.problem.selection_metric,
+             metrics[config.problem.selection_metric], metrics["roc_auc"], metrics["recall"], metrics["precision"],
+             model.threshold, baseline["pr_auc"])
+    return HeldOutEvaluation(y, p, metrics, baseline)
+
+
+def model_metadata(config: ChurnConfig, run_id: str, data: TrainingData, selection: Selection,
+                   calibration: Calibration, evaluation: HeldOutEvaluation,
+                   reference: dict[str, Any]) -> ModelMetadata:
+    """What the model's metadata.json records about how it was trained and judged."""
+    return ModelMetadata(
+        run_id=run_id,
+        dataset=config.dataset.name,
+        feature_mart=config.dataset.feature_mart,
+        config_hash=config.fingerprint(),
+        training_data_hash=data.training_data_hash,
+        training_rows=len(data.train_frame),
+        snapshot_range=[str(data.snapshot_min.date()), str(data.snapshot_max.date())],
+        validation=data.split.describe(data.frame, data.contract),
+        selection_metric=config.problem.selection_metric,
+        threshold_choice=dataclasses.asdict(calibration.choice),
+        metrics={"cv_mean": {"mean": selection.chosen.mean, "std": selection.chosen.std},
+                 "out_of_time": evaluation.metrics, "baseline": evaluation.baseline},
+        candidates={a: {"params": s.params, "cv_mean": s.score.mean, "cv_std": s.score.std,
+                        "configs": s.all_configs} for a, s in selection.searches.items()},
+        reference=reference,
+    )
+
+
+def run_tables(run_id: str, version: str, selection: Selection, calibration: Calibration,
+               evaluation: HeldOutEvaluation, importance: pd.DataFrame) -> dict[TableSpec, pd.DataFrame]:
+    """This run's rows of model_metrics, feature_importance and threshold_curve."""
+    best = selection.best
+    chosen_base = {"run_id": run_id, "candidate": best.algorithm, "params": json.dumps(best.params), "chosen": True}
+    baseline_base = {"run_id": run_id, "candidate": "always_no_churn", "params": "{}", "chosen": False}
+    metrics = pd.DataFrame([*calibration.metric_rows, _metric_rows(chosen_base, "out_of_time", evaluation.metrics),
+                            _metric_rows(baseline_base, "baseline", evaluation.baseline)])
+    curve = threshold_curve(evaluation.y, evaluation.p)
+    return {
+        MODEL_METRICS: _with_run(metrics, run_id, version),
+        FEATURE_IMPORTANCE: _with_run(importance, run_id, version),
+        THRESHOLD_CURVE: _with_run(curve, run_id, version),
+    }
+
+
+def _with_run(frame: pd.DataFrame, run_id: str, version: str) -> pd.DataFrame:
+    return frame.assign(run_id=run_id, model_version=version)
+
+
+@dataclass(frozen=True)
+class RunStart:
+    """The model_runs facts known before training starts."""
+
+    run_id: str
+    started_at: dt.datetime
+    clock: float  # perf_counter at the start, for `seconds`
+
+
+def run_row(config: ChurnConfig, start: RunStart, status: str, message: str | None = None,
+            data: TrainingData | None = None, outcome: TrainingOutcome | None = None) -> pd.DataFrame:
+    """The run's model_runs row, from what the steps that finished returned (a failed run has fewer)."""
+    row: dict[str, Any] = {
+        "run_id": start.run_id, "started_at": start.started_at, "dataset": config.dataset.name,
+        "feature_mart": config.dataset.feature_mart, "config_hash": config.fingerprint(),
+        "status": status, "message": message, "finished_at": dt.datetime.now(),
+        "seconds": time.perf_counter() - start.clock,
+    }
+    if data is not None:
+        row.update(snapshot_min=data.snapshot_min.to_pydatetime(), snapshot_max=data.snapshot_max.to_pydatetime(),
+                   train_rows=len(data.train_frame), oot_rows=len(data.eval_frame),
+                   validation_strategy=data.split.strategy, training_data_hash=data.training_data_hash)
+    if outcome is not None:
+        row.update(chosen_algorithm=outcome.algorithm, model_version=outcome.registration.version,
+                   promoted=outcome.registration.promoted)
+    # object columns: the declared table types each value, and an unknown one stays NULL.
+    return pd.DataFrame({name: pd.Series([value], dtype=object) for name, value in row.items()})
 
 
 # ---------------------------------------------------------------- training
@@ -446,8 +616,6 @@ def train(config: ChurnConfig, force: bool = False, run_id: str | None = None) -
 
     Without `force`, an existing champion means nothing is done (and that is said).
     """
-    from ml.modeling.registry import champion_version, register
-
     current = champion_version(config)
     if current and not force:
         message = f"champion {current} exists for dataset {config.dataset.name!r}; use --force to retrain"
@@ -455,133 +623,47 @@ def train(config: ChurnConfig, force: bool = False, run_id: str | None = None) -
         return TrainResult(current, None, {}, False, run_id, skipped=True, message=message)
 
     run_id = run_id or dt.datetime.now().strftime("train-%Y%m%dT%H%M%S-") + uuid.uuid4().hex[:6]
-    run: dict[str, Any] = {
-        "run_id": run_id, "started_at": dt.datetime.now(), "dataset": config.dataset.name,
-        "feature_mart": config.dataset.feature_mart, "config_hash": config.fingerprint(), "status": "running",
-    }
-    start = time.perf_counter()
+    start = RunStart(run_id, dt.datetime.now(), time.perf_counter())
+    data: TrainingData | None = None
     try:
         # One BLAS thread: the matrices are narrow (rows x features), so a second
         # OpenBLAS thread only adds synchronisation; on a busy 2-core machine it
         # made logistic regression fits ~7x slower. Tree estimators use their own n_jobs.
         with threadpool_limits(limits=1, user_api="blas"):
-            result, tables = _train(config, run_id, run, register)
+            data = load_training_data(config)
+            outcome = _train(config, run_id, data)
     except Exception as exc:
-        run.update(status="failed", message=f"{type(exc).__name__}: {exc}", finished_at=dt.datetime.now(),
-                   seconds=time.perf_counter() - start)
-        write_run_tables(config, run_id, {"model_runs": _run_row(run)})
+        failed = run_row(config, start, "failed", f"{type(exc).__name__}: {exc}", data)
+        write_run_tables(config, run_id, {MODEL_RUNS: failed})
         raise
-    run.update(status="success", finished_at=dt.datetime.now(), seconds=time.perf_counter() - start)
-    write_run_tables(config, run_id, {"model_runs": _run_row(run), **tables})
-    return result
+    write_run_tables(config, run_id, {MODEL_RUNS: run_row(config, start, "success", data=data, outcome=outcome),
+                                      **outcome.tables})
+    return outcome.result
 
 
-def _train(config: ChurnConfig, run_id: str, run: dict[str, Any], register) -> tuple[TrainResult, dict[str, pd.DataFrame]]:
-    contract = mart_contract(config)
-    with timed(f"load labelled rows of {config.dataset.feature_mart}", log):
-        frame = load_training_rows(config, contract)
-        split = validation_split(frame, contract, fully_labelled_dates(config, contract),
-                                 config.training.out_of_time_snapshots, config.training.random_state)
-    train_frame = frame.iloc[split.train_index].reset_index(drop=True)
-    eval_frame = frame.iloc[split.eval_index].reset_index(drop=True)
-    run.update(
-        snapshot_min=frame[contract.as_of].min(), snapshot_max=frame[contract.as_of].max(),
-        train_rows=len(train_frame), oot_rows=len(eval_frame), validation_strategy=split.strategy,
-        training_data_hash=frame_hash(train_frame),
-    )
-    log.info("%d labelled rows: %d for training/CV, %d held out (%s %s)", len(frame), len(train_frame),
-             len(eval_frame), split.strategy, ", ".join(split.eval_as_of_dates))
-
-    X = contract_feature_frame(contract, train_frame, f"feature mart {config.dataset.feature_mart!r}")
-    y = train_frame[contract.label].to_numpy(dtype=int)
-    positives = int(y.sum())
-    if positives == 0 or positives == len(y):
-        raise TrainingError(f"training rows of {config.dataset.feature_mart!r} hold a single class ({len(y)} rows)")
-    scale_pos_weight = (len(y) - positives) / positives
-    folds = cv_folds(y, train_frame[contract.key].to_numpy(), config.training.cv_folds, config.training.random_state)
-
-    searches: dict[str, SearchResult] = {}
-    for algorithm in ALGORITHMS:
-        with timed(f"candidate {algorithm} ({config.training.cv_folds}-fold grouped CV)", log):
-            searches[algorithm] = search_algorithm(algorithm, contract, X, y, folds, config, scale_pos_weight)
-    chosen = select_by_simplicity([s.score for s in searches.values()], ALGORITHMS)
-    best = searches[chosen.algorithm]
-    log.info("chosen %s %s: CV %s %.4f +- %.4f", best.algorithm, best.params,
-             config.problem.selection_metric, chosen.mean, chosen.std)
-
-    metric_rows: list[dict[str, Any]] = []
-    calibrator, choice = None, None
-    for algorithm, search in searches.items():
-        base = {"run_id": run_id, "candidate": algorithm, "params": json.dumps(search.params),
-                "chosen": algorithm == best.algorithm}
-        rows, cal, ch = candidate_metric_rows(search, y, folds, config, base)
-        metric_rows += rows
-        if algorithm == best.algorithm:
-            calibrator, choice = cal, ch
-
-    log.info("threshold %.4f (%s): out-of-fold recall %.3f at precision %.3f, flagging %.1f%% of rows",
-             choice.threshold, choice.rule, choice.recall, choice.precision, 100 * choice.share_flagged)
-    with timed(f"refit {best.algorithm} on {len(train_frame)} rows", log):
-        pipeline = make_pipeline(contract, best.algorithm, best.params, config.training.random_state,
-                                 scale_pos_weight).fit(X, y)
-    model = ChurnModel(pipeline=pipeline, calibrator=calibrator, contract=contract, algorithm=best.algorithm,
-                       params=best.params, threshold=choice.threshold)
-
-    y_eval = eval_frame[contract.label].to_numpy(dtype=int)
-    p_eval = model.predict_proba(eval_frame)
-    oot = classification_metrics(y_eval, p_eval, model.threshold)
-    baseline = baseline_metrics(y_eval, float(y.mean()))
-    log.info("out-of-time (%s, %d rows): %s=%.4f roc_auc=%.4f recall=%.3f precision=%.3f at threshold %.4f; "
-             "baseline pr_auc=%.4f", split.strategy, len(eval_frame), config.problem.selection_metric,
-             oot[config.problem.selection_metric], oot["roc_auc"], oot["recall"], oot["precision"],
-             model.threshold, baseline["pr_auc"])
-
-    from ml.modeling.reference import compute_reference
-
+def _train(config: ChurnConfig, run_id: str, data: TrainingData) -> TrainingOutcome:
+    """Search, select, calibrate, refit, evaluate, describe and register a model on `data`."""
+    matrix = training_matrix(config, data)
+    selection = select_candidate(config, data.contract, matrix)
+    calibration = calibrate(config, run_id, selection, matrix)
+    model = refit(config, data.contract, selection, calibration, matrix)
+    evaluation = evaluate_held_out(config, model, data, matrix)
     with timed("reference statistics and feature importance", log):
-        train_scores = model.predict_proba(train_frame)
-        reference = compute_reference(train_frame, train_scores, contract, config.monitoring,
+        train_scores = model.predict_proba(data.train_frame)
+        reference = compute_reference(data.train_frame, train_scores, data.contract, config.monitoring,
                                       threshold=model.threshold)
-        importance = feature_importances(model, eval_frame, config)
-    model.metadata = {
-        "run_id": run_id,
-        "dataset": config.dataset.name,
-        "feature_mart": config.dataset.feature_mart,
-        "config_hash": config.fingerprint(),
-        "training_data_hash": run["training_data_hash"],
-        "training_rows": len(train_frame),
-        "snapshot_range": [str(run["snapshot_min"].date()), str(run["snapshot_max"].date())],
-        "validation": split.describe(frame, contract),
-        "selection_metric": config.problem.selection_metric,
-        "threshold_choice": dataclasses.asdict(choice),
-        "metrics": {"cv_mean": {"mean": chosen.mean, "std": chosen.std}, "out_of_time": oot, "baseline": baseline},
-        "candidates": {a: {"params": s.params, "cv_mean": s.score.mean, "cv_std": s.score.std,
-                           "configs": s.all_configs} for a, s in searches.items()},
-        "reference": reference,
-    }
-
-    version = register(config, model, run_id, oot, evaluation_frame=eval_frame)
-    from ml.modeling.registry import champion_version
-
-    promoted = champion_version(config) == version
-    run.update(chosen_algorithm=best.algorithm, model_version=version, promoted=promoted)
-
-    chosen_base = {"run_id": run_id, "candidate": best.algorithm, "params": json.dumps(best.params), "chosen": True}
-    metric_rows.append(_metric_rows(chosen_base, "out_of_time", oot))
-    metric_rows.append(_metric_rows({"run_id": run_id, "candidate": "always_no_churn", "params": "{}",
-                                     "chosen": False}, "baseline", baseline))
-    metrics = pd.DataFrame(metric_rows)
-    metrics.insert(1, "model_version", version)
-    importance.insert(0, "run_id", run_id)
-    importance.insert(1, "model_version", version)
-    curve = threshold_curve(y_eval, p_eval)
-    curve.insert(0, "run_id", run_id)
-    curve.insert(1, "model_version", version)
-    tables = {"model_metrics": metrics, "feature_importance": importance[
-        ["run_id", "model_version", "feature", "importance_type", "value", "rank"]], "threshold_curve": curve}
-    result = TrainResult(version, best.algorithm, oot, promoted, run_id, split.strategy, baseline_metrics=baseline,
-                         message=f"{best.algorithm} registered as {version} ({'champion' if promoted else 'challenger'})")
-    return result, tables
+        importance = feature_importances(model, data.eval_frame, config)
+    metadata = model_metadata(config, run_id, data, selection, calibration, evaluation, reference)
+    registration = register(config, dataclasses.replace(model, metadata=metadata), run_id, evaluation.metrics,
+                            evaluation_frame=data.eval_frame)
+    algorithm, version = selection.best.algorithm, registration.version
+    result = TrainResult(
+        version, algorithm, evaluation.metrics, registration.promoted, run_id, data.split.strategy,
+        baseline_metrics=evaluation.baseline,
+        message=f"{algorithm} registered as {version} ({'champion' if registration.promoted else 'challenger'})",
+    )
+    return TrainingOutcome(result, registration, algorithm,
+                           run_tables(run_id, version, selection, calibration, evaluation, importance))
 
 
 # ---------------------------------------------------------------- CLI
@@ -615,10 +697,11 @@ IMPORTANCE_PREFERENCE = ("permutation", "gain", "abs_coef")
 
 def top_features(session: Session, version: str, limit: int) -> list[str]:
     """The model's most important contract features, by the preferred importance type."""
-    if not session.exists("feature_importance"):
+    if not session.exists(FEATURE_IMPORTANCE):
         return []
     frame = session.frame(
-        'select feature, importance_type, "rank" from feature_importance where model_version = ?', [version]
+        f'select feature, importance_type, "rank" from {quote(FEATURE_IMPORTANCE.name)} where model_version = ?',
+        [version],
     )
     for kind in IMPORTANCE_PREFERENCE:
         chosen = frame[frame["importance_type"] == kind]
@@ -633,27 +716,29 @@ def newest_trained_snapshot(session: Session, dataset: str) -> dt.date | None:
     A rejected challenger has already learned from it too: retraining on the same
     snapshots would only reject the same challenger again, night after night.
     """
-    if not session.exists("model_runs"):
+    if not session.exists(MODEL_RUNS):
         return None
     value = session.scalar(
-        "select max(snapshot_max) from model_runs where dataset = ? and status = 'success'", [dataset]
+        f"select max(snapshot_max) from {quote(MODEL_RUNS.name)} where dataset = ? and status = 'success'", [dataset]
     )
     return None if value is None else pd.Timestamp(value).date()
 
 
 def validation_strategy(session: Session, run_id: str) -> str | None:
     """How training run `run_id` judged its model (`out_of_time` or `stratified_holdout`)."""
-    if not session.exists("model_runs"):
+    if not session.exists(MODEL_RUNS):
         return None
-    return session.scalar("select any_value(validation_strategy) from model_runs where run_id = ?", [run_id])
+    return session.scalar(
+        f"select any_value(validation_strategy) from {quote(MODEL_RUNS.name)} where run_id = ?", [run_id]
+    )
 
 
 def held_out_metrics(session: Session, version: str, metrics: tuple[str, ...]) -> pd.DataFrame:
     """The model's held-out (`out_of_time`) and baseline rows of model_metrics: split, candidate, metrics, rows."""
-    if not session.exists("model_metrics"):
+    if not session.exists(MODEL_METRICS):
         return pd.DataFrame(columns=["split", "candidate", *metrics, "rows"])
     return session.frame(
-        f"select split, candidate, {column_list(metrics)}, rows from model_metrics "
+        f"select split, candidate, {column_list(metrics)}, rows from {quote(MODEL_METRICS.name)} "
         "where model_version = ? and split in ('out_of_time', 'baseline')",
         [version],
     )
