@@ -25,11 +25,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
-
 from ml.config import ChurnConfig
 from ml.logs import get_logger, timed
-from ml.warehouse import connect, table_exists
+from ml.warehouse import connect
 
 log = get_logger("backfill")
 
@@ -123,30 +121,26 @@ def reset_sandbox(config: ChurnConfig) -> None:
 def data_end(config: ChurnConfig) -> dt.date:
     """The latest as_of_date the data supports (last observed day + 1), from a full build."""
     from ml.features.build import build_warehouse
-    from ml.features.contract import load_contract
-    from ml.features.dbt import dbt_target_path
+    from ml.features.mart import current_contract, latest_snapshot_date
     from ml.pipeline import ensure_landing
 
     ensure_landing(config)
     build_warehouse(config)
-    contract = load_contract(dbt_target_path(config) / "manifest.json", config.dataset.feature_mart)
-    with connect(config.warehouse.build_db, read_only=True) as con:
-        latest = con.execute(
-            f'select max("{contract.as_of}") from "{config.dataset.feature_mart}"'
-        ).fetchone()[0]
+    with connect(config.warehouse.build_db, read_only=True) as session:
+        latest = latest_snapshot_date(session, config, current_contract(config))
     if latest is None:
         raise BackfillError(f"feature mart {config.dataset.feature_mart!r} is empty; nothing to replay")
-    return pd.Timestamp(latest).date()
+    return latest
 
 
 def check_no_future_champion(config: ChurnConfig, start: dt.date) -> None:
     """Refuse an in-place replay whose champion was trained on data from after `start`."""
-    from ml.modeling.registry import load_champion
+    from ml.modeling.registry import champion_in, load_champion
 
     if not config.warehouse.build_db.exists():
         return
-    with connect(config.warehouse.build_db, read_only=True) as con:
-        if not table_exists(con, "model_registry"):
+    with connect(config.warehouse.build_db, read_only=True) as session:
+        if champion_in(session, config.dataset.name) is None:
             return
     model = load_champion(config)
     if model is None:

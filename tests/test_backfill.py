@@ -90,18 +90,18 @@ def _replay(root: Path, drift_from: dt.date | None, generator: dict, nights: dic
 
 def _feature_flags(config: ChurnConfig) -> pd.DataFrame:
     with connect(config.warehouse.build_db, read_only=True) as con:
-        flags = con.execute(
+        flags = con.frame(
             """select as_of_date, model_version, feature, bool_or(coalesce(drifted, false)) as drifted
                from drift_stats where kind in ('numeric', 'categorical')
                group by all"""
-        ).df()
+        )
     flags["as_of_date"] = pd.to_datetime(flags["as_of_date"]).dt.date
     return flags
 
 
 def _decisions(config: ChurnConfig) -> pd.DataFrame:
     with connect(config.warehouse.build_db, read_only=True) as con:
-        decisions = con.execute("select * from retrain_decisions order by decided_at").df()
+        decisions = con.frame("select * from retrain_decisions order by decided_at")
     decisions["decision_date"] = pd.to_datetime(decisions["decision_date"]).dt.date
     return decisions
 
@@ -179,9 +179,9 @@ def test_weekly_replay_across_the_change_and_without_it(tmp_path: Path):
     check_drift_after_the_change(drifted)
     check_retrain_after_the_change(drifted)
     with connect(drifted.warehouse.build_db, read_only=True) as con:
-        perf = con.execute(
+        perf = con.frame(
             """select as_of_date, model_version, kind, recall from model_performance
-               where as_of_date < ? order by as_of_date""", [CHANGE]).df()
+               where as_of_date < ? order by as_of_date""", [CHANGE])
     both = perf.pivot_table(index=["as_of_date", "model_version"], columns="kind", values="recall").dropna()
     assert len(both) >= 1
     assert (both["estimated"] - both["realized"]).abs().max() < 0.1

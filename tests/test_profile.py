@@ -17,7 +17,7 @@ from ml.config import ChurnConfig
 from ml.features.contract import FeatureContract, load_contract
 from ml.features.dbt import dbt_target_path
 from ml.reports.profile import PLOTS, TABLES, ProfileError, profile
-from ml.warehouse import connect, table_exists
+from ml.warehouse import connect
 from tests.conftest import REPO_ROOT, copy_warehouse
 
 
@@ -37,12 +37,12 @@ def test_tables_hold_one_row_per_contract_column(profiled) -> None:
     contract = _contract(config)
     with connect(config.warehouse.build_db, read_only=True) as con:
         for table in TABLES:
-            assert table_exists(con, table), table
-        names = [r[0] for r in con.execute(
+            assert con.exists(table), table
+        names = [r[0] for r in con.rows(
             "select column_name from profile_columns where feature_mart = ? order by column_name",
-            [contract.model]).fetchall()]
-        roles = dict(con.execute(
-            "select column_name, role from profile_columns where feature_mart = ?", [contract.model]).fetchall())
+            [contract.model])]
+        roles = dict(con.rows(
+            "select column_name, role from profile_columns where feature_mart = ?", [contract.model]))
     assert names == sorted(contract.columns)
     assert result.columns == len(contract.columns)
     assert roles[contract.key] == "key" and roles[contract.label] == "label" and roles[contract.as_of] == "as_of"
@@ -55,13 +55,13 @@ def test_missing_shares_match_a_direct_count(profiled) -> None:
     mart = contract.model
     with connect(config.warehouse.build_db, read_only=True) as con:
         profiled_missing = {
-            name: (count, share) for name, count, share in con.execute(
+            name: (count, share) for name, count, share in con.rows(
                 "select column_name, missing_count, missing_share from profile_columns where feature_mart = ?",
-                [mart]).fetchall()
+                [mart])
         }
-        total = con.execute(f'select count(*) from "{mart}"').fetchone()[0]
+        total = con.scalar(f'select count(*) from "{mart}"')
         for column in contract.columns:
-            direct = con.execute(f'select count(*) from "{mart}" where "{column}" is null').fetchone()[0]
+            direct = con.scalar(f'select count(*) from "{mart}" where "{column}" is null')
             assert profiled_missing[column][0] == direct, column
             assert profiled_missing[column][1] == pytest.approx(direct / total), column
     # The demo mart's label is NULL where the horizon is not yet observed: a real check, not all zeros.
@@ -73,16 +73,16 @@ def test_class_balance_matches_the_label_mean(profiled) -> None:
     contract = _contract(config)
     mart, label, as_of = contract.model, contract.label, contract.as_of
     with connect(config.warehouse.build_db, read_only=True) as con:
-        overall = con.execute(
+        overall = con.one(
             "select rows, labelled_rows, positives, positive_rate from profile_class_balance "
-            "where feature_mart = ? and scope = 'overall'", [mart]).fetchone()
-        direct = con.execute(
-            f'select count(*), count("{label}"), sum("{label}"), avg("{label}") from "{mart}"').fetchone()
-        per_date = dict(con.execute(
+            "where feature_mart = ? and scope = 'overall'", [mart])
+        direct = con.one(
+            f'select count(*), count("{label}"), sum("{label}"), avg("{label}") from "{mart}"')
+        per_date = dict(con.rows(
             "select snapshot_date, positive_rate from profile_class_balance "
-            "where feature_mart = ? and scope = 'snapshot'", [mart]).fetchall())
-        direct_dates = dict(con.execute(
-            f'select cast("{as_of}" as date), avg("{label}") from "{mart}" group by 1').fetchall())
+            "where feature_mart = ? and scope = 'snapshot'", [mart]))
+        direct_dates = dict(con.rows(
+            f'select cast("{as_of}" as date), avg("{label}") from "{mart}" group by 1'))
     assert overall[:3] == tuple(direct[:3])
     assert overall[3] == pytest.approx(direct[3])
     assert len(per_date) == len(direct_dates) > 1
@@ -100,13 +100,13 @@ def test_outliers_follow_the_iqr_rule_on_the_full_mart(profiled) -> None:
     with connect(config.warehouse.build_db, read_only=True) as con:
         checked = 0
         for feature in contract.numeric:
-            values = np.array([r[0] for r in con.execute(
-                f'select cast("{feature}" as double) from "{mart}" where "{feature}" is not null').fetchall()])
+            values = np.array([r[0] for r in con.rows(
+                f'select cast("{feature}" as double) from "{mart}" where "{feature}" is not null')])
             p25, p75 = np.quantile(values, [0.25, 0.75])  # linear interpolation, like quantile_cont
             low, high = p25 - 1.5 * (p75 - p25), p75 + 1.5 * (p75 - p25)
-            row = con.execute(
+            row = con.one(
                 "select p25, p75, outliers_low, outliers_high, min_value, max_value from profile_columns "
-                "where feature_mart = ? and column_name = ?", [mart, feature]).fetchone()
+                "where feature_mart = ? and column_name = ?", [mart, feature])
             assert row[0] == pytest.approx(p25) and row[1] == pytest.approx(p75), feature
             assert row[2] == int((values < low).sum()) and row[3] == int((values > high).sum()), feature
             assert (row[4], row[5]) == (pytest.approx(values.min()), pytest.approx(values.max())), feature
@@ -120,33 +120,33 @@ def test_distributions_by_label_and_correlations(profiled) -> None:
     mart, label = contract.model, contract.label
     with connect(config.warehouse.build_db, read_only=True) as con:
         feature = contract.numeric[0]
-        means = con.execute(
+        means = con.one(
             "select mean_label_0, mean_label_1 from profile_columns where feature_mart = ? and column_name = ?",
-            [mart, feature]).fetchone()
-        direct = con.execute(
+            [mart, feature])
+        direct = con.one(
             f'select avg("{feature}") filter (where "{label}" = 0), avg("{feature}") filter (where "{label}" = 1) '
-            f'from "{mart}"').fetchone()
+            f'from "{mart}"')
         assert means == (pytest.approx(direct[0]), pytest.approx(direct[1]))
 
         category = contract.categorical[0]
-        rates = dict(con.execute(
+        rates = dict(con.rows(
             "select category, churn_rate from profile_categories where feature_mart = ? and column_name = ?",
-            [mart, category]).fetchall())
-        direct_rates = dict(con.execute(
+            [mart, category]))
+        direct_rates = dict(con.rows(
             f'select coalesce(cast("{category}" as varchar), \'(missing)\'), avg("{label}") '
-            f'from "{mart}" group by 1').fetchall())
+            f'from "{mart}" group by 1'))
         assert rates.keys() == direct_rates.keys()
         for value, rate in direct_rates.items():
             assert rates[value] == pytest.approx(rate), value
 
-        frame = con.execute(
-            f'select {", ".join(f"{chr(34)}{c}{chr(34)}" for c in contract.numeric)}, "{label}" from "{mart}"').df()
-        matrix = con.execute(
+        frame = con.frame(
+            f'select {", ".join(f"{chr(34)}{c}{chr(34)}" for c in contract.numeric)}, "{label}" from "{mart}"')
+        matrix = con.rows(
             "select column_a, column_b, correlation from profile_correlations "
-            "where feature_mart = ? and scope = 'feature_pair'", [mart]).fetchall()
-        with_label = dict(con.execute(
+            "where feature_mart = ? and scope = 'feature_pair'", [mart])
+        with_label = dict(con.rows(
             "select column_a, correlation from profile_correlations "
-            "where feature_mart = ? and scope = 'feature_label'", [mart]).fetchall())
+            "where feature_mart = ? and scope = 'feature_label'", [mart]))
     pairs = {(a, b): v for a, b, v in matrix}
     assert len(pairs) == len(contract.numeric) ** 2
     a, b = contract.numeric[0], contract.numeric[1]
@@ -183,11 +183,11 @@ def test_rerun_replaces_rows_instead_of_appending(private_warehouse: ChurnConfig
     second = profile(config, sample_rows=500)
     with connect(config.warehouse.build_db, read_only=True) as con:
         for table in TABLES:
-            runs = con.execute(f"select list(distinct run_id) from {table} where feature_mart = ?",
-                               [first.feature_mart]).fetchone()[0]
+            runs = con.scalar(f"select list(distinct run_id) from {table} where feature_mart = ?",
+                               [first.feature_mart])
             assert runs == [second.run_id], table
-        kept = con.execute("select count(*), list(distinct run_id) from profile_columns "
-                           "where feature_mart = 'other_mart'").fetchone()
+        kept = con.one("select count(*), list(distinct run_id) from profile_columns "
+                           "where feature_mart = 'other_mart'")
     assert second.run_id != first.run_id
     assert kept == (first.columns, [first.run_id])
 
@@ -200,7 +200,7 @@ def test_missing_mart_is_a_clear_error(private_warehouse: ChurnConfig) -> None:
     with pytest.raises(ProfileError, match=re.escape(mart)):
         profile(config)
     with connect(config.warehouse.build_db, read_only=True) as con:
-        assert not table_exists(con, "profile_columns")
+        assert not con.exists("profile_columns")
     assert not (config.warehouse.reports_dir / "profile").exists()
 
 
@@ -218,6 +218,6 @@ def test_profile_code_names_no_feature_column(built_warehouse: ChurnConfig) -> N
     names = set(_contract(built_warehouse).feature_names)
     telco_yaml = REPO_ROOT / "dbt_project" / "models" / "marts" / "_telco_marts__models.yml"
     names |= set(re.findall(r"- name: (\w+)", telco_yaml.read_text())) - {"telco_customer_features"}
-    source = (REPO_ROOT / "ml" / "profile.py").read_text()
+    source = (REPO_ROOT / "ml" / "reports" / "profile.py").read_text()
     found = sorted(n for n in names if re.search(rf"\b{re.escape(n)}\b", source))
     assert not found, f"ml/profile.py names feature columns: {found}"

@@ -32,7 +32,7 @@ def scored(private_warehouse: ChurnConfig) -> ChurnConfig:
 
 def build_rows(config: ChurnConfig, table: str) -> int:
     with connect(config.warehouse.build_db, read_only=True) as con:
-        return con.execute(f"select count(*) from {table}").fetchall()[0][0]
+        return con.scalar(f"select count(*) from {table}")
 
 
 def leftovers(config: ChurnConfig) -> list[str]:
@@ -45,17 +45,17 @@ def test_publish_copies_the_bi_tables_and_leaves_no_temp(scored: ChurnConfig) ->
     assert result.tables == {"churn_scores": build_rows(scored, "churn_scores"), "pipeline_runs": 1}
     assert published_tables(scored) == {**result.tables, INFO_TABLE: 1}
     with connect(scored.warehouse.published_db, read_only=True) as con:
-        assert con.execute(f"select run_id, dataset from {INFO_TABLE}").fetchall() == [("r1", "demo")]
+        assert con.rows(f"select run_id, dataset from {INFO_TABLE}") == [("r1", "demo")]
     assert leftovers(scored) == []
 
 
 def test_republishing_the_same_build_gives_the_same_tables(scored: ChurnConfig) -> None:
     publish(scored, run_id="r1")
     with connect(scored.warehouse.published_db, read_only=True) as con:
-        first = con.execute("select * from churn_scores order by all").fetchall()
+        first = con.rows("select * from churn_scores order by all")
     publish(scored, run_id="r1")
     with connect(scored.warehouse.published_db, read_only=True) as con:
-        again = con.execute("select * from churn_scores order by all").fetchall()
+        again = con.rows("select * from churn_scores order by all")
     assert again == first and len(first) == build_rows(scored, "churn_scores")
 
 
@@ -109,4 +109,4 @@ def test_a_reader_of_the_old_file_keeps_its_snapshot(scored: ChurnConfig) -> Non
     finally:
         reader.close()
     with connect(scored.warehouse.published_db, read_only=True) as con:
-        assert con.execute("select count(*) from churn_scores").fetchall()[0][0] == new_rows < old_rows
+        assert con.scalar("select count(*) from churn_scores") == new_rows < old_rows

@@ -23,7 +23,7 @@ from ml.quality.audit import (
     run_suite,
     suite_parameters,
 )
-from ml.warehouse import connect
+from ml.warehouse import MEMORY, Session, connect
 
 from .conftest import REPO_ROOT
 
@@ -46,10 +46,10 @@ def expectation(kind: str, severity: str = "critical", **kwargs) -> dict:
 
 
 @pytest.fixture
-def table() -> duckdb.DuckDBPyConnection:
+def table() -> Session:
     """Ten rows: 3 dates in 2031, 2 null amounts, one duplicated id pair, one negative amount."""
-    con = duckdb.connect()
-    con.execute("""
+    with connect(MEMORY) as con:
+        con.execute("""
         create table t as select * from (values
             ('a', date '2024-01-01', 1.0), ('b', date '2024-01-02', 2.0), ('c', date '2031-01-01', 3.0),
             ('d', date '2024-01-04', null), ('e', date '2031-01-02', 5.0), ('f', date '2024-01-06', -6.0),
@@ -57,8 +57,7 @@ def table() -> duckdb.DuckDBPyConnection:
             ('j', date '2024-01-10', 10.0)
         ) as v(id, day, amount)
     """)
-    yield con
-    con.close()
+        yield con
 
 
 PARAMS = {"today": __import__("pandas").Timestamp("2030-01-01")}
@@ -173,10 +172,10 @@ def test_generated_landing_and_mart_pass_and_are_recorded(private_warehouse: Chu
     mart = audit(config, "mart", "run-1")
     assert landing.critical_failures == [] and mart.critical_failures == []
     with connect(config.warehouse.build_db, read_only=True) as con:
-        stored = con.execute(
+        stored = con.rows(
             f"select stage, count(*), count(distinct suite), bool_and(element_count > 0) "
-            f"from {RESULTS_TABLE} where run_id = 'run-1' group by stage order by stage").fetchall()
-        counts = con.execute(f"select count(*) from {COUNTS_TABLE} where run_id = 'run-1'").fetchall()[0][0]
+            f"from {RESULTS_TABLE} where run_id = 'run-1' group by stage order by stage")
+        counts = con.scalar(f"select count(*) from {COUNTS_TABLE} where run_id = 'run-1'")
     assert stored == [("landing", len(landing.results), 5, True), ("mart", len(mart.results), 1, True)]
     assert counts == 6
     # One expectation per contract feature came from the `$each_feature` template.
@@ -187,7 +186,7 @@ def test_generated_landing_and_mart_pass_and_are_recorded(private_warehouse: Chu
     # Re-auditing the same run replaces its rows instead of duplicating them.
     audit(config, "mart", "run-1")
     with connect(config.warehouse.build_db, read_only=True) as con:
-        again = con.execute(f"select count(*) from {RESULTS_TABLE} where run_id = 'run-1' and stage = 'mart'").fetchall()
+        again = con.rows(f"select count(*) from {RESULTS_TABLE} where run_id = 'run-1' and stage = 'mart'")
     assert again[0][0] == len(mart.results)
 
 
@@ -196,9 +195,9 @@ def test_row_count_band_and_label_share_band_stop_the_run(private_warehouse: Chu
     mart, target = config.dataset.feature_mart, config.problem.target
     audit(config, "mart", "first")  # records the mart's row count
     with connect(config.warehouse.build_db) as con:
-        total = con.execute(f"select count(*) from {mart}").fetchall()[0][0]
+        total = con.scalar(f"select count(*) from {mart}")
         con.execute(f"delete from {mart} where hash(customer_id) % 10 < 7")  # ~70% of rows gone
-        kept = con.execute(f"select count(*) from {mart}").fetchall()[0][0]
+        kept = con.scalar(f"select count(*) from {mart}")
         con.execute(f"update {mart} set {target} = 1 where {target} is not null")
     assert kept < total * (1 - config.quality.row_count_tolerance)
     with pytest.raises(AuditError) as caught:
@@ -229,7 +228,7 @@ def test_warning_is_recorded_and_the_run_goes_on(private_warehouse: ChurnConfig)
     assert (warning.column_name, warning.severity, warning.success) == ("plan", "warning", False)
     assert warning.unexpected_count == warning.element_count > 0
     with connect(config.warehouse.build_db, read_only=True) as con:
-        row = con.execute(f"select success, unexpected_count from {RESULTS_TABLE} where run_id = 'warn' and column_name = 'plan'").fetchall()
+        row = con.rows(f"select success, unexpected_count from {RESULTS_TABLE} where run_id = 'warn' and column_name = 'plan'")
     assert row == [(False, warning.unexpected_count)]
 
 

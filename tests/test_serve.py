@@ -25,7 +25,7 @@ def service(published_warehouse: ChurnConfig, tmp_path_factory: pytest.TempPathF
 @pytest.fixture(scope="module")
 def batch_scores(published_warehouse: ChurnConfig) -> pd.DataFrame:
     with connect(published_warehouse.warehouse.published_db, read_only=True) as con:
-        return con.execute("select * from churn_scores order by rank").df()
+        return con.frame("select * from churn_scores order by rank")
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +144,24 @@ def test_missing_publication_is_a_clear_error(tmp_path: Path) -> None:
 
     with pytest.raises(RequestError, match="nothing published yet"):
         ScoringService(make_config(tmp_path))
+
+
+def test_only_real_relation_references_are_rewritten() -> None:
+    """A column, a literal or a comment that spells a relation's name is not a reference to it."""
+    from ml.serving.api import replace_relations
+
+    source = "read_parquet('/landing/customers.parquet')"
+    table = '"memory"."main"."customers"'
+    sql = (
+        f"select \"{source.replace(chr(34), chr(34) * 2)}\" as spelled_column, "
+        f"'{source.replace(chr(39), chr(39) * 2)}' as spelled_literal, m.\"customers\", "
+        f"'{table}' as table_literal -- from {source}\n"
+        f"from {source} s join {table} m using (customer_id) join other.{table} o using (customer_id)"
+    )
+    rewritten = replace_relations(sql, {source: '"__raw_customers"', table: '"__raw_table"'})
+    assert rewritten == (
+        f"select \"{source.replace(chr(34), chr(34) * 2)}\" as spelled_column, "
+        f"'{source.replace(chr(39), chr(39) * 2)}' as spelled_literal, m.\"customers\", "
+        f"'{table}' as table_literal -- from {source}\n"
+        f'from "__raw_customers" s join "__raw_table" m using (customer_id) join other.{table} o using (customer_id)'
+    )

@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 
 from ml.config import ChurnConfig
 from ml.logs import get_logger, peak_memory_mb, timed
+from ml.warehouse import replace_folder
 
 log = get_logger("generate")
 
@@ -962,13 +963,7 @@ def _publish(scratch: Path, options: GenerateOptions) -> None:
     oracle_tmp = options.oracle_dir / f".{ORACLE_FILE}.partial"
     shutil.move(str(scratch / ORACLE_FILE), oracle_tmp)
     oracle_tmp.replace(options.oracle_dir / ORACLE_FILE)
-    if options.out_dir.exists():
-        retired = options.out_dir.with_name(f".{options.out_dir.name}.replaced-{time.time_ns()}")
-        options.out_dir.rename(retired)
-        scratch.rename(options.out_dir)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        scratch.rename(options.out_dir)
+    replace_folder(scratch, options.out_dir)
 
 
 def generate(options: GenerateOptions, process: ChurnProcess = PROCESS) -> GenerateSummary:

@@ -19,11 +19,14 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+# Only for the engine's error type: a landing file DuckDB cannot read is a reported
+# problem, not a crash (the warehouse layer has no engine-neutral error for it yet).
 import duckdb
 import yaml
 
 from ml.config import ChurnConfig
 from ml.logs import get_logger
+from ml.warehouse import MEMORY, Session, column_list, connect, quote, quote_literal
 
 log = get_logger("landing")
 
@@ -54,21 +57,17 @@ class LandingTable:
     def relation(self) -> str:
         """DuckDB table function reading the file as it lands (CSV as text, like dbt's source)."""
         if self.file_format == "csv":
-            return f"read_csv('{self.path}', header = true, all_varchar = true)"
-        return f"read_parquet('{self.path}')"
+            return f"read_csv({quote_literal(self.path)}, header = true, all_varchar = true)"
+        return f"read_parquet({quote_literal(self.path)})"
 
     def typed_relation(self) -> str:
         """The file with every declared column cast to its declared type (blank text -> NULL)."""
         parts = []
         for column, dtype in self.columns.items():
-            quoted = _quote(column)
+            quoted = quote(column)
             value = f"nullif(trim({quoted}), '')" if self.file_format == "csv" else quoted
             parts.append(f"try_cast({value} as {dtype}) as {quoted}" if dtype else quoted)
         return f"(select {', '.join(parts)} from {self.relation()})"
-
-
-def _quote(column: str) -> str:
-    return '"' + column.replace('"', '""') + '"'
 
 
 def source_files(config: ChurnConfig) -> list[Path]:
@@ -107,36 +106,36 @@ def landing_tables(config: ChurnConfig) -> list[LandingTable]:
     return chosen
 
 
-def _check_csv_rows(con: duckdb.DuckDBPyConnection, table: LandingTable) -> list[str]:
+def _check_csv_rows(session: Session, table: LandingTable) -> list[str]:
     """Rows DuckDB cannot parse (wrong column count, bad quoting), counted with the first one."""
-    # fetchall, not fetchone: DuckDB writes the rejects table only once the result is consumed.
-    con.execute(
-        f"select count(*) from read_csv('{table.path}', header = true, all_varchar = true, "
+    # rows, not one: DuckDB writes the rejects table only once the whole result is consumed.
+    session.rows(
+        f"select count(*) from read_csv({quote_literal(table.path)}, header = true, all_varchar = true, "
         "store_rejects = true, rejects_table = 'landing_rejects', rejects_scan = 'landing_scans')"
-    ).fetchall()
-    if not con.execute("select count(*) from duckdb_tables() where table_name = 'landing_rejects'").fetchall()[0][0]:
+    )
+    if not session.scalar("select count(*) from duckdb_tables() where table_name = 'landing_rejects'"):
         return []
-    bad, line, message = con.execute(
+    bad, line, message = session.one(
         "select count(*), min(line), arg_min(error_message, line) from landing_rejects"
-    ).fetchall()[0]
-    con.execute("drop table landing_rejects; drop table if exists landing_scans")
+    )
+    session.execute("drop table landing_rejects; drop table if exists landing_scans")
     if bad:
         return [f"{table.path.name}: {bad:,d} malformed row(s), first at line {line}: {message}"]
     return []
 
 
-def check_table(con: duckdb.DuckDBPyConnection, table: LandingTable) -> tuple[list[str], int]:
+def check_table(session: Session, table: LandingTable) -> tuple[list[str], int]:
     """Problems of one landing file, and its row count (0 when unreadable)."""
     name = table.path.name
     if not table.path.exists():
         return [f"{name}: file missing from {table.path.parent} (table {table.source}.{table.name})"], 0
     try:
         if table.file_format == "csv":
-            problems = _check_csv_rows(con, table)
+            problems = _check_csv_rows(session, table)
             if problems:
                 return problems, 0
-        actual = {r[0]: r[1] for r in con.execute(f"describe select * from {table.relation()}").fetchall()}
-        rows = con.execute(f"select count(*) from {table.relation()}").fetchone()[0]
+        actual = {r[0]: r[1] for r in session.rows(f"describe select * from {table.relation()}")}
+        rows = session.scalar(f"select count(*) from {table.relation()}")
     except duckdb.Error as exc:
         return [f"{name}: not readable as {table.file_format}: {str(exc).splitlines()[0]}"], 0
     problems = []
@@ -148,13 +147,13 @@ def check_table(con: duckdb.DuckDBPyConnection, table: LandingTable) -> tuple[li
     for column, dtype in table.columns.items():
         if column not in actual or not dtype or actual[column].split("(")[0] in _COMPATIBLE.get(dtype, ()):
             continue
-        quoted = _quote(column)
+        quoted = quote(column)
         value = f"nullif(trim({quoted}::varchar), '')"
         try:
-            bad, example = con.execute(
+            bad, example = session.one(
                 f"select count(*), any_value({quoted}::varchar) from {table.relation()} "
                 f"where {value} is not null and try_cast({value} as {dtype}) is null"
-            ).fetchone()
+            )
         except duckdb.Error as exc:
             problems.append(f"{name}: column {column}: not readable: {str(exc).splitlines()[0]}")
             continue
@@ -167,7 +166,7 @@ def check_table(con: duckdb.DuckDBPyConnection, table: LandingTable) -> tuple[li
         # Hashing every value decodes every page (a count or an IS NOT NULL filter is answered
         # from the footer's statistics), so a corrupt page is found here, not inside dbt.
         try:
-            con.execute(f"select bit_xor(hash({', '.join(_quote(c) for c in actual)})) from {table.relation()}").fetchall()
+            session.rows(f"select bit_xor(hash({column_list(actual)})) from {table.relation()}")
         except duckdb.Error as exc:
             problems.append(f"{name}: not readable as parquet: {str(exc).splitlines()[0]}")
     return problems, rows
@@ -186,9 +185,9 @@ def validate_landing(config: ChurnConfig) -> dict[str, int]:
         )
     problems: list[str] = []
     counts: dict[str, int] = {}
-    with duckdb.connect() as con:
+    with connect(MEMORY) as session:  # the files are read in place; no warehouse is opened
         for table in tables:
-            found, rows = check_table(con, table)
+            found, rows = check_table(session, table)
             problems += found
             counts[table.name] = rows
             log.info("landing %-28s %12s rows%s", table.path.name, f"{rows:,d}", "" if not found else "  PROBLEM")

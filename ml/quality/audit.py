@@ -50,20 +50,45 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import pandas as pd
 
 from ml.config import ChurnConfig
 from ml.data.landing import LandingTable, landing_tables
+from ml.features.mart import current_contract, latest_snapshot_date, snapshot_size
 from ml.logs import get_logger, timed
-from ml.warehouse import connect, table_exists, write_table
+from ml.warehouse import MEMORY, Session, column_list, connect, declare, is_missing, json_value, quote
+from ml.warehouse.connection import VECTOR_ROWS
 
 log = get_logger("quality")
 
 STAGES = ("landing", "mart", "scores")
 SEVERITIES = ("critical", "warning")
-RESULTS_TABLE = "data_quality_results"
-COUNTS_TABLE = "data_quality_row_counts"
+
+RESULTS = declare(
+    name="data_quality_results",
+    owner=__name__,
+    grain="one row per (run_id, dataset, stage, suite, expectation)",
+    description="The verdict on every Great Expectations expectation of every audit; BI shows failures.",
+    columns=[
+        ("run_id", "VARCHAR"), ("dataset", "VARCHAR"), ("stage", "VARCHAR"), ("suite", "VARCHAR"),
+        ("table_name", "VARCHAR"), ("expectation_type", "VARCHAR"), ("column_name", "VARCHAR"),
+        ("severity", "VARCHAR"), ("success", "BOOLEAN"), ("observed_value", "VARCHAR"),
+        ("unexpected_count", "BIGINT"), ("element_count", "BIGINT"), ("details", "VARCHAR"),
+        ("checked_at", "TIMESTAMP"),
+    ],
+)
+ROW_COUNTS = declare(
+    name="data_quality_row_counts",
+    owner=__name__,
+    grain="one row per (run_id, dataset, suite)",
+    description="Rows each suite's table had in a passed audit: the base of the next run's row-count band.",
+    columns=[
+        ("dataset", "VARCHAR"), ("suite", "VARCHAR"), ("table_name", "VARCHAR"), ("as_of", "VARCHAR"),
+        ("row_count", "BIGINT"), ("run_id", "VARCHAR"), ("recorded_at", "TIMESTAMP"),
+    ],
+)
+RESULTS_TABLE = RESULTS.name
+COUNTS_TABLE = ROW_COUNTS.name
 MINMAX = ("expect_column_min_to_be_between", "expect_column_max_to_be_between")
 UNIQUE = "expect_column_values_to_be_unique"
 
@@ -151,13 +176,12 @@ def _names(config: ChurnConfig) -> dict[str, str]:
 
 def _feature_names(config: ChurnConfig) -> list[str]:
     """The mart's features from the contract in dbt's manifest (`$each_feature` expands to these)."""
-    from ml.features.contract import load_contract
     from ml.features.dbt import dbt_target_path
 
     manifest = dbt_target_path(config) / "manifest.json"
     if not manifest.exists():
         raise SuiteError(f"$each_feature needs dbt's manifest, not found: {manifest} (run `churn build` first)")
-    return list(load_contract(manifest, config.dataset.feature_mart).feature_names)
+    return list(current_contract(config).feature_names)
 
 
 def load_suite(path: Path, config: ChurnConfig) -> Suite:
@@ -210,10 +234,6 @@ def load_suites(config: ChurnConfig, stage: str) -> list[Suite]:
 # --- reading what each expectation needs --------------------------------------
 
 
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
 def _columns_of(expectation: Any) -> list[str]:
     kwargs = expectation.configuration.kwargs
     if "column" in kwargs:
@@ -263,38 +283,33 @@ def _vectorizable(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def _frames(con: duckdb.DuckDBPyConnection, relation: str, strategy: str, columns: tuple[str, ...],
+def _frames(session: Session, relation: str, strategy: str, columns: tuple[str, ...],
             rows: int, chunk_rows: int) -> Iterator[pd.DataFrame]:
     """The batches GX sees for one plan; see the module docstring for why each is exact."""
-    projection = ", ".join(_quote(c) for c in columns)
+    projection = column_list(columns)
     if strategy == "rows":
         # GX hashes every batch it gets; an index of 120M rows would cost GBs, so batches of chunk_rows.
         for start in range(0, max(rows, 1), chunk_rows):
             yield pd.DataFrame(index=pd.RangeIndex(min(chunk_rows, rows - start)))
     elif strategy == "schema":
-        yield con.execute(f"select * from {relation} limit 0").df()
+        yield session.frame(f"select * from {relation} limit 0")
     elif strategy == "minmax":
-        c = _quote(columns[0])
-        yield _vectorizable(con.execute(f"select min({c}) as {c} from {relation} union all select max({c}) from {relation}").df())
+        c = quote(columns[0])
+        yield _vectorizable(session.frame(f"select min({c}) as {c} from {relation} union all select max({c}) from {relation}"))
     elif strategy == "partitions":
         parts = max(1, math.ceil(rows / chunk_rows))
         for part in range(parts):
             where = f" where hash({projection}) % {parts} = {part}" if parts > 1 else ""
-            yield _vectorizable(con.execute(f"select {projection} from {relation}{where}").df())
+            yield _vectorizable(session.frame(f"select {projection} from {relation}{where}"))
     elif strategy == "stream":
-        result = con.execute(f"select {projection} from {relation}")
-        vectors = max(1, chunk_rows // 2048)
-        first = True
-        while True:
-            frame = result.fetch_df_chunk(vectors)
-            if frame.empty and not first:
-                return
+        # Whole vectors, rounded down as the audit always streamed (so batch counts, and with
+        # them the stored results, stay what they were); the first chunk even of an empty table,
+        # so GX still judges (and names) the expectation on zero rows.
+        whole_vectors = VECTOR_ROWS * max(1, chunk_rows // VECTOR_ROWS)
+        for frame in session.chunks(f"select {projection} from {relation}", chunk_rows=whole_vectors, always_one=True):
             yield _vectorizable(frame)
-            if frame.empty:
-                return
-            first = False
     else:
-        yield _vectorizable(con.execute(f"select {projection} from {relation}").df())
+        yield _vectorizable(session.frame(f"select {projection} from {relation}"))
 
 
 # --- judging ------------------------------------------------------------------
@@ -315,24 +330,20 @@ def exception_message(result: Any) -> str | None:
     return None
 
 
-def _json_safe(value: Any) -> Any:
-    """Plain JSON values (pandas NA, NaN and timestamps become null or text) for storage and docs."""
-    def clean(v: Any) -> Any:
-        if isinstance(v, dict):
-            return {str(k): clean(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        if v is None or isinstance(v, (str, bool, int)):
-            return v
-        if isinstance(v, float):
-            return None if math.isnan(v) else float(v)
-        try:
-            if pd.isna(v):
-                return None
-        except (TypeError, ValueError):
-            pass
-        return str(v) if not hasattr(v, "item") else clean(v.item())
-    return clean(value)
+def _result_json(value: Any) -> Any:
+    """Plain JSON of a GX result (for storage and Data Docs), timestamps written as `str()` does.
+
+    `json_value` writes datetimes ISO ("2031-01-01T00:00:00"); data_quality_results
+    and the Data Docs have always shown them as "2031-01-01 00:00:00", and that
+    stored text stays as it was, so datetimes become text before the conversion.
+    """
+    if isinstance(value, dict):
+        return {str(k): _result_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_result_json(v) for v in value]
+    if isinstance(value, dt.datetime) and not is_missing(value):  # pd.Timestamp is a datetime
+        return str(value)
+    return json_value(value)
 
 
 @dataclass
@@ -384,7 +395,7 @@ class _Tally:
             "element_count": self.element_count,
             "unexpected_count": self.unexpected_count,
             "unexpected_percent": 100.0 * self.unexpected_count / considered if considered else 0.0,
-            "partial_unexpected_list": _json_safe(self.sample),
+            "partial_unexpected_list": _result_json(self.sample),
         }
         if self.has_missing:
             result["missing_count"] = self.missing_count
@@ -416,7 +427,7 @@ class Judge:
 
 def _observed(result: dict[str, Any]) -> str | None:
     if "observed_value" in result:
-        return json.dumps(_json_safe(result["observed_value"]))
+        return json.dumps(_result_json(result["observed_value"]))
     if "unexpected_percent" in result:
         percent = result["unexpected_percent"]  # None when every value is null
         return "no non-null values" if percent is None else f"{percent:.4g}% unexpected"
@@ -432,60 +443,112 @@ def _details(result: dict[str, Any], error: str | None) -> str:
     return ""
 
 
-def run_suite(con: duckdb.DuckDBPyConnection, relation: str, suite: Suite, parameters: dict[str, Any],
-              chunk_rows: int, judge: Judge) -> tuple[list[CheckResult], Any]:
-    """Validate one suite against a relation; returns stored rows and the GX suite result (for docs)."""
-    from great_expectations.core import ExpectationSuiteValidationResult, ExpectationValidationResult
+Plan = tuple[str, tuple[str, ...]]  # (strategy, columns): how one group of expectations is fed
 
-    rows = con.execute(f"select count(*) from {relation}").fetchall()[0][0]
-    available = {r[0] for r in con.execute(f"describe select * from {relation}").fetchall()}
-    plans: dict[tuple[str, tuple[str, ...]], list[Any]] = {}
+
+@dataclass(frozen=True)
+class _RelationFacts:
+    """What every plan needs to know of the relation before reading it."""
+
+    rows: int
+    columns: frozenset[str]
+
+
+@dataclass(frozen=True)
+class _Fed:
+    """One plan's expectations after every batch went through GX."""
+
+    tallies: tuple[_Tally, ...]  # in the order of the plan's expectations
+    batches: int
+
+
+def _index(expectation: Any) -> int:
+    return expectation.configuration.meta["index"]
+
+
+def _relation_facts(session: Session, relation: str) -> _RelationFacts:
+    rows = int(session.scalar(f"select count(*) from {relation}"))
+    columns = frozenset(r[0] for r in session.rows(f"describe select * from {relation}"))
+    return _RelationFacts(rows=rows, columns=columns)
+
+
+def plan_batches(suite: Suite) -> dict[Plan, list[Any]]:
+    """The suite's expectations grouped by how they are fed; a group shares every batch."""
+    plans: dict[Plan, list[Any]] = {}
     for expectation in suite.expectations:
         plans.setdefault(_plan(expectation), []).append(expectation)
-    gx_results: dict[int, Any] = {}
-    for (strategy, columns), group in plans.items():
-        missing = [c for c in columns if c not in available]
-        if missing:
-            for e in group:
-                gx_results[e.configuration.meta["index"]] = ExpectationValidationResult(
-                    success=False, expectation_config=e.configuration, result={},
-                    exception_info={"raised_exception": True, "exception_message":
-                                    f"column(s) {', '.join(missing)} not in {suite.table}",
-                                    "exception_traceback": f"column(s) {', '.join(missing)} not in {suite.table}"})
-            continue
-        tallies = [_Tally() for _ in group]
-        batches, started = 0, time.perf_counter()
-        for frame in _frames(con, relation, strategy, columns, rows, chunk_rows):
-            batches += 1
-            for tally, result in zip(tallies, judge.validate(frame, group, parameters)):
-                tally.add(result)
-        log.debug("%s: %s %s, %d expectation(s), %d batch(es) in %.2fs", suite.name, strategy,
-                  ",".join(columns) or "-", len(group), batches, time.perf_counter() - started)
-        for e, tally in zip(group, tallies):
-            index = e.configuration.meta["index"]
-            if batches == 1 or tally.error:
-                # One batch: GX's own result as is. An error in any batch fails the expectation.
-                result = tally.last
-                if tally.error and batches > 1:
-                    result = ExpectationValidationResult(
-                        success=False, expectation_config=e.configuration, result={},
-                        exception_info={"raised_exception": True, "exception_message": tally.error,
-                                        "exception_traceback": tally.error})
-                gx_results[index] = result
-                continue
-            if strategy == "rows":
-                success, summary = tally.row_count_verdict(e.configuration.kwargs, parameters)
-            else:
-                success, summary = tally.verdict(float(e.configuration.kwargs.get("mostly", 1.0)))
-            gx_results[index] = ExpectationValidationResult(
-                success=success, expectation_config=tally.last.expectation_config, result=summary,
-                exception_info={"raised_exception": False, "exception_message": None, "exception_traceback": None},
+    return plans
+
+
+def _failed(expectation: Any, message: str) -> Any:
+    """A GX result for an expectation that could not be evaluated: a failure carrying why."""
+    from great_expectations.core import ExpectationValidationResult
+
+    return ExpectationValidationResult(
+        success=False, expectation_config=expectation.configuration, result={},
+        exception_info={"raised_exception": True, "exception_message": message, "exception_traceback": message})
+
+
+def _missing_column_results(group: list[Any], missing: list[str], table: str) -> dict[int, Any]:
+    message = f"column(s) {', '.join(missing)} not in {table}"
+    return {_index(e): _failed(e, message) for e in group}
+
+
+def feed_batches(session: Session, relation: str, suite: Suite, plan: Plan, group: list[Any], rows: int,
+                 chunk_rows: int, judge: Judge, parameters: dict[str, Any]) -> _Fed:
+    """Every batch of one plan through GX, each expectation's verdicts summed in its tally."""
+    strategy, columns = plan
+    tallies = tuple(_Tally() for _ in group)
+    batches, started = 0, time.perf_counter()
+    for frame in _frames(session, relation, strategy, columns, rows, chunk_rows):
+        batches += 1
+        results = judge.validate(frame, group, parameters)
+        if len(results) != len(tallies):  # a short list would silently drop checks
+            raise SuiteError(
+                f"{suite.name} (table {suite.table}): GX returned {len(results)} result(s) for "
+                f"{len(tallies)} expectation(s) on batch {batches} ({len(frame):,d} rows, plan {strategy})"
             )
-    ordered = [gx_results[e.configuration.meta["index"]] for e in suite.expectations]
-    for result in ordered:  # GX's renderers cannot show pandas NA in unexpected-value lists
-        result.result = _json_safe(result.result or {})
+        for tally, result in zip(tallies, results, strict=True):
+            tally.add(result)
+    log.debug("%s: %s %s, %d expectation(s), %d batch(es) in %.2fs", suite.name, strategy,
+              ",".join(columns) or "-", len(group), batches, time.perf_counter() - started)
+    return _Fed(tallies=tallies, batches=batches)
+
+
+def judge_group(strategy: str, group: list[Any], fed: _Fed, parameters: dict[str, Any]) -> dict[int, Any]:
+    """Each expectation's verdict over all batches: GX's own for one batch, GX's rule on the totals for more."""
+    from great_expectations.core import ExpectationValidationResult
+
+    verdicts: dict[int, Any] = {}
+    for e, tally in zip(group, fed.tallies, strict=True):
+        if tally.error:  # an error in any batch fails the expectation
+            verdicts[_index(e)] = tally.last if fed.batches == 1 else _failed(e, tally.error)
+            continue
+        if fed.batches == 1:
+            verdicts[_index(e)] = tally.last
+            continue
+        if strategy == "rows":
+            success, summary = tally.row_count_verdict(e.configuration.kwargs, parameters)
+        else:
+            success, summary = tally.verdict(float(e.configuration.kwargs.get("mostly", 1.0)))
+        verdicts[_index(e)] = ExpectationValidationResult(
+            success=success, expectation_config=tally.last.expectation_config, result=summary,
+            exception_info={"raised_exception": False, "exception_message": None, "exception_traceback": None},
+        )
+    return verdicts
+
+
+def _plain_results(results: list[Any]) -> list[Any]:
+    """GX's renderers cannot show pandas NA in unexpected-value lists: plain JSON in every result."""
+    for result in results:
+        result.result = _result_json(result.result or {})
+    return results
+
+
+def check_results(suite: Suite, results: list[Any], rows: int) -> list[CheckResult]:
+    """The rows data_quality_results stores, one per expectation in suite order."""
     checks = []
-    for e, result in zip(suite.expectations, ordered):
+    for e, result in zip(suite.expectations, results, strict=True):
         error = exception_message(result)
         r = result.result or {}
         columns = _columns_of(e)
@@ -501,20 +564,49 @@ def run_suite(con: duckdb.DuckDBPyConnection, relation: str, suite: Suite, param
             element_count=None if error else int(r.get("element_count", rows)),
             details=_details(r, error),
         ))
-    validation = ExpectationSuiteValidationResult(
+    return checks
+
+
+def _suite_validation(suite: Suite, results: list[Any], checks: list[CheckResult],
+                      parameters: dict[str, Any], rows: int) -> Any:
+    """The GX suite result the Data Docs page renders."""
+    from great_expectations.core import ExpectationSuiteValidationResult
+
+    passed = sum(c.success for c in checks)
+    return ExpectationSuiteValidationResult(
         success=all(c.success or c.severity != "critical" for c in checks),
-        results=ordered,
+        results=results,
         suite_name=suite.name,
-        suite_parameters=_json_safe(parameters),
+        suite_parameters=_result_json(parameters),
         statistics={
             "evaluated_expectations": len(checks),
-            "successful_expectations": sum(c.success for c in checks),
-            "unsuccessful_expectations": sum(not c.success for c in checks),
-            "success_percent": 100.0 * sum(c.success for c in checks) / max(1, len(checks)),
+            "successful_expectations": passed,
+            "unsuccessful_expectations": len(checks) - passed,
+            "success_percent": 100.0 * passed / max(1, len(checks)),
         },
         meta={"table": suite.table, "rows": rows},
     )
-    return checks, validation
+
+
+def run_suite(session: Session, relation: str, suite: Suite, parameters: dict[str, Any],
+              chunk_rows: int, judge: Judge) -> tuple[list[CheckResult], Any]:
+    """Validate one suite against a relation; returns stored rows and the GX suite result (for docs).
+
+    Plan the batches, feed each plan's batches through GX, judge the totals,
+    then build the stored rows and the Data Docs result.
+    """
+    facts = _relation_facts(session, relation)
+    verdicts: dict[int, Any] = {}
+    for plan, group in plan_batches(suite).items():
+        missing = [c for c in plan[1] if c not in facts.columns]
+        if missing:
+            verdicts.update(_missing_column_results(group, missing, suite.table))
+            continue
+        fed = feed_batches(session, relation, suite, plan, group, facts.rows, chunk_rows, judge, parameters)
+        verdicts.update(judge_group(plan[0], group, fed, parameters))
+    results = _plain_results([verdicts[_index(e)] for e in suite.expectations])
+    checks = check_results(suite, results, facts.rows)
+    return checks, _suite_validation(suite, results, checks, parameters, facts.rows)
 
 
 # --- parameters and history ---------------------------------------------------
@@ -524,26 +616,25 @@ def _previous_rows(config: ChurnConfig, suite: Suite, as_of: str | None) -> int 
     """Rows of the suite's table in the last audited run (at or before `as_of` when given)."""
     if not config.warehouse.build_db.exists():
         return None
-    with connect(config.warehouse.build_db, read_only=True) as con:
-        if not table_exists(con, COUNTS_TABLE):
+    with connect(config.warehouse.build_db, read_only=True) as session:
+        if not session.exists(ROW_COUNTS):
             return None
-        row = con.execute(
-            f"select row_count from {COUNTS_TABLE} where dataset = ? and suite = ? "
+        value = session.scalar(
+            f"select row_count from {quote(ROW_COUNTS.name)} where dataset = ? and suite = ? "
             "and (? is null or as_of is null or as_of <= ?) order by recorded_at desc limit 1",
             [config.dataset.name, suite.name, as_of, as_of],
-        ).fetchall()
-    return int(row[0][0]) if row else None
+        )
+    return None if value is None else int(value)
 
 
 def _active_customers(config: ChurnConfig) -> int | None:
     """Rows of the feature mart on its latest as_of_date: the customers scoring must cover."""
-    mart, as_of = config.dataset.feature_mart, config.problem.as_of_column
-    with connect(config.warehouse.build_db, read_only=True) as con:
-        if not table_exists(con, mart):
+    with connect(config.warehouse.build_db, read_only=True) as session:
+        if not session.exists(config.dataset.feature_mart):
             return None
-        return int(con.execute(
-            f'select count(*) from "{mart}" where "{as_of}" = (select max("{as_of}") from "{mart}")'
-        ).fetchall()[0][0])
+        contract = current_contract(config)
+        latest = latest_snapshot_date(session, config, contract)
+        return 0 if latest is None else snapshot_size(session, config, contract, latest)
 
 
 def suite_parameters(config: ChurnConfig, suite: Suite, as_of: str | None) -> dict[str, Any]:
@@ -572,7 +663,7 @@ def _relation(suite: Suite, tables: dict[str, LandingTable]) -> str:
         if suite.table not in tables:
             raise SuiteError(f"{suite.path}: landing table {suite.table!r} is not in the dataset's sources")
         return tables[suite.table].typed_relation()
-    return _quote(suite.table)
+    return quote(suite.table)
 
 
 # --- the audit ------------------------------------------------------------------
@@ -606,26 +697,39 @@ def write_docs(config: ChurnConfig, stage: str, run_id: str, validations: list[A
     return pages
 
 
-def _store(config: ChurnConfig, report: AuditReport, rows: dict[str, tuple[str, int]], as_of: str | None) -> None:
-    checked_at = dt.datetime.now()
+def _results_frame(config: ChurnConfig, report: AuditReport, checked_at: dt.datetime) -> pd.DataFrame:
     frame = pd.DataFrame([
         {"run_id": report.run_id, "dataset": config.dataset.name, "stage": report.stage, **dataclasses.asdict(r),
          "checked_at": checked_at}
         for r in report.results
-    ], columns=["run_id", "dataset", "stage", *[f.name for f in dataclasses.fields(CheckResult)], "checked_at"])
-    frame = frame.astype({"unexpected_count": "Int64", "element_count": "Int64", "success": "bool"})
-    with connect(config.warehouse.build_db) as con:
-        write_table(con, RESULTS_TABLE, frame,
-                    replace_where=("run_id = ? and dataset = ? and stage = ?", [report.run_id, config.dataset.name, report.stage]))
+    ], columns=RESULTS.column_names)
+    return frame.astype({"unexpected_count": "Int64", "element_count": "Int64", "success": "bool"})
+
+
+def _row_counts_frame(config: ChurnConfig, report: AuditReport, rows: dict[str, tuple[str, int]],
+                      as_of: str | None, checked_at: dt.datetime) -> pd.DataFrame:
+    return pd.DataFrame(
+        [{"dataset": config.dataset.name, "suite": s, "table_name": t, "as_of": as_of, "row_count": n,
+          "run_id": report.run_id, "recorded_at": checked_at} for s, (t, n) in rows.items()],
+        columns=ROW_COUNTS.column_names,
+    ).astype({"as_of": "string"})
+
+
+def _store(config: ChurnConfig, report: AuditReport, rows: dict[str, tuple[str, int]], as_of: str | None) -> None:
+    """Replace this run's verdicts (and, when it passed, its row counts) in one transaction.
+
+    Only a passed audit records row counts: a failed run's counts must not
+    become the base of the next run's row-count band.
+    """
+    checked_at = dt.datetime.now()
+    with connect(config.warehouse.build_db) as session, session.transaction():
+        session.append(RESULTS, _results_frame(config, report, checked_at),
+                       where="run_id = ? and dataset = ? and stage = ?",
+                       params=[report.run_id, config.dataset.name, report.stage])
         if not report.critical_failures:
-            counts = pd.DataFrame(
-                [{"dataset": config.dataset.name, "suite": s, "table_name": t, "as_of": as_of, "row_count": n,
-                  "run_id": report.run_id, "recorded_at": checked_at} for s, (t, n) in rows.items()],
-                columns=["dataset", "suite", "table_name", "as_of", "row_count", "run_id", "recorded_at"],
-            ).astype({"as_of": "string"})
-            write_table(con, COUNTS_TABLE, counts,
-                        replace_where=("run_id = ? and dataset = ? and suite in (select suite from _incoming)",
-                                       [report.run_id, config.dataset.name]))
+            session.append(ROW_COUNTS, _row_counts_frame(config, report, rows, as_of, checked_at),
+                           where="run_id = ? and dataset = ? and suite in (select unnest(?::varchar[]))",
+                           params=[report.run_id, config.dataset.name, list(rows)])
 
 
 def audit(config: ChurnConfig, stage: str, run_id: str, as_of: str | None = None) -> AuditReport:
@@ -644,11 +748,13 @@ def audit(config: ChurnConfig, stage: str, run_id: str, as_of: str | None = None
         for suite in suites:
             parameters = suite_parameters(config, suite, as_of)
             relation = _relation(suite, tables)
-            with (duckdb.connect() if stage == "landing" else connect(config.warehouse.build_db, read_only=True)) as con:
-                if stage != "landing" and not table_exists(con, suite.table):
+            # Landing suites read the files through an in-memory database: the build database is not touched.
+            database = MEMORY if stage == "landing" else config.warehouse.build_db
+            with connect(database, read_only=stage != "landing") as session:
+                if stage != "landing" and not session.exists(suite.table):
                     raise AuditError(f"{suite.name}: table {suite.table} does not exist in {config.warehouse.build_db}", report)
                 with timed(f"suite {suite.name}", log):
-                    checks, validation = run_suite(con, relation, suite, parameters, config.quality.chunk_rows, judge)
+                    checks, validation = run_suite(session, relation, suite, parameters, config.quality.chunk_rows, judge)
             report.results += checks
             validations.append(validation)
             rows[suite.name] = (suite.table, validation.meta["rows"])
@@ -702,5 +808,5 @@ def _missing_tables(config: ChurnConfig, stage: str) -> list[str]:
                if json.loads(p.read_text()).get("meta", {}).get("stage") == stage)}
     if not config.warehouse.build_db.exists():
         return sorted(targets)
-    with connect(config.warehouse.build_db, read_only=True) as con:
-        return sorted(t for t in targets if not table_exists(con, t))
+    with connect(config.warehouse.build_db, read_only=True) as session:
+        return sorted(t for t in targets if not session.exists(t))

@@ -17,25 +17,22 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import html
-import re
 import shutil
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 
 from ml.config import ChurnConfig
-from ml.features.contract import FeatureContract, load_contract
-from ml.features.dbt import dbt_target_path
+from ml.features.contract import FeatureContract
+from ml.features.mart import MartError, current_contract, mart_columns
 from ml.logs import get_logger, timed
-from ml.warehouse import connect, table_columns, table_exists
+from ml.warehouse import Session, TableSpec, column_list, connect, declare, quote, replace_folder, staging_path
 
 log = get_logger("profile")
 
@@ -52,12 +49,65 @@ MISSING_CATEGORY = "(missing)"
 IQR_FENCE = 1.5  # Tukey's rule: outside [p25 - 1.5 IQR, p75 + 1.5 IQR]
 QUANTILES = (0.01, 0.25, 0.5, 0.75, 0.99)
 
-TABLES = ("profile_columns", "profile_categories", "profile_class_balance", "profile_correlations")
 PLOTS = ("class_balance.png", "feature_distributions.png", "correlation_heatmap.png", "missing_values.png")
 
-_NUMERIC_TYPE = re.compile(
-    r"^(U?(TINYINT|SMALLINT|INTEGER|BIGINT|HUGEINT)|FLOAT|DOUBLE|REAL|DECIMAL.*|BOOLEAN)$", re.IGNORECASE
+# Every profile table starts with the run's stamp; each mart's rows are replaced on every run.
+_STAMP = [("feature_mart", "VARCHAR"), ("run_id", "VARCHAR"), ("profiled_at", "TIMESTAMP")]
+_GRAIN = "per feature_mart, replaced by each profiling run: "
+
+PROFILE_COLUMNS = declare(
+    name="profile_columns",
+    owner=__name__,
+    grain=_GRAIN + "one row per contract column",
+    description="Missing values, distinct values, quantiles, IQR outliers and label association of each mart column.",
+    columns=[
+        *_STAMP,
+        ("column_name", "VARCHAR"), ("role", "VARCHAR"), ("kind", "VARCHAR"), ("data_type", "VARCHAR"),
+        ("rows", "BIGINT"), ("missing_count", "BIGINT"), ("missing_share", "DOUBLE"), ("distinct_count", "BIGINT"),
+        ("mean", "DOUBLE"), ("std", "DOUBLE"), ("min_value", "DOUBLE"), ("max_value", "DOUBLE"),
+        ("mean_label_0", "DOUBLE"), ("mean_label_1", "DOUBLE"), ("median_label_0", "DOUBLE"),
+        ("median_label_1", "DOUBLE"), ("p01", "DOUBLE"), ("p25", "DOUBLE"), ("median", "DOUBLE"),
+        ("p75", "DOUBLE"), ("p99", "DOUBLE"), ("low_fence", "DOUBLE"), ("high_fence", "DOUBLE"),
+        # DOUBLE, not BIGINT: non-numeric columns have none (NULL), and the table always stored them so.
+        ("outliers_low", "DOUBLE"), ("outliers_high", "DOUBLE"), ("outlier_share", "DOUBLE"),
+        ("label_association", "DOUBLE"),
+    ],
 )
+PROFILE_CATEGORIES = declare(
+    name="profile_categories",
+    owner=__name__,
+    grain=_GRAIN + "one row per (categorical feature, category), rare categories folded into one",
+    description="Share and churn rate of each category of each categorical feature.",
+    columns=[
+        *_STAMP,
+        ("column_name", "VARCHAR"), ("category", "VARCHAR"), ("rows", "BIGINT"), ("share", "DOUBLE"),
+        ("labelled_rows", "BIGINT"), ("positives", "BIGINT"), ("churn_rate", "DOUBLE"), ("is_other", "BOOLEAN"),
+    ],
+)
+PROFILE_CLASS_BALANCE = declare(
+    name="profile_class_balance",
+    owner=__name__,
+    grain=_GRAIN + "one overall row and one row per snapshot_date",
+    description="Rows, labelled rows and positive rate of the mart, overall and per snapshot.",
+    columns=[
+        *_STAMP,
+        ("scope", "VARCHAR"), ("snapshot_date", "DATE"), ("rows", "BIGINT"), ("labelled_rows", "BIGINT"),
+        ("positives", "BIGINT"), ("positive_rate", "DOUBLE"),
+    ],
+)
+PROFILE_CORRELATIONS = declare(
+    name="profile_correlations",
+    owner=__name__,
+    grain=_GRAIN + "one row per (column_a, column_b, method)",
+    description="Pearson correlations between numeric features, and each feature's association with the label.",
+    columns=[
+        *_STAMP,
+        ("column_a", "VARCHAR"), ("column_b", "VARCHAR"), ("method", "VARCHAR"), ("scope", "VARCHAR"),
+        ("correlation", "DOUBLE"),
+    ],
+)
+SPECS: tuple[TableSpec, ...] = (PROFILE_COLUMNS, PROFILE_CATEGORIES, PROFILE_CLASS_BALANCE, PROFILE_CORRELATIONS)
+TABLES = tuple(spec.name for spec in SPECS)
 
 
 class ProfileError(RuntimeError):
@@ -77,14 +127,6 @@ class ProfileResult:
     seconds: float
 
 
-def _q(identifier: str) -> str:
-    return '"' + identifier.replace('"', '""') + '"'
-
-
-def _fetch_frame(con: duckdb.DuckDBPyConnection, sql: str, params: list | None = None) -> pd.DataFrame:
-    return con.execute(sql, params or []).df()
-
-
 def report_dir(config: ChurnConfig) -> Path:
     """One report folder per dataset, so profiling one never overwrites another's."""
     return config.warehouse.reports_dir / "profile" / config.dataset.name
@@ -92,31 +134,24 @@ def report_dir(config: ChurnConfig) -> Path:
 
 # ------------------------------------------------------------------ checks
 
-def check_mart(con: duckdb.DuckDBPyConnection, mart: str, contract: FeatureContract, database: Path) -> dict[str, str]:
-    """The mart's column types, after refusing a mart that does not match its contract."""
-    if not table_exists(con, mart):
-        raise ProfileError(f"feature mart {mart!r} not found in {database}; run churn build first")
-    columns = table_columns(con, mart)
-    contract.check_columns(mart, columns)
-    if contract.label not in columns:
-        raise ProfileError(f"feature mart {mart!r} in {database}: label column {contract.label!r} is missing")
-    not_numeric = [
-        f"{c} ({columns[c]})" for c in [*contract.numeric, contract.label] if not _NUMERIC_TYPE.match(columns[c])
-    ]
-    if not_numeric:
-        raise ProfileError(
-            f"feature mart {mart!r} in {database}: column(s) declared numeric in the contract have "
-            f"non-numeric types: {', '.join(not_numeric)}"
-        )
-    rows = con.execute(f"select count(*) from {_q(mart)}").fetchone()[0]
+def check_mart(session: Session, config: ChurnConfig, contract: FeatureContract) -> dict[str, str]:
+    """The mart's column types, after refusing a mart that does not match its contract.
+
+    The contract check is the mart's own (`mart_columns`); the profile adds that
+    the mart has rows and a 0/1 label, which every statistic below assumes.
+    """
+    mart = config.dataset.feature_mart
+    try:
+        columns = mart_columns(session, config, contract, require_label=True, numeric_label=True)
+    except MartError as exc:
+        raise ProfileError(str(exc)) from exc
+    rows = session.row_count(mart)
     if rows == 0:
-        raise ProfileError(f"feature mart {mart!r} in {database} has no rows")
-    bad_labels = con.execute(
-        f"select count(*) from {_q(mart)} where {_q(contract.label)} not in (0, 1)"
-    ).fetchone()[0]
+        raise ProfileError(f"feature mart {mart!r} in {session.path} has no rows")
+    bad_labels = session.scalar(f"select count(*) from {quote(mart)} where {quote(contract.label)} not in (0, 1)")
     if bad_labels:
         raise ProfileError(
-            f"feature mart {mart!r} in {database}: label {contract.label!r} is not 0/1/NULL in {bad_labels} row(s)"
+            f"feature mart {mart!r} in {session.path}: label {contract.label!r} is not 0/1/NULL in {bad_labels} row(s)"
         )
     return columns
 
@@ -124,7 +159,7 @@ def check_mart(con: duckdb.DuckDBPyConnection, mart: str, contract: FeatureContr
 # ------------------------------------------------------------- statistics
 
 def column_summary(
-    con: duckdb.DuckDBPyConnection, mart: str, contract: FeatureContract, types: dict[str, str]
+    session: Session, mart: str, contract: FeatureContract, types: dict[str, str]
 ) -> pd.DataFrame:
     """Rows, missing count and share, and distinct values of every contract column."""
     roles = {contract.key: "key", contract.as_of: "as_of", contract.label: "label"}
@@ -132,8 +167,8 @@ def column_summary(
     columns = contract.columns
     expressions = ["count(*)"]
     for column in columns:
-        expressions += [f"count({_q(column)})", f"count(distinct {_q(column)})"]
-    values = con.execute(f"select {', '.join(expressions)} from {_q(mart)}").fetchone()
+        expressions += [f"count({quote(column)})", f"count(distinct {quote(column)})"]
+    values = session.one(f"select {', '.join(expressions)} from {quote(mart)}")
     rows = int(values[0])
     records = []
     for i, column in enumerate(columns):
@@ -151,7 +186,7 @@ def column_summary(
     return pd.DataFrame(records)
 
 
-def numeric_summary(con: duckdb.DuckDBPyConnection, mart: str, contract: FeatureContract) -> pd.DataFrame:
+def numeric_summary(session: Session, mart: str, contract: FeatureContract) -> pd.DataFrame:
     """Quantiles, IQR outlier counts and mean/median per label of each numeric feature.
 
     Two scans of the wide mart, every column's aggregates side by side: the
@@ -161,7 +196,7 @@ def numeric_summary(con: duckdb.DuckDBPyConnection, mart: str, contract: Feature
     numeric = contract.numeric
     if not numeric:
         return pd.DataFrame(columns=["column_name"])
-    label = _q(contract.label)
+    label = quote(contract.label)
     quantiles = "[" + ", ".join(str(q) for q in QUANTILES) + "]"
     measures = {
         "mean": "avg({c})",
@@ -175,9 +210,9 @@ def numeric_summary(con: duckdb.DuckDBPyConnection, mart: str, contract: Feature
         "median_label_1": f"median({{c}}) filter (where {label} = 1)",
     }
     expressions = [
-        template.format(c=f"cast({_q(column)} as double)") for column in numeric for template in measures.values()
+        template.format(c=f"cast({quote(column)} as double)") for column in numeric for template in measures.values()
     ]
-    values = con.execute(f"select {', '.join(expressions)} from {_q(mart)}").fetchone()
+    values = session.one(f"select {', '.join(expressions)} from {quote(mart)}")
     records = []
     width = len(measures)
     for i, column in enumerate(numeric):
@@ -192,14 +227,14 @@ def numeric_summary(con: duckdb.DuckDBPyConnection, mart: str, contract: Feature
 
     counts = []
     for record in records:
-        column = f"cast({_q(record['column_name'])} as double)"
+        column = f"cast({quote(record['column_name'])} as double)"
         low, high = record["low_fence"], record["high_fence"]
         counts += [
             f"count(*) filter (where {column} < {float(low)!r})" if low is not None else "0",
             f"count(*) filter (where {column} > {float(high)!r})" if high is not None else "0",
             f"count({column})",
         ]
-    totals = con.execute(f"select {', '.join(counts)} from {_q(mart)}").fetchone()
+    totals = session.one(f"select {', '.join(counts)} from {quote(mart)}")
     for i, record in enumerate(records):
         low_count, high_count, present = totals[3 * i:3 * i + 3]
         record["outliers_low"], record["outliers_high"] = int(low_count), int(high_count)
@@ -208,7 +243,7 @@ def numeric_summary(con: duckdb.DuckDBPyConnection, mart: str, contract: Feature
     return frame.astype({c: float for c in frame.columns if c not in ("column_name", "outliers_low", "outliers_high")})
 
 
-def category_summary(con: duckdb.DuckDBPyConnection, mart: str, contract: FeatureContract) -> tuple[pd.DataFrame, pd.DataFrame]:
+def category_summary(session: Session, mart: str, contract: FeatureContract) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Share and churn rate per category (rare ones folded), and Cramér's V with the label.
 
     Cramér's V (for a binary label, sqrt(chi-square / n)) is computed on every
@@ -219,14 +254,14 @@ def category_summary(con: duckdb.DuckDBPyConnection, mart: str, contract: Featur
         empty = pd.DataFrame(columns=["column_name", "category", "rows", "share", "labelled_rows",
                                       "positives", "churn_rate", "is_other"])
         return empty, pd.DataFrame(columns=["column_name", "cramers_v"])
-    casts = ", ".join(f"cast({_q(c)} as varchar) as {_q(c)}" for c in categorical)
-    con.execute(f"""
+    casts = ", ".join(f"cast({quote(c)} as varchar) as {quote(c)}" for c in categorical)
+    session.execute(f"""
         create or replace temp table _profile_category_counts as
         with src as (
-            select cast({_q(contract.label)} as double) as __label, {casts} from {_q(mart)}
+            select cast({quote(contract.label)} as double) as __label, {casts} from {quote(mart)}
         ),
         long as (
-            from src unpivot include nulls (category for column_name in ({', '.join(_q(c) for c in categorical)}))
+            from src unpivot include nulls (category for column_name in ({column_list(categorical)}))
         )
         select
             column_name,
@@ -237,7 +272,7 @@ def category_summary(con: duckdb.DuckDBPyConnection, mart: str, contract: Featur
         from long
         group by all
     """)
-    categories = _fetch_frame(con, f"""
+    categories = session.frame(f"""
         with ranked as (
             select
                 *,
@@ -267,7 +302,7 @@ def category_summary(con: duckdb.DuckDBPyConnection, mart: str, contract: Featur
         from folded
         order by column_name, is_other, rows desc, category
     """)
-    association = _fetch_frame(con, """
+    association = session.frame("""
         with totals as (
             select column_name, sum(labelled_rows) as n, sum(positives) / nullif(sum(labelled_rows), 0) as p
             from _profile_category_counts
@@ -288,22 +323,22 @@ def category_summary(con: duckdb.DuckDBPyConnection, mart: str, contract: Featur
         from cells
         group by column_name
     """)
-    con.execute("drop table _profile_category_counts")
+    session.execute("drop table _profile_category_counts")
     return categories, association
 
 
-def class_balance(con: duckdb.DuckDBPyConnection, mart: str, contract: FeatureContract) -> pd.DataFrame:
+def class_balance(session: Session, mart: str, contract: FeatureContract) -> pd.DataFrame:
     """Rows, labelled rows and positive rate overall and per snapshot date."""
-    label, as_of = _q(contract.label), _q(contract.as_of)
+    label, as_of = quote(contract.label), quote(contract.as_of)
     measures = (
         f"count(*) as rows, count({label}) as labelled_rows, "
         f"cast(coalesce(sum({label}), 0) as bigint) as positives, avg({label}) as positive_rate"
     )
-    frame = _fetch_frame(con, f"""
-        select 'overall' as scope, cast(null as date) as snapshot_date, {measures} from {_q(mart)}
+    frame = session.frame(f"""
+        select 'overall' as scope, cast(null as date) as snapshot_date, {measures} from {quote(mart)}
         union all
         select 'snapshot' as scope, cast({as_of} as date) as snapshot_date, {measures}
-        from {_q(mart)}
+        from {quote(mart)}
         group by all
         order by scope, snapshot_date
     """)
@@ -315,7 +350,7 @@ def class_balance(con: duckdb.DuckDBPyConnection, mart: str, contract: FeatureCo
 
 
 def correlations(
-    con: duckdb.DuckDBPyConnection, mart: str, contract: FeatureContract, cramers_v: pd.DataFrame
+    session: Session, mart: str, contract: FeatureContract, cramers_v: pd.DataFrame
 ) -> pd.DataFrame:
     """Pearson matrix of the numeric features, and each feature against the label.
 
@@ -324,9 +359,9 @@ def correlations(
     """
     numeric, label = contract.numeric, contract.label
     pairs = [(a, b) for i, a in enumerate(numeric) for b in numeric[i + 1:]]
-    expressions = [f"corr({_q(a)}, {_q(b)})" for a, b in pairs]
-    expressions += [f"corr({_q(c)}, {_q(label)})" for c in numeric]
-    values = con.execute(f"select {', '.join(expressions)} from {_q(mart)}").fetchone() if expressions else ()
+    expressions = [f"corr({quote(a)}, {quote(b)})" for a, b in pairs]
+    expressions += [f"corr({quote(c)}, {quote(label)})" for c in numeric]
+    values = session.one(f"select {', '.join(expressions)} from {quote(mart)}") if expressions else ()
 
     def clean(value: float | None) -> float | None:
         return None if value is None or not np.isfinite(value) else float(value)
@@ -356,18 +391,18 @@ def label_association(corr: pd.DataFrame) -> pd.Series:
 
 
 def plot_sample(
-    con: duckdb.DuckDBPyConnection, mart: str, contract: FeatureContract, columns: list[str], rows: int, seed: int
+    session: Session, mart: str, contract: FeatureContract, columns: list[str], rows: int, seed: int
 ) -> pd.DataFrame:
     """A bounded, seeded sample of labelled rows for the plots only.
 
     Ordering by a hash of the key, the snapshot and the seed picks the same rows
     on every run regardless of threads, without reading the mart into Python.
     """
-    selected = ", ".join(_q(c) for c in [contract.label, *columns])
-    return _fetch_frame(con, f"""
-        select {selected} from {_q(mart)}
-        where {_q(contract.label)} is not null
-        order by hash(cast({_q(contract.key)} as varchar), cast({_q(contract.as_of)} as varchar), {int(seed)})
+    selected = column_list([contract.label, *columns])
+    return session.frame(f"""
+        select {selected} from {quote(mart)}
+        where {quote(contract.label)} is not null
+        order by hash(cast({quote(contract.key)} as varchar), cast({quote(contract.as_of)} as varchar), {int(seed)})
         limit {int(rows)}
     """)
 
@@ -561,45 +596,21 @@ numeric features, Cramér's V for categorical ones.</p>
     return path
 
 
-def _replace_folder(staged: Path, target: Path) -> None:
-    """Swap a fully written folder into place, so a failed run never leaves half a report."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:6]}")
-    if target.exists():
-        target.rename(old)
-    staged.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
+def write_tables(session: Session, mart: str, tables: dict[TableSpec, pd.DataFrame]) -> None:
+    """Replace this mart's rows of every profile table in one transaction; other marts' rows are kept.
 
-
-def write_tables(con: duckdb.DuckDBPyConnection, mart: str, tables: dict[str, pd.DataFrame]) -> None:
-    """Replace this mart's rows of every profile table in one transaction.
-
-    Other marts' rows are kept; the table is rebuilt rather than inserted into,
-    so a profile that gained or retyped a column never fails on an old table.
+    A table written before its declaration existed may lack a column a newer
+    profile has (e.g. the numeric summary of a mart without numeric features),
+    so missing declared columns are added first instead of failing the insert.
     """
-    con.execute("begin transaction")
-    try:
-        for table, frame in tables.items():
-            con.register("_profile_incoming", frame)
-            try:
-                others = table_exists(con, table) and con.execute(
-                    f"select count(*) from {_q(table)} where feature_mart <> ?", [mart]
-                ).fetchone()[0]
-                if others:
-                    con.execute(
-                        f"create or replace table {_q(table)} as "
-                        f"select * from {_q(table)} where feature_mart <> ? "
-                        "union all by name select * from _profile_incoming",
-                        [mart],
-                    )
-                else:
-                    con.execute(f"create or replace table {_q(table)} as select * from _profile_incoming")
-            finally:
-                con.unregister("_profile_incoming")
-        con.execute("commit")
-    except Exception:
-        con.execute("rollback")
-        raise
+    with session.transaction():
+        # tables(), not exists(): Session.one/scalar leave DuckDB's result open, and an
+        # open result makes the frame registration inside append() fail.
+        present = set(session.tables())
+        for spec, frame in tables.items():
+            if spec.name in present:
+                session.add_missing_columns(spec, spec.column_types)
+            session.append(spec, frame, where="feature_mart = ?", params=[mart])
 
 
 # ------------------------------------------------------------------ entry
@@ -610,36 +621,35 @@ def profile(config: ChurnConfig, run_id: str | None = None, sample_rows: int = P
     run_id = run_id or dt.datetime.now().strftime("profile-%Y%m%dT%H%M%S-") + uuid.uuid4().hex[:6]
     profiled_at = dt.datetime.now()
     mart = config.dataset.feature_mart
-    contract = load_contract(dbt_target_path(config) / "manifest.json", mart)
-    database = config.warehouse.build_db
-    with connect(database) as con:
-        types = check_mart(con, mart, contract, database)
+    contract = current_contract(config)
+    with connect(config.warehouse.build_db) as session:
+        types = check_mart(session, config, contract)
         with timed(f"profile statistics of {mart}", log):
-            columns = column_summary(con, mart, contract, types)
-            numeric = numeric_summary(con, mart, contract)
-            categories, cramers_v = category_summary(con, mart, contract)
-            balance = class_balance(con, mart, contract)
-            corr = correlations(con, mart, contract, cramers_v)
+            columns = column_summary(session, mart, contract, types)
+            numeric = numeric_summary(session, mart, contract)
+            categories, cramers_v = category_summary(session, mart, contract)
+            balance = class_balance(session, mart, contract)
+            corr = correlations(session, mart, contract, cramers_v)
         association = label_association(corr)
         columns = columns.merge(numeric, on="column_name", how="left")
         columns["label_association"] = columns["column_name"].map(association).astype(float)
         ranked = association.dropna().sort_values(ascending=False).index.tolist()
         top = [f for f in ranked if f in contract.feature_names][:PLOT_TOP_FEATURES]
-        sample = plot_sample(con, mart, contract, top, sample_rows, config.training.random_state)
+        sample = plot_sample(session, mart, contract, top, sample_rows, config.training.random_state)
 
         stamp = {"feature_mart": mart, "run_id": run_id, "profiled_at": profiled_at}
         tables = {
-            "profile_columns": columns,
-            "profile_categories": categories,
-            "profile_class_balance": balance,
-            "profile_correlations": corr,
+            PROFILE_COLUMNS: columns,
+            PROFILE_CATEGORIES: categories,
+            PROFILE_CLASS_BALANCE: balance,
+            PROFILE_CORRELATIONS: corr,
         }
-        tables = {name: frame.assign(**stamp)[[*stamp, *frame.columns]] for name, frame in tables.items()}
+        tables = {spec: frame.assign(**stamp)[[*stamp, *frame.columns]] for spec, frame in tables.items()}
 
         target = report_dir(config)
         target.parent.mkdir(parents=True, exist_ok=True)
-        staged = Path(tempfile.mkdtemp(prefix=f".{target.name}.new-", dir=target.parent))
-        staged.chmod(0o755)  # mkdtemp makes it private; a report folder is meant to be shared
+        staged = staging_path(target)
+        staged.mkdir(mode=0o755)  # a report folder is meant to be shared
         try:
             with timed(f"profile plots and report of {mart} ({len(sample):,d} sampled rows)", log):
                 overall = balance[balance["scope"] == "overall"].iloc[0]
@@ -652,11 +662,11 @@ def profile(config: ChurnConfig, run_id: str | None = None, sample_rows: int = P
                     plot_missing(columns, staged / PLOTS[3]),
                 ]
                 write_report(staged, mart, run_id, profiled_at, columns, balance, categories, corr, plots)
-            write_tables(con, mart, tables)
+            write_tables(session, mart, tables)
         except BaseException:
             shutil.rmtree(staged, ignore_errors=True)
             raise
-        _replace_folder(staged, target)
+        replace_folder(staged, target)
     result = ProfileResult(
         feature_mart=mart,
         run_id=run_id,

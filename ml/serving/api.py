@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import math
+import re
 import tempfile
 import threading
 import time
@@ -32,18 +32,17 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-import duckdb
-import numpy as np
 import pandas as pd
 
 from ml.config import ChurnConfig
+from ml.features.contract import load_contract
 from ml.features.dbt import run_dbt
-from ml.modeling.explain import Explainer
 from ml.logs import get_logger, timed
+from ml.modeling.explain import Explainer
 from ml.modeling.model import ChurnModel
-from ml.modeling.registry import load_model
-from ml.modeling.score import risk_bands, score_frame
-from ml.warehouse import connect, table_exists
+from ml.modeling.registry import REGISTRY_TABLE, champion_in, load_model
+from ml.modeling.score import SCORES_TABLE, risk_bands, score_frame
+from ml.warehouse import MEMORY, Session, connect, is_missing, json_value, quote, to_json
 
 log = get_logger("serve")
 
@@ -109,8 +108,6 @@ def compile_features(config: ChurnConfig, as_of: dt.date, workdir: Path) -> Comp
     )
     if mart_id is None:
         raise RequestError(f"dbt project has no model {config.dataset.feature_mart!r}")
-    from ml.features.contract import load_contract
-
     contract = load_contract(target / "manifest.json", config.dataset.feature_mart)
     order = _dependency_order(nodes, mart_id)
     used_sources = {p for n in order for p in nodes[n]["depends_on"]["nodes"] if p.startswith("source.")}
@@ -141,7 +138,7 @@ def compile_features(config: ChurnConfig, as_of: dt.date, workdir: Path) -> Comp
 def read_landing_rows(compiled: CompiledFeatures, customer_ids: list[str]) -> dict[str, pd.DataFrame]:
     """The raw rows of `customer_ids` in every source, read from the landing files."""
     frames: dict[str, pd.DataFrame] = {}
-    with duckdb.connect() as con:
+    with connect(MEMORY) as session:
         for source in compiled.sources:
             if source.key_column is None:
                 raise RequestError(
@@ -149,17 +146,68 @@ def read_landing_rows(compiled: CompiledFeatures, customer_ids: list[str]) -> di
                     "set `entity_key` in its source meta to look customers up"
                 )
             placeholders = ", ".join("?" for _ in customer_ids)
-            frames[source.name] = con.execute(
-                f'select * from {source.relation} where "{source.key_column}"::varchar in ({placeholders})',
+            frames[source.name] = session.frame(
+                f"select * from {source.relation} where {quote(source.key_column)}::varchar in ({placeholders})",
                 customer_ids,
-            ).df()
+            )
     return frames
 
 
+# What is not code in SQL: string literals, quoted identifiers and comments (quotes doubled inside).
+_NOT_CODE = re.compile(r"""'(?:[^']|'')*'|"(?:[^"]|"")*"|--[^\n]*|/\*.*?(?:\*/|$)""", re.S)
+
+
+def _name_char(char: str) -> bool:
+    """Whether `char` next to a match would make it part of a longer name (`x.customers`, `customers_2`)."""
+    return char.isalnum() or char in '_."'
+
+
+def replace_relations(sql: str, relations: dict[str, str]) -> str:
+    """`sql` with each relation reference (dict key, as dbt compiled it) replaced by its value.
+
+    A reference matches only where a SQL name or expression can start: in code
+    or at the opening quote of a quoted identifier, never inside a string
+    literal, a comment or a quoted identifier, and never as part of a longer
+    (e.g. qualified) name. So a column or a literal that happens to spell a
+    relation's name is left alone. A match may run on through literals and
+    identifiers: dbt compiles a file source as `read_parquet('.../x.parquet')`
+    and a table as `"db"."schema"."x"`.
+    """
+    if not relations:
+        return sql
+    inside: list[tuple[int, int]] = []  # spans where no reference may start
+    for token in _NOT_CODE.finditer(sql):
+        first = token.start() + (1 if token.group().startswith('"') else 0)  # a quoted name may start one
+        inside.append((first, token.end()))
+    pattern = re.compile("|".join(re.escape(r) for r in sorted(relations, key=len, reverse=True)))
+    out, last = [], 0
+    for match in pattern.finditer(sql):
+        start, end = match.span()
+        if any(a <= start < b for a, b in inside):
+            continue
+        if (start > 0 and _name_char(sql[start - 1])) or (end < len(sql) and _name_char(sql[end])):
+            continue
+        out += [sql[last:start], relations[match.group()]]
+        last = end
+    out.append(sql[last:])
+    return "".join(out)
+
+
+def _raw_table(source: CompiledSource) -> str:
+    return f"__raw_{source.name}"
+
+
 def compute_features(compiled: CompiledFeatures, tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """Run the compiled mart SQL over `tables`; the rows of the as_of snapshot."""
-    with duckdb.connect() as con:
-        replacements = []
+    """Run the compiled mart SQL over `tables`; the rows of the as_of snapshot.
+
+    The models are created under the very names dbt compiled them with
+    ("memory"."main"."<model>" is the default catalog and schema of an
+    in-memory DuckDB), so their references need no rewriting; only the
+    sources, which dbt compiled as reads of the landing files, are pointed at
+    the request's rows.
+    """
+    with connect(MEMORY) as session:
+        local: dict[str, str] = {}
         for source in compiled.sources:
             if source.name not in tables:
                 raise RequestError(f"table {source.name!r} is missing from the request")
@@ -171,39 +219,46 @@ def compute_features(compiled: CompiledFeatures, tables: dict[str, pd.DataFrame]
                 raise RequestError(
                     f"table {source.name!r} ({len(frame)} rows) lacks column(s) {', '.join(missing)}"
                 )
-            incoming, raw = f"__incoming_{source.name}", f"__raw_{source.name}"
-            con.register(incoming, frame)
-            _reject_uncastable(con, source, incoming, len(frame))
             select_list = ", ".join(
-                f'cast("{c}" as {t}) as "{c}"' if t else f'"{c}"' for c, t in source.columns.items()
+                f"cast({quote(c)} as {t}) as {quote(c)}" if t else quote(c) for c, t in source.columns.items()
             )
-            con.execute(f'create table "{raw}" as select {select_list} from "{incoming}"')
-            replacements.append((source.relation, f'"{raw}"'))
+            with session.registered(frame) as incoming:
+                _reject_uncastable(session, source, incoming, len(frame))
+                session.execute(f"create table {quote(_raw_table(source))} as select {select_list} from {incoming}")
+            local[source.relation] = quote(_raw_table(source))
         for relation, sql in compiled.models:
-            for original, local in replacements:
-                sql = sql.replace(original, local)
-            con.execute(f"create table {relation} as {sql}")
+            session.execute(f"create table {relation} as {replace_relations(sql, local)}")
         mart_relation = compiled.models[-1][0]
-        return con.execute(
-            f'select * from {mart_relation} where "{compiled.as_of_column}" = ?', [compiled.as_of]
-        ).df()
+        return session.frame(
+            f"select * from {mart_relation} where {quote(compiled.as_of_column)} = ?", [compiled.as_of]
+        )
 
 
-def _reject_uncastable(
-    con: duckdb.DuckDBPyConnection, source: CompiledSource, incoming: str, rows: int
-) -> None:
+def _reject_uncastable(session: Session, source: CompiledSource, incoming: str, rows: int) -> None:
     """Name the column and row count of values that do not fit the declared type."""
-    for column, dtype in source.columns.items():
-        if not dtype:
-            continue
-        bad = con.execute(
-            f'select count(*) from "{incoming}" where "{column}" is not null '
-            f'and try_cast("{column}" as {dtype}) is null'
-        ).fetchone()[0]
+    typed = [(column, dtype) for column, dtype in source.columns.items() if dtype]
+    if not typed:
+        return
+    counts = ", ".join(
+        f"count(*) filter (where {quote(c)} is not null and try_cast({quote(c)} as {t}) is null)" for c, t in typed
+    )
+    # rows(), not one(): a fully read result leaves the connection free to register the next frame.
+    [bad_counts] = session.rows(f"select {counts} from {incoming}")
+    for (column, dtype), bad in zip(typed, bad_counts, strict=True):
         if bad:
             raise RequestError(
                 f"table {source.name!r}, column {column!r}: {bad} of {rows} value(s) are not {dtype}"
             )
+
+
+def _latest_scored_date(session: Session) -> dt.date | None:
+    """The newest as_of_date in churn_scores.
+
+    TODO(lead): this belongs to the scores' owner (ml.modeling.score, H2) as a reader
+    such as `latest_scored_date(session)`; until it exists the query lives here.
+    """
+    value = session.scalar(f"select max(as_of_date) from {quote(SCORES_TABLE)}")
+    return None if value is None else pd.Timestamp(value).date()
 
 
 def published_champion(config: ChurnConfig) -> tuple[str, dt.date]:
@@ -211,35 +266,27 @@ def published_champion(config: ChurnConfig) -> tuple[str, dt.date]:
     db = config.warehouse.published_db
     if not db.exists():
         raise RequestError(f"nothing published yet ({db} missing); run `make nightly` first")
-    with connect(db, read_only=True) as con:
-        for table in ("model_registry", "churn_scores"):
-            if not table_exists(con, table):
+    with connect(db, read_only=True) as session:
+        present = set(session.tables())
+        for table in (REGISTRY_TABLE, SCORES_TABLE):
+            if table not in present:
                 raise RequestError(f"published database {db} has no {table} table; run `make nightly`")
-        row = con.execute(
-            "select model_version from model_registry where dataset = ? and status = 'champion' "
-            "order by status_changed_at desc limit 1",
-            [config.dataset.name],
-        ).fetchone()
-        latest = con.execute("select max(as_of_date) from churn_scores").fetchone()[0]
-    if row is None or latest is None:
+        version = champion_in(session, config.dataset.name)
+        latest = _latest_scored_date(session)
+    if version is None or latest is None:
         raise RequestError(f"published database {db} has no champion or scores for {config.dataset.name!r}")
-    return row[0], pd.Timestamp(latest).date()
+    return version, latest
 
 
-def _json_value(value: Any) -> Any:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return None if np.isnan(value) else float(value)
-    if isinstance(value, (np.bool_,)):
-        return bool(value)
-    if isinstance(value, (pd.Timestamp, dt.date)):
+def answer_value(value: Any) -> Any:
+    """A feature or key value as the API answers it: plain JSON, dates cut to YYYY-MM-DD.
+
+    The cut is the API's own choice (answers have always given as_of dates as
+    days), made here explicitly before the shared conversion.
+    """
+    if isinstance(value, (pd.Timestamp, dt.date)) and not is_missing(value):
         return value.isoformat()[:10]
-    if value is pd.NaT or value is pd.NA:
-        return None
-    return value
+    return json_value(value)
 
 
 class ScoringService:
@@ -275,18 +322,18 @@ class ScoringService:
         reason_names = [c for c in scored.columns if c.startswith("reason_") and not c.endswith("_contribution")]
         for position, (index, row) in enumerate(scored.iterrows()):
             answers.append({
-                compiled.key: _json_value(row[compiled.key]),
-                compiled.as_of_column: _json_value(row[compiled.as_of_column]),
+                compiled.key: answer_value(row[compiled.key]),
+                compiled.as_of_column: answer_value(row[compiled.as_of_column]),
                 "churn_probability": float(row["churn_probability"]),
                 "will_churn": bool(row["will_churn"]),
                 "risk_band": bands[position],
                 "model_version": self.model.version,
                 "reasons": [
-                    {"feature": row[name], "contribution": _json_value(row[f"{name}_contribution"])}
+                    {"feature": row[name], "contribution": answer_value(row[f"{name}_contribution"])}
                     for name in reason_names
                     if row[name] is not None
                 ],
-                "features": {f: _json_value(features.loc[index, f]) for f in self.model.contract.feature_names},
+                "features": {f: answer_value(features.loc[index, f]) for f in self.model.contract.feature_names},
             })
         return answers
 
@@ -312,7 +359,7 @@ def make_handler(service: ScoringService) -> type[BaseHTTPRequestHandler]:
         server_version = "churn-serve"
 
         def _send(self, status: HTTPStatus, body: dict[str, Any]) -> None:
-            payload = json.dumps(body, default=str).encode()
+            payload = to_json(body).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(payload)))

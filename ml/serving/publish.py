@@ -27,11 +27,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import duckdb
+import pandas as pd
 
 from ml.config import ChurnConfig
 from ml.logs import get_logger, timed
-from ml.warehouse import WarehouseError, connect, table_exists
+from ml.warehouse import Session, WarehouseError, connect, declare, fsync, quote, quote_literal
 
 log = get_logger("publish")
 
@@ -51,7 +51,14 @@ PUBLISHED_TABLES = (
     "model_performance",
     "retrain_decisions",
 )
-INFO_TABLE = "publish_info"
+PUBLISH_INFO = declare(
+    name="publish_info",
+    owner=__name__,
+    grain="one row: the publish that wrote this published database",
+    description="Which nightly run and dataset the published database comes from, when, and which tables it holds.",
+    columns=[("run_id", "VARCHAR"), ("dataset", "VARCHAR"), ("published_at", "TIMESTAMP"), ("tables", "VARCHAR")],
+)
+INFO_TABLE = PUBLISH_INFO.name
 PAUSE_ENV = "CHURN_PAUSE_AT"
 PAUSE_FILE_ENV = "CHURN_PAUSE_FILE"
 
@@ -109,18 +116,11 @@ def remove_stale_temps(published: Path) -> list[Path]:
     return stale
 
 
-def _fsync(path: Path, directory: bool = False) -> None:
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def tables_to_publish(config: ChurnConfig) -> list[str]:
     """The BI tables present in the build database; fail when a required one is missing."""
-    with connect(config.warehouse.build_db, read_only=True) as con:
-        present = [t for t in PUBLISHED_TABLES if table_exists(con, t)]
+    with connect(config.warehouse.build_db, read_only=True) as session:
+        existing = set(session.tables(base_tables_only=False))
+    present = [t for t in PUBLISHED_TABLES if t in existing]
     missing = [t for t in REQUIRED_TABLES if t not in present]
     if missing:
         raise PublishError(
@@ -130,26 +130,42 @@ def tables_to_publish(config: ChurnConfig) -> list[str]:
     return present
 
 
+@dataclass(frozen=True)
+class PublishInfo:
+    """What publish_info says about a published database."""
+
+    run_id: str | None
+    dataset: str
+    published_at: dt.datetime
+    tables: tuple[str, ...]
+
+
+def published_info(session: Session) -> PublishInfo | None:
+    """The publish that wrote the database `session` reads, or None when it has no publish_info."""
+    if not session.exists(PUBLISH_INFO):
+        return None
+    row = session.one(f"select run_id, dataset, published_at, tables from {quote(PUBLISH_INFO.name)} limit 1")
+    if row is None:
+        return None
+    run_id, dataset, published_at, tables = row
+    return PublishInfo(run_id, dataset, published_at, tuple(t for t in (tables or "").split(",") if t))
+
+
 def _write_copy(config: ChurnConfig, target: Path, tables: list[str], run_id: str | None) -> dict[str, int]:
     """A complete, checkpointed DuckDB file holding the tables, closed before returning."""
-    build = str(config.warehouse.build_db).replace("'", "''")
     rows: dict[str, int] = {}
-    con = duckdb.connect(str(target))
-    try:
-        con.execute(f"attach '{build}' as build (read_only)")
+    with connect(target) as session:
+        # ATTACH takes no parameters: the path goes in as a quoted literal.
+        session.execute(f"attach {quote_literal(config.warehouse.build_db)} as build (read_only)")
         for table in tables:
-            con.execute(f'create table main."{table}" as select * from build.main."{table}"')
-            rows[table] = con.execute(f'select count(*) from main."{table}"').fetchall()[0][0]
+            session.execute(f"create table main.{quote(table)} as select * from build.main.{quote(table)}")
+            rows[table] = session.row_count(table)
             pause_point(f"publish:{table}")
-        con.execute("detach build")
-        con.execute(
-            f'create table main."{INFO_TABLE}" as select ?::varchar as run_id, ?::varchar as dataset, '
-            "?::timestamp as published_at, ?::varchar as tables",
-            [run_id, config.dataset.name, dt.datetime.now(), ",".join(tables)],
-        )
-        con.execute("checkpoint")
-    finally:
-        con.close()
+        session.execute("detach build")
+        info = pd.DataFrame([{"run_id": run_id, "dataset": config.dataset.name,
+                              "published_at": dt.datetime.now(), "tables": ",".join(tables)}])
+        session.append(PUBLISH_INFO, info)
+        session.execute("checkpoint")
     return rows
 
 
@@ -163,12 +179,12 @@ def publish(config: ChurnConfig, run_id: str | None = None) -> PublishResult:
         temp = published.parent / f"{_temp_prefix(published)}{os.getpid()}"
         try:
             rows = _write_copy(config, temp, tables, run_id)
-            _fsync(temp)
+            fsync(temp)
             pause_point("publish:before_replace")
             # A WAL beside the published path would be replayed into the new file.
             Path(f"{published}.wal").unlink(missing_ok=True)
             os.replace(temp, published)
-            _fsync(published.parent, directory=True)
+            fsync(published.parent, directory=True)
         except BaseException:
             temp.unlink(missing_ok=True)
             Path(f"{temp}.wal").unlink(missing_ok=True)
@@ -182,11 +198,8 @@ def published_tables(config: ChurnConfig) -> dict[str, int]:
     """Rows per table of the published database, read the way BI reads it (read-only)."""
     if not config.warehouse.published_db.exists():
         raise WarehouseError(f"nothing published yet: {config.warehouse.published_db}")
-    with connect(config.warehouse.published_db, read_only=True) as con:
-        names = [r[0] for r in con.execute(
-            "select table_name from information_schema.tables where table_schema = 'main' order by table_name"
-        ).fetchall()]
-        return {t: con.execute(f'select count(*) from "{t}"').fetchall()[0][0] for t in names}
+    with connect(config.warehouse.published_db, read_only=True) as session:
+        return {t: session.row_count(t) for t in session.tables(base_tables_only=False)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
