@@ -64,7 +64,10 @@ class Session:
         return self._con.execute(sql, list(params) if params is not None else None).fetchall()
 
     def one(self, sql: str, params: Params = None) -> tuple[Any, ...] | None:
-        return self._con.execute(sql, list(params) if params is not None else None).fetchone()
+        """The first row, or None. The whole result is consumed: DuckDB refuses the next
+        statement on a connection with an unfinished result (so no `fetchone`)."""
+        rows = self._con.execute(sql, list(params) if params is not None else None).fetchall()
+        return rows[0] if rows else None
 
     def scalar(self, sql: str, params: Params = None) -> Any:
         row = self.one(sql, params)
