@@ -96,4 +96,4 @@ def published_warehouse(trained_warehouse: ChurnConfig, tmp_path_factory: pytest
 def query(config: ChurnConfig, sql: str, params: list | None = None) -> pd.DataFrame:
     """Read the build database (read-only) into a DataFrame."""
     with connect(config.warehouse.build_db, read_only=True) as con:
-        return con.execute(sql, params or []).df()
+        return con.frame(sql, params or [])

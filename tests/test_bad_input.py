@@ -155,8 +155,7 @@ def run_nightly(config: ChurnConfig, *extra: str, command: str = "nightly") -> t
 
 def failed_steps(config: ChurnConfig) -> list[tuple[str, str]]:
     with connect(config.warehouse.build_db, read_only=True) as con:
-        return con.execute(
-            "select step, message from pipeline_runs where status = 'failed' order by started_at").fetchall()
+        return con.rows("select step, message from pipeline_runs where status = 'failed' order by started_at")
 
 
 def drop_needed_feature(config: ChurnConfig) -> tuple[str, Path]:
