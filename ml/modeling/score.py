@@ -30,7 +30,7 @@ from ml.logs import get_logger, timed
 from ml.modeling.explain import Explainer, top_k
 from ml.modeling.model import ChurnModel
 from ml.modeling.registry import load_champion
-from ml.warehouse import Session, TableSpec, connect, declare, quote
+from ml.warehouse import Session, connect, declare, quote
 
 log = get_logger("score")
 

@@ -22,7 +22,6 @@ from scipy import stats
 from scipy.spatial.distance import jensenshannon
 
 from ml.config import MonitoringConfig
-from ml.warehouse import float_or_none, json_value, to_json
 from ml.modeling.reference import (
     FLAGGED_LEVEL,
     NOT_FLAGGED_LEVEL,
@@ -36,6 +35,7 @@ from ml.modeling.reference import (
     level_counts,
     numeric_values,
 )
+from ml.warehouse import float_or_none, json_value, to_json
 
 # Shares are floored before logs so an empty bin gives a large, finite PSI.
 PSI_EPSILON = 1e-4

@@ -13,7 +13,14 @@ BI can chart directly:
 - `retrain_decisions`: which retraining rules fired and what happened.
 
 All rows of one run are written in one transaction, so a failure never leaves
-a half-written night.
+a half-written night. This stage measures and decides (`measure`,
+`decide_retrain`, `record_decision`); it never trains. Training a challenger
+when the decision fires is the pipeline's step (`ml.pipeline.apply_policy`),
+which also handles `churn monitor` (`ml.pipeline.monitor_command`).
+
+Other owners' tables are read only through their readers: the mart through
+`ml.features.mart`, scores through `ml.modeling.score`, importance and training
+runs through `ml.modeling.train`, thresholds through `ml.modeling.registry`.
 """
 
 from __future__ import annotations
@@ -43,7 +50,6 @@ from ml.logs import get_logger, timed
 from ml.modeling import registry
 from ml.modeling.model import ChurnModel
 from ml.modeling.reference import DriftReference
-from ml.modeling.registry import model_thresholds
 from ml.modeling.score import (
     DECISION_COLUMN,
     PROBABILITY_COLUMN,
@@ -256,7 +262,7 @@ def realized_performance(
     """
     done = _measured_realized(session)
     pending = [pair for pair in scored_snapshots(session, contract.as_of, before) if pair not in done]
-    thresholds = model_thresholds(session) if pending else {}
+    thresholds = registry.model_thresholds(session) if pending else {}
     out = []
     for as_of_date, version in pending:
         rows = _labelled_scores(session, config, contract, as_of_date, version)
