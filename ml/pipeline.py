@@ -2,6 +2,10 @@
 
 Every step's start, end, status and message go to `pipeline_runs` in the build
 database, so a failed night can be diagnosed from the warehouse itself.
+
+This is also where monitoring meets training: monitoring measures and decides
+(`ml.monitoring.monitor`), and only this top layer trains a challenger when the
+decision fires (`apply_policy`), for the nightly and for `churn monitor --retrain`.
 """
 
 from __future__ import annotations
@@ -16,27 +20,42 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from ml.features.build import build_warehouse, mart_row_counts
 from ml.config import ChurnConfig
 from ml.data.landing import validate_landing
-from ml.monitoring import monitor
+from ml.features.build import build_warehouse, mart_row_counts
 from ml.logs import get_logger, timed
-from ml.monitoring.policy import OUTCOME_PROMOTED
-from ml.serving.publish import pause_point, publish
-from ml.quality.audit import audit
-from ml.reports.summary import score_summary
-from ml.reports.profile import profile
+from ml.modeling.score import score
 from ml.modeling.train import train
-from ml.warehouse import connect, write_table
+from ml.monitoring import monitor
+from ml.monitoring.monitor import MonitorResult
+from ml.monitoring.policy import OUTCOME_FAILED, OUTCOME_PROMOTED, OUTCOME_REJECTED, PolicyOutcome
+from ml.quality.audit import audit
+from ml.reports.profile import profile
+from ml.reports.summary import score_summary
+from ml.serving.publish import pause_point, publish
+from ml.warehouse import connect, declare
 
 log = get_logger("pipeline")
+
+PIPELINE_RUNS_SPEC = declare(
+    name="pipeline_runs",
+    owner=__name__,
+    grain="one row per nightly run and step",
+    description="each nightly step's start, end, status and error message",
+    columns=[
+        ("run_id", "VARCHAR"), ("step", "VARCHAR"),
+        # VARCHAR even when every run so far had no --as-of (a frame of NULLs would type it "NULL").
+        ("as_of", "VARCHAR"),
+        ("started_at", "TIMESTAMP"), ("ended_at", "TIMESTAMP"), ("status", "VARCHAR"), ("message", "VARCHAR"),
+    ],
+)
 
 
 class LandingError(RuntimeError):
     """The landing folder lacks tables the dataset needs."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class PipelineRun:
     """One nightly run: its id and a recorder of step outcomes."""
 
@@ -56,8 +75,8 @@ class PipelineRun:
                 "message": message[:4000],
             }]
         )
-        with connect(self.config.warehouse.build_db) as con:
-            write_table(con, "pipeline_runs", row)
+        with connect(self.config.warehouse.build_db) as session:
+            session.append(PIPELINE_RUNS_SPEC, row)
 
     @contextmanager
     def step(self, name: str) -> Iterator[None]:
@@ -106,8 +125,6 @@ def nightly(config: ChurnConfig, as_of: str | None = None, force_train: bool = F
         # trains only when the dataset has no champion yet, or when forced
         train(config, force=force_train, run_id=run.run_id)
     with run.step("score"):
-        from ml.modeling.score import score
-
         score(config, run_id=run.run_id)
     with run.step("audit_scores"):
         audit(config, "scores", run.run_id, as_of=as_of)
@@ -115,8 +132,8 @@ def nightly(config: ChurnConfig, as_of: str | None = None, force_train: bool = F
         watched = monitor.measure(config, run_id=run.run_id)
     with run.step("retrain_policy"):
         # a triggered retrain trains a challenger; the registry decides if it replaces the champion
-        watched = monitor.apply_policy(config, watched, monitor.today_for(as_of))
-    if watched.outcome == OUTCOME_PROMOTED:
+        outcome = apply_policy(config, watched, monitor.today_for(as_of))
+    if outcome.outcome == OUTCOME_PROMOTED:
         with run.step("rescore"):
             score(config, run_id=run.run_id)
             audit(config, "scores", run.run_id, as_of=as_of)
@@ -129,6 +146,47 @@ def nightly(config: ChurnConfig, as_of: str | None = None, force_train: bool = F
         print(f"  {table:38s} {rows:>12,d} rows")
     print("\n".join(score_summary(config)))
     return run
+
+
+def apply_policy(config: ChurnConfig, result: MonitorResult, today: dt.date, retrain: bool = True) -> PolicyOutcome:
+    """Decide; when triggered (and `retrain`), train a challenger that the registry may promote.
+
+    The decision row is written whatever happens, including when training fails
+    (outcome 'failed', then the error propagates and stops the nightly).
+    """
+    decision = monitor.decide_retrain(config, result, today)
+    if not decision.triggered or not retrain:
+        outcome = PolicyOutcome.without_training(decision)
+        monitor.record_decision(config, result, today, outcome)
+        log.info("retrain policy: %s", outcome.outcome)
+        return outcome
+    log.info("retrain policy fired (%s): training a challenger", ", ".join(decision.rules))
+    try:
+        trained = train(config, force=True, run_id=f"{result.run_id}-retrain")
+    except Exception as exc:
+        failed = PolicyOutcome(decision, OUTCOME_FAILED, message=f"{type(exc).__name__}: {exc}")
+        monitor.record_decision(config, result, today, failed)
+        raise
+    outcome = PolicyOutcome(decision, OUTCOME_PROMOTED if trained.promoted else OUTCOME_REJECTED,
+                            trained.version, trained.message)
+    monitor.record_decision(config, result, today, outcome)
+    log.info("retrain policy: challenger %s %s", trained.version, outcome.outcome)
+    return outcome
+
+
+def monitor_and_decide(
+    config: ChurnConfig, run_id: str | None = None, as_of: str | dt.date | None = None, retrain: bool = False,
+) -> tuple[MonitorResult, PolicyOutcome]:
+    """`churn monitor`: measure, then apply the retraining policy (training only when `retrain`)."""
+    result = monitor.measure(config, run_id)
+    return result, apply_policy(config, result, monitor.today_for(as_of), retrain=retrain)
+
+
+def monitor_command(config: ChurnConfig, args: argparse.Namespace) -> int:
+    """Handler of `churn monitor` (its arguments: `ml.monitoring.monitor.add_arguments`)."""
+    result, outcome = monitor_and_decide(config, as_of=args.as_of, retrain=args.retrain)
+    print("\n".join(monitor.report_lines(result, outcome)))
+    return 0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

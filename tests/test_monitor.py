@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 from pathlib import Path
@@ -11,12 +12,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from ml import pipeline
 from ml.monitoring import monitor as mon
 from ml.cli import main
 from ml.config import ChurnConfig
 from ml.monitoring.performance import estimated_metrics
 from ml.monitoring.policy import OUTCOME_FAILED, OUTCOME_PROMOTED
 from ml.modeling.registry import load_champion
+from ml.modeling.train import top_features
 from ml.warehouse import connect
 from tests.conftest import QUICK_TRAINING, copy_warehouse, query
 
@@ -77,14 +80,14 @@ def test_injected_changes_are_flagged(scored_copy: ChurnConfig) -> None:
     contract = model.contract
     reference = model.metadata["reference"]["features"]
     with connect(scored_copy.warehouse.build_db, read_only=True) as con:
-        top = mon.top_features(con, model.version, scored_copy.monitoring.top_features)
+        top = top_features(con, model.version, scored_copy.monitoring.top_features)
     shifted = next(name for name in top if name in contract.numeric)
     nulled = next(name for name in contract.numeric if name != shifted)
     relabelled, untouched = contract.categorical[0], contract.categorical[1]
     mart, a = scored_copy.dataset.feature_mart, contract.as_of
     spread = reference[shifted]["spread"]
     with connect(scored_copy.warehouse.build_db) as con:
-        latest = con.execute(f'select max("{a}") from "{mart}"').fetchone()[0]
+        latest = con.scalar(f'select max("{a}") from "{mart}"')
         con.execute(f'update "{mart}" set "{shifted}" = "{shifted}" + ? where "{a}" = ?', [3 * spread, latest])
         con.execute(f'update "{mart}" set "{nulled}" = null where "{a}" = ? and hash("{contract.key}") % 10 < 3',
                     [latest])
@@ -108,9 +111,8 @@ def test_injected_changes_are_flagged(scored_copy: ChurnConfig) -> None:
 
 def _insert_history(config: ChurnConfig, frame: pd.DataFrame) -> None:
     with connect(config.warehouse.build_db) as con:
-        con.register("_rows", frame)
-        con.execute("insert into churn_scores_history by name select * from _rows")
-        con.unregister("_rows")
+        with con.registered(frame) as rows:
+            con.execute(f"insert into churn_scores_history by name select * from {rows}")
 
 
 def _labelled_dates(config: ChurnConfig, contract) -> list:
@@ -173,7 +175,7 @@ def test_estimate_tracks_realized_without_concept_drift(scored_copy: ChurnConfig
     _insert_history(scored_copy, oracle)
     with connect(scored_copy.warehouse.build_db) as con:
         mon.ensure_tables(con)
-        realized = mon.realized_performance(con, mart, c, dates[-1] + dt.timedelta(days=1), "check")
+        realized = mon.realized_performance(con, scored_copy, c, dates[-1] + dt.timedelta(days=1), "check")
     realized = realized[realized["model_version"] == ORACLE_VERSION]
     assert len(realized) == len(dates)
     pooled_true = (realized["recall"] * realized["positives"]).sum() / realized["positives"].sum()
@@ -192,10 +194,10 @@ def test_policy_records_promotion_and_failure(scored_copy: ChurnConfig, monkeypa
         calls.append((force, run_id))
         return TrainResult("m-new", "xgboost", {}, True, run_id, message="challenger won")
 
-    monkeypatch.setattr("ml.modeling.train.train", promoted)
+    monkeypatch.setattr("ml.pipeline.train", promoted)
     monkeypatch.setattr("ml.monitoring.monitor.decide", lambda config, inputs: mon.RetrainDecision(True, ("schedule",), {}))
     today = dt.date(2025, 7, 2)
-    out = mon.apply_policy(scored_copy, result, today)
+    out = pipeline.apply_policy(scored_copy, result, today)
     assert calls == [(True, "policy-night-retrain")]
     assert out.outcome == OUTCOME_PROMOTED and out.challenger_version == "m-new"
     decisions = query(scored_copy, "select * from retrain_decisions")
@@ -207,9 +209,9 @@ def test_policy_records_promotion_and_failure(scored_copy: ChurnConfig, monkeypa
     def broken(config, force=False, run_id=None):
         raise RuntimeError("no labelled rows")
 
-    monkeypatch.setattr("ml.modeling.train.train", broken)
+    monkeypatch.setattr("ml.pipeline.train", broken)
     with pytest.raises(RuntimeError, match="no labelled rows"):
-        mon.apply_policy(scored_copy, result, today)
+        pipeline.apply_policy(scored_copy, result, today)
     row = query(scored_copy, "select outcome, message from retrain_decisions").iloc[0]
     assert row["outcome"] == OUTCOME_FAILED and "no labelled rows" in row["message"]
 
@@ -217,10 +219,10 @@ def test_policy_records_promotion_and_failure(scored_copy: ChurnConfig, monkeypa
 def test_policy_ages_the_champion_in_replayed_days(scored_copy: ChurnConfig) -> None:
     result = mon.measure(scored_copy, run_id="first")
     first = dt.date(2025, 1, 1)
-    mon.apply_policy(scored_copy, result, first, retrain=False)
-    result.run_id = "later"
+    pipeline.apply_policy(scored_copy, result, first, retrain=False)
+    result = dataclasses.replace(result, run_id="later")  # MonitorResult is frozen
     later = first + dt.timedelta(days=scored_copy.monitoring.retrain_every_days)
-    out = mon.apply_policy(scored_copy, result, later, retrain=False)
+    out = pipeline.apply_policy(scored_copy, result, later, retrain=False)
     assert "schedule" in out.decision.rules
     assert out.decision.values["days_since_champion"] == scored_copy.monitoring.retrain_every_days
 
@@ -245,13 +247,14 @@ def test_a_rejected_challenger_uses_up_the_new_labels(scored_copy: ChurnConfig, 
     nothing new: it must not retrain on the same data (and reject again) every night."""
     from ml.features.contract import load_contract
     from ml.features.dbt import dbt_target_path
-    from ml.monitoring.monitor import measure, new_labelled_snapshots, newest_trained_snapshot, policy_inputs
+    from ml.modeling.train import newest_trained_snapshot
+    from ml.monitoring.monitor import measure, new_labelled_snapshots, policy_inputs
 
     config = scored_copy
     contract = load_contract(dbt_target_path(config) / "manifest.json", config.dataset.feature_mart)
     labelled = _labelled_dates(config, contract)
     with connect(config.warehouse.build_db, read_only=True) as con:
-        assert new_labelled_snapshots(con, config.dataset.feature_mart, contract, str(labelled[0])) > 0
+        assert new_labelled_snapshots(con, config, contract, str(labelled[0])) > 0
     with connect(config.warehouse.build_db) as con:
         con.execute(
             "insert into model_runs by name select 'rejected-challenger' as run_id, ? as dataset, "

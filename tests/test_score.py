@@ -15,7 +15,7 @@ from ml.modeling.explain import reason_columns
 from ml.modeling.registry import load_champion
 from ml.modeling.score import HISTORY_TABLE, SCORES_TABLE, ScoreError, check_mart, risk_bands, score
 from ml.reports.summary import score_summary
-from ml.warehouse import connect, table_columns, table_exists
+from ml.warehouse import connect
 from tests.conftest import QUICK_TRAINING, copy_warehouse, query
 
 
@@ -52,7 +52,7 @@ def test_scores_cover_every_active_customer_consistently(scoring_warehouse: Chur
     assert scores[as_of].nunique() == 1
     assert pd.Timestamp(scores[as_of].iloc[0]).date() == result.as_of_date
     with connect(config.warehouse.build_db, read_only=True) as con:
-        assert table_columns(con, SCORES_TABLE)[as_of] == table_columns(con, config.dataset.feature_mart)[as_of]
+        assert con.columns(SCORES_TABLE)[as_of] == con.columns(config.dataset.feature_mart)[as_of]
 
     p = scores["churn_probability"].to_numpy()
     assert ((p >= 0) & (p <= 1)).all()
@@ -131,7 +131,7 @@ def test_scoring_without_a_champion_says_to_train(private_warehouse: ChurnConfig
     with pytest.raises(ScoreError, match="no champion model; run churn train"):
         score(private_warehouse)
     with connect(private_warehouse.warehouse.build_db, read_only=True) as con:
-        assert not table_exists(con, SCORES_TABLE)
+        assert not con.exists(SCORES_TABLE)
 
 
 @pytest.fixture

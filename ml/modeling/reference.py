@@ -4,15 +4,20 @@ Drift is always measured against what the champion was trained on, so the
 reference is computed once, at training time, and stored in the model's
 metadata (`model.metadata["reference"]`). Nightly monitoring then never rereads
 millions of training rows, and the reference cannot silently change when the
-mart is rebuilt. Everything here is plain JSON (floats, lists, dicts) and
-bounded in size: PSI bin edges and shares, a few moments, the null share and a
+mart is rebuilt. What is stored is plain JSON (floats, lists, dicts), bounded
+in size: PSI bin edges and shares, a few moments, the null share and a
 fixed-size quantile sketch per numeric column (enough for KS and Wasserstein
 against the reference), and category shares per categorical column.
+
+Monitoring reads it back as typed, frozen objects (`DriftReference.from_dict`)
+so drift code uses attributes, not string keys; `to_dict()` gives back exactly
+the stored JSON, and models saved before the types existed load the same way.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -20,6 +25,7 @@ import pandas as pd
 
 from ml.config import MonitoringConfig
 from ml.features.contract import FeatureContract
+from ml.warehouse import float_or_none, json_value
 
 REFERENCE_VERSION = 1
 # Category levels used in shares: a null is its own level, and rare tails are
@@ -37,8 +43,127 @@ def numeric_values(values: pd.Series | np.ndarray) -> np.ndarray:
     return pd.to_numeric(series, errors="coerce").to_numpy(dtype=float, na_value=np.nan)
 
 
-def _finite(x: float) -> float | None:
-    return float(x) if x is not None and math.isfinite(x) else None
+def _finite(x: float | None) -> float | None:
+    """A float, or None for NaN and infinities (json_value maps both to null)."""
+    return float_or_none(json_value(x))
+
+
+@dataclass(frozen=True)
+class NumericReference:
+    """A numeric column at training time: moments, PSI bins (null share last) and a quantile sketch."""
+
+    n: int
+    null_share: float
+    mean: float | None = None
+    std: float | None = None
+    min: float | None = None
+    median: float | None = None
+    max: float | None = None
+    q25: float | None = None
+    q75: float | None = None
+    iqr: float | None = None
+    spread: float = 1.0
+    bin_edges: tuple[float, ...] = ()
+    bin_shares: tuple[float, ...] = ()
+    sketch: tuple[float, ...] = ()
+    kind: str = "numeric"
+
+    @property
+    def present_rows(self) -> int:
+        """Non-null reference rows: the sample size behind the sketch."""
+        return int(round(self.n * (1 - self.null_share)))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> NumericReference:
+        return cls(
+            n=int(d["n"]), null_share=float(d["null_share"]), mean=d.get("mean"), std=d.get("std"),
+            min=d.get("min"), median=d.get("median"), max=d.get("max"), q25=d.get("q25"), q75=d.get("q75"),
+            iqr=d.get("iqr"), spread=float(d.get("spread", 1.0)), bin_edges=tuple(d.get("bin_edges") or ()),
+            bin_shares=tuple(d.get("bin_shares") or ()), sketch=tuple(d.get("sketch") or ()),
+            kind=d.get("kind", "numeric"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind, "n": self.n, "null_share": self.null_share, "mean": self.mean, "std": self.std,
+            "min": self.min, "median": self.median, "max": self.max, "q25": self.q25, "q75": self.q75,
+            "iqr": self.iqr, "spread": self.spread, "bin_edges": list(self.bin_edges),
+            "bin_shares": list(self.bin_shares), "sketch": list(self.sketch),
+        }
+
+
+@dataclass(frozen=True)
+class CategoricalReference:
+    """A categorical column at training time: level shares, null as its own level."""
+
+    n: int
+    null_share: float
+    shares: Mapping[str, float] = field(default_factory=dict)
+    folded: bool = False  # the rare tail was folded into OTHER_LEVEL
+    kind: str = "categorical"
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> CategoricalReference:
+        return cls(n=int(d["n"]), null_share=float(d["null_share"]), shares=dict(d.get("shares") or {}),
+                   folded=bool(d.get("folded", False)), kind=d.get("kind", "categorical"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "n": self.n, "null_share": self.null_share, "shares": dict(self.shares),
+                "folded": self.folded}
+
+
+ColumnReference = NumericReference | CategoricalReference
+
+
+def column_reference(d: Mapping[str, Any]) -> ColumnReference:
+    """The typed reference of one stored column, by its `kind`."""
+    return NumericReference.from_dict(d) if d.get("kind") == "numeric" else CategoricalReference.from_dict(d)
+
+
+@dataclass(frozen=True)
+class DriftReference:
+    """Everything monitoring compares tonight with: per-feature references, the score's and the flagged share's."""
+
+    features: Mapping[str, ColumnReference]
+    score: NumericReference
+    n_rows: int
+    psi_bins: int
+    threshold: float | None = None
+    flagged: CategoricalReference | None = None
+    version: int = REFERENCE_VERSION
+    as_of_min: str | None = None
+    as_of_max: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> DriftReference:
+        flagged = d.get("flagged")
+        return cls(
+            features={name: column_reference(ref) for name, ref in d["features"].items()},
+            score=NumericReference.from_dict(d["score"]),
+            n_rows=int(d.get("n_rows", 0)),
+            psi_bins=int(d.get("psi_bins", 0)),
+            threshold=d.get("threshold"),
+            flagged=CategoricalReference.from_dict(flagged) if flagged else None,
+            version=int(d.get("version", REFERENCE_VERSION)),
+            as_of_min=d.get("as_of_min"),
+            as_of_max=d.get("as_of_max"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON stored in the model's metadata (the as_of range only when it was known)."""
+        out: dict[str, Any] = {
+            "version": self.version,
+            "n_rows": self.n_rows,
+            "psi_bins": self.psi_bins,
+            "features": {name: ref.to_dict() for name, ref in self.features.items()},
+            "score": self.score.to_dict(),
+            "threshold": self.threshold,
+            "flagged": self.flagged.to_dict() if self.flagged is not None else None,
+        }
+        if self.as_of_min is not None or self.as_of_max is not None:
+            out["as_of_min"] = self.as_of_min
+            out["as_of_max"] = self.as_of_max
+        return out
 
 
 # Quantiles (PSI edges, sketch, IQR) come from a seeded sample of at most this
@@ -103,7 +228,7 @@ def quantile_sketch(values: np.ndarray, size: int, sorted_present: np.ndarray | 
     return [float(v) for v in _inverted_cdf(present, (np.arange(size) + 0.5) / size)]
 
 
-def numeric_reference(values: pd.Series | np.ndarray, monitoring: MonitoringConfig) -> dict[str, Any]:
+def numeric_reference(values: pd.Series | np.ndarray, monitoring: MonitoringConfig) -> NumericReference:
     """Everything later drift tests need about one numeric column."""
     x = numeric_values(values)
     present = _sorted_present(x)
@@ -121,23 +246,22 @@ def numeric_reference(values: pd.Series | np.ndarray, monitoring: MonitoringConf
     # was tried first but is tiny for heavy-tailed ratios, where it turned tail
     # noise into alarms. IQR for a degenerate std, 1 for a constant column.
     spread = std if std > 0 else (iqr if iqr > 0 else 1.0)
-    return {
-        "kind": "numeric",
-        "n": n,
-        "null_share": float(np.isnan(x).mean()) if n else 0.0,
-        "mean": _finite(mean),
-        "std": _finite(std),
-        "min": _finite(lo),
-        "median": _finite(q50),
-        "max": _finite(hi),
-        "q25": _finite(q25),
-        "q75": _finite(q75),
-        "iqr": _finite(iqr),
-        "spread": float(spread) if math.isfinite(spread) else 1.0,
-        "bin_edges": edges,
-        "bin_shares": bin_shares(x, edges),
-        "sketch": quantile_sketch(x, monitoring.reference_quantiles, present),
-    }
+    return NumericReference(
+        n=n,
+        null_share=float(np.isnan(x).mean()) if n else 0.0,
+        mean=_finite(mean),
+        std=_finite(std),
+        min=_finite(lo),
+        median=_finite(q50),
+        max=_finite(hi),
+        q25=_finite(q25),
+        q75=_finite(q75),
+        iqr=_finite(iqr),
+        spread=_finite(spread) if _finite(spread) is not None else 1.0,
+        bin_edges=tuple(edges),
+        bin_shares=tuple(bin_shares(x, edges)),
+        sketch=tuple(quantile_sketch(x, monitoring.reference_quantiles, present)),
+    )
 
 
 def level_counts(values: pd.Series | np.ndarray) -> pd.Series:
@@ -149,7 +273,7 @@ def level_counts(values: pd.Series | np.ndarray) -> pd.Series:
     return pd.Series(counts.to_numpy(), index=keys, dtype=float).groupby(level=0, sort=False).sum()
 
 
-def categorical_reference(values: pd.Series | np.ndarray) -> dict[str, Any]:
+def categorical_reference(values: pd.Series | np.ndarray) -> CategoricalReference:
     """Level shares (null as its own level, rare tail folded into OTHER_LEVEL)."""
     counts = level_counts(values)
     n = int(counts.sum())
@@ -159,16 +283,10 @@ def categorical_reference(values: pd.Series | np.ndarray) -> dict[str, Any]:
     folded = float(shares.iloc[MAX_CATEGORIES:].sum())
     if folded > 0:
         out[OTHER_LEVEL] = out.get(OTHER_LEVEL, 0.0) + folded
-    return {
-        "kind": "categorical",
-        "n": n,
-        "null_share": float(out.get(NULL_LEVEL, 0.0)),
-        "shares": out,
-        "folded": folded > 0,
-    }
+    return CategoricalReference(n=n, null_share=float(out.get(NULL_LEVEL, 0.0)), shares=out, folded=folded > 0)
 
 
-def flagged_reference(scores: np.ndarray, threshold: float) -> dict[str, Any]:
+def flagged_reference(scores: np.ndarray, threshold: float) -> CategoricalReference:
     """The share flagged at the decision threshold, as a two-level categorical."""
     s = numeric_values(scores)
     return categorical_reference(flag_levels(s, threshold))
@@ -203,7 +321,7 @@ def compute_reference(
         raise ValueError(
             f"compute_reference: {scores.size} scores for {len(features)} training rows"
         )
-    stats: dict[str, Any] = {}
+    stats: dict[str, ColumnReference] = {}
     for feature in contract.features:
         column = features[feature.name]
         stats[feature.name] = (
@@ -211,17 +329,17 @@ def compute_reference(
             if feature.kind == "numeric"
             else categorical_reference(column)
         )
-    reference: dict[str, Any] = {
-        "version": REFERENCE_VERSION,
-        "n_rows": int(len(features)),
-        "psi_bins": monitoring.psi_bins,
-        "features": stats,
-        "score": numeric_reference(scores, monitoring),
-        "threshold": threshold,
-        "flagged": flagged_reference(scores, threshold) if threshold is not None else None,
-    }
+    as_of_range: tuple[str | None, str | None] = (None, None)
     if contract.as_of in features.columns and len(features):
         dates = pd.to_datetime(features[contract.as_of])
-        reference["as_of_min"] = str(dates.min().date())
-        reference["as_of_max"] = str(dates.max().date())
-    return reference
+        as_of_range = (str(dates.min().date()), str(dates.max().date()))
+    return DriftReference(
+        features=stats,
+        score=numeric_reference(scores, monitoring),
+        n_rows=int(len(features)),
+        psi_bins=monitoring.psi_bins,
+        threshold=threshold,
+        flagged=flagged_reference(scores, threshold) if threshold is not None else None,
+        as_of_min=as_of_range[0],
+        as_of_max=as_of_range[1],
+    ).to_dict()

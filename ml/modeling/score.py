@@ -16,36 +16,61 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import math
 import time
 import uuid
 from dataclasses import dataclass
 
-import duckdb
 import numpy as np
 import pandas as pd
 
 from ml.config import ChurnConfig
-from ml.features.contract import ContractError, FeatureContract, load_contract
-from ml.features.dbt import dbt_target_path
-from ml.modeling.explain import Explainer, top_k
+from ml.features.contract import FeatureContract
+from ml.features.mart import check_mart, current_contract, latest_snapshot_date, snapshot_chunks, snapshot_size
 from ml.logs import get_logger, timed
+from ml.modeling.explain import Explainer, top_k
 from ml.modeling.model import ChurnModel
 from ml.modeling.registry import load_champion
-from ml.warehouse import connect, table_columns, table_exists
+from ml.warehouse import Session, connect, declare, quote
 
 log = get_logger("score")
 
-SCORES_TABLE = "churn_scores"
-HISTORY_TABLE = "churn_scores_history"
+__all__ = ["HISTORY_SPEC", "HISTORY_TABLE", "SCORES_SPEC", "SCORES_TABLE", "ScoreError", "ScoreResult",
+           "ScoresSummary", "check_mart", "latest_scores_summary", "risk_bands", "score", "score_frame",
+           "scored_rows", "scored_snapshots", "tonight_scores"]
+
+# Columns after the contract's key and as_of; reason_<i> / reason_<i>_contribution
+# (scoring.top_reasons of them) sit between rank and model_version.
+_SCORE_COLUMNS = [
+    ("churn_probability", "DOUBLE", "calibrated churn probability"),
+    ("will_churn", "BOOLEAN", "churn_probability >= the model's decision threshold"),
+    ("risk_band", "VARCHAR", "highest scoring.risk_bands band reached"),
+    ("rank", "BIGINT", "1 = highest risk; ties broken by key"),
+    ("model_version", "VARCHAR", "the model that scored the row"),
+    ("scored_at", "TIMESTAMP", "when the scoring run wrote the row"),
+    ("run_id", "VARCHAR", "the scoring run"),
+]
+SCORES_SPEC = declare(
+    name="churn_scores",
+    owner=__name__,
+    grain="one row per active customer at the latest snapshot",
+    description="tonight's scores for BI: probability, decision, band, rank and top reasons",
+    columns=_SCORE_COLUMNS,
+    contract_columns=True,
+)
+HISTORY_SPEC = declare(
+    name="churn_scores_history",
+    owner=__name__,
+    grain="one row per customer, snapshot and model version",
+    description="every scoring run's rows, joined to realised labels by monitoring",
+    columns=_SCORE_COLUMNS,
+    contract_columns=True,
+)
+SCORES_TABLE = SCORES_SPEC.name
+HISTORY_TABLE = HISTORY_SPEC.name
+PROBABILITY_COLUMN = "churn_probability"
+DECISION_COLUMN = "will_churn"
 # Rows per chunk: bounds memory (features + contributions) at a million customers.
 DEFAULT_CHUNK_ROWS = 200_000
-# DuckDB hands results over in vectors of this many rows.
-DUCKDB_VECTOR_ROWS = 2048
-NUMERIC_TYPE_PREFIXES = (
-    "TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT",
-    "UINTEGER", "UBIGINT", "UHUGEINT", "FLOAT", "REAL", "DOUBLE", "DECIMAL", "NUMERIC", "BOOLEAN",
-)
 
 
 class ScoreError(RuntimeError):
@@ -68,37 +93,13 @@ class ScoreResult:
         return self.flagged / self.rows if self.rows else 0.0
 
 
-def _is_numeric_type(duckdb_type: str) -> bool:
-    return duckdb_type.upper().startswith(NUMERIC_TYPE_PREFIXES)
+@dataclass(frozen=True)
+class Snapshot:
+    """The mart snapshot tonight's run scores: its date, row count and the mart's column types."""
 
-
-def check_mart(
-    model_contract: FeatureContract,
-    current: FeatureContract,
-    table: str,
-    columns: dict[str, str],
-    version: str = "the model",
-) -> None:
-    """Refuse a mart that no longer matches the contract the model was trained on.
-
-    Three checks, all reported together: the contract in today's manifest
-    (missing or re-kinded features, changed key/as_of columns), the table's
-    actual columns, and each numeric feature's SQL type.
-    """
-    problems = [f"manifest: {p}" for p in model_contract.diff(current)]
-    required = [model_contract.key, model_contract.as_of, *model_contract.feature_names]
-    problems += [f"column {c!r} is missing from the table" for c in required if c not in columns]
-    problems += [
-        f"numeric feature {c!r} has type {columns[c]} (expected a number)"
-        for c in model_contract.numeric
-        if c in columns and not _is_numeric_type(columns[c])
-    ]
-    if problems:
-        raise ContractError(
-            f"table {table!r} does not match the feature contract {version} was trained on: "
-            + "; ".join(problems)
-            + ". Retrain (churn train --force) or restore the column(s)."
-        )
+    as_of_date: dt.date
+    rows: int
+    columns: dict[str, str]
 
 
 def risk_bands(probability: np.ndarray, bands: dict[str, float]) -> np.ndarray:
@@ -134,57 +135,8 @@ def score_frame(
     return pd.concat([out, reasons], axis=1)
 
 
-def _read_chunks(con: duckdb.DuckDBPyConnection, sql: str, params: list, chunk_rows: int):
-    result = con.execute(sql, params)
-    vectors = max(1, math.ceil(chunk_rows / DUCKDB_VECTOR_ROWS))
-    while True:
-        chunk = result.fetch_df_chunk(vectors)
-        if chunk.empty:
-            return
-        yield chunk
-
-
-def _write_scores(
-    con: duckdb.DuckDBPyConnection,
-    scores: pd.DataFrame,
-    as_of_column: str,
-    as_of_type: str,
-    as_of_date: dt.date,
-    version: str,
-) -> None:
-    """Replace churn_scores and this (snapshot, model version)'s history rows in one transaction."""
-    con.register("_scores", scores)
-    try:
-        con.execute("begin transaction")
-        select = f'select * replace (cast("{as_of_column}" as {as_of_type}) as "{as_of_column}") from _scores'
-        # churn_scores holds the latest snapshot only; recreating it also follows a changed layout.
-        con.execute(f'create or replace table "{SCORES_TABLE}" as {select}')
-        if not table_exists(con, HISTORY_TABLE):
-            con.execute(f'create table "{HISTORY_TABLE}" as {select} limit 0')
-        existing = table_columns(con, HISTORY_TABLE)
-        current = table_columns(con, SCORES_TABLE)
-        for name, dtype in current.items():
-            if name not in existing:  # e.g. scoring.top_reasons was raised
-                con.execute(f'alter table "{HISTORY_TABLE}" add column "{name}" {dtype}')
-        con.execute(
-            f'delete from "{HISTORY_TABLE}" where "{as_of_column}" = ? and model_version = ?',
-            [as_of_date, version],
-        )
-        con.execute(f'insert into "{HISTORY_TABLE}" by name {select}')
-        con.execute("commit")
-    except Exception:
-        con.execute("rollback")
-        raise
-    finally:
-        con.unregister("_scores")
-
-
-def score(
-    config: ChurnConfig, run_id: str | None = None, chunk_rows: int = DEFAULT_CHUNK_ROWS
-) -> ScoreResult:
-    """Score the latest snapshot of the feature mart with the champion model."""
-    started = time.perf_counter()
-    run_id = run_id or dt.datetime.now().strftime("score-%Y%m%dT%H%M%S-") + uuid.uuid4().hex[:6]
+def _champion_for(config: ChurnConfig) -> ChurnModel:
+    """The champion, refused when it was trained on another dataset's mart."""
     model = load_champion(config)
     if model is None:
         raise ScoreError("no champion model; run churn train")
@@ -194,62 +146,161 @@ def score(
             f"the champion ({model.version}) was trained on {model.contract.model!r}, "
             f"but dataset {config.dataset.name!r} uses {mart!r}; run churn train"
         )
-    current = load_contract(dbt_target_path(config) / "manifest.json", mart)
-    contract = model.contract
-    n_reasons = config.scoring.top_reasons
-    version = str(model.version)
-    with connect(config.warehouse.build_db) as con:
-        if not table_exists(con, mart):
-            raise ScoreError(f"feature mart {mart!r} not found in {config.warehouse.build_db}; run churn build")
-        columns = table_columns(con, mart)
-        check_mart(contract, current, mart, columns, version)
-        as_of_date, total = con.execute(
-            f'select max("{contract.as_of}"), count(*) filter (where "{contract.as_of}" = '
-            f'(select max("{contract.as_of}") from "{mart}")) from "{mart}"'
-        ).fetchone()
-        if not total:
-            raise ScoreError(f"feature mart {mart!r} has no rows to score")
-        selected = ", ".join(f'"{c}"' for c in [contract.key, contract.as_of, *contract.feature_names])
-        sql = f'select {selected} from "{mart}" where "{contract.as_of}" = ? order by "{contract.key}"'
-        parts: list[pd.DataFrame] = []
-        with timed(f"score {total:,d} rows of {mart} as of {as_of_date} with {version}", log):
-            done = 0
-            explainer = Explainer(model)
-            for chunk in _read_chunks(con, sql, [as_of_date], chunk_rows):
-                parts.append(score_frame(model, explainer, chunk, n_reasons, f"feature mart {mart!r}"))
-                done += len(chunk)
-                log.info("scored %d/%d rows (%.0f%%)", done, total, 100 * done / total)
-        scores = pd.concat(parts, ignore_index=True)
-        scores["risk_band"] = pd.array(
-            risk_bands(scores["churn_probability"].to_numpy(), config.scoring.risk_bands), dtype="string"
-        )
-        # 1 = highest risk; ties broken by key so ranks are unique and stable across re-runs.
-        order = np.lexsort((scores[contract.key].to_numpy(), -scores["churn_probability"].to_numpy()))
-        rank = np.empty(len(scores), dtype=np.int64)
-        rank[order] = np.arange(1, len(scores) + 1)
-        scores["rank"] = rank
-        scores["model_version"] = version
-        scores["scored_at"] = pd.Timestamp(dt.datetime.now())
-        scores["run_id"] = run_id
-        layout = [contract.key, contract.as_of, "churn_probability", "will_churn", "risk_band", "rank"]
-        reasons = [c for c in scores.columns if c.startswith("reason_")]
-        scores = scores[[*layout, *reasons, "model_version", "scored_at", "run_id"]]
-        with timed(f"write {SCORES_TABLE} and {HISTORY_TABLE}", log):
-            _write_scores(con, scores, contract.as_of, columns[contract.as_of], as_of_date, version)
-    flagged = int(scores["will_churn"].sum())
-    result = ScoreResult(
-        run_id=run_id,
-        model_version=version,
-        as_of_date=as_of_date,
-        rows=len(scores),
-        flagged=flagged,
-        seconds=time.perf_counter() - started,
+    return model
+
+
+def _snapshot_to_score(session: Session, config: ChurnConfig, model: ChurnModel) -> Snapshot:
+    """Tonight's snapshot, after refusing a mart that no longer matches the model's contract."""
+    mart = config.dataset.feature_mart
+    if not session.exists(mart):
+        raise ScoreError(f"feature mart {mart!r} not found in {config.warehouse.build_db}; run churn build")
+    # Raw column types, not mart_columns: check_mart reports every mismatch against the model's contract.
+    columns = session.columns(mart)
+    check_mart(model.contract, current_contract(config), mart, columns, str(model.version))
+    as_of_date = latest_snapshot_date(session, config, model.contract)
+    total = snapshot_size(session, config, model.contract, as_of_date) if as_of_date is not None else 0
+    if not total:
+        raise ScoreError(f"feature mart {mart!r} has no rows to score")
+    return Snapshot(as_of_date, total, columns)
+
+
+def _score_chunks(
+    session: Session, config: ChurnConfig, model: ChurnModel, snapshot: Snapshot, chunk_rows: int
+) -> pd.DataFrame:
+    """Probability, decision and reasons of every row of the snapshot, a chunk at a time."""
+    mart = config.dataset.feature_mart
+    parts: list[pd.DataFrame] = []
+    with timed(f"score {snapshot.rows:,d} rows of {mart} as of {snapshot.as_of_date} with {model.version}", log):
+        done = 0
+        explainer = Explainer(model)
+        for chunk in snapshot_chunks(session, config, model.contract, snapshot.as_of_date, chunk_rows):
+            parts.append(score_frame(model, explainer, chunk, config.scoring.top_reasons, f"feature mart {mart!r}"))
+            done += len(chunk)
+            log.info("scored %d/%d rows (%.0f%%)", done, snapshot.rows, 100 * done / snapshot.rows)
+    return pd.concat(parts, ignore_index=True)
+
+
+def _ranked_layout(scores: pd.DataFrame, config: ChurnConfig, contract: FeatureContract, version: str,
+                   run_id: str) -> pd.DataFrame:
+    """The BI layout: band and rank (which need every row), run columns, columns in table order."""
+    out = scores.copy()
+    out["risk_band"] = pd.array(
+        risk_bands(out[PROBABILITY_COLUMN].to_numpy(), config.scoring.risk_bands), dtype="string"
     )
+    # 1 = highest risk; ties broken by key so ranks are unique and stable across re-runs.
+    order = np.lexsort((out[contract.key].to_numpy(), -out[PROBABILITY_COLUMN].to_numpy()))
+    rank = np.empty(len(out), dtype=np.int64)
+    rank[order] = np.arange(1, len(out) + 1)
+    out["rank"] = rank
+    out["model_version"] = version
+    out["scored_at"] = pd.Timestamp(dt.datetime.now())
+    out["run_id"] = run_id
+    layout = [contract.key, contract.as_of, PROBABILITY_COLUMN, DECISION_COLUMN, "risk_band", "rank"]
+    reasons = [c for c in out.columns if c.startswith("reason_")]
+    return out[[*layout, *reasons, "model_version", "scored_at", "run_id"]]
+
+
+def write_scores(session: Session, scores: pd.DataFrame, as_of_column: str, as_of_type: str,
+                 as_of_date: dt.date, version: str) -> None:
+    """Replace churn_scores and this (snapshot, model version)'s history rows in one transaction.
+
+    The as_of column is cast to the mart's own type, so BI joins scores to the
+    mart without a cast. churn_scores holds the latest snapshot only; recreating
+    it also follows a changed layout (e.g. scoring.top_reasons was raised),
+    which the history then gains as new columns.
+    """
+    a = quote(as_of_column)
+    with session.transaction(), session.registered(scores) as incoming:
+        session.replace_table(SCORES_SPEC, f"select * replace (cast({a} as {as_of_type}) as {a}) from {incoming}")
+        if not session.exists(HISTORY_SPEC):
+            session.replace_table(HISTORY_SPEC, f"select * from {quote(SCORES_TABLE)} limit 0")
+        session.add_missing_columns(HISTORY_SPEC, session.columns(SCORES_SPEC))
+        session.append(HISTORY_SPEC, scores, where=f"{a} = ? and model_version = ?", params=[as_of_date, version])
+
+
+def score(
+    config: ChurnConfig, run_id: str | None = None, chunk_rows: int = DEFAULT_CHUNK_ROWS
+) -> ScoreResult:
+    """Score the latest snapshot of the feature mart with the champion model."""
+    started = time.perf_counter()
+    run_id = run_id or dt.datetime.now().strftime("score-%Y%m%dT%H%M%S-") + uuid.uuid4().hex[:6]
+    model = _champion_for(config)
+    contract, version = model.contract, str(model.version)
+    with connect(config.warehouse.build_db) as session:
+        snapshot = _snapshot_to_score(session, config, model)
+        scored = _score_chunks(session, config, model, snapshot, chunk_rows)
+        scores = _ranked_layout(scored, config, contract, version, run_id)
+        with timed(f"write {SCORES_TABLE} and {HISTORY_TABLE}", log):
+            write_scores(session, scores, contract.as_of, snapshot.columns[contract.as_of],
+                         snapshot.as_of_date, version)
+    flagged = int(scores[DECISION_COLUMN].sum())
+    result = ScoreResult(run_id, version, snapshot.as_of_date, len(scores), flagged, time.perf_counter() - started)
     log.info(
         "scored %d customers as of %s with %s: %d flagged (%.1f%%) in %.1fs",
-        result.rows, as_of_date, version, flagged, 100 * result.flagged_share, result.seconds,
+        result.rows, result.as_of_date, version, flagged, 100 * result.flagged_share, result.seconds,
     )
     return result
+
+
+# ---------------------------------------------------------------- reads for other stages
+
+
+@dataclass(frozen=True)
+class ScoresSummary:
+    """What churn_scores holds: its row and flagged counts, the scoring model and snapshot range."""
+
+    rows: int
+    flagged: int
+    model_version: str | None
+    first_as_of: dt.date | None
+    last_as_of: dt.date | None
+
+
+def _date(value: object) -> dt.date | None:
+    return None if value is None else pd.Timestamp(value).date()
+
+
+def latest_scores_summary(session: Session, as_of_column: str) -> ScoresSummary | None:
+    """Counts of tonight's churn_scores, or None when nothing was ever scored."""
+    if not session.exists(SCORES_SPEC):
+        return None
+    a = quote(as_of_column)
+    rows, flagged, version, first, last = session.one(
+        f"select count(*), count(*) filter (where {quote(DECISION_COLUMN)}), min(model_version), "
+        f"min({a}), max({a}) from {quote(SCORES_TABLE)}"
+    )
+    return ScoresSummary(int(rows), int(flagged), version, _date(first), _date(last))
+
+
+def tonight_scores(session: Session, as_of_column: str, as_of_date: dt.date, version: str) -> pd.DataFrame | None:
+    """Probability and decision of `version`'s scores of snapshot `as_of_date` (None: nothing was ever scored)."""
+    if not session.exists(SCORES_SPEC):
+        return None
+    return session.frame(
+        f"select {quote(PROBABILITY_COLUMN)}, {quote(DECISION_COLUMN)} from {quote(SCORES_TABLE)} "
+        f"where {quote(as_of_column)} = ? and model_version = ?",
+        [as_of_date, version],
+    )
+
+
+def scored_snapshots(session: Session, as_of_column: str, before: dt.date) -> list[tuple[dt.date, str]]:
+    """(as_of_date, model_version) of every snapshot in the history scored before `before`, oldest first."""
+    if not session.exists(HISTORY_SPEC):
+        return []
+    a = quote(as_of_column)
+    rows = session.rows(
+        f"select distinct {a}, model_version from {quote(HISTORY_TABLE)} where {a} < ? order by 1, 2", [before]
+    )
+    return [(_date(as_of), version) for as_of, version in rows]
+
+
+def scored_rows(session: Session, contract: FeatureContract, as_of_date: dt.date, version: str) -> pd.DataFrame:
+    """Key, probability and decision of one (snapshot, model version) of the history."""
+    return session.frame(
+        f"select {quote(contract.key)}, {quote(PROBABILITY_COLUMN)}, {quote(DECISION_COLUMN)} "
+        f"from {quote(HISTORY_TABLE)} where {quote(contract.as_of)} = ? and model_version = ?",
+        [as_of_date, version],
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,6 +1,6 @@
 """Drift statistics: today's scoring snapshot against the champion's reference.
 
-Pure functions on arrays and the stored reference (ml/reference.py); the
+Pure functions on arrays and the typed reference (ml/modeling/reference.py); the
 monitor stage reads the warehouse and writes the rows. Drift is *flagged* on
 effect size (PSI, normalised Wasserstein, Jensen-Shannon distance, null-share
 jump, share of unseen categories), never on p-values alone: with tens of
@@ -13,8 +13,6 @@ otherwise "drifts" every night by chance.
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -29,11 +27,15 @@ from ml.modeling.reference import (
     NOT_FLAGGED_LEVEL,
     NULL_LEVEL,
     OTHER_LEVEL,
+    CategoricalReference,
+    DriftReference,
+    NumericReference,
     bin_shares,
     flag_levels,
     level_counts,
     numeric_values,
 )
+from ml.warehouse import float_or_none, json_value, to_json
 
 # Shares are floored before logs so an empty bin gives a large, finite PSI.
 PSI_EPSILON = 1e-4
@@ -74,8 +76,9 @@ class DriftStat:
         return asdict(self)
 
 
-def _clean(x: float | None) -> float | None:
-    return float(x) if x is not None and math.isfinite(float(x)) else None
+def _finite(x: float | None) -> float | None:
+    """What drift_stats stores for a statistic: a float, or NULL for NaN and infinities."""
+    return float_or_none(json_value(x))
 
 
 def psi(reference_shares: np.ndarray | list[float], current_shares: np.ndarray | list[float]) -> float:
@@ -104,14 +107,14 @@ def numeric_summary(x: np.ndarray) -> dict[str, Any]:
     return {
         "n": int(x.size),
         "null_share": round(float(np.isnan(x).mean()), 6) if x.size else 0.0,
-        "mean": _clean(present.mean()) if present.size else None,
-        "std": _clean(present.std()) if present.size else None,
-        "median": _clean(np.median(present)) if present.size else None,
+        "mean": _finite(present.mean()) if present.size else None,
+        "std": _finite(present.std()) if present.size else None,
+        "median": _finite(np.median(present)) if present.size else None,
     }
 
 
-def reference_numeric_summary(ref: dict[str, Any]) -> dict[str, Any]:
-    return {k: ref.get(k) for k in ("n", "null_share", "mean", "std", "median")}
+def reference_numeric_summary(ref: NumericReference) -> dict[str, Any]:
+    return {"n": ref.n, "null_share": ref.null_share, "mean": ref.mean, "std": ref.std, "median": ref.median}
 
 
 def _top(shares: dict[str, float]) -> dict[str, float]:
@@ -120,12 +123,12 @@ def _top(shares: dict[str, float]) -> dict[str, float]:
 
 
 def _json(data: dict[str, Any]) -> str:
-    return json.dumps(data, sort_keys=True, default=str)
+    return to_json(data, sort_keys=True)
 
 
 def numeric_drift(
     feature: str,
-    reference: dict[str, Any],
+    reference: NumericReference,
     values: pd.Series | np.ndarray,
     monitoring: MonitoringConfig,
     kind: str = "numeric",
@@ -138,23 +141,22 @@ def numeric_drift(
 
     def row(statistic: str, value: float | None, p: float | None, threshold: float | None,
             drifted: bool | None) -> DriftStat:
-        return DriftStat(feature, kind, statistic, _clean(value), _clean(p), threshold,
+        return DriftStat(feature, kind, statistic, _finite(value), _finite(p), threshold,
                          drifted, ref_summary, cur_summary)
 
-    sketch = reference.get("sketch") or []
+    sketch = list(reference.sketch)
     d = p = distance = None
     if sketch and present.size:
-        n_ref = int(round(reference["n"] * (1 - reference["null_share"])))
-        d, p = ks_against_sketch(sketch, n_ref, present)
-        distance = stats.wasserstein_distance(np.asarray(sketch, dtype=float), present) / reference["spread"]
-    psi_value = psi(reference["bin_shares"], bin_shares(x, reference["bin_edges"]))
+        d, p = ks_against_sketch(sketch, reference.present_rows, present)
+        distance = stats.wasserstein_distance(np.asarray(sketch, dtype=float), present) / reference.spread
+    psi_value = psi(list(reference.bin_shares), bin_shares(x, list(reference.bin_edges)))
     rows = [row(PSI, psi_value, p, monitoring.psi_threshold,
                 flag(psi_value, monitoring.psi_threshold, p, monitoring))]
     if d is not None:
         rows.append(row(KS, d, p, None, None))
         rows.append(row(WASSERSTEIN, distance, p, monitoring.distance_threshold,
                         flag(distance, monitoring.distance_threshold, p, monitoring)))
-    rows.append(_null_share_row(feature, kind, reference["null_share"], x.size,
+    rows.append(_null_share_row(feature, kind, reference.null_share, x.size,
                                 int(np.isnan(x).sum()), monitoring, ref_summary, cur_summary))
     return rows
 
@@ -178,13 +180,13 @@ def _null_share_row(
     current = n_null / n if n else 0.0
     change = current - ref_null
     p = stats.binomtest(n_null, n, min(max(ref_null, 1e-12), 1 - 1e-12)).pvalue if n else None
-    return DriftStat(feature, kind, NULL_SHARE, _clean(change), _clean(p), monitoring.null_share_jump,
+    return DriftStat(feature, kind, NULL_SHARE, _finite(change), _finite(p), monitoring.null_share_jump,
                      flag(abs(change), monitoring.null_share_jump, p, monitoring), ref_summary, cur_summary)
 
 
 def categorical_drift(
     feature: str,
-    reference: dict[str, Any],
+    reference: CategoricalReference,
     values: pd.Series | np.ndarray,
     monitoring: MonitoringConfig,
     kind: str = "categorical",
@@ -192,10 +194,10 @@ def categorical_drift(
     """PSI, chi-square, Jensen-Shannon distance, share of unseen levels and null-share change."""
     counts = level_counts(values)
     n = int(counts.sum())
-    ref_shares: dict[str, float] = reference["shares"]
+    ref_shares = reference.shares
     unseen = [lvl for lvl in counts.index if lvl not in ref_shares and lvl != NULL_LEVEL]
     # With a folded reference tail, an unknown level may have been seen in training.
-    unseen_target = OTHER_LEVEL if reference.get("folded") else None
+    unseen_target = OTHER_LEVEL if reference.folded else None
     current: dict[str, float] = {}
     for lvl, count in counts.items():
         key = unseen_target if (lvl in unseen and unseen_target) else lvl
@@ -206,7 +208,7 @@ def categorical_drift(
     c_counts = np.array([current.get(lvl, 0.0) for lvl in universe])
     c = c_counts / n if n else c_counts
 
-    ref_summary = _json({"n": reference["n"], "null_share": round(reference["null_share"], 6),
+    ref_summary = _json({"n": reference.n, "null_share": round(reference.null_share, 6),
                          "top": _top(ref_shares)})
     cur_summary = _json({"n": n, "null_share": round(current.get(NULL_LEVEL, 0.0) / n, 6) if n else 0.0,
                          "top": _top({k: v / n for k, v in current.items()}) if n else {},
@@ -214,11 +216,11 @@ def categorical_drift(
 
     def row(statistic: str, value: float | None, p: float | None, threshold: float | None,
             drifted: bool | None) -> DriftStat:
-        return DriftStat(feature, kind, statistic, _clean(value), _clean(p), threshold,
+        return DriftStat(feature, kind, statistic, _finite(value), _finite(p), threshold,
                          drifted, ref_summary, cur_summary)
 
     rows: list[DriftStat] = []
-    chi2, p = _chi_square(r * reference["n"], c_counts)
+    chi2, p = _chi_square(r * reference.n, c_counts)
     psi_value = psi(r, c)
     rows.append(row(PSI, psi_value, p, monitoring.psi_threshold,
                     flag(psi_value, monitoring.psi_threshold, p, monitoring)))
@@ -230,7 +232,7 @@ def categorical_drift(
         new_share = sum(current[lvl] for lvl in new_levels) / n if n else 0.0
         rows.append(row(NEW_CATEGORIES, new_share, None, monitoring.new_category_share,
                         new_share > monitoring.new_category_share))
-        rows.append(_null_share_row(feature, kind, reference["null_share"], n,
+        rows.append(_null_share_row(feature, kind, reference.null_share, n,
                                     int(current.get(NULL_LEVEL, 0.0)), monitoring, ref_summary, cur_summary))
     return rows
 
@@ -246,42 +248,37 @@ def _chi_square(reference_counts: np.ndarray, current_counts: np.ndarray) -> tup
 
 
 def score_drift(
-    reference: dict[str, Any], scores: np.ndarray, threshold: float, monitoring: MonitoringConfig
+    reference: DriftReference, scores: np.ndarray, threshold: float, monitoring: MonitoringConfig
 ) -> list[DriftStat]:
     """Drift of the score distribution and of the share flagged at the decision threshold."""
-    rows = numeric_drift(SCORE_FEATURE, reference["score"], scores, monitoring, kind=SCORE_KIND)
-    flagged_ref = reference.get("flagged")
-    if flagged_ref is None or reference.get("threshold") != threshold:
-        flagged_ref = flagged_reference_from_sketch(reference["score"], threshold)
+    rows = numeric_drift(SCORE_FEATURE, reference.score, scores, monitoring, kind=SCORE_KIND)
+    flagged_ref = reference.flagged
+    if flagged_ref is None or reference.threshold != threshold:
+        flagged_ref = flagged_reference_from_sketch(reference.score, threshold)
     current = flag_levels(numeric_values(scores), threshold)
     rows += categorical_drift(FLAGGED_FEATURE, flagged_ref, current, monitoring, kind=SCORE_KIND)
     return rows
 
 
-def flagged_reference_from_sketch(score_reference: dict[str, Any], threshold: float) -> dict[str, Any]:
+def flagged_reference_from_sketch(score_reference: NumericReference, threshold: float) -> CategoricalReference:
     """Reference share flagged at `threshold`, read off the score sketch (within 1/sketch size)."""
-    sketch = np.asarray(score_reference["sketch"], dtype=float)
+    sketch = np.asarray(score_reference.sketch, dtype=float)
     share = float((sketch >= threshold).mean()) if sketch.size else 0.0
-    return {
-        "kind": "categorical",
-        "n": score_reference["n"],
-        "null_share": 0.0,
-        "shares": {FLAGGED_LEVEL: share, NOT_FLAGGED_LEVEL: 1 - share},
-        "folded": False,
-    }
+    return CategoricalReference(n=score_reference.n, null_share=0.0,
+                                shares={FLAGGED_LEVEL: share, NOT_FLAGGED_LEVEL: 1 - share}, folded=False)
 
 
 def feature_drift(
-    reference: dict[str, Any], frame: pd.DataFrame, kinds: dict[str, str], monitoring: MonitoringConfig
+    reference: DriftReference, frame: pd.DataFrame, kinds: dict[str, str], monitoring: MonitoringConfig
 ) -> list[DriftStat]:
     """Drift rows for every contract feature (name -> kind) present in the reference."""
     rows: list[DriftStat] = []
     for name, kind in kinds.items():
-        ref = reference["features"].get(name)
+        ref = reference.features.get(name)
         if ref is None:
             continue  # a feature added after the champion was trained has no reference
-        if ref["kind"] != kind:
-            raise ValueError(f"feature {name!r} is {kind} in the mart but {ref['kind']} in the reference")
+        if ref.kind != kind:
+            raise ValueError(f"feature {name!r} is {kind} in the mart but {ref.kind} in the reference")
         drift = numeric_drift if kind == "numeric" else categorical_drift
         rows += drift(name, ref, frame[name], monitoring)
     return rows

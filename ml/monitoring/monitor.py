@@ -13,7 +13,14 @@ BI can chart directly:
 - `retrain_decisions`: which retraining rules fired and what happened.
 
 All rows of one run are written in one transaction, so a failure never leaves
-a half-written night.
+a half-written night. This stage measures and decides (`measure`,
+`decide_retrain`, `record_decision`); it never trains. Training a challenger
+when the decision fires is the pipeline's step (`ml.pipeline.apply_policy`),
+which also handles `churn monitor` (`ml.pipeline.monitor_command`).
+
+Other owners' tables are read only through their readers: the mart through
+`ml.features.mart`, scores through `ml.modeling.score`, importance and training
+runs through `ml.modeling.train`, thresholds through `ml.modeling.registry`.
 """
 
 from __future__ import annotations
@@ -26,100 +33,93 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-import duckdb
 import numpy as np
 import pandas as pd
 
-from ml.monitoring import drift
 from ml.config import ChurnConfig
 from ml.features.contract import FeatureContract
+from ml.features.mart import (
+    MartError,
+    count_labelled_dates_after,
+    labels_of,
+    latest_snapshot_date,
+    mart_columns,
+    snapshot_rows,
+)
 from ml.logs import get_logger, timed
+from ml.modeling import registry
 from ml.modeling.model import ChurnModel
+from ml.modeling.reference import DriftReference
+from ml.modeling.score import (
+    DECISION_COLUMN,
+    PROBABILITY_COLUMN,
+    SCORES_TABLE,
+    latest_scores_summary,
+    scored_rows,
+    scored_snapshots,
+    tonight_scores,
+)
+from ml.modeling.train import newest_trained_snapshot, top_features
+from ml.monitoring import drift
 from ml.monitoring.performance import ESTIMATED, METRICS, REALIZED, estimated_metrics, realized_metrics
 from ml.monitoring.policy import (
-    OUTCOME_FAILED,
-    OUTCOME_NO_NEW_LABELS,
-    OUTCOME_NOT_TRIGGERED,
     OUTCOME_PROMOTED,
-    OUTCOME_REJECTED,
     PolicyInputs,
+    PolicyOutcome,
     RetrainDecision,
     decide,
 )
-from ml.warehouse import connect, table_columns, table_exists
+from ml.warehouse import Session, TableSpec, connect, declare, quote
 
 log = get_logger("monitor")
 
-DRIFT_TABLE = "drift_stats"
-PERFORMANCE_TABLE = "model_performance"
-DECISIONS_TABLE = "retrain_decisions"
-SCORES_TABLE = "churn_scores"
-HISTORY_TABLE = "churn_scores_history"
-IMPORTANCE_TABLE = "feature_importance"
-REGISTRY_TABLE = "model_registry"
-# Scoring's output columns this stage reads (see ml/score.py).
-PROBABILITY_COLUMN = "churn_probability"
-DECISION_COLUMN = "will_churn"
-# Importance used to rank "top features": permutation (model-agnostic, on the
-# evaluation rows) when the trainer recorded it, else the model's native one.
-IMPORTANCE_PREFERENCE = ("permutation", "gain", "abs_coef")
-
-TABLE_DDL = {
-    DRIFT_TABLE: """
-        create table if not exists drift_stats (
-            run_id varchar not null,
-            as_of_date date not null,
-            model_version varchar not null,
-            feature varchar not null,
-            kind varchar not null,
-            statistic varchar not null,
-            value double,
-            p_value double,
-            threshold double,
-            drifted boolean,
-            reference_summary varchar,
-            current_summary varchar,
-            computed_at timestamp not null
-        )""",
-    PERFORMANCE_TABLE: """
-        create table if not exists model_performance (
-            run_id varchar not null,
-            as_of_date date not null,
-            model_version varchar not null,
-            kind varchar not null,
-            n_rows bigint not null,
-            positives double,
-            roc_auc double,
-            pr_auc double,
-            recall double,
-            precision double,
-            brier double,
-            flagged_share double,
-            threshold double,
-            computed_at timestamp not null
-        )""",
-    DECISIONS_TABLE: """
-        create table if not exists retrain_decisions (
-            run_id varchar not null,
-            as_of_date date not null,
-            decision_date date not null,
-            model_version varchar,
-            triggered boolean not null,
-            rules varchar not null,
-            rule_values varchar not null,
-            outcome varchar not null,
-            challenger_version varchar,
-            message varchar,
-            decided_at timestamp not null
-        )""",
-}
+DRIFT_SPEC = declare(
+    name="drift_stats",
+    owner=__name__,
+    grain="one row per run, model version, feature and statistic",
+    description="drift of tonight's snapshot against the champion's training reference "
+                "(features, score, share flagged, dataset level)",
+    columns=[
+        ("run_id", "VARCHAR"), ("as_of_date", "DATE"), ("model_version", "VARCHAR"), ("feature", "VARCHAR"),
+        ("kind", "VARCHAR"), ("statistic", "VARCHAR"), ("value", "DOUBLE"), ("p_value", "DOUBLE"),
+        ("threshold", "DOUBLE"), ("drifted", "BOOLEAN"), ("reference_summary", "VARCHAR"),
+        ("current_summary", "VARCHAR"), ("computed_at", "TIMESTAMP"),
+    ],
+)
+PERFORMANCE_SPEC = declare(
+    name="model_performance",
+    owner=__name__,
+    grain="one row per kind (estimated, realized), snapshot and model version",
+    description="CBPE estimates for tonight's scores; realized metrics once a snapshot's labels are known",
+    columns=[
+        ("run_id", "VARCHAR"), ("as_of_date", "DATE"), ("model_version", "VARCHAR"), ("kind", "VARCHAR"),
+        ("n_rows", "BIGINT"), ("positives", "DOUBLE"), ("roc_auc", "DOUBLE"), ("pr_auc", "DOUBLE"),
+        ("recall", "DOUBLE"), ("precision", "DOUBLE"), ("brier", "DOUBLE"), ("flagged_share", "DOUBLE"),
+        ("threshold", "DOUBLE"), ("computed_at", "TIMESTAMP"),
+    ],
+)
+DECISIONS_SPEC = declare(
+    name="retrain_decisions",
+    owner=__name__,
+    grain="one row per monitoring run",
+    description="which retraining rules fired, the values they saw, and what became of the decision",
+    columns=[
+        ("run_id", "VARCHAR"), ("as_of_date", "DATE"), ("decision_date", "DATE"), ("model_version", "VARCHAR"),
+        ("triggered", "BOOLEAN"), ("rules", "VARCHAR"), ("rule_values", "VARCHAR"), ("outcome", "VARCHAR"),
+        ("challenger_version", "VARCHAR"), ("message", "VARCHAR"), ("decided_at", "TIMESTAMP"),
+    ],
+)
+DRIFT_TABLE = DRIFT_SPEC.name
+PERFORMANCE_TABLE = PERFORMANCE_SPEC.name
+DECISIONS_TABLE = DECISIONS_SPEC.name
+MONITOR_SPECS: tuple[TableSpec, ...] = (DRIFT_SPEC, PERFORMANCE_SPEC, DECISIONS_SPEC)
 
 
 class MonitorError(RuntimeError):
     """Monitoring cannot run: no champion, no reference, no mart or no scores for tonight."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class MonitorResult:
     """What one monitoring run found (also written to the tables)."""
 
@@ -133,9 +133,33 @@ class MonitorResult:
     estimated: dict[str, float]
     realized: pd.DataFrame
     seconds: float = 0.0
-    decision: RetrainDecision | None = None
-    outcome: str | None = None
-    challenger_version: str | None = None
+
+
+@dataclass(frozen=True)
+class Tonight:
+    """Tonight's scoring snapshot as monitoring reads it: features, the champion's scores, its top features."""
+
+    as_of_date: dt.date
+    features: pd.DataFrame
+    scores: pd.DataFrame
+    top_features: list[str]
+
+    @property
+    def probability(self) -> np.ndarray:
+        return self.scores[PROBABILITY_COLUMN].to_numpy(dtype=float)
+
+    @property
+    def flagged(self) -> np.ndarray:
+        return self.scores[DECISION_COLUMN].to_numpy(dtype=bool)
+
+
+@dataclass(frozen=True)
+class DriftFindings:
+    """Every drift row of a run, and the two dataset-level rows the policy reads."""
+
+    rows: list[drift.DriftStat]
+    drifted_share: drift.DriftStat
+    top_feature_drift: drift.DriftStat
 
 
 def new_run_id() -> str:
@@ -146,96 +170,89 @@ def _date(value: Any) -> dt.date:
     return pd.Timestamp(value).date()
 
 
-def ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
-    for ddl in TABLE_DDL.values():
-        con.execute(ddl)
+def _metadata(model: ChurnModel, name: str) -> Any:
+    """One metadata entry, whether the model's metadata is a dict (older models) or a typed object."""
+    metadata = model.metadata
+    return metadata.get(name) if isinstance(metadata, dict) else getattr(metadata, name, None)
 
 
-def _replace(con: duckdb.DuckDBPyConnection, table: str, frame: pd.DataFrame, clause: str, params: list) -> None:
-    """Delete the rows `clause` matches, then insert `frame` (caller holds the transaction)."""
-    con.execute(f'delete from "{table}" where {clause}', params)
-    if frame.empty:
-        return
-    con.register("_monitor_rows", frame)
-    try:
-        con.execute(f'insert into "{table}" by name select * from _monitor_rows')
-    finally:
-        con.unregister("_monitor_rows")
+def ensure_tables(session: Session) -> None:
+    """Create the monitoring tables with their declared types (BI may chart them before the first night)."""
+    for spec in MONITOR_SPECS:
+        session.create(spec)
 
 
 # ---------------------------------------------------------------- reading
 
-def load_reference(model: ChurnModel) -> dict[str, Any]:
-    reference = model.metadata.get("reference")
+def load_reference(model: ChurnModel) -> DriftReference:
+    reference = _metadata(model, "reference")
     if not reference:
         raise MonitorError(
             f"champion {model.version} has no reference statistics in its metadata "
             "(trained before monitoring existed); retrain it with churn train --force"
         )
-    return reference
+    return reference if isinstance(reference, DriftReference) else DriftReference.from_dict(reference)
 
 
-def current_snapshot(
-    con: duckdb.DuckDBPyConnection, mart: str, contract: FeatureContract
-) -> tuple[dt.date, pd.DataFrame]:
+def current_snapshot(session: Session, config: ChurnConfig, contract: FeatureContract) -> tuple[dt.date, pd.DataFrame]:
     """The mart's latest as_of_date and its rows (key, as_of and the champion's features)."""
-    if not table_exists(con, mart):
-        raise MonitorError(f"feature mart {mart!r} not found; run churn build")
-    contract.check_columns(mart, table_columns(con, mart))
-    latest = con.execute(f'select max("{contract.as_of}") from "{mart}"').fetchone()[0]
+    mart = config.dataset.feature_mart
+    try:
+        mart_columns(session, config, contract)
+    except MartError as exc:
+        raise MonitorError(str(exc)) from exc
+    latest = latest_snapshot_date(session, config, contract)
     if latest is None:
         raise MonitorError(f"feature mart {mart!r} has no rows")
-    columns = ", ".join(f'"{c}"' for c in [contract.key, contract.as_of, *contract.feature_names])
-    frame = con.execute(f'select {columns} from "{mart}" where "{contract.as_of}" = ?', [latest]).df()
-    return _date(latest), frame
+    return latest, snapshot_rows(session, config, contract, latest)
 
 
-def current_scores(
-    con: duckdb.DuckDBPyConnection, contract: FeatureContract, as_of_date: dt.date, version: str
-) -> pd.DataFrame:
+def current_scores(session: Session, contract: FeatureContract, as_of_date: dt.date, version: str) -> pd.DataFrame:
     """Tonight's scores of the champion; refuses stale or other-model scores."""
-    if not table_exists(con, SCORES_TABLE):
+    frame = tonight_scores(session, contract.as_of, as_of_date, version)
+    if frame is None:
         raise MonitorError(f"table {SCORES_TABLE!r} not found; run churn score first")
-    frame = con.execute(
-        f'select "{PROBABILITY_COLUMN}", "{DECISION_COLUMN}" from "{SCORES_TABLE}" '
-        f'where "{contract.as_of}" = ? and model_version = ?',
-        [as_of_date, version],
-    ).df()
     if frame.empty:
-        found = con.execute(
-            f'select min("{contract.as_of}"), min(model_version), count(*) from "{SCORES_TABLE}"'
-        ).fetchone()
+        found = latest_scores_summary(session, contract.as_of)
         raise MonitorError(
             f"{SCORES_TABLE} holds no rows for as_of_date {as_of_date} and champion {version} "
-            f"(it holds {found[2]} rows as of {found[0]} from {found[1]}); run churn score first"
+            f"(it holds {found.rows} rows as of {found.first_as_of} from {found.model_version}); "
+            "run churn score first"
         )
     return frame
 
 
-def top_features(con: duckdb.DuckDBPyConnection, version: str, limit: int) -> list[str]:
-    """The champion's most important contract features, by the preferred importance type."""
-    if not table_exists(con, IMPORTANCE_TABLE):
-        return []
-    frame = con.execute(
-        f'select feature, importance_type, "rank" from "{IMPORTANCE_TABLE}" where model_version = ?',
-        [version],
-    ).df()
-    for kind in IMPORTANCE_PREFERENCE:
-        chosen = frame[frame["importance_type"] == kind]
-        if not chosen.empty:
-            return chosen.sort_values("rank")["feature"].head(limit).tolist()
-    return frame.sort_values("rank")["feature"].drop_duplicates().head(limit).tolist()
+def read_tonight(session: Session, config: ChurnConfig, model: ChurnModel) -> Tonight:
+    as_of_date, features = current_snapshot(session, config, model.contract)
+    scores = current_scores(session, model.contract, as_of_date, str(model.version))
+    top = top_features(session, str(model.version), config.monitoring.top_features)
+    return Tonight(as_of_date, features, scores, top)
 
 
-def model_thresholds(con: duckdb.DuckDBPyConnection) -> dict[str, float]:
-    if not table_exists(con, REGISTRY_TABLE):
-        return {}
-    rows = con.execute(f'select model_version, threshold from "{REGISTRY_TABLE}"').fetchall()
-    return {version: float(threshold) for version, threshold in rows if threshold is not None}
+def _measured_realized(session: Session) -> set[tuple[dt.date, str]]:
+    """(as_of_date, model_version) pairs that already have realized metrics."""
+    if not session.exists(PERFORMANCE_SPEC):
+        return set()
+    rows = session.rows(
+        f"select distinct as_of_date, model_version from {quote(PERFORMANCE_TABLE)} where kind = ?", [REALIZED]
+    )
+    return {(_date(as_of), version) for as_of, version in rows}
+
+
+def _labelled_scores(
+    session: Session, config: ChurnConfig, contract: FeatureContract, as_of_date: dt.date, version: str,
+) -> pd.DataFrame | None:
+    """One scored snapshot's rows with their labels, or None while any label is still unknown."""
+    scored = scored_rows(session, contract, as_of_date, version)
+    labels = labels_of(session, config, contract, [as_of_date])[[contract.key, contract.label]]
+    joined = scored.merge(labels, on=contract.key, how="left")
+    if joined.empty or joined[contract.label].isna().any():
+        return None
+    return joined
 
 
 def realized_performance(
-    con: duckdb.DuckDBPyConnection, mart: str, contract: FeatureContract, before: dt.date, run_id: str,
+    session: Session, config: ChurnConfig, contract: FeatureContract, before: dt.date, run_id: str,
 ) -> pd.DataFrame:
     """Realized metrics for each earlier (as_of_date, model_version) whose labels are now all known.
 
@@ -243,104 +260,94 @@ def realized_performance(
     horizon has passed and the snapshot is on the mart's as_of grid. Pairs
     already measured are skipped (labels of a closed horizon do not change).
     """
-    if not table_exists(con, HISTORY_TABLE):
-        return pd.DataFrame()
-    k, a, y = contract.key, contract.as_of, contract.label
-    done = (
-        f'and not exists (select 1 from "{PERFORMANCE_TABLE}" p where p.kind = \'{REALIZED}\' '
-        f'and p.as_of_date = h."{a}" and p.model_version = h.model_version)'
-    )
-    rows = con.execute(
-        f"""
-        with scored as (
-            select h."{a}" as as_of_date, h.model_version, h."{PROBABILITY_COLUMN}" as probability,
-                   h."{DECISION_COLUMN}" as flagged, m."{y}" as label
-            from "{HISTORY_TABLE}" h
-            left join "{mart}" m on m."{k}" = h."{k}" and m."{a}" = h."{a}"
-            where h."{a}" < ? {done}
-        ),
-        complete as (
-            select as_of_date, model_version from scored
-            group by all having count(*) filter (where label is null) = 0
-        )
-        select s.* from scored s join complete using (as_of_date, model_version)
-        """,
-        [before],
-    ).df()
-    if rows.empty:
-        return pd.DataFrame()
-    thresholds = model_thresholds(con)
+    done = _measured_realized(session)
+    pending = [pair for pair in scored_snapshots(session, contract.as_of, before) if pair not in done]
+    thresholds = registry.model_thresholds(session) if pending else {}
     out = []
-    for (as_of_date, version), group in rows.groupby(["as_of_date", "model_version"], sort=True):
-        metrics = realized_metrics(group["label"].to_numpy(dtype=int), group["probability"].to_numpy(dtype=float),
-                                   group["flagged"].to_numpy(dtype=bool))
-        out.append({"run_id": run_id, "as_of_date": _date(as_of_date), "model_version": version, "kind": REALIZED,
+    for as_of_date, version in pending:
+        rows = _labelled_scores(session, config, contract, as_of_date, version)
+        if rows is None:
+            continue
+        metrics = realized_metrics(rows[contract.label].to_numpy(dtype=int),
+                                   rows[PROBABILITY_COLUMN].to_numpy(dtype=float),
+                                   rows[DECISION_COLUMN].to_numpy(dtype=bool))
+        out.append({"run_id": run_id, "as_of_date": as_of_date, "model_version": version, "kind": REALIZED,
                     **metrics, "threshold": thresholds.get(version)})
     return pd.DataFrame(out)
 
 
 # ---------------------------------------------------------------- the stage
 
-def measure(config: ChurnConfig, run_id: str | None = None) -> MonitorResult:
-    """Compute and write tonight's drift and performance rows for the champion."""
-    from ml.modeling.registry import load_champion
-
-    started = time.perf_counter()
-    run_id = run_id or new_run_id()
-    model = load_champion(config)
+def champion_to_monitor(config: ChurnConfig) -> tuple[ChurnModel, DriftReference]:
+    model = registry.load_champion(config)
     if model is None:
         raise MonitorError("no champion model to monitor; run churn train")
-    reference = load_reference(model)
-    contract = model.contract
+    return model, load_reference(model)
+
+
+def compute_drift(model: ChurnModel, reference: DriftReference, tonight: Tonight, config: ChurnConfig) -> DriftFindings:
+    """Feature, score and dataset-level drift of tonight's snapshot against the reference."""
+    with timed(f"drift of {len(tonight.features):,d} rows as of {tonight.as_of_date} vs {model.version}", log):
+        kinds = {f.name: f.kind for f in model.contract.features}
+        rows = drift.feature_drift(reference, tonight.features, kinds, config.monitoring)
+        rows += drift.score_drift(reference, tonight.probability, model.threshold, config.monitoring)
+        share_row, top_row = drift.dataset_drift(rows, tonight.top_features, config.monitoring)
+    return DriftFindings([*rows, share_row, top_row], share_row, top_row)
+
+
+def _drift_frame(findings: DriftFindings, run_id: str, as_of_date: dt.date, version: str,
+                 now: pd.Timestamp) -> pd.DataFrame:
+    frame = pd.DataFrame([r.to_dict() for r in findings.rows])
+    frame.insert(0, "run_id", run_id)
+    frame.insert(1, "as_of_date", as_of_date)
+    frame.insert(2, "model_version", version)
+    frame["drifted"] = frame["drifted"].astype("boolean")
+    frame["computed_at"] = now
+    return frame
+
+
+def write_measurements(
+    session: Session, run_id: str, as_of_date: dt.date, version: str, threshold: float,
+    findings: DriftFindings, estimated: dict[str, float], realized: pd.DataFrame,
+) -> None:
+    """All rows of one run in one transaction; a re-run replaces its own rows."""
+    now = pd.Timestamp(dt.datetime.now())
+    estimate = pd.DataFrame([{"run_id": run_id, "as_of_date": as_of_date, "model_version": version,
+                              "kind": ESTIMATED, **estimated, "threshold": threshold, "computed_at": now}])
+    with session.transaction():
+        session.append(DRIFT_SPEC, _drift_frame(findings, run_id, as_of_date, version, now),
+                       where="run_id = ? and model_version = ?", params=[run_id, version])
+        session.append(PERFORMANCE_SPEC, estimate, where="run_id = ? and model_version = ? and kind = ?",
+                       params=[run_id, version, ESTIMATED])
+        for record in realized.to_dict("records"):
+            session.append(PERFORMANCE_SPEC, pd.DataFrame([{**record, "computed_at": now}]),
+                           where="kind = ? and as_of_date = ? and model_version = ?",
+                           params=[REALIZED, record["as_of_date"], record["model_version"]])
+
+
+def measure(config: ChurnConfig, run_id: str | None = None) -> MonitorResult:
+    """Compute and write tonight's drift and performance rows for the champion."""
+    started = time.perf_counter()
+    run_id = run_id or new_run_id()
+    model, reference = champion_to_monitor(config)
     version = str(model.version)
-    mart = config.dataset.feature_mart
-    with connect(config.warehouse.build_db) as con:
-        ensure_tables(con)
-        as_of_date, frame = current_snapshot(con, mart, contract)
-        scores = current_scores(con, contract, as_of_date, version)
-        top = top_features(con, version, config.monitoring.top_features)
-        with timed(f"drift of {len(frame):,d} rows as of {as_of_date} vs {version}", log):
-            kinds = {f.name: f.kind for f in contract.features}
-            rows = drift.feature_drift(reference, frame, kinds, config.monitoring)
-            rows += drift.score_drift(reference, scores[PROBABILITY_COLUMN].to_numpy(dtype=float),
-                                      model.threshold, config.monitoring)
-            dataset_rows = drift.dataset_drift(rows, top, config.monitoring)
-            rows += dataset_rows
-        probability = scores[PROBABILITY_COLUMN].to_numpy(dtype=float)
-        estimated = estimated_metrics(probability, scores[DECISION_COLUMN].to_numpy(dtype=bool))
+    with connect(config.warehouse.build_db) as session:
+        ensure_tables(session)
+        tonight = read_tonight(session, config, model)
+        findings = compute_drift(model, reference, tonight, config)
+        estimated = estimated_metrics(tonight.probability, tonight.flagged)
         with timed("realized performance of earlier snapshots", log):
-            realized = realized_performance(con, mart, contract, as_of_date, run_id)
-        now = pd.Timestamp(dt.datetime.now())
-        drift_frame = pd.DataFrame([r.to_dict() for r in rows])
-        drift_frame.insert(0, "run_id", run_id)
-        drift_frame.insert(1, "as_of_date", as_of_date)
-        drift_frame.insert(2, "model_version", version)
-        drift_frame["drifted"] = drift_frame["drifted"].astype("boolean")
-        drift_frame["computed_at"] = now
-        estimate_frame = pd.DataFrame([{"run_id": run_id, "as_of_date": as_of_date, "model_version": version,
-                                        "kind": ESTIMATED, **estimated, "threshold": model.threshold}])
-        con.execute("begin transaction")
-        try:
-            _replace(con, DRIFT_TABLE, drift_frame, "run_id = ? and model_version = ?", [run_id, version])
-            _replace(con, PERFORMANCE_TABLE, estimate_frame.assign(computed_at=now),
-                     "run_id = ? and model_version = ? and kind = ?", [run_id, version, ESTIMATED])
-            for record in realized.to_dict("records"):
-                _replace(con, PERFORMANCE_TABLE, pd.DataFrame([{**record, "computed_at": now}]),
-                         "kind = ? and as_of_date = ? and model_version = ?",
-                         [REALIZED, record["as_of_date"], record["model_version"]])
-            con.execute("commit")
-        except Exception:
-            con.execute("rollback")
-            raise
-    share_row, top_row = dataset_rows
+            realized = realized_performance(session, config, model.contract, tonight.as_of_date, run_id)
+        write_measurements(session, run_id, tonight.as_of_date, version, model.threshold, findings,
+                           estimated, realized)
     result = MonitorResult(
         run_id=run_id,
-        as_of_date=as_of_date,
+        as_of_date=tonight.as_of_date,
         model_version=version,
-        drift_rows=rows,
-        drifted_features=drift.drifted_features(rows),
-        drifted_share=float(share_row.value or 0.0),
-        top_features_drifted=json.loads(top_row.current_summary)["drifted"],
+        drift_rows=findings.rows,
+        drifted_features=drift.drifted_features(findings.rows),
+        drifted_share=float(findings.drifted_share.value or 0.0),
+        top_features_drifted=json.loads(findings.top_feature_drift.current_summary)["drifted"],
         estimated=estimated,
         realized=realized,
         seconds=time.perf_counter() - started,
@@ -348,7 +355,7 @@ def measure(config: ChurnConfig, run_id: str | None = None) -> MonitorResult:
     log.info(
         "monitor %s as of %s (%s): %d/%d features drifted (%.0f%%)%s; estimated recall %.3f; "
         "%d realized snapshot(s) added in %.1fs",
-        run_id, as_of_date, version, len(result.drifted_features), len(contract.features),
+        run_id, result.as_of_date, version, len(result.drifted_features), len(model.contract.features),
         100 * result.drifted_share,
         f", top features drifted: {', '.join(result.top_features_drifted)}" if result.top_features_drifted else "",
         estimated["recall"], len(realized), result.seconds,
@@ -356,76 +363,55 @@ def measure(config: ChurnConfig, run_id: str | None = None) -> MonitorResult:
     return result
 
 
-# ---------------------------------------------------------------- retraining
+# ---------------------------------------------------------------- retraining decision
 
-def champion_since(con: duckdb.DuckDBPyConnection, version: str, today: dt.date) -> dt.date:
+def champion_since(session: Session, version: str, today: dt.date) -> dt.date:
     """The first decision date on which `version` served as champion (today if never).
 
     Read from retrain_decisions rather than the registry's wall-clock timestamps,
     so a backfill (`--as-of`) ages the champion in replayed days.
     """
-    if not table_exists(con, DECISIONS_TABLE):
+    if not session.exists(DECISIONS_SPEC):
         return today
-    row = con.execute(
-        f"""select min(decision_date) from "{DECISIONS_TABLE}"
+    value = session.scalar(
+        f"""select min(decision_date) from {quote(DECISIONS_TABLE)}
             where model_version = ? or (challenger_version = ? and outcome = ?)""",
         [version, version, OUTCOME_PROMOTED],
-    ).fetchone()
-    return _date(row[0]) if row and row[0] is not None else today
+    )
+    return _date(value) if value is not None else today
 
 
-def latest_realized_recall(con: duckdb.DuckDBPyConnection, version: str) -> tuple[float | None, dt.date | None]:
-    if not table_exists(con, PERFORMANCE_TABLE):
+def latest_realized_recall(session: Session, version: str) -> tuple[float | None, dt.date | None]:
+    if not session.exists(PERFORMANCE_SPEC):
         return None, None
-    row = con.execute(
-        f"""select recall, as_of_date from "{PERFORMANCE_TABLE}" where kind = ? and model_version = ?
+    row = session.one(
+        f"""select recall, as_of_date from {quote(PERFORMANCE_TABLE)} where kind = ? and model_version = ?
             order by as_of_date desc limit 1""",
         [REALIZED, version],
-    ).fetchone()
+    )
     return (float(row[0]), _date(row[1])) if row else (None, None)
 
 
 def new_labelled_snapshots(
-    con: duckdb.DuckDBPyConnection, mart: str, contract: FeatureContract, trained_up_to: str | None
+    session: Session, config: ChurnConfig, contract: FeatureContract, trained_up_to: str | dt.date | None
 ) -> int | None:
-    """Fully labelled as_of_dates in the mart after the champion's last training snapshot."""
-    if trained_up_to is None or not table_exists(con, mart):
+    """Fully labelled as_of_dates in the mart after the champion's last training snapshot (None: unknown)."""
+    if trained_up_to is None:
         return None
-    a, y = contract.as_of, contract.label
-    row = con.execute(
-        f'select count(*) from (select "{a}" from "{mart}" where "{a}" > ? group by 1 '
-        f'having count("{y}") = count(*))',
-        [dt.date.fromisoformat(str(trained_up_to))],
-    ).fetchone()
-    return int(row[0])
-
-
-def newest_trained_snapshot(con: duckdb.DuckDBPyConnection, dataset: str) -> dt.date | None:
-    """The newest snapshot any successful training run of `dataset` has seen.
-
-    A rejected challenger has already learned from it too: retraining on the same
-    snapshots would only reject the same challenger again, night after night.
-    """
-    if not table_exists(con, "model_runs"):
-        return None
-    row = con.execute(
-        "select max(snapshot_max) from model_runs where dataset = ? and status = 'success'", [dataset]
-    ).fetchone()
-    return _date(row[0]) if row and row[0] is not None else None
+    return count_labelled_dates_after(session, config, contract, dt.date.fromisoformat(str(trained_up_to)))
 
 
 def policy_inputs(config: ChurnConfig, result: MonitorResult, today: dt.date) -> PolicyInputs:
-    from ml.modeling.registry import load_model
-
-    model = load_model(config, result.model_version)
-    champion_up_to = (model.metadata.get("snapshot_range") or [None, None])[1]
-    with connect(config.warehouse.build_db, read_only=True) as con:
-        since = champion_since(con, result.model_version, today)
-        realized, realized_as_of = latest_realized_recall(con, result.model_version)
+    """What the policy needs, read through the owners of each fact (registry, training runs, mart)."""
+    model = registry.load_model(config, result.model_version)
+    champion_up_to = (_metadata(model, "snapshot_range") or [None, None])[1]
+    with connect(config.warehouse.build_db, read_only=True) as session:
+        since = champion_since(session, result.model_version, today)
+        realized, realized_as_of = latest_realized_recall(session, result.model_version)
         known = [d for d in (_date(champion_up_to) if champion_up_to else None,
-                             newest_trained_snapshot(con, config.dataset.name)) if d is not None]
-        trained_up_to = max(known).isoformat() if known else None
-        fresh = new_labelled_snapshots(con, config.dataset.feature_mart, model.contract, trained_up_to)
+                             newest_trained_snapshot(session, config.dataset.name)) if d is not None]
+        trained_up_to = max(known) if known else None
+        fresh = new_labelled_snapshots(session, config, model.contract, trained_up_to)
     return PolicyInputs(
         today=today,
         champion_since=since,
@@ -438,10 +424,14 @@ def policy_inputs(config: ChurnConfig, result: MonitorResult, today: dt.date) ->
     )
 
 
-def record_decision(
-    config: ChurnConfig, result: MonitorResult, today: dt.date, decision: RetrainDecision,
-    outcome: str, challenger: str | None = None, message: str = "",
-) -> None:
+def decide_retrain(config: ChurnConfig, result: MonitorResult, today: dt.date) -> RetrainDecision:
+    """Tonight's retraining decision (pure policy on the measured inputs); training is the pipeline's job."""
+    return decide(config, policy_inputs(config, result, today))
+
+
+def record_decision(config: ChurnConfig, result: MonitorResult, today: dt.date, outcome: PolicyOutcome) -> None:
+    """Write (or, on a re-run, replace) this run's retrain_decisions row."""
+    decision = outcome.decision
     row = pd.DataFrame([{
         "run_id": result.run_id,
         "as_of_date": result.as_of_date,
@@ -450,52 +440,14 @@ def record_decision(
         "triggered": decision.triggered,
         "rules": ",".join(decision.rules),
         "rule_values": decision.values_json(),
-        "outcome": outcome,
-        "challenger_version": challenger,
-        "message": message[:4000],
+        "outcome": outcome.outcome,
+        "challenger_version": outcome.challenger_version,
+        "message": outcome.message[:4000],
         "decided_at": pd.Timestamp(dt.datetime.now()),
     }])
-    with connect(config.warehouse.build_db) as con:
-        ensure_tables(con)
-        con.execute("begin transaction")
-        try:
-            _replace(con, DECISIONS_TABLE, row, "run_id = ?", [result.run_id])
-            con.execute("commit")
-        except Exception:
-            con.execute("rollback")
-            raise
-
-
-def apply_policy(config: ChurnConfig, result: MonitorResult, today: dt.date, retrain: bool = True) -> MonitorResult:
-    """Decide; when triggered (and `retrain`), train a challenger that the registry may promote.
-
-    The decision row is written whatever happens, including when training fails
-    (outcome 'failed', then the error propagates and stops the nightly).
-    """
-    from ml.modeling.train import train
-
-    decision = decide(config, policy_inputs(config, result, today))
-    result.decision = decision
-    if not decision.triggered or not retrain:
-        result.outcome = (
-            OUTCOME_NO_NEW_LABELS if decision.blocked
-            else OUTCOME_NOT_TRIGGERED if not decision.triggered
-            else "triggered (retraining disabled)"
-        )
-        record_decision(config, result, today, decision, result.outcome)
-        log.info("retrain policy: %s", result.outcome)
-        return result
-    log.info("retrain policy fired (%s): training a challenger", ", ".join(decision.rules))
-    try:
-        trained = train(config, force=True, run_id=f"{result.run_id}-retrain")
-    except Exception as exc:
-        record_decision(config, result, today, decision, OUTCOME_FAILED, message=f"{type(exc).__name__}: {exc}")
-        raise
-    result.outcome = OUTCOME_PROMOTED if trained.promoted else OUTCOME_REJECTED
-    result.challenger_version = trained.version
-    record_decision(config, result, today, decision, result.outcome, trained.version, trained.message)
-    log.info("retrain policy: challenger %s %s", trained.version, result.outcome)
-    return result
+    with connect(config.warehouse.build_db) as session:
+        ensure_tables(session)
+        session.append(DECISIONS_SPEC, row, where="run_id = ?", params=[result.run_id])
 
 
 def today_for(as_of: str | dt.date | None) -> dt.date:
@@ -505,13 +457,7 @@ def today_for(as_of: str | dt.date | None) -> dt.date:
     return as_of if isinstance(as_of, dt.date) else dt.date.fromisoformat(str(as_of))
 
 
-def monitor(
-    config: ChurnConfig, run_id: str | None = None, as_of: str | dt.date | None = None, retrain: bool = False,
-) -> MonitorResult:
-    """Measure, then apply the retraining policy (training only when `retrain`)."""
-    result = measure(config, run_id)
-    return apply_policy(config, result, today_for(as_of), retrain=retrain)
-
+# ---------------------------------------------------------------- command line (handler: ml.pipeline.monitor_command)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--as-of", help="'today' for the retrain calendar rule (YYYY-MM-DD; default: today)")
@@ -519,20 +465,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="train a challenger when the policy fires (the nightly does; plain monitor only decides)")
 
 
-def run_command(config: ChurnConfig, args: argparse.Namespace) -> int:
-    result = monitor(config, as_of=args.as_of, retrain=args.retrain)
-    print(f"monitor {result.run_id}: as of {result.as_of_date}, champion {result.model_version}")
-    print(f"  drifted features: {len(result.drifted_features)} ({result.drifted_share:.0%})"
-          + (f": {', '.join(result.drifted_features)}" if result.drifted_features else ""))
+def report_lines(result: MonitorResult, outcome: PolicyOutcome | None = None) -> list[str]:
+    """What `churn monitor` prints: drift, estimated and realized performance, the decision."""
+    lines = [f"monitor {result.run_id}: as of {result.as_of_date}, champion {result.model_version}",
+             f"  drifted features: {len(result.drifted_features)} ({result.drifted_share:.0%})"
+             + (f": {', '.join(result.drifted_features)}" if result.drifted_features else "")]
     if result.top_features_drifted:
-        print(f"  top features drifted: {', '.join(result.top_features_drifted)}")
+        lines.append(f"  top features drifted: {', '.join(result.top_features_drifted)}")
     est = result.estimated
-    print("  estimated: " + ", ".join(f"{m} {est[m]:.3f}" for m in METRICS if not np.isnan(est[m])))
+    lines.append("  estimated: " + ", ".join(f"{m} {est[m]:.3f}" for m in METRICS if not np.isnan(est[m])))
     for row in result.realized.to_dict("records"):
-        print(f"  realized {row['as_of_date']} ({row['model_version']}): recall {row['recall']:.3f}, "
-              f"precision {row['precision']:.3f}, roc_auc {row['roc_auc']:.3f} on {row['n_rows']:,d} rows")
-    decision = result.decision
-    if decision is not None:
-        print(f"  retrain: {'triggered by ' + ', '.join(decision.rules) if decision.triggered else 'not triggered'}"
-              f" -> {result.outcome}")
-    return 0
+        lines.append(f"  realized {row['as_of_date']} ({row['model_version']}): recall {row['recall']:.3f}, "
+                     f"precision {row['precision']:.3f}, roc_auc {row['roc_auc']:.3f} on {row['n_rows']:,d} rows")
+    if outcome is not None:
+        decision = outcome.decision
+        lines.append(f"  retrain: {'triggered by ' + ', '.join(decision.rules) if decision.triggered else 'not triggered'}"
+                     f" -> {outcome.outcome}")
+    return lines

@@ -12,12 +12,11 @@ model worse.
 from __future__ import annotations
 
 import datetime as dt
-import json
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from ml.config import ChurnConfig
+from ml.warehouse import float_or_none, to_json
 
 SCHEDULE = "schedule"
 DATASET_DRIFT = "dataset_drift"
@@ -31,6 +30,7 @@ OUTCOME_PROMOTED = "promoted"
 OUTCOME_REJECTED = "rejected challenger"
 OUTCOME_FAILED = "failed"
 OUTCOME_NO_NEW_LABELS = "not triggered: no new labelled data"
+OUTCOME_RETRAINING_DISABLED = "triggered (retraining disabled)"
 
 
 @dataclass(frozen=True)
@@ -60,11 +60,27 @@ class RetrainDecision:
     blocked: bool = False
 
     def values_json(self) -> str:
-        return json.dumps(self.values, sort_keys=True, default=str)
+        return to_json(self.values, sort_keys=True)
 
 
-def _number(x: float | None) -> float | None:
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+@dataclass(frozen=True)
+class PolicyOutcome:
+    """What became of one decision: the outcome recorded in retrain_decisions and the challenger, if any."""
+
+    decision: RetrainDecision
+    outcome: str
+    challenger_version: str | None = None
+    message: str = ""
+
+    @classmethod
+    def without_training(cls, decision: RetrainDecision) -> PolicyOutcome:
+        """The outcome when no challenger is trained: not triggered, blocked, or retraining switched off."""
+        outcome = (
+            OUTCOME_NO_NEW_LABELS if decision.blocked
+            else OUTCOME_NOT_TRIGGERED if not decision.triggered
+            else OUTCOME_RETRAINING_DISABLED
+        )
+        return cls(decision, outcome)
 
 
 def decide(config: ChurnConfig, inputs: PolicyInputs) -> RetrainDecision:
@@ -72,9 +88,9 @@ def decide(config: ChurnConfig, inputs: PolicyInputs) -> RetrainDecision:
     m = config.monitoring
     floor = config.problem.success_target - m.recall_margin
     days = (inputs.today - inputs.champion_since).days if inputs.champion_since else None
-    realized = _number(inputs.realized_recall)
-    estimated = _number(inputs.estimated_recall)
-    share = _number(inputs.drifted_share)
+    realized = float_or_none(inputs.realized_recall)
+    estimated = float_or_none(inputs.estimated_recall)
+    share = float_or_none(inputs.drifted_share)
     fired: list[str] = []
     if inputs.champion_since is None:
         fired.append(NO_CHAMPION)

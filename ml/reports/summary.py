@@ -10,8 +10,10 @@ wrote, so the summary shows what BI will see, not what a stage meant to write.
 from __future__ import annotations
 
 from ml.config import ChurnConfig
-from ml.modeling.score import SCORES_TABLE
-from ml.warehouse import connect, table_exists
+from ml.modeling.registry import model_record
+from ml.modeling.score import SCORES_TABLE, latest_scores_summary
+from ml.modeling.train import held_out_metrics, validation_strategy
+from ml.warehouse import connect
 
 SUMMARY_METRICS = ("recall", "precision", "roc_auc", "pr_auc")
 
@@ -22,42 +24,28 @@ def _fmt(value: object) -> str:
 
 def score_summary(config: ChurnConfig) -> list[str]:
     """Lines describing today's churn_scores and the scoring model's held-out metrics."""
-    with connect(config.warehouse.build_db, read_only=True) as con:
-        if not table_exists(con, SCORES_TABLE):
+    with connect(config.warehouse.build_db, read_only=True) as session:
+        scores = latest_scores_summary(session, config.problem.as_of_column)
+        if scores is None:
             return [f"  no {SCORES_TABLE} table: nothing was scored"]
-        as_of = config.problem.as_of_column
-        rows, flagged, version, as_of_date = con.execute(
-            f'select count(*), count(*) filter (where will_churn), any_value(model_version), '
-            f'max("{as_of}") from {SCORES_TABLE}'
-        ).fetchone()
+        rows, flagged, version = scores.rows, scores.flagged, scores.model_version
         lines = [
-            f"  scored {rows:,d} customers as of {as_of_date} with model {version}: "
+            f"  scored {rows:,d} customers as of {scores.last_as_of} with model {version}: "
             f"{flagged:,d} flagged ({flagged / rows if rows else 0:.1%})"
         ]
-        if not table_exists(con, "model_metrics") or not table_exists(con, "model_registry"):
+        record = model_record(session, version)
+        metrics = held_out_metrics(session, version, SUMMARY_METRICS)
+        if record is None and metrics.empty:
             return lines + ["  no model_metrics recorded for this model"]
-        registry = con.execute(
-            "select algorithm, threshold, run_id from model_registry where model_version = ?", [version]
-        ).fetchone()
-        metrics = con.execute(
-            "select split, candidate, " + ", ".join(SUMMARY_METRICS) + ", rows from model_metrics "
-            "where model_version = ? and split in ('out_of_time', 'baseline')",
-            [version],
-        ).df()
-        strategy = None
-        if registry and table_exists(con, "model_runs"):
-            found = con.execute(
-                "select any_value(validation_strategy) from model_runs where run_id = ?", [registry[2]]
-            ).fetchone()
-            strategy = found[0] if found else None
-    if metrics.empty or registry is None:
+        strategy = validation_strategy(session, record.run_id) if record is not None else None
+    if metrics.empty or record is None:
         return lines + [f"  no held-out metrics recorded for model {version}"]
     model = metrics[metrics["split"] == "out_of_time"].iloc[0]
     baseline = metrics[metrics["split"] == "baseline"]
     baseline_row = baseline.iloc[0] if not baseline.empty else None
     baseline_name = baseline_row["candidate"] if baseline_row is not None else config.problem.baseline
     lines.append(
-        f"  {registry[0]} at threshold {registry[1]:.4f}; {strategy or 'held-out'} evaluation on "
+        f"  {record.algorithm} at threshold {record.threshold:.4f}; {strategy or 'held-out'} evaluation on "
         f"{int(model['rows']):,d} rows (target {config.problem.success_metric} >= {config.problem.success_target}):"
     )
     lines.append(f"    {'metric':12s} {'model':>8s} {baseline_name:>16s}")
