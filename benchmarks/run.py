@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     base = load_config(args.config or REPO_ROOT / "churn.yml")
     available = available_commands()
     results: list[StageResult] = []
-    for n, m in zip(args.customers, months):
+    for n, m in zip(args.customers, months, strict=True):
         try:
             results += benchmark_size(base, n, m, stages, available, args.workdir)
         finally:

@@ -145,7 +145,7 @@ def check_no_future_champion(config: ChurnConfig, start: dt.date) -> None:
     model = load_champion(config)
     if model is None:
         return
-    last = (model.metadata.get("snapshot_range") or [None, None])[1]
+    last = (model.metadata.snapshot_range or [None, None])[1]
     if last is None or dt.date.fromisoformat(str(last)) >= start:
         raise BackfillError(
             f"champion {model.version} in {config.warehouse.build_db} was trained on snapshots up to {last}, "
@@ -184,21 +184,6 @@ def backfill(
         with timed(f"backfill night {i}/{len(dates)} as of {day}", log):
             run_ids.append(nightly(target, as_of=day.isoformat()).run_id)
     return BackfillResult(target, dates, run_ids, time.perf_counter() - started)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--from", dest="start", type=dt.date.fromisoformat,
-                        help="first replayed date (default: monitoring.backfill_months before --to)")
-    parser.add_argument("--to", dest="end", type=dt.date.fromisoformat,
-                        help="last replayed date (default: the end of the data)")
-    parser.add_argument("--every", help="spacing of replayed nights, e.g. 7d, 2w, 1m "
-                        "(default: monitoring.backfill_every); month starts are always replayed")
-    parser.add_argument("--no-month-starts", dest="month_starts", action="store_false",
-                        help="replay only the --every dates (month starts give realized performance later)")
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("--in-place", action="store_true",
-                       help="replay into the configured warehouse (refused if its champion saw later data)")
-    where.add_argument("--into", type=Path, help="sandbox folder (default: <warehouse>/backfill, recreated)")
 
 
 def run_command(config: ChurnConfig, args: argparse.Namespace) -> int:

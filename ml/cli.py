@@ -129,14 +129,15 @@ COMMANDS: tuple[Command, ...] = (
         ),
     ),
     Command(
-        # Retraining may move to ml.pipeline: repoint `module`/`handler` here, nothing else.
-        "monitor", "ml.monitoring.monitor",
+        # Retraining is orchestrated by the pipeline, so the command's handler lives there.
+        "monitor", "ml.pipeline",
         "drift, realized and estimated performance, retraining decision",
         options=(
             option("--as-of", help="'today' for the retrain calendar rule (YYYY-MM-DD; default: today)"),
             option("--retrain", action="store_true",
                    help="train a challenger when the policy fires (the nightly does; plain monitor only decides)"),
         ),
+        handler="monitor_command",
     ),
     Command(
         "publish", "ml.serving.publish",

@@ -189,11 +189,6 @@ def monitor_command(config: ChurnConfig, args: argparse.Namespace) -> int:
     return 0
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--as-of", help="run as if on this date (YYYY-MM-DD): later data is invisible")
-    parser.add_argument("--force-train", action="store_true", help="train a new model even if a champion exists")
-
-
 def run_command(config: ChurnConfig, args: argparse.Namespace) -> int:
     nightly(config, as_of=args.as_of, force_train=args.force_train)
     return 0

@@ -58,7 +58,7 @@ def test_sandbox_moves_outputs_but_reads_the_same_landing(tmp_path: Path):
 def test_in_place_replay_before_the_champions_data_is_refused(trained_warehouse: ChurnConfig):
     from ml.modeling.registry import load_champion
 
-    last = load_champion(trained_warehouse).metadata["snapshot_range"][1]
+    last = load_champion(trained_warehouse).metadata.snapshot_range[1]
     with pytest.raises(BackfillError, match="see the future"):
         check_no_future_champion(trained_warehouse, dt.date.fromisoformat(last))
     check_no_future_champion(trained_warehouse, dt.date.fromisoformat(last) + dt.timedelta(days=1))

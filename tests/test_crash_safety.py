@@ -108,12 +108,12 @@ def test_killed_nightlies_never_touch_the_published_state(
         log = tmp_path / f"kill{i}.log"
         if point == "dbt build":
             proc = start_nightly(config, log, None, *extra)
-            wait_for(lambda: any(" build " in c and "dbt" in c for c in child_commands(proc.pid)), proc, log)
+            wait_for(lambda proc=proc: any(" build " in c and "dbt" in c for c in child_commands(proc.pid)), proc, log)
             time.sleep(3)  # well inside dbt's run
             assert any("dbt" in c for c in child_commands(proc.pid)), "dbt finished before the kill"
         else:
             proc = start_nightly(config, log, point, *extra)
-            wait_for(lambda: log.with_suffix(".paused").exists(), proc, log)
+            wait_for(lambda log=log: log.with_suffix(".paused").exists(), proc, log)
         kill(proc)
         assert digest(published) == good_digest, f"published file changed by a run killed at {point}"
         assert published_state(config) == good_state

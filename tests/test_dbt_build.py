@@ -7,7 +7,6 @@ label, a sample of features) instead of trusting the SQL to check itself.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 from pathlib import Path
 
@@ -176,7 +175,7 @@ def test_every_active_customer_present_at_each_as_of(built_warehouse: ChurnConfi
     features = mart(built_warehouse)
     dates = sorted(pd.Timestamp(d) for d in features["as_of_date"].unique())
     expected = active_population(built_warehouse, dates)
-    actual = set(zip(features["customer_id"], features["as_of_date"]))
+    actual = set(zip(features["customer_id"], features["as_of_date"], strict=True))
     assert actual == expected
 
     # the generator's own record of who was active agrees on the shared month starts
@@ -185,7 +184,7 @@ def test_every_active_customer_present_at_each_as_of(built_warehouse: ChurnConfi
     shared = oracle[oracle["as_of_date"].isin(dates)]
     shared_dates = set(shared["as_of_date"])
     assert shared_dates
-    assert set(zip(shared["customer_id"], shared["as_of_date"])) == {
+    assert set(zip(shared["customer_id"], shared["as_of_date"], strict=True)) == {
         key for key in actual if key[1] in shared_dates
     }
 

@@ -8,7 +8,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ml.monitoring import drift
 from ml.config import load_config
 from ml.features.contract import Feature, FeatureContract
 from ml.modeling.reference import (
@@ -20,6 +19,7 @@ from ml.modeling.reference import (
     numeric_reference,
     psi_edges,
 )
+from ml.monitoring import drift
 from tests.conftest import REPO_ROOT
 
 

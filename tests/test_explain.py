@@ -16,7 +16,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 
 from ml.features.contract import Feature, FeatureContract
-from ml.modeling.explain import ExplainError, Explainer, contributions, reason_columns, top_k, top_reasons
+from ml.modeling.explain import Explainer, ExplainError, contributions, reason_columns, top_k, top_reasons
 from ml.modeling.model import ChurnModel, ScoreCalibrator, build_preprocessor
 
 CONTRACT = FeatureContract(

@@ -13,13 +13,13 @@ import pandas as pd
 import pytest
 
 from ml import pipeline
-from ml.monitoring import monitor as mon
 from ml.cli import main
 from ml.config import ChurnConfig
-from ml.monitoring.performance import estimated_metrics
-from ml.monitoring.policy import OUTCOME_FAILED, OUTCOME_PROMOTED
 from ml.modeling.registry import load_champion
 from ml.modeling.train import top_features
+from ml.monitoring import monitor as mon
+from ml.monitoring.performance import estimated_metrics
+from ml.monitoring.policy import OUTCOME_FAILED, OUTCOME_PROMOTED
 from ml.warehouse import connect
 from tests.conftest import QUICK_TRAINING, copy_warehouse, query
 
@@ -78,7 +78,7 @@ def test_monitor_writes_every_statistic_once(scored_copy: ChurnConfig) -> None:
 def test_injected_changes_are_flagged(scored_copy: ChurnConfig) -> None:
     model = load_champion(scored_copy)
     contract = model.contract
-    reference = model.metadata["reference"]["features"]
+    reference = model.metadata.reference["features"]
     with connect(scored_copy.warehouse.build_db, read_only=True) as con:
         top = top_features(con, model.version, scored_copy.monitoring.top_features)
     shifted = next(name for name in top if name in contract.numeric)
@@ -270,8 +270,8 @@ def test_a_rejected_challenger_uses_up_the_new_labels(scored_copy: ChurnConfig, 
 
     def older_champion(*args, **kwargs):
         model = real_load_model(*args, **kwargs)
-        model.metadata["snapshot_range"] = [str(labelled[0]), str(labelled[0])]
-        return model
+        older = dataclasses.replace(model.metadata, snapshot_range=[str(labelled[0]), str(labelled[0])])
+        return dataclasses.replace(model, metadata=older)
 
     monkeypatch.setattr(ml.modeling.registry, "load_model", older_champion)
     result = measure(config)

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from ml.monitoring import policy
 from ml.config import load_config
+from ml.monitoring import policy
 from tests.conftest import REPO_ROOT
 
 TODAY = dt.date(2025, 6, 1)

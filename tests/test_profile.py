@@ -8,7 +8,6 @@ mismatch rather than passing by construction.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -220,7 +220,7 @@ class GenerateOptions:
     overwrite: bool = False
 
     @classmethod
-    def from_config(cls, config: ChurnConfig, **changes: object) -> "GenerateOptions":
+    def from_config(cls, config: ChurnConfig, **changes: object) -> GenerateOptions:
         gen = config.generator
         values: dict[str, object] = {
             "customers": gen.customers,
@@ -294,7 +294,7 @@ class Calendar:
     drift_day: int | None
 
     @classmethod
-    def build(cls, options: GenerateOptions, process: ChurnProcess) -> "Calendar":
+    def build(cls, options: GenerateOptions, process: ChurnProcess) -> Calendar:
         starts = [
             _day(_add_months(options.start_date, m))
             for m in range(-process.burn_in_months, options.months + 1)
@@ -340,7 +340,7 @@ def _dirty_labels(
     lookup = pa.array([s for group in variants for s in group])
     n_variants = len(variants[0])
     variant = np.where(rng.random(len(codes)) < rate, rng.integers(1, n_variants, len(codes)), 0)
-    return lookup.take(pa.array((codes.astype(np.int64) * n_variants + variant)))
+    return lookup.take(pa.array(codes.astype(np.int64) * n_variants + variant))
 
 
 def _with_duplicates(table: pa.Table, rng: np.random.Generator, rate: float) -> pa.Table:
@@ -372,7 +372,7 @@ class _Population:
     level: np.ndarray  # persistent engagement level
     card_trouble: np.ndarray
 
-    def slice(self, lo: int, hi: int) -> "_Population":
+    def slice(self, lo: int, hi: int) -> _Population:
         return _Population(*(getattr(self, f.name)[lo:hi] for f in dataclasses.fields(self)))
 
 
@@ -1021,25 +1021,6 @@ def generate(options: GenerateOptions, process: ChurnProcess = PROCESS) -> Gener
 
 
 # --------------------------------------------------------------------------- CLI
-
-
-def _optional_date(text: str) -> dt.date | str:
-    return "none" if text.lower() in ("none", "null", "") else dt.date.fromisoformat(text)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    defaults = "(default: churn.yml generator section)"
-    parser.add_argument("--customers", type=int, help=f"customers in total, initial base plus signups {defaults}")
-    parser.add_argument("--start-date", type=dt.date.fromisoformat, help=f"first day of data, a month start {defaults}")
-    parser.add_argument("--months", type=int, help=f"months of events {defaults}")
-    parser.add_argument("--seed", type=int, help=f"random seed; same options and seed give identical files {defaults}")
-    parser.add_argument("--out", type=Path, help="landing folder (default: the demo dataset's landing_dir)")
-    parser.add_argument("--oracle-out", type=Path, help=f"folder for oracle.parquet {defaults}")
-    parser.add_argument(
-        "--drift-from", type=_optional_date,
-        help=f"date from which one segment gets a price rise and uses less; 'none' disables {defaults}",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace the landing folder if it holds files")
 
 
 def run_command(config: ChurnConfig, args: argparse.Namespace) -> int:

@@ -19,14 +19,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-# Only for the engine's error type: a landing file DuckDB cannot read is a reported
-# problem, not a crash (the warehouse layer has no engine-neutral error for it yet).
-import duckdb
 import yaml
 
 from ml.config import ChurnConfig
 from ml.logs import get_logger
-from ml.warehouse import MEMORY, Session, column_list, connect, quote, quote_literal
+from ml.warehouse import MEMORY, EngineError, Session, column_list, connect, quote, quote_literal
 
 log = get_logger("landing")
 
@@ -136,7 +133,7 @@ def check_table(session: Session, table: LandingTable) -> tuple[list[str], int]:
                 return problems, 0
         actual = {r[0]: r[1] for r in session.rows(f"describe select * from {table.relation()}")}
         rows = session.scalar(f"select count(*) from {table.relation()}")
-    except duckdb.Error as exc:
+    except EngineError as exc:
         return [f"{name}: not readable as {table.file_format}: {str(exc).splitlines()[0]}"], 0
     problems = []
     missing = [c for c in table.columns if c not in actual]
@@ -154,7 +151,7 @@ def check_table(session: Session, table: LandingTable) -> tuple[list[str], int]:
                 f"select count(*), any_value({quoted}::varchar) from {table.relation()} "
                 f"where {value} is not null and try_cast({value} as {dtype}) is null"
             )
-        except duckdb.Error as exc:
+        except EngineError as exc:
             problems.append(f"{name}: column {column}: not readable: {str(exc).splitlines()[0]}")
             continue
         if bad:
@@ -167,7 +164,7 @@ def check_table(session: Session, table: LandingTable) -> tuple[list[str], int]:
         # from the footer's statistics), so a corrupt page is found here, not inside dbt.
         try:
             session.rows(f"select bit_xor(hash({column_list(actual)})) from {table.relation()}")
-        except duckdb.Error as exc:
+        except EngineError as exc:
             problems.append(f"{name}: not readable as parquet: {str(exc).splitlines()[0]}")
     return problems, rows
 

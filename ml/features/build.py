@@ -27,10 +27,6 @@ def mart_row_counts(config: ChurnConfig) -> dict[str, int]:
         return {table: session.row_count(table) for table in session.tables()}
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--as-of", help="build as if on this date (YYYY-MM-DD): later data is invisible")
-
-
 def run_command(config: ChurnConfig, args: argparse.Namespace) -> int:
     build_warehouse(config, as_of=args.as_of)
     for table, rows in mart_row_counts(config).items():

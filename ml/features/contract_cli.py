@@ -10,10 +10,6 @@ from ml.features.dbt import run_dbt
 from ml.features.mart import current_contract
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--no-parse", action="store_true", help="read the existing manifest, do not run dbt parse")
-
-
 def run_command(config: ChurnConfig, args: argparse.Namespace) -> int:
     if not args.no_parse:
         run_dbt(config, "parse")

@@ -157,21 +157,6 @@ class ModelMetadata:
         """The fields that are set, in metadata.json order."""
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
-    # TRANSITION: mapping-style reads (`metadata.get("reference")`, `metadata["validation"]`)
-    # used by monitoring, serving and backfill until they switch to the attributes.
-    def get(self, key: str, default: Any = None) -> Any:
-        value = getattr(self, key, None) if key in self._names() else None
-        return default if value is None else value
-
-    def __getitem__(self, key: str) -> Any:
-        if key not in self._names() or getattr(self, key) is None:
-            raise KeyError(key)
-        return getattr(self, key)
-
-    @classmethod
-    def _names(cls) -> set[str]:
-        return {f.name for f in fields(cls)}
-
 
 @dataclass
 class ChurnModel:
@@ -218,7 +203,7 @@ class ChurnModel:
                     sources += [columns[i] for i in impute.indicator_.features_]
             elif name == "categorical":
                 onehot: OneHotEncoder = transformer.named_steps["onehot"]
-                for column, categories in zip(columns, onehot.categories_):
+                for column, categories in zip(columns, onehot.categories_, strict=True):
                     sources += [column] * len(categories)
             else:
                 raise ValueError(f"unexpected transformer {name!r} in the preprocessing step")

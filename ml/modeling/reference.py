@@ -2,7 +2,7 @@
 
 Drift is always measured against what the champion was trained on, so the
 reference is computed once, at training time, and stored in the model's
-metadata (`model.metadata["reference"]`). Nightly monitoring then never rereads
+metadata (`model.metadata.reference`). Nightly monitoring then never rereads
 millions of training rows, and the reference cannot silently change when the
 mart is rebuilt. What is stored is plain JSON (floats, lists, dicts), bounded
 in size: PSI bin edges and shares, a few moments, the null share and a

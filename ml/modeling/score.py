@@ -303,13 +303,6 @@ def scored_rows(session: Session, contract: FeatureContract, as_of_date: dt.date
     )
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS,
-        help=f"rows scored per chunk; bounds memory (default {DEFAULT_CHUNK_ROWS:,d})",
-    )
-
-
 def run_command(config: ChurnConfig, args: argparse.Namespace) -> int:
     result = score(config, chunk_rows=args.chunk_rows)
     print(

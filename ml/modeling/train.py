@@ -134,7 +134,7 @@ class ValidationSplit:
         if self.strategy == "stratified_holdout":
             rows = frame.iloc[self.eval_index]
             described["eval_keys"] = [
-                [json_value(k), str(pd.Timestamp(a).date())] for k, a in zip(rows[contract.key], rows[contract.as_of])
+                [json_value(k), str(pd.Timestamp(a).date())] for k, a in zip(rows[contract.key], rows[contract.as_of], strict=True)
             ]
         return described
 
@@ -667,10 +667,6 @@ def _train(config: ChurnConfig, run_id: str, data: TrainingData) -> TrainingOutc
 
 
 # ---------------------------------------------------------------- CLI
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--force", action="store_true", help="train even if a champion model exists")
-
 
 def run_command(config: ChurnConfig, args: argparse.Namespace) -> int:
     result = train(config, force=args.force)

@@ -25,7 +25,6 @@ runs through `ml.modeling.train`, thresholds through `ml.modeling.registry`.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import time
@@ -170,12 +169,6 @@ def _date(value: Any) -> dt.date:
     return pd.Timestamp(value).date()
 
 
-def _metadata(model: ChurnModel, name: str) -> Any:
-    """One metadata entry, whether the model's metadata is a dict (older models) or a typed object."""
-    metadata = model.metadata
-    return metadata.get(name) if isinstance(metadata, dict) else getattr(metadata, name, None)
-
-
 def ensure_tables(session: Session) -> None:
     """Create the monitoring tables with their declared types (BI may chart them before the first night)."""
     for spec in MONITOR_SPECS:
@@ -185,7 +178,7 @@ def ensure_tables(session: Session) -> None:
 # ---------------------------------------------------------------- reading
 
 def load_reference(model: ChurnModel) -> DriftReference:
-    reference = _metadata(model, "reference")
+    reference = model.metadata.reference
     if not reference:
         raise MonitorError(
             f"champion {model.version} has no reference statistics in its metadata "
@@ -404,7 +397,7 @@ def new_labelled_snapshots(
 def policy_inputs(config: ChurnConfig, result: MonitorResult, today: dt.date) -> PolicyInputs:
     """What the policy needs, read through the owners of each fact (registry, training runs, mart)."""
     model = registry.load_model(config, result.model_version)
-    champion_up_to = (_metadata(model, "snapshot_range") or [None, None])[1]
+    champion_up_to = (model.metadata.snapshot_range or [None, None])[1]
     with connect(config.warehouse.build_db, read_only=True) as session:
         since = champion_since(session, result.model_version, today)
         realized, realized_as_of = latest_realized_recall(session, result.model_version)
@@ -458,12 +451,6 @@ def today_for(as_of: str | dt.date | None) -> dt.date:
 
 
 # ---------------------------------------------------------------- command line (handler: ml.pipeline.monitor_command)
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--as-of", help="'today' for the retrain calendar rule (YYYY-MM-DD; default: today)")
-    parser.add_argument("--retrain", action="store_true",
-                        help="train a challenger when the policy fires (the nightly does; plain monitor only decides)")
-
 
 def report_lines(result: MonitorResult, outcome: PolicyOutcome | None = None) -> list[str]:
     """What `churn monitor` prints: drift, estimated and realized performance, the decision."""

@@ -100,7 +100,7 @@ class SuiteError(ValueError):
 class AuditError(RuntimeError):
     """A critical expectation failed; the message names suite, expectation, column and rows."""
 
-    def __init__(self, message: str, report: "AuditReport") -> None:
+    def __init__(self, message: str, report: AuditReport) -> None:
         super().__init__(message)
         self.report = report
 
@@ -769,12 +769,6 @@ def audit(config: ChurnConfig, stage: str, run_id: str, as_of: str | None = None
             f"{len(report.critical_failures)} critical expectation(s):\n  {lines}", report)
     log.info("audit %s passed: %d expectations, %d warning(s)", stage, len(report.results), len(report.warnings))
     return report
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--stage", choices=[*STAGES, "all"], default="all",
-                        help="which suites to run (default: all; landing suites read the landing files)")
-    parser.add_argument("--as-of", help="the run's as-of date (YYYY-MM-DD) for date and row-count bands")
 
 
 def run_command(config: ChurnConfig, args: argparse.Namespace) -> int:

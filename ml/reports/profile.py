@@ -216,9 +216,9 @@ def numeric_summary(session: Session, mart: str, contract: FeatureContract) -> p
     records = []
     width = len(measures)
     for i, column in enumerate(numeric):
-        record = dict(zip(measures, values[i * width:(i + 1) * width]))
+        record = dict(zip(measures, values[i * width:(i + 1) * width], strict=True))
         q = record.pop("q") or [None] * len(QUANTILES)
-        record.update({f"p{round(level * 100):02d}": value for level, value in zip(QUANTILES, q)})
+        record.update({f"p{round(level * 100):02d}": value for level, value in zip(QUANTILES, q, strict=True)})
         p25, p75 = record["p25"], record["p75"]
         has_values = p25 is not None
         record["low_fence"] = p25 - IQR_FENCE * (p75 - p25) if has_values else None
@@ -367,14 +367,14 @@ def correlations(
         return None if value is None or not np.isfinite(value) else float(value)
 
     records = []
-    for (a, b), value in zip(pairs, values[: len(pairs)]):
+    for (a, b), value in zip(pairs, values[: len(pairs)], strict=True):
         for x, y in ((a, b), (b, a)):
             records.append({"column_a": x, "column_b": y, "method": "pearson",
                             "scope": "feature_pair", "correlation": clean(value)})
     for column in numeric:
         records.append({"column_a": column, "column_b": column, "method": "pearson",
                         "scope": "feature_pair", "correlation": 1.0})
-    for column, value in zip(numeric, values[len(pairs):]):
+    for column, value in zip(numeric, values[len(pairs):], strict=True):
         records.append({"column_a": column, "column_b": label, "method": "pearson",
                         "scope": "feature_label", "correlation": clean(value)})
     for row in cramers_v.itertuples(index=False):
@@ -455,7 +455,7 @@ def plot_distributions(
     fig = Figure(figsize=(12, 3.2 * rows), layout="constrained")
     axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
     label = contract.label
-    for ax, feature in zip(axes, features):
+    for ax, feature in zip(axes, features, strict=False):  # the grid may have spare axes
         if kinds[feature] == "numeric":
             values = sample[feature].astype(float)
             finite = values.dropna()
@@ -532,7 +532,7 @@ def plot_missing(summary: pd.DataFrame, path: Path) -> Path:
         ax.set_axis_off()
     else:
         ax.barh(missing["column_name"], missing["missing_share"], color="#8e44ad")
-        for y, (share, count) in enumerate(zip(missing["missing_share"], missing["missing_count"])):
+        for y, (share, count) in enumerate(zip(missing["missing_share"], missing["missing_count"], strict=True)):
             ax.text(share, y, f" {share:.1%} ({count:,d})", va="center", fontsize=7)
         ax.xaxis.set_major_formatter(PercentFormatter(1.0))
         ax.set_xlim(0, min(1.0, missing["missing_share"].max() * 1.3 + 0.01))
@@ -679,13 +679,6 @@ def profile(config: ChurnConfig, run_id: str | None = None, sample_rows: int = P
     log.info("profiled %s: %d rows, %d columns in %.1fs; report %s",
              mart, result.rows, result.columns, result.seconds, result.report_path)
     return result
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--sample-rows", type=int, default=PLOT_SAMPLE_ROWS,
-        help=f"labelled rows sampled for the plots (statistics always use every row; default {PLOT_SAMPLE_ROWS:,d})",
-    )
 
 
 def run_command(config: ChurnConfig, args: argparse.Namespace) -> int:

@@ -41,7 +41,7 @@ from ml.logs import get_logger, timed
 from ml.modeling.explain import Explainer
 from ml.modeling.model import ChurnModel
 from ml.modeling.registry import REGISTRY_TABLE, champion_in, load_model
-from ml.modeling.score import SCORES_TABLE, risk_bands, score_frame
+from ml.modeling.score import SCORES_TABLE, latest_scores_summary, risk_bands, score_frame
 from ml.warehouse import MEMORY, Session, connect, is_missing, json_value, quote, to_json
 
 log = get_logger("serve")
@@ -251,16 +251,6 @@ def _reject_uncastable(session: Session, source: CompiledSource, incoming: str, 
             )
 
 
-def _latest_scored_date(session: Session) -> dt.date | None:
-    """The newest as_of_date in churn_scores.
-
-    TODO(lead): this belongs to the scores' owner (ml.modeling.score, H2) as a reader
-    such as `latest_scored_date(session)`; until it exists the query lives here.
-    """
-    value = session.scalar(f"select max(as_of_date) from {quote(SCORES_TABLE)}")
-    return None if value is None else pd.Timestamp(value).date()
-
-
 def published_champion(config: ChurnConfig) -> tuple[str, dt.date]:
     """The champion version and latest scored as_of date, as BI sees them."""
     db = config.warehouse.published_db
@@ -272,7 +262,8 @@ def published_champion(config: ChurnConfig) -> tuple[str, dt.date]:
             if table not in present:
                 raise RequestError(f"published database {db} has no {table} table; run `make nightly`")
         version = champion_in(session, config.dataset.name)
-        latest = _latest_scored_date(session)
+        scored = latest_scores_summary(session, config.problem.as_of_column)
+        latest = scored.last_as_of if scored else None
     if version is None or latest is None:
         raise RequestError(f"published database {db} has no champion or scores for {config.dataset.name!r}")
     return version, latest
@@ -418,11 +409,6 @@ def make_handler(service: ScoringService) -> type[BaseHTTPRequestHandler]:
 
 def make_server(service: ScoringService, host: str, port: int) -> ThreadingHTTPServer:
     return ThreadingHTTPServer((host, port), make_handler(service))
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
 
 
 def run_command(config: ChurnConfig, args: argparse.Namespace) -> int:

@@ -202,10 +202,6 @@ def published_tables(config: ChurnConfig) -> dict[str, int]:
         return {t: session.row_count(t) for t in session.tables(base_tables_only=False)}
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run-id", help="the nightly run the published state comes from (recorded in publish_info)")
-
-
 def run_command(config: ChurnConfig, args: argparse.Namespace) -> int:
     result = publish(config, run_id=args.run_id)
     print(f"published {result.path} in {result.seconds:.1f}s")

@@ -8,28 +8,15 @@ This package imports nothing of the stages above it.
 """
 
 from ml.warehouse.catalog import CatalogError, Column, TableSpec, catalog, declare, spec
-from ml.warehouse.connection import MEMORY, Session, WarehouseError, connect
+from ml.warehouse.connection import MEMORY, EngineError, Session, WarehouseError, connect
 from ml.warehouse.files import fsync, replace_folder, staging_path
 from ml.warehouse.sql import column_list, is_numeric_type, quote, quote_literal
 from ml.warehouse.values import float_or_none, is_missing, json_value, to_json
 
 __all__ = [
-    "MEMORY", "CatalogError", "Column", "Session", "TableSpec", "WarehouseError",
+    "MEMORY", "CatalogError", "EngineError", "Column", "Session", "TableSpec", "WarehouseError",
     "catalog", "column_list", "connect", "declare", "float_or_none", "fsync", "is_missing",
     "is_numeric_type", "json_value", "quote", "quote_literal", "replace_folder", "spec",
     "staging_path", "to_json",
 ]
 
-
-# TRANSITION: the old helper functions, removed once every stage calls Session methods.
-def table_exists(con, table):
-    return con.exists(table)
-
-
-def table_columns(con, table):
-    return con.columns(table)
-
-
-def write_table(con, table, frame, replace_where=None):
-    clause, params = replace_where if replace_where is not None else (None, None)
-    return con.append(table, frame, where=clause, params=params)

@@ -39,6 +39,11 @@ class WarehouseError(RuntimeError):
     """A warehouse table is missing or not what a stage expects."""
 
 
+# What the engine raises for a statement it cannot run (a corrupt file, a bad cast):
+# stages that turn such failures into named errors catch this, not the engine's module.
+EngineError = duckdb.Error
+
+
 Params = Sequence[Any] | None
 
 
@@ -54,11 +59,8 @@ class Session:
     # ------------------------------------------------------------ reading
 
     def execute(self, sql: str, params: Params = None) -> None:
-        # TRANSITION: returns the engine's result until every stage uses rows/one/scalar/frame/chunks.
-        return self._con.execute(sql, list(params) if params is not None else None)
-
-    def __getattr__(self, name: str) -> Any:  # TRANSITION: raw engine calls, removed when stages migrate
-        return getattr(self._con, name)
+        """Run a statement whose result nobody reads (DDL, DML, ATTACH)."""
+        self._con.execute(sql, list(params) if params is not None else None)
 
     def rows(self, sql: str, params: Params = None) -> list[tuple[Any, ...]]:
         return self._con.execute(sql, list(params) if params is not None else None).fetchall()
