@@ -129,5 +129,6 @@ def test_the_checker_catches_planted_upward_sideways_and_cyclic_imports(tmp_path
     sideways = {"ml.modeling.train": {"ml.quality.audit"}}
     assert layer_violations(upward) and layer_violations(sideways)
     assert not layer_violations({"ml.pipeline": {"ml.modeling.train", "ml.warehouse"}})
-    cyclic = {"ml.modeling.a": {"ml.modeling.b"}, "ml.modeling.b": {"ml.modeling.c"}, "ml.modeling.c": {"ml.modeling.a"}}
+    cyclic = {"ml.modeling.a": {"ml.modeling.b"}, "ml.modeling.b": {"ml.modeling.c"},
+              "ml.modeling.c": {"ml.modeling.a"}}
     assert find_cycles(cyclic) == [["ml.modeling.a", "ml.modeling.b", "ml.modeling.c", "ml.modeling.a"]]

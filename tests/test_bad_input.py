@@ -48,12 +48,14 @@ def duplicate_customer_ids(config: ChurnConfig) -> None:
 
 def null_keys(config: ChurnConfig) -> None:
     rewrite(config, "payments", "select * replace (case when payment_id in "
-            "(select payment_id from t group by payment_id having count(*) = 1 order by payment_id limit 7) then null else customer_id end as customer_id) from t")
+            "(select payment_id from t group by payment_id having count(*) = 1 order by payment_id limit 7) "
+            "then null else customer_id end as customer_id) from t")
 
 
 def negative_amounts(config: ChurnConfig) -> None:
     rewrite(config, "payments", "select * replace (case when payment_id in "
-            "(select payment_id from t group by payment_id having count(*) = 1 order by payment_id limit 6) then -abs(amount) - 1 else amount end as amount) from t")
+            "(select payment_id from t group by payment_id having count(*) = 1 order by payment_id limit 6) "
+            "then -abs(amount) - 1 else amount end as amount) from t")
 
 
 def future_dates(config: ChurnConfig) -> None:
@@ -63,7 +65,8 @@ def future_dates(config: ChurnConfig) -> None:
 
 def unknown_contract_type(config: ChurnConfig) -> None:
     rewrite(config, "subscriptions", "select * replace (case when subscription_id in "
-            "(select subscription_id from t group by all having count(*) = 1 order by 1 limit 3) then 'Lifetime' else contract_type end "
+            "(select subscription_id from t group by all having count(*) = 1 order by 1 limit 3) "
+            "then 'Lifetime' else contract_type end "
             "as contract_type) from t")
 
 
@@ -73,7 +76,8 @@ def missing_column(config: ChurnConfig) -> None:
 
 def text_in_amounts(config: ChurnConfig) -> None:
     rewrite(config, "payments", "select * replace (case when payment_id in "
-            "(select payment_id from t group by payment_id having count(*) = 1 order by payment_id limit 5) then 'n/a' else amount::varchar end as amount) from t")
+            "(select payment_id from t group by payment_id having count(*) = 1 order by payment_id limit 5) "
+            "then 'n/a' else amount::varchar end as amount) from t")
 
 
 def empty_table(config: ChurnConfig) -> None:
@@ -169,7 +173,8 @@ def drop_needed_feature(config: ChurnConfig) -> tuple[str, Path]:
     mart = config.dataset.feature_mart
     feature = load_contract(dbt_target_path(config) / "manifest.json", mart).numeric[0]
     project = config.warehouse.dir / "dbt_project_copy"
-    shutil.copytree(config.warehouse.dbt_project_dir, project, ignore=shutil.ignore_patterns("target", "logs", "dbt_packages"))
+    shutil.copytree(config.warehouse.dbt_project_dir, project,
+                    ignore=shutil.ignore_patterns("target", "logs", "dbt_packages"))
     marts = project / "models" / "marts"
     (marts / f"{mart}.sql").rename(marts / f"{mart}_full.sql")
     (marts / f"{mart}.sql").write_text(f"select * exclude ({feature}) from {{{{ ref('{mart}_full') }}}}\n")
@@ -253,7 +258,8 @@ def test_a_mart_without_a_champion_feature_is_refused(outcomes: dict[str, Outcom
 
 def test_csv_row_with_an_extra_field_is_refused(outcomes: dict[str, Outcome]) -> None:
     assert_refused(outcomes["csv_extra_field"],
-                   ("telco_customer_churn.csv: 1 malformed row(s), first at line 2", "Expected Number of Columns: 21 Found: 22"))
+                   ("telco_customer_churn.csv: 1 malformed row(s), first at line 2",
+                    "Expected Number of Columns: 21 Found: 22"))
 
 
 def test_csv_text_in_a_numeric_column_is_refused(outcomes: dict[str, Outcome]) -> None:

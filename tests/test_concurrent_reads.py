@@ -50,7 +50,8 @@ def active_customers(config: ChurnConfig) -> int:
     """Customers on the mart's latest snapshot, read from the build database between runs."""
     mart, as_of = config.dataset.feature_mart, config.problem.as_of_column
     with duckdb.connect(str(config.warehouse.build_db), read_only=True) as con:
-        return con.execute(f"select count(*) from {mart} where {as_of} = (select max({as_of}) from {mart})").fetchall()[0][0]
+        return con.execute(
+            f"select count(*) from {mart} where {as_of} = (select max({as_of}) from {mart})").fetchall()[0][0]
 
 
 def published_run(config: ChurnConfig) -> str:
@@ -104,7 +105,8 @@ def test_readers_see_whole_published_states_while_nightlies_run(
     expected = {published_run(config): active_customers(config)}
     baseline_scores = published_scores(config)
     stop, out = tmp_path / "stop", tmp_path / "reads.jsonl"
-    reader = subprocess.Popen([sys.executable, "-c", READER, str(config.warehouse.published_db), str(stop), str(out), "1200"])
+    reader = subprocess.Popen([sys.executable, "-c", READER, str(config.warehouse.published_db),
+                               str(stop), str(out), "1200"])
     try:
         time.sleep(1)
         nightly(config, tmp_path / "run1.log")

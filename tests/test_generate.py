@@ -147,8 +147,10 @@ def test_keys_amounts_and_dates_are_sane(landing: GenerateOptions) -> None:
                              + (select count(*) from usage_events where customer_id is null or event_date is null)""",
         "negative amounts": "select count(*) from payments where amount < 0 or amount is null",
         "bad usage": "select count(*) from usage_events where sessions < 1 or minutes < 0",
-        "usage outside window": f"select count(*) from usage_events where event_date < '{START}' or event_date >= '{end}'",
-        "invoices outside window": f"select count(*) from payments where invoice_date < '{START}' or invoice_date >= '{end}'",
+        "usage outside window": ("select count(*) from usage_events "
+                                 f"where event_date < '{START}' or event_date >= '{end}'"),
+        "invoices outside window": ("select count(*) from payments "
+                                    f"where invoice_date < '{START}' or invoice_date >= '{end}'"),
         "tickets outside window": f"""select count(*) from support_tickets
                                       where opened_at < '{START}' or opened_at >= '{end}'
                                          or closed_at >= '{end}' or closed_at < opened_at""",

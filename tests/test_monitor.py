@@ -195,7 +195,8 @@ def test_policy_records_promotion_and_failure(scored_copy: ChurnConfig, monkeypa
         return TrainResult("m-new", "xgboost", {}, True, run_id, message="challenger won")
 
     monkeypatch.setattr("ml.pipeline.train", promoted)
-    monkeypatch.setattr("ml.monitoring.monitor.decide", lambda config, inputs: mon.RetrainDecision(True, ("schedule",), {}))
+    monkeypatch.setattr("ml.monitoring.monitor.decide",
+                        lambda config, inputs: mon.RetrainDecision(True, ("schedule",), {}))
     today = dt.date(2025, 7, 2)
     out = pipeline.apply_policy(scored_copy, result, today)
     assert calls == [(True, "policy-night-retrain")]

@@ -102,7 +102,8 @@ def test_bad_table_fails_for_the_right_reason_with_exact_counts(
 
 
 def test_good_table_passes(tmp_path: Path, small_config: ChurnConfig, table, judge: Judge) -> None:
-    table.execute("delete from t where day > date '2030-01-01' or amount is null or amount < 0 or (id = 'a' and amount = 9)")
+    table.execute("delete from t where day > date '2030-01-01' or amount is null or amount < 0 "
+                  "or (id = 'a' and amount = 9)")
     suite = load_suite(write_suite(tmp_path, [
         expectation("expect_column_values_to_be_between", column="day", max_value={"$PARAMETER": "today"}),
         expectation("expect_column_values_to_not_be_null", column="amount"),
@@ -130,7 +131,8 @@ def test_missing_column_is_an_error_not_a_pass(tmp_path: Path, small_config: Chu
     assert "no_such_column" in page.read_text()
 
 
-def test_an_all_null_column_is_judged_not_crashed(tmp_path: Path, small_config: ChurnConfig, table, judge: Judge) -> None:
+def test_an_all_null_column_is_judged_not_crashed(tmp_path: Path, small_config: ChurnConfig, table,
+                                                  judge: Judge) -> None:
     table.execute("update t set day = null")
     suite = load_suite(write_suite(tmp_path, [
         expectation("expect_column_values_to_be_between", column="day", max_value={"$PARAMETER": "today"}),
@@ -145,7 +147,8 @@ def test_malformed_suites_are_refused_with_the_file_named(tmp_path: Path, small_
                                                 "kwargs": {"column": "x"}, "meta": {}}])
     with pytest.raises(SuiteError, match=r"suite.json: expectation #0 .*severity"):
         load_suite(no_severity, small_config)
-    bad_kwargs = write_suite(tmp_path / "b", [expectation("expect_column_max_to_be_between", column="x", max_value="soon")])
+    bad_kwargs = write_suite(tmp_path / "b",
+                             [expectation("expect_column_max_to_be_between", column="x", max_value="soon")])
     with pytest.raises(SuiteError, match=r"expectation #0 \(expect_column_max_to_be_between\) is invalid"):
         load_suite(bad_kwargs, small_config)
 
@@ -228,7 +231,8 @@ def test_warning_is_recorded_and_the_run_goes_on(private_warehouse: ChurnConfig)
     assert (warning.column_name, warning.severity, warning.success) == ("plan", "warning", False)
     assert warning.unexpected_count == warning.element_count > 0
     with connect(config.warehouse.build_db, read_only=True) as con:
-        row = con.rows(f"select success, unexpected_count from {RESULTS_TABLE} where run_id = 'warn' and column_name = 'plan'")
+        row = con.rows(f"select success, unexpected_count from {RESULTS_TABLE} "
+                       "where run_id = 'warn' and column_name = 'plan'")
     assert row == [(False, warning.unexpected_count)]
 
 
@@ -237,7 +241,8 @@ def test_landing_suite_finds_future_dates_in_the_file(private_warehouse: ChurnCo
     path = config.dataset.landing_dir / "payments.parquet"
     with duckdb.connect() as con:
         con.execute(f"copy (select * replace (case when row_number() over () <= 4 then date '2999-01-01' "
-                    f"else invoice_date end as invoice_date) from read_parquet('{path}')) to '{path}.new' (format parquet)")
+                    f"else invoice_date end as invoice_date) from read_parquet('{path}')) "
+                    f"to '{path}.new' (format parquet)")
     Path(f"{path}.new").replace(path)
     with pytest.raises(AuditError, match=r"demo_raw_payments \(table payments, column invoice_date\): "
                                          r"expect_column_values_to_be_between failed \[critical\]: 4 of [\d,]+ rows"):

@@ -68,7 +68,8 @@ def fitted_model(algorithm: str = "logistic_regression", shuffle_labels: bool = 
 
 def test_champion_challenger_rule_compares_on_the_same_rows(config: ChurnConfig) -> None:
     _, eval_rows = _frames()
-    weak = register(config, fitted_model(shuffle_labels=True), "r1", {"pr_auc": 0.3}, evaluation_frame=eval_rows).version
+    weak = register(config, fitted_model(shuffle_labels=True), "r1", {"pr_auc": 0.3},
+                    evaluation_frame=eval_rows).version
     assert champion_version(config) == weak  # the first model is champion by default
 
     weaker = register(config, fitted_model(shuffle_labels=True, seed=5), "r2", {"pr_auc": 0.9},

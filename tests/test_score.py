@@ -188,7 +188,8 @@ def test_nightly_summary_says_when_nothing_was_scored(private_warehouse: ChurnCo
 
 def test_check_mart_names_every_mismatch() -> None:
     trained = FeatureContract("mart", "key", "as_of", "label",
-                              (Feature("f_num", "numeric"), Feature("f_cat", "categorical"), Feature("f_gone", "numeric")))
+                              (Feature("f_num", "numeric"), Feature("f_cat", "categorical"),
+                               Feature("f_gone", "numeric")))
     today = FeatureContract("mart", "key", "as_of", "label",
                             (Feature("f_num", "numeric"), Feature("f_cat", "numeric")))
     columns = {"key": "VARCHAR", "as_of": "DATE", "f_num": "VARCHAR", "f_cat": "DOUBLE"}

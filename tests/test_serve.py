@@ -88,7 +88,8 @@ def _raw_payload(service: ScoringService, customer_id: str) -> dict[str, list[di
     return {name: json.loads(frame.to_json(orient="records", date_format="iso")) for name, frame in tables.items()}
 
 
-def test_post_raw_rows_scores_like_the_batch(base_url: str, service: ScoringService, batch_scores: pd.DataFrame) -> None:
+def test_post_raw_rows_scores_like_the_batch(base_url: str, service: ScoringService,
+                                             batch_scores: pd.DataFrame) -> None:
     customer_id = batch_scores.iloc[len(batch_scores) // 2]["customer_id"]
     payload = {"as_of": service.default_as_of.isoformat(), "tables": _raw_payload(service, customer_id)}
     status, body = _request(f"{base_url}/score", payload)

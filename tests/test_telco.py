@@ -20,7 +20,7 @@ from ml.cli import main as churn_main
 from ml.config import ChurnConfig, load_config
 from ml.features.contract import load_contract
 from ml.features.dbt import dbt_target_path
-from ml.warehouse import connect, table_exists
+from ml.warehouse import connect
 from tests.conftest import REPO_ROOT, make_config
 
 TELCO_CSV = REPO_ROOT / "data" / "telco" / "telco_customer_churn.csv"
@@ -66,11 +66,11 @@ def test_shipped_file_is_the_published_sample() -> None:
 def test_blank_total_charges_are_null_for_tenure_zero_customers_only(telco_nightly: ChurnConfig) -> None:
     blank_in_file = {r["customerID"] for r in _raw_rows() if not r["TotalCharges"].strip()}
     with connect(telco_nightly.warehouse.build_db, read_only=True) as con:
-        null_ids = {r[0] for r in con.execute(
-            "select customer_id from stg_telco__customers where total_charges is null").fetchall()}
-        tenure_zero = {r[0] for r in con.execute(
-            "select customer_id from stg_telco__customers where tenure_months = 0").fetchall()}
-        staged = con.execute("select count(*) from stg_telco__customers").fetchone()[0]
+        null_ids = {r[0] for r in con.rows(
+            "select customer_id from stg_telco__customers where total_charges is null")}
+        tenure_zero = {r[0] for r in con.rows(
+            "select customer_id from stg_telco__customers where tenure_months = 0")}
+        staged = con.one("select count(*) from stg_telco__customers")[0]
     assert len(null_ids) == 11
     assert null_ids == tenure_zero == blank_in_file
     assert staged == TELCO_ROWS
@@ -84,12 +84,12 @@ def test_mart_matches_its_yaml_contract(telco_nightly: ChurnConfig) -> None:
     assert contract.numeric and contract.categorical
     churners = sum(r["Churn"] == "Yes" for r in _raw_rows())
     with connect(config.warehouse.build_db, read_only=True) as con:
-        rows, keys, dates, positives, labels = con.execute(
+        rows, keys, dates, positives, labels = con.one(
             f'select count(*), count(distinct "{contract.key}"), count(distinct "{contract.as_of}"), '
             f'sum("{contract.label}"), list(distinct "{contract.label}" order by "{contract.label}") '
             f'from "{config.dataset.feature_mart}"'
-        ).fetchone()
-        columns = [r[0] for r in con.execute(f'describe "{config.dataset.feature_mart}"').fetchall()]
+        )
+        columns = [r[0] for r in con.rows(f'describe "{config.dataset.feature_mart}"')]
     assert (rows, keys, dates) == (TELCO_ROWS, TELCO_ROWS, 1)
     assert positives == churners == 1869
     assert labels == [0, 1]
@@ -100,13 +100,13 @@ def test_nightly_scores_every_customer_of_the_snapshot(telco_nightly: ChurnConfi
     config = telco_nightly
     key, as_of = config.problem.entity_key, config.problem.as_of_column
     with connect(config.warehouse.build_db, read_only=True) as con:
-        assert table_exists(con, "churn_scores"), "the nightly run wrote no churn_scores"
-        rows, keys, dates, bad = con.execute(
+        assert con.exists("churn_scores"), "the nightly run wrote no churn_scores"
+        rows, keys, dates, bad = con.one(
             f'select count(*), count(distinct "{key}"), count(distinct "{as_of}"), '
             "count(*) filter (where churn_probability not between 0 and 1) from churn_scores"
-        ).fetchone()
-        snapshot = con.execute(f'select max("{as_of}") from "{config.dataset.feature_mart}"').fetchone()[0]
-        scored = con.execute(f'select max("{as_of}") from churn_scores').fetchone()[0]
+        )
+        snapshot = con.one(f'select max("{as_of}") from "{config.dataset.feature_mart}"')[0]
+        scored = con.one(f'select max("{as_of}") from churn_scores')[0]
     assert (rows, keys, dates, bad) == (TELCO_ROWS, TELCO_ROWS, 1, 0)
     assert str(scored)[:10] == str(snapshot)[:10]
 
@@ -114,21 +114,21 @@ def test_nightly_scores_every_customer_of_the_snapshot(telco_nightly: ChurnConfi
 def test_single_snapshot_is_validated_on_a_stratified_holdout(telco_nightly: ChurnConfig) -> None:
     config = telco_nightly
     with connect(config.warehouse.build_db, read_only=True) as con:
-        run = con.execute(
+        run = con.one(
             "select run_id, validation_strategy, train_rows, oot_rows from model_runs "
             "where status = 'success' and dataset = ? order by finished_at desc limit 1",
             [config.dataset.name],
-        ).fetchone()
+        )
         assert run is not None, "no successful training run for the telco dataset"
         run_id, strategy, train_rows, held_out_rows = run
-        held_out = con.execute(
+        held_out = con.one(
             "select roc_auc, pr_auc, recall, precision, threshold from model_metrics "
             "where run_id = ? and split = 'out_of_time' and chosen",
             [run_id],
-        ).fetchone()
-        baseline_pr_auc = con.execute(
+        )
+        baseline_pr_auc = con.one(
             "select pr_auc from model_metrics where run_id = ? and split = 'baseline'", [run_id]
-        ).fetchone()[0]
+        )[0]
     assert strategy == "stratified_holdout"
     assert train_rows + held_out_rows == TELCO_ROWS
     roc_auc, pr_auc, recall, precision, threshold = held_out

@@ -40,7 +40,8 @@ SYNTHETIC_CONTRACT = FeatureContract(
 )
 
 
-def synthetic_mart(customers: int = 300, snapshots: int = 4, seed: int = 0, unlabelled_last: bool = True) -> pd.DataFrame:
+def synthetic_mart(customers: int = 300, snapshots: int = 4, seed: int = 0,
+                   unlabelled_last: bool = True) -> pd.DataFrame:
     """Monthly snapshots per customer; churn depends on `signal` and `plan`.
 
     With `unlabelled_last`, one extra newest snapshot has no label (horizon not yet
@@ -265,7 +266,8 @@ def test_missing_feature_column_is_named(synthetic_trained) -> None:
         model.predict_proba(synthetic_mart().drop(columns=["noisy_with_gaps"]))
 
 
-def test_single_class_mart_fails_clearly_and_records_failed_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_single_class_mart_fails_clearly_and_records_failed_run(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     mart = synthetic_mart(customers=100, snapshots=2)
     mart["churned_within_30d"] = mart["churned_within_30d"] * 0
     config = synthetic_warehouse(tmp_path / "wh", monkeypatch, mart)

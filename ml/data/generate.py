@@ -632,7 +632,8 @@ class _BlockSimulation:
                 prior60 += matrix[:, in60].sum(axis=1)
         return last30, prior60
 
-    def _count_recent(self, hist: list[tuple[np.ndarray, np.ndarray, np.ndarray]], t: int, days: int) -> tuple[np.ndarray, np.ndarray]:
+    def _count_recent(self, hist: list[tuple[np.ndarray, np.ndarray, np.ndarray]], t: int,
+                      days: int) -> tuple[np.ndarray, np.ndarray]:
         """Per customer: records dated in [t - days, t), and those whose flag was known before t."""
         total = np.zeros(self.n)
         flagged = np.zeros(self.n)
@@ -997,7 +998,8 @@ def generate(options: GenerateOptions, process: ChurnProcess = PROCESS) -> Gener
                         if m >= cal.burn_in:
                             log.debug(
                                 "block %d month %s: %s usage rows so far",
-                                b + 1, np.datetime64(int(cal.month_starts[m]), "D"), f"{writers.rows['usage_events']:,}",
+                                b + 1, np.datetime64(int(cal.month_starts[m]), "D"),
+                                f"{writers.rows['usage_events']:,}",
                             )
                     sim.finish()
                 log.info("rows so far: %s", ", ".join(f"{k} {v:,}" for k, v in writers.rows.items()))

@@ -224,7 +224,8 @@ def snapshot_size(session: Session, config: ChurnConfig, contract: FeatureContra
     ))
 
 
-def labels_of(session: Session, config: ChurnConfig, contract: FeatureContract, as_of_dates: list[dt.date]) -> pd.DataFrame:
+def labels_of(session: Session, config: ChurnConfig, contract: FeatureContract,
+              as_of_dates: list[dt.date]) -> pd.DataFrame:
     """Key, as_of and label of the given snapshots (NULL labels included)."""
     columns = [contract.key, contract.as_of, contract.label]
     return session.frame(

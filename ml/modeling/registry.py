@@ -312,7 +312,8 @@ def _compare(
     except ContractError as exc:
         return mine, None, f"champion {champion.version} cannot score the current mart ({exc})"
     theirs = classification_metrics(y, theirs_p, champion.threshold)[metric]
-    return mine, theirs, f"{metric} on {len(rows)} shared evaluation rows: challenger {mine:.4f} vs champion {theirs:.4f}"
+    return mine, theirs, (f"{metric} on {len(rows)} shared evaluation rows: "
+                          f"challenger {mine:.4f} vs champion {theirs:.4f}")
 
 
 def compare_with_champion(

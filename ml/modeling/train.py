@@ -134,7 +134,8 @@ class ValidationSplit:
         if self.strategy == "stratified_holdout":
             rows = frame.iloc[self.eval_index]
             described["eval_keys"] = [
-                [json_value(k), str(pd.Timestamp(a).date())] for k, a in zip(rows[contract.key], rows[contract.as_of], strict=True)
+                [json_value(k), str(pd.Timestamp(a).date())]
+                for k, a in zip(rows[contract.key], rows[contract.as_of], strict=True)
             ]
         return described
 

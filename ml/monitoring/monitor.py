@@ -466,6 +466,7 @@ def report_lines(result: MonitorResult, outcome: PolicyOutcome | None = None) ->
                      f"precision {row['precision']:.3f}, roc_auc {row['roc_auc']:.3f} on {row['n_rows']:,d} rows")
     if outcome is not None:
         decision = outcome.decision
-        lines.append(f"  retrain: {'triggered by ' + ', '.join(decision.rules) if decision.triggered else 'not triggered'}"
+        lines.append("  retrain: "
+                     f"{'triggered by ' + ', '.join(decision.rules) if decision.triggered else 'not triggered'}"
                      f" -> {outcome.outcome}")
     return lines

@@ -142,7 +142,8 @@ class CheckResult:
             facts = [f"observed {self.observed_value}"] if self.observed_value is not None else []
         facts += [self.details] if self.details else []
         column = f", column {self.column_name}" if self.column_name else ""
-        return f"{self.suite} (table {self.table_name}{column}): {self.expectation_type} failed [{self.severity}]: {'; '.join(facts)}"
+        return (f"{self.suite} (table {self.table_name}{column}): "
+                f"{self.expectation_type} failed [{self.severity}]: {'; '.join(facts)}")
 
 
 @dataclass
@@ -212,7 +213,8 @@ def load_suite(path: Path, config: ChurnConfig) -> Suite:
     for index, (i, spec) in enumerate(specs):
         severity = (spec.get("meta") or {}).get("severity")
         if severity not in SEVERITIES:
-            raise SuiteError(f"{path}: expectation #{i} ({spec.get('type')}): meta.severity must be critical or warning")
+            raise SuiteError(f"{path}: expectation #{i} ({spec.get('type')}): "
+                             "meta.severity must be critical or warning")
         try:
             configuration = ExpectationConfiguration(
                 type=spec["type"], kwargs=spec["kwargs"], meta={**spec["meta"], "index": index})
@@ -227,7 +229,8 @@ def load_suite(path: Path, config: ChurnConfig) -> Suite:
 def load_suites(config: ChurnConfig, stage: str) -> list[Suite]:
     """The active dataset's suites for one stage, in file-name order."""
     folder = config.warehouse.expectations_dir / config.dataset.name
-    paths = [p for p in sorted(folder.glob("*.json")) if json.loads(p.read_text()).get("meta", {}).get("stage") == stage]
+    paths = [p for p in sorted(folder.glob("*.json"))
+             if json.loads(p.read_text()).get("meta", {}).get("stage") == stage]
     return [load_suite(p, config) for p in paths]
 
 
@@ -274,7 +277,8 @@ def _vectorizable(frame: pd.DataFrame) -> pd.DataFrame:
         try:
             if pd.api.types.is_datetime64_dtype(dtype) and dtype != "datetime64[ns]":
                 frame[column] = frame[column].astype("datetime64[ns]")
-            elif pd.api.types.is_integer_dtype(dtype) and dtype != "int64" and not pd.api.types.is_extension_array_dtype(dtype):
+            elif (pd.api.types.is_integer_dtype(dtype) and dtype != "int64"
+                  and not pd.api.types.is_extension_array_dtype(dtype)):
                 frame[column] = frame[column].astype("int64")
             elif pd.api.types.is_float_dtype(dtype) and dtype != "float64":
                 frame[column] = frame[column].astype("float64")
@@ -295,7 +299,8 @@ def _frames(session: Session, relation: str, strategy: str, columns: tuple[str, 
         yield session.frame(f"select * from {relation} limit 0")
     elif strategy == "minmax":
         c = quote(columns[0])
-        yield _vectorizable(session.frame(f"select min({c}) as {c} from {relation} union all select max({c}) from {relation}"))
+        yield _vectorizable(session.frame(f"select min({c}) as {c} from {relation} "
+                                          f"union all select max({c}) from {relation}"))
     elif strategy == "partitions":
         parts = max(1, math.ceil(rows / chunk_rows))
         for part in range(parts):
@@ -752,9 +757,11 @@ def audit(config: ChurnConfig, stage: str, run_id: str, as_of: str | None = None
             database = MEMORY if stage == "landing" else config.warehouse.build_db
             with connect(database, read_only=stage != "landing") as session:
                 if stage != "landing" and not session.exists(suite.table):
-                    raise AuditError(f"{suite.name}: table {suite.table} does not exist in {config.warehouse.build_db}", report)
+                    raise AuditError(
+                        f"{suite.name}: table {suite.table} does not exist in {config.warehouse.build_db}", report)
                 with timed(f"suite {suite.name}", log):
-                    checks, validation = run_suite(session, relation, suite, parameters, config.quality.chunk_rows, judge)
+                    checks, validation = run_suite(session, relation, suite, parameters,
+                                                   config.quality.chunk_rows, judge)
             report.results += checks
             validations.append(validation)
             rows[suite.name] = (suite.table, validation.meta["rows"])
@@ -798,8 +805,9 @@ def _missing_tables(config: ChurnConfig, stage: str) -> list[str]:
         return []
     folder = config.warehouse.expectations_dir / config.dataset.name
     names = _names(config)
-    targets = {names.get(t, t) for t in (json.loads(p.read_text()).get("meta", {}).get("table") for p in folder.glob("*.json")
-               if json.loads(p.read_text()).get("meta", {}).get("stage") == stage)}
+    targets = {names.get(t, t) for t in (json.loads(p.read_text()).get("meta", {}).get("table")
+                                         for p in folder.glob("*.json")
+                                         if json.loads(p.read_text()).get("meta", {}).get("stage") == stage)}
     if not config.warehouse.build_db.exists():
         return sorted(targets)
     with connect(config.warehouse.build_db, read_only=True) as session:

@@ -561,7 +561,8 @@ def write_report(
     with_label = corr[corr["scope"] == "feature_label"].sort_values(
         "correlation", key=lambda s: s.abs(), ascending=False)
     images = "\n".join(
-        f'<figure><img src="{p.name}" alt="{html.escape(p.stem)}"><figcaption>{html.escape(p.stem)}</figcaption></figure>'
+        f'<figure><img src="{p.name}" alt="{html.escape(p.stem)}">'
+        f'<figcaption>{html.escape(p.stem)}</figcaption></figure>'
         for p in plots
     )
     page = f"""<!doctype html>
@@ -604,11 +605,8 @@ def write_tables(session: Session, mart: str, tables: dict[TableSpec, pd.DataFra
     so missing declared columns are added first instead of failing the insert.
     """
     with session.transaction():
-        # tables(), not exists(): Session.one/scalar leave DuckDB's result open, and an
-        # open result makes the frame registration inside append() fail.
-        present = set(session.tables())
         for spec, frame in tables.items():
-            if spec.name in present:
+            if session.exists(spec):
                 session.add_missing_columns(spec, spec.column_types)
             session.append(spec, frame, where="feature_mart = ?", params=[mart])
 

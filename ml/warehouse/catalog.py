@@ -1,7 +1,8 @@
 """The table catalogue: every warehouse table the ML layer writes, declared once by its owner.
 
 A table's owner is the one module that writes it. It declares the table here
-with `declare(...)` (name, grain, columns with their SQL types) next to the code that fills it, and offers small typed read
+with `declare(...)` (name, grain, columns with their SQL types) next to the code
+that fills it, and offers small typed read
 functions for everybody else, so no other module spells the table's name or
 columns in SQL of its own. Creating a table from its declaration (never from
 the first frame written) gives every column an explicit type, even one that

@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -154,8 +154,12 @@ class Session:
         self._con.register(name, frame)
         try:
             yield name
-        finally:
-            self._con.unregister(name)
+        except BaseException:
+            # Inside a failed transaction unregistering fails too; the first error is the one to see.
+            with suppress(duckdb.Error):
+                self._con.unregister(name)
+            raise
+        self._con.unregister(name)
 
     def create(self, spec: TableSpec) -> None:
         """Create a declared table with its declared column types, if it does not exist."""
@@ -171,7 +175,7 @@ class Session:
         duplicating them.
         """
         name = _name(table)
-        with self.transaction(), self.registered(frame) as incoming:
+        with self.registered(frame) as incoming, self.transaction():
             if isinstance(table, TableSpec) and not table.contract_columns:
                 self.create(table)
             elif not self.exists(name):
