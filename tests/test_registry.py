@@ -223,3 +223,27 @@ def test_metadata_json_keeps_its_keys_and_values() -> None:
     assert ModelMetadata.from_dict(stored).to_dict() == stored
     assert list(ModelMetadata.from_dict(stored).to_dict()) == list(stored)
     assert ModelMetadata(validation={"strategy": "x"}).to_dict() == {"validation": {"strategy": "x"}}
+
+
+def test_model_parts_pickled_before_the_package_layout_still_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Models registered before ml/ was split into packages pickled `ml.model.ScoreCalibrator`."""
+    import sys
+
+    import joblib
+    import numpy as np
+
+    import ml.modeling.model as model_module
+    from ml.modeling.registry import load_pickled_parts
+
+    calibrator = model_module.ScoreCalibrator("sigmoid").fit(np.array([0.1, 0.2, 0.8, 0.9]), np.array([0, 0, 1, 1]))
+    with monkeypatch.context() as old_layout:
+        old_layout.setitem(sys.modules, "ml.model", model_module)
+        old_layout.setattr(model_module.ScoreCalibrator, "__module__", "ml.model")
+        joblib.dump({"calibrator": calibrator}, tmp_path / "model.joblib")
+    assert b"ml.model" in (tmp_path / "model.joblib").read_bytes()
+    assert "ml.model" not in sys.modules
+    loaded = load_pickled_parts(tmp_path / "model.joblib")["calibrator"]
+    assert isinstance(loaded, model_module.ScoreCalibrator)
+    assert np.allclose(loaded.predict(np.array([0.15, 0.85])), calibrator.predict(np.array([0.15, 0.85])))

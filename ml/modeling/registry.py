@@ -24,6 +24,7 @@ import joblib
 import numpy as np
 import pandas as pd
 import sklearn
+from joblib.numpy_pickle import NumpyUnpickler
 from sklearn.pipeline import Pipeline
 
 from ml.config import ChurnConfig
@@ -233,6 +234,30 @@ def _check_artifacts(version: str, folder: Path, expected: dict[str, str]) -> No
             )
 
 
+# Modules that pickled model parts may name from before the package layout of
+# ml/ (models registered then store e.g. `ml.model.ScoreCalibrator`).
+RENAMED_MODULES = {
+    "ml.model": "ml.modeling.model",
+    "ml.explain": "ml.modeling.explain",
+    "ml.evaluate": "ml.modeling.evaluate",
+    "ml.reference": "ml.modeling.reference",
+    "ml.contract": "ml.features.contract",
+}
+
+
+class _RenamingUnpickler(NumpyUnpickler):
+    """joblib's unpickler, reading classes of moved modules from where they live now."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        return super().find_class(RENAMED_MODULES.get(module, module), name)
+
+
+def load_pickled_parts(path: Path) -> dict[str, Any]:
+    """The joblib file of a model's preprocessing, estimator and calibrator (hash-checked before)."""
+    with open(path, "rb") as handle:
+        return _RenamingUnpickler(str(path), handle, ensure_native_byte_order=True).load()
+
+
 def load_model(config: ChurnConfig, version: str, registry_db: Path | None = None) -> ChurnModel:
     """Load a registered model after checking every artifact file's sha256.
 
@@ -243,7 +268,7 @@ def load_model(config: ChurnConfig, version: str, registry_db: Path | None = Non
     folder = artifact_folder(config, row["artifact_dir"])
     _check_artifacts(version, folder, json.loads(row["artifact_sha256"]))
     document = json.loads((folder / METADATA_FILE).read_text())
-    parts = joblib.load(folder / PIPELINE_FILE)
+    parts = load_pickled_parts(folder / PIPELINE_FILE)
     estimator = parts["estimator"]
     if document["algorithm"] == "xgboost":
         from xgboost import XGBClassifier
