@@ -107,6 +107,18 @@ COMMANDS: tuple[Command, ...] = (
         options=(option("--no-parse", action="store_true", help="read the existing manifest, do not run dbt parse"),),
     ),
     Command(
+        "new-dataset", "ml.features.scaffold",
+        "scaffold a dataset from a CSV or Parquet file: source, staging, mart, contract, suites, profile",
+        options=(
+            option("name", help="the dataset's name (lower-case letters, digits, _)"),
+            option("--from", dest="source", required=True, help="the landing file (.csv or .parquet)"),
+            option("--key", help="the key column (default: guessed: unique, never null, named like an id)"),
+            option("--label", help="the label column (default: guessed: two values, named like churn)"),
+            option("--snapshot-date", type=dt.date.fromisoformat,
+                   help="the file's one snapshot date (default: the file's modification date)"),
+        ),
+    ),
+    Command(
         "train", "ml.modeling.train",
         "train, compare and register a model (champion/challenger)",
         options=(option("--force", action="store_true", help="train even if a champion model exists"),),

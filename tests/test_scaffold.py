@@ -1,0 +1,110 @@
+"""`churn new-dataset` writes a dataset that runs end to end, from a file the project has never seen.
+
+The file is a bank-style customer table with its own names (`CustomerId`,
+`Exited`, mixed-case columns, text categories, a few missing balances). The
+scaffold must guess its key and label, write the source, staging, mart,
+contract, suites and dataset profile, refuse to overwrite any of it, and the
+nightly must then build, audit, train, score and publish the new dataset with
+no file edited by hand.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ml.config import ChurnConfig, load_config, write_relocated_config
+from ml.features.scaffold import ScaffoldError, guess_roles, read_file, scaffold
+from ml.warehouse import connect
+from tests.conftest import QUICK_TRAINING, REPO_ROOT
+
+ROWS = 2000
+
+
+def bank_file(folder: Path, rows: int = ROWS, seed: int = 5) -> Path:
+    """A bank-style churn table whose label depends on age, activity and products."""
+    rng = np.random.default_rng(seed)
+    age = rng.integers(18, 80, rows)
+    active = rng.integers(0, 2, rows)
+    products = rng.integers(1, 5, rows)
+    balance = np.round(rng.gamma(2.0, 40000.0, rows), 2)
+    logit = -3.0 + 0.06 * (age - 40) - 1.2 * active + 0.9 * (products >= 3)
+    exited = (rng.random(rows) < 1 / (1 + np.exp(-logit))).astype(int)
+    frame = pd.DataFrame({
+        "RowNumber": np.arange(1, rows + 1) * 0 + 1,  # constant: not a key
+        "CustomerId": 15_000_000 + rng.permutation(rows),
+        "Geography": rng.choice(["France", " Spain", "germany "], rows),
+        "Age": age,
+        "Balance": np.where(rng.random(rows) < 0.02, np.nan, balance),
+        "NumOfProducts": products,
+        "IsActiveMember": active,
+        "Exited": exited,
+    })
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "bank_customers.csv"
+    frame.to_csv(path, index=False)
+    return path
+
+
+def scaffold_config(root: Path) -> ChurnConfig:
+    """A private warehouse, dbt project, suites folder and churn.yml the scaffold may write into."""
+    project, suites = root / "dbt_project", root / "expectations"
+    shutil.copytree(REPO_ROOT / "dbt_project", project,
+                    ignore=shutil.ignore_patterns("target", "logs", "dbt_packages"))
+    shutil.copytree(REPO_ROOT / "expectations", suites)
+    base = load_config(REPO_ROOT / "churn.yml")
+    overrides = {**QUICK_TRAINING, "warehouse": {"dbt_project_dir": str(project), "expectations_dir": str(suites)}}
+    return load_config(write_relocated_config(base, root / "warehouse", overrides))
+
+
+def test_key_and_label_are_guessed_from_names_and_values(tmp_path: Path) -> None:
+    profile = read_file(bank_file(tmp_path / "data"))
+    roles = guess_roles(profile)
+    assert (roles.key.name, roles.label.name) == ("CustomerId", "Exited")
+    assert [c.snake for c in roles.features] == [
+        "row_number", "geography", "age", "balance", "num_of_products", "is_active_member"]
+    with pytest.raises(ScaffoldError, match="--key 'nope' is not a column"):
+        guess_roles(profile, key="nope")
+
+
+def test_bad_names_and_existing_files_are_refused_and_nothing_is_written(tmp_path: Path) -> None:
+    config = scaffold_config(tmp_path)
+    source = bank_file(tmp_path / "data")
+    with pytest.raises(ScaffoldError, match="lower-case letters"):
+        scaffold(config, "Bank!", source)
+    with pytest.raises(ScaffoldError, match="'telco' already has a profile"):
+        scaffold(config, "telco", source)
+    clash = config.warehouse.expectations_dir / "bank" / "scores.json"
+    clash.parent.mkdir()
+    clash.write_text("{}")
+    before = config.source_file.read_text()
+    with pytest.raises(ScaffoldError, match="scores.json exists already; nothing was written"):
+        scaffold(config, "bank", source)
+    assert config.source_file.read_text() == before
+    assert not (config.warehouse.dbt_project_dir / "models" / "marts" / "bank_features.sql").exists()
+
+
+def test_a_scaffolded_dataset_runs_the_whole_nightly(tmp_path: Path) -> None:
+    from ml.pipeline import nightly
+
+    config = scaffold_config(tmp_path)
+    result = scaffold(config, "bank", bank_file(tmp_path / "data"))
+    assert any("make nightly DATASET=bank" in step for step in result.next_steps)
+    bank = load_config(config.source_file, dataset="bank")
+    assert bank.dataset.feature_mart == "bank_features"
+    assert set(bank.datasets) == {"demo", "telco", "bank"}, "the profile was added beside the others"
+
+    nightly(bank)
+
+    with connect(bank.warehouse.published_db, read_only=True) as session:
+        rows, customers, bad = session.one(
+            "select count(*), count(distinct customer_id), "
+            "count(*) filter (where churn_probability not between 0 and 1) from churn_scores")
+        roc_auc = session.scalar(
+            "select roc_auc from model_metrics where split = 'out_of_time' and chosen")
+    assert (rows, customers, bad) == (ROWS, ROWS, 0)
+    assert roc_auc > 0.7, "the planted signal (age, activity, products) is learned"
