@@ -151,7 +151,7 @@ FAULTS = [
     Fault("future_dates", future_dates,
           ("demo_raw_usage_events (table usage_events, column event_date)", "failed [critical]: 4 of")),
     Fault("unknown_contract_type", unknown_contract_type,
-          ("accepted_values_stg_saas__subscriptions_contract_type", "failures: 1")),  # one unknown value
+          ("accepted_values_stg_saas__subscriptions_contract_type", "failures: 3")),  # rows, not values
     Fault("missing_column", missing_column, ("payments.parquet: required column(s) missing: amount",)),
     Fault("text_in_amounts", text_in_amounts, ("payments.parquet: column amount: 5 of", "rows are not double")),
     Fault("empty_table", empty_table, ("support_tickets.parquet: empty (0 rows)",)),
