@@ -162,6 +162,8 @@ COMMANDS: tuple[Command, ...] = (
         options=(
             option("--as-of", help="run as if on this date (YYYY-MM-DD): later data is invisible"),
             option("--force-train", action="store_true", help="train a new model even if a champion exists"),
+            option("--accept-drift", metavar="REASON",
+                   help="publish although drift crosses monitoring.publish_gate (the reason is kept in pipeline_runs)"),
         ),
     ),
     Command(

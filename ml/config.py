@@ -42,6 +42,20 @@ class ProblemConfig:
     run_cadence: str
 
 
+CLOCK_TODAY = "today"
+CLOCK_DATA_END = "data_end"
+
+
+@dataclass(frozen=True)
+class EventTableConfig:
+    """One dated landing table the gates watch: its date column, freshness lag and seasonality."""
+
+    table: str
+    date_column: str
+    max_lag_days: int  # the newest event may be this many days older than the day before the cutoff
+    seasonality: str  # weekday | month_day: which earlier days a recent day is compared with
+
+
 @dataclass(frozen=True)
 class DatasetConfig:
     name: str
@@ -50,6 +64,9 @@ class DatasetConfig:
     landing_format: str
     feature_mart: str
     generate_if_empty: bool
+    # How tonight's as_of_date is decided: today | data_end (the generator's end) | YYYY-MM-DD.
+    clock: str
+    event_tables: tuple[EventTableConfig, ...]
 
 
 @dataclass(frozen=True)
@@ -106,6 +123,15 @@ class MonitoringConfig:
     new_category_share: float
     backfill_months: int
     backfill_every: str
+    publish_gate: PublishGateConfig
+
+
+@dataclass(frozen=True)
+class PublishGateConfig:
+    """When drift stops publishing: the drifted-feature share, or any top feature drifted."""
+
+    drifted_share: float
+    top_feature_drift: bool
 
 
 @dataclass(frozen=True)
@@ -113,6 +139,22 @@ class QualityConfig:
     label_share_band: tuple[float, float]
     row_count_tolerance: float
     chunk_rows: int
+
+
+FUTURE_ROWS_HOLD_BACK = "hold_back"
+FUTURE_ROWS_FAIL = "fail"
+
+
+@dataclass(frozen=True)
+class GatesConfig:
+    """The landing gates run before dbt: rows after the cutoff, freshness, completeness per day."""
+
+    future_rows: str  # hold_back (warn; dbt cannot see them at this as_of) | fail
+    max_future_share: float  # held-back rows above this share of a table fail the run anyway
+    completeness_window_days: int  # tonight's recent days judged against the reference
+    completeness_reference_periods: int  # earlier same-weekday (or same day-of-month) days in the reference
+    completeness_mad_factor: float  # band = median +- factor x max(1.4826 MAD, sqrt(median))
+    completeness_min_rows: int  # days whose reference median is below this are not judged (too sparse)
 
 
 @dataclass(frozen=True)
@@ -130,6 +172,7 @@ class ChurnConfig:
     scoring: ScoringConfig
     monitoring: MonitoringConfig
     quality: QualityConfig
+    gates: GatesConfig
     raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
 
     def with_dataset(self, name: str) -> ChurnConfig:
@@ -146,6 +189,24 @@ class ChurnConfig:
         return dataclasses.replace(
             self, warehouse=dataclasses.replace(self.warehouse, **warehouse_paths)
         )
+
+    def decided_as_of(self, explicit: str | dt.date | None = None, today: dt.date | None = None) -> dt.date:
+        """Tonight's as_of_date, decided by the run and never read from the data.
+
+        `--as-of` wins; otherwise the dataset's clock: `today` (the wall clock),
+        `data_end` (the generator's end, start_date + months: the demo's "today")
+        or a fixed date. The newest event in the data never moves it, so one
+        row dated weeks ahead cannot shift every customer's snapshot.
+        """
+        if explicit:
+            return explicit if isinstance(explicit, dt.date) else dt.date.fromisoformat(str(explicit))
+        clock = self.dataset.clock
+        if clock == CLOCK_TODAY:
+            return today or dt.date.today()
+        if clock == CLOCK_DATA_END:
+            total = self.generator.start_date.year * 12 + self.generator.start_date.month - 1 + self.generator.months
+            return dt.date(total // 12, total % 12 + 1, self.generator.start_date.day)
+        return dt.date.fromisoformat(clock)
 
     def fingerprint(self) -> str:
         """Stable hash of the settings, recorded with every model run."""
@@ -224,6 +285,32 @@ def _problem(raw: dict[str, Any], source: Path) -> ProblemConfig:
     return problem
 
 
+def _clock(value: Any, section: str, source: Path) -> str:
+    text = str(value)
+    if text in (CLOCK_TODAY, CLOCK_DATA_END) or isinstance(value, dt.date):
+        return text
+    try:
+        dt.date.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(f"{source}: {section}.clock is {value!r}; allowed: today, data_end or YYYY-MM-DD") from None
+    return text
+
+
+def _event_tables(values: Any, section: str, source: Path) -> tuple[EventTableConfig, ...]:
+    """The dataset's dated landing tables, in file order."""
+    tables = []
+    for table, settings in (values or {}).items():
+        built = _build(EventTableConfig, {**(settings or {}), "table": table},
+                       f"{section}.event_tables.{table}", source)
+        if built.seasonality not in ("weekday", "month_day"):
+            raise ConfigError(f"{source}: {section}.event_tables.{table}.seasonality is {built.seasonality!r}; "
+                              "allowed: weekday, month_day")
+        if not isinstance(built.max_lag_days, int) or built.max_lag_days < 0:
+            raise ConfigError(f"{source}: {section}.event_tables.{table}.max_lag_days must be an integer >= 0")
+        tables.append(built)
+    return tuple(tables)
+
+
 def _datasets(raw: dict[str, Any], source: Path) -> dict[str, DatasetConfig]:
     """Every dataset profile, keyed by its name (which is also its `name` field)."""
     return {
@@ -233,6 +320,8 @@ def _datasets(raw: dict[str, Any], source: Path) -> dict[str, DatasetConfig]:
             f"datasets.{name}",
             source,
             landing_dir=_resolve(values.get("landing_dir", ""), source.parent),
+            clock=_clock(values.get("clock", ""), f"datasets.{name}", source),
+            event_tables=_event_tables(values.get("event_tables"), f"datasets.{name}", source),
         )
         for name, values in _section(raw, "datasets", source).items()
     }
@@ -291,6 +380,31 @@ def _quality(raw: dict[str, Any], source: Path) -> QualityConfig:
     return quality
 
 
+def _monitoring(raw: dict[str, Any], source: Path) -> MonitoringConfig:
+    values = _section(raw, "monitoring", source)
+    gate = values.get("publish_gate")
+    if not isinstance(gate, dict):
+        raise ConfigError(f"{source}: monitoring.publish_gate is missing or not a mapping")
+    publish_gate = _build(PublishGateConfig, gate, "monitoring.publish_gate", source)
+    if not 0 < publish_gate.drifted_share <= 1:
+        raise ConfigError(f"{source}: monitoring.publish_gate.drifted_share must be in (0, 1]")
+    return _build(MonitoringConfig, values, "monitoring", source, publish_gate=publish_gate)
+
+
+def _gates(raw: dict[str, Any], source: Path) -> GatesConfig:
+    gates = _build(GatesConfig, _section(raw, "gates", source), "gates", source)
+    if gates.future_rows not in (FUTURE_ROWS_HOLD_BACK, FUTURE_ROWS_FAIL):
+        raise ConfigError(f"{source}: gates.future_rows is {gates.future_rows!r}; allowed: hold_back, fail")
+    if not 0 <= gates.max_future_share < 1:
+        raise ConfigError(f"{source}: gates.max_future_share must be in [0, 1)")
+    if gates.completeness_window_days < 1 or gates.completeness_reference_periods < 3:
+        raise ConfigError(f"{source}: gates.completeness_window_days must be >= 1 and "
+                          "gates.completeness_reference_periods >= 3")
+    if gates.completeness_mad_factor <= 0:
+        raise ConfigError(f"{source}: gates.completeness_mad_factor must be > 0")
+    return gates
+
+
 def _assemble(raw: dict[str, Any], source: Path, dataset: str | None) -> ChurnConfig:
     """Build and check every section, in file order so the first problem is reported first."""
     problem = _problem(raw, source)
@@ -306,8 +420,9 @@ def _assemble(raw: dict[str, Any], source: Path, dataset: str | None) -> ChurnCo
         generator=_generator(raw, source),
         training=_training(raw, source),
         scoring=_build(ScoringConfig, _section(raw, "scoring", source), "scoring", source),
-        monitoring=_build(MonitoringConfig, _section(raw, "monitoring", source), "monitoring", source),
+        monitoring=_monitoring(raw, source),
         quality=_quality(raw, source),
+        gates=_gates(raw, source),
         raw=raw,
     )
 

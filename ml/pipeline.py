@@ -27,9 +27,11 @@ from ml.logs import get_logger, timed
 from ml.modeling.score import score
 from ml.modeling.train import train
 from ml.monitoring import monitor
+from ml.monitoring.gate import publish_gate
 from ml.monitoring.monitor import MonitorResult
 from ml.monitoring.policy import OUTCOME_FAILED, OUTCOME_PROMOTED, OUTCOME_REJECTED, PolicyOutcome
 from ml.quality.audit import audit
+from ml.quality.gates import check_gates
 from ml.reports.profile import profile
 from ml.reports.summary import score_summary
 from ml.serving.publish import pause_point, publish
@@ -53,6 +55,10 @@ PIPELINE_RUNS_SPEC = declare(
 
 class LandingError(RuntimeError):
     """The landing folder lacks tables the dataset needs."""
+
+
+class DriftGateError(RuntimeError):
+    """Tonight's drift crossed monitoring.publish_gate and nothing resolved it; nothing was published."""
 
 
 @dataclass(frozen=True)
@@ -105,20 +111,29 @@ def ensure_landing(config: ChurnConfig) -> None:
     generate(GenerateOptions.from_config(config))
 
 
-def nightly(config: ChurnConfig, as_of: str | None = None, force_train: bool = False) -> PipelineRun:
-    """Run every stage in order; any failure stops the run before publishing."""
-    run = PipelineRun(config, as_of=as_of)
-    log.info("nightly run %s on dataset %r%s", run.run_id, config.dataset.name, f" as of {as_of}" if as_of else "")
+def nightly(config: ChurnConfig, as_of: str | None = None, force_train: bool = False,
+            accept_drift: str | None = None) -> PipelineRun:
+    """Run every stage in order; any failure stops the run before publishing.
+
+    Tonight's cutoff is decided here (`--as-of`, else the dataset's clock) and
+    passed explicitly to the gates, dbt and the audits: the data never chooses it.
+    """
+    cutoff = config.decided_as_of(as_of)
+    run = PipelineRun(config, as_of=cutoff.isoformat())
+    log.info("nightly run %s on dataset %r as of %s (%s)", run.run_id, config.dataset.name, cutoff,
+             "--as-of" if as_of else f"clock {config.dataset.clock}")
     start = time.perf_counter()
     with run.step("land"):
         ensure_landing(config)
     with run.step("validate_landing"):
         validate_landing(config)
-        audit(config, "landing", run.run_id, as_of=as_of)
+        audit(config, "landing", run.run_id, as_of=run.as_of)
+    with run.step("gates"):
+        check_gates(config, cutoff, replay=as_of is not None)
     with run.step("build"):
-        build_warehouse(config, as_of=as_of)
+        build_warehouse(config, as_of=run.as_of)
     with run.step("audit_mart"):
-        audit(config, "mart", run.run_id, as_of=as_of)
+        audit(config, "mart", run.run_id, as_of=run.as_of)
     with run.step("profile"):
         profile(config, run_id=run.run_id)
     with run.step("train"):
@@ -127,7 +142,7 @@ def nightly(config: ChurnConfig, as_of: str | None = None, force_train: bool = F
     with run.step("score"):
         score(config, run_id=run.run_id)
     with run.step("audit_scores"):
-        audit(config, "scores", run.run_id, as_of=as_of)
+        audit(config, "scores", run.run_id, as_of=run.as_of)
     with run.step("monitor"):
         watched = monitor.measure(config, run_id=run.run_id)
     with run.step("retrain_policy"):
@@ -136,8 +151,10 @@ def nightly(config: ChurnConfig, as_of: str | None = None, force_train: bool = F
     if outcome.outcome == OUTCOME_PROMOTED:
         with run.step("rescore"):
             score(config, run_id=run.run_id)
-            audit(config, "scores", run.run_id, as_of=as_of)
-            monitor.measure(config, run_id=run.run_id)
+            audit(config, "scores", run.run_id, as_of=run.as_of)
+            watched = monitor.measure(config, run_id=run.run_id)
+    with run.step("drift_gate"):
+        check_drift_gate(run, watched, outcome.outcome == OUTCOME_PROMOTED, accept_drift)
     with run.step("publish"):
         publish(config, run_id=run.run_id)
     counts = mart_row_counts(config)
@@ -146,6 +163,24 @@ def nightly(config: ChurnConfig, as_of: str | None = None, force_train: bool = F
         print(f"  {table:38s} {rows:>12,d} rows")
     print("\n".join(score_summary(config)))
     return run
+
+
+def check_drift_gate(run: PipelineRun, watched: MonitorResult, promoted: bool, accept_drift: str | None) -> None:
+    """Stop publishing on unresolved drift; an accepted override is recorded in pipeline_runs with its reason."""
+    decision = publish_gate(run.config.monitoring.publish_gate, watched.drifted_features, watched.drifted_share,
+                            watched.top_features_drifted, promoted, accept_drift)
+    if decision.blocked:
+        raise DriftGateError(
+            f"drift gate: tonight's snapshot {watched.as_of_date} against champion {watched.model_version}: "
+            f"{decision.message()}; no retrain resolved it. Check the landing extract first (drift_stats); "
+            'publish anyway with `churn nightly --accept-drift "reason"`'
+        )
+    if decision.resolution == "accepted":
+        run.record("accept_drift", dt.datetime.now(), "override",
+                   f"--accept-drift {accept_drift!r}: {decision.message()}")
+        log.warning("drift gate overridden (%s): %s", accept_drift, decision.message())
+    elif decision.resolution == "retrain":
+        log.info("drift gate: resolved by tonight's promoted challenger (%s)", decision.message())
 
 
 def apply_policy(config: ChurnConfig, result: MonitorResult, today: dt.date, retrain: bool = True) -> PolicyOutcome:
@@ -190,5 +225,5 @@ def monitor_command(config: ChurnConfig, args: argparse.Namespace) -> int:
 
 
 def run_command(config: ChurnConfig, args: argparse.Namespace) -> int:
-    nightly(config, as_of=args.as_of, force_train=args.force_train)
+    nightly(config, as_of=args.as_of, force_train=args.force_train, accept_drift=args.accept_drift)
     return 0

@@ -105,6 +105,37 @@ def no_churners(config: ChurnConfig) -> None:
             "null::varchar as cancellation_reason) from t")
 
 
+def usage_third_missing_last_weeks(config: ChurnConfig) -> None:
+    # A partial extract: a third of the last three weeks' usage rows, about 1.5% of the table.
+    rewrite(config, "usage_events", "select * from t where not (event_date >= date '2025-06-10' "
+            "and hash(customer_id, event_date) % 3 = 0)")
+
+
+def usage_day_missing(config: ChurnConfig) -> None:
+    rewrite(config, "usage_events", "select * from t where event_date <> date '2025-06-24'")
+
+
+def usage_partial_last_day(config: ChurnConfig) -> None:
+    rewrite(config, "usage_events", "select * from t where not (event_date = date '2025-06-30' "
+            "and hash(customer_id) % 2 = 0)")
+
+
+def stale_tickets(config: ChurnConfig) -> None:
+    rewrite(config, "support_tickets", "select * from t where opened_at < timestamp '2025-06-15'")
+
+
+def many_rows_after_cutoff(config: ChurnConfig) -> None:
+    # 1% of usage rows dated a few days after the data end: far above gates.max_future_share.
+    rewrite(config, "usage_events", "select * replace (case when hash(customer_id, event_date) % 100 = 0 "
+            "then date '2025-07-05' else event_date end as event_date) from t")
+
+
+def payments_before_signup(config: ChurnConfig) -> None:
+    rewrite(config, "payments", "select * replace (case when payment_id in "
+            "(select payment_id from t order by payment_id limit 6) then date '2017-01-01' "
+            "else invoice_date end as invoice_date) from t")
+
+
 @dataclass(frozen=True)
 class Fault:
     name: str
@@ -120,12 +151,25 @@ FAULTS = [
     Fault("future_dates", future_dates,
           ("demo_raw_usage_events (table usage_events, column event_date)", "failed [critical]: 4 of")),
     Fault("unknown_contract_type", unknown_contract_type,
-          ("accepted_values_stg_saas__subscriptions_contract_type", "failures: 1")),  # one unknown value
+          ("accepted_values_stg_saas__subscriptions_contract_type", "failures: 3")),  # rows, not values
     Fault("missing_column", missing_column, ("payments.parquet: required column(s) missing: amount",)),
     Fault("text_in_amounts", text_in_amounts, ("payments.parquet: column amount: 5 of", "rows are not double")),
     Fault("empty_table", empty_table, ("support_tickets.parquet: empty (0 rows)",)),
     Fault("truncated_parquet", truncated_parquet, ("usage_events.parquet: not readable as parquet",)),
     Fault("corrupt_page", corrupt_page, ("usage_events.parquet: not readable as parquet",)),
+    Fault("usage_third_missing_last_weeks", usage_third_missing_last_weeks,
+          ("incomplete extract: usage_events (column event_date)", "2025-06-10", "rows (expected")),
+    Fault("usage_day_missing", usage_day_missing,
+          ("incomplete extract: usage_events (column event_date): 1 day(s)", "2025-06-24 0 rows (expected")),
+    Fault("usage_partial_last_day", usage_partial_last_day,
+          ("incomplete extract: usage_events (column event_date): 1 day(s)", "2025-06-30")),
+    Fault("stale_tickets", stale_tickets,
+          ("stale source: support_tickets (column opened_at): newest event 2025-06-14", "9 day(s) late")),
+    Fault("many_rows_after_cutoff", many_rows_after_cutoff,
+          ("usage_events (column event_date):", "dated on or after the cutoff 2025-07-01, from 2025-07-05",
+           "fail the run")),
+    Fault("payments_before_signup", payments_before_signup,
+          ("payments (column invoice_date): 6 row(s)", "before the customer's signup_date")),
     Fault("no_churners", no_churners,
           ("(table customer_features, column churned_within_30d): expect_column_mean_to_be_between failed",
            "observed 0.0")),
@@ -147,9 +191,10 @@ class Outcome:
     score_output: str = ""
 
 
-def run_nightly(config: ChurnConfig, *extra: str, command: str = "nightly") -> tuple[int, str]:
+def run_nightly(config: ChurnConfig, *extra: str, command: str = "nightly",
+                options: tuple[str, ...] = ()) -> tuple[int, str]:
     proc = subprocess.run(
-        [sys.executable, "-m", "ml.cli", "--config", str(config.source_file), *extra, command],
+        [sys.executable, "-m", "ml.cli", "--config", str(config.source_file), *extra, command, *options],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )

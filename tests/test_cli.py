@@ -93,6 +93,8 @@ EXPECTED_OPTIONS: dict[str, list[tuple]] = {
          "run as if on this date (YYYY-MM-DD): later data is invisible"),
         (("--force-train",), "force_train", "StoreTrue", None, False, None,
          "train a new model even if a champion exists"),
+        (("--accept-drift",), "accept_drift", "Store", None, None, None,
+         "publish although drift crosses monitoring.publish_gate (the reason is kept in pipeline_runs)"),
     ],
     "backfill": [
         (("--from",), "start", "Store", "fromisoformat", None, None,

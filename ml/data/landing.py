@@ -15,6 +15,7 @@ row-count, null-share and date bands.
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,3 +195,87 @@ def validate_landing(config: ChurnConfig) -> dict[str, int]:
             f"({len(problems)} problem(s)):\n  " + "\n  ".join(problems)
         )
     return counts
+
+
+@dataclass(frozen=True)
+class DatedTableFacts:
+    """What the gates need of one dated landing table at tonight's cutoff, read in one scan."""
+
+    table: str
+    column: str
+    rows: int
+    late_rows: int  # dated on or after the cutoff: invisible to dbt at this as_of
+    late_first: dt.date | None
+    late_last: dt.date | None
+    newest_visible: dt.date | None  # newest event strictly before the cutoff
+    first_day: dt.date | None  # oldest event
+    daily: dict[dt.date, int]  # rows per day before the cutoff (days without rows absent)
+
+
+def _table(config: ChurnConfig, name: str) -> LandingTable:
+    for table in landing_tables(config):
+        if table.name == name:
+            return table
+    raise LandingValidationError(f"dataset {config.dataset.name!r}: no landing table {name!r} in the dbt sources")
+
+
+def dated_table_facts(config: ChurnConfig, cutoff: dt.date, since: dt.date) -> list[DatedTableFacts]:
+    """Per configured event table: late rows, the newest visible event and daily volumes since `since`.
+
+    The files are read in place with DuckDB (typed as dbt's sources declare them),
+    so the gates judge exactly what dbt is about to read.
+    """
+    facts = []
+    with connect(MEMORY) as session:
+        for event in config.dataset.event_tables:
+            table = _table(config, event.table)
+            day = f"cast({quote(event.date_column)} as date)"
+            relation = table.typed_relation()
+            rows, late, first, last, newest, oldest = session.one(
+                f"select count(*), count(*) filter (where {day} >= ?), min({day}) filter (where {day} >= ?), "
+                f"max({day}) filter (where {day} >= ?), max({day}) filter (where {day} < ?), min({day}) "
+                f"from {relation}",
+                [cutoff, cutoff, cutoff, cutoff],
+            )
+            daily = dict(session.rows(
+                f"select {day} as d, count(*) from {relation} where {day} >= ? and {day} < ? group by d",
+                [since, cutoff],
+            ))
+            facts.append(DatedTableFacts(event.table, event.date_column, rows, late, first, last, newest, oldest,
+                                         daily))
+    return facts
+
+
+@dataclass(frozen=True)
+class BeforeSignup:
+    """Rows of an event table dated before their customer's signup (impossible events)."""
+
+    table: str
+    column: str
+    rows: int
+    customers: int
+    first: dt.date | None
+    last: dt.date | None
+
+
+def rows_before_signup(config: ChurnConfig, customers: str = "customers", signup: str = "signup_date",
+                       key: str = "customer_id") -> list[BeforeSignup]:
+    """Per event table with a customer key: rows dated before that customer's signup."""
+    names = {t.name: t for t in landing_tables(config)}
+    if customers not in names or signup not in names[customers].columns:
+        return []
+    found = []
+    with connect(MEMORY) as session:
+        for event in config.dataset.event_tables:
+            table = names.get(event.table)
+            if table is None or key not in table.columns or event.table == customers:
+                continue
+            day = f"cast(e.{quote(event.date_column)} as date)"
+            rows, people, first, last = session.one(
+                f"select count(*), count(distinct e.{quote(key)}), min({day}), max({day}) "
+                f"from {table.typed_relation()} e join {names[customers].typed_relation()} c using ({quote(key)}) "
+                f"where {day} < c.{quote(signup)}"
+            )
+            if rows:
+                found.append(BeforeSignup(event.table, event.date_column, rows, people, first, last))
+    return found

@@ -17,8 +17,12 @@ log = get_logger("build")
 
 
 def build_warehouse(config: ChurnConfig, as_of: str | None = None) -> DbtResult:
-    """dbt build (models + tests) of the dataset's mart and everything upstream."""
-    return run_dbt(config, "build", as_of=as_of)
+    """dbt build (models + tests) of the dataset's mart and everything upstream.
+
+    The as_of is always explicit (the dataset's clock when not given), so the
+    snapshot date never follows the newest event in the data.
+    """
+    return run_dbt(config, "build", as_of=as_of or config.decided_as_of().isoformat())
 
 
 def mart_row_counts(config: ChurnConfig) -> dict[str, int]:

@@ -30,7 +30,9 @@ observed_event_dates as (
 observation_window as (
     select
         (select min(event_date) from usage_days) as first_usage_date,
-        -- time travel: the day before as_of is the last day anyone could have seen
+        -- the day before as_of is the last day anyone could have seen. The pipeline
+        -- always passes as_of (decided by the run, churn.yml `clock`); the newest
+        -- event is only the fallback of a bare `dbt build` run by hand.
         coalesce(
             {{ as_of_cutoff() }} - 1,
             (select max(event_date) from observed_event_dates)
