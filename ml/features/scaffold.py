@@ -313,7 +313,7 @@ def suites(name: str, table: str, profile: FileProfile, roles: Roles, names: Mar
     }
 
 
-def _profile_block(name: str, profile: FileProfile, config: ChurnConfig) -> str:
+def _profile_block(name: str, profile: FileProfile, config: ChurnConfig, snapshot_date: dt.date) -> str:
     """The dataset profile as YAML lines indented under `datasets:`."""
     try:
         landing = profile.path.parent.relative_to(config.root)
@@ -325,6 +325,7 @@ def _profile_block(name: str, profile: FileProfile, config: ChurnConfig) -> str:
         "landing_format": profile.file_format,
         "feature_mart": f"{name}_features",
         "generate_if_empty": False,
+        "clock": snapshot_date.isoformat(),  # the one snapshot's date: tonight for this data
     }}, sort_keys=False)
     return "".join(f"  {line}\n" for line in block.splitlines())
 
@@ -357,6 +358,7 @@ def scaffold(config: ChurnConfig, name: str, source: Path, key: str | None = Non
         raise ScaffoldError(f"{profile.path}: rename the file to {table}{profile.path.suffix} "
                             "(dbt reads a landing file by its table name)")
     models = config.warehouse.dbt_project_dir / "models"
+    snapshot_date = snapshot_date or dt.date.fromtimestamp(profile.path.stat().st_mtime)
     files: dict[Path, str] = {
         models / "staging" / name / f"_{name}__sources.yml": yaml.safe_dump(sources_yaml(name, table, profile),
                                                                           sort_keys=False),
@@ -365,9 +367,7 @@ def scaffold(config: ChurnConfig, name: str, source: Path, key: str | None = Non
         models / "staging" / name / f"stg_{name}__{table}.sql": staging_sql(name, table, profile),
         models / "marts" / f"_{name}_marts__models.yml": yaml.safe_dump(marts_yaml(name, roles, names),
                                                                        sort_keys=False),
-        models / "marts" / f"{name}_features.sql": mart_sql(name, table, roles, names,
-                                                             snapshot_date or dt.date.fromtimestamp(
-                                                                 profile.path.stat().st_mtime)),
+        models / "marts" / f"{name}_features.sql": mart_sql(name, table, roles, names, snapshot_date),
     }
     files |= {config.warehouse.expectations_dir / name / file: json.dumps(suite, indent=2) + "\n"
               for file, suite in suites(name, table, profile, roles, names).items()}
@@ -377,7 +377,7 @@ def scaffold(config: ChurnConfig, name: str, source: Path, key: str | None = Non
     for path, text in files.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
-    _add_profile(config, _profile_block(name, profile, config))
+    _add_profile(config, _profile_block(name, profile, config, snapshot_date))
     steps = (
         f"key: {roles.key.name} -> {roles.key.snake}; label: "
         + (f"{roles.label.name} -> {roles.label.snake}" if roles.label else "NOT FOUND (edit the mart)"),
