@@ -252,3 +252,18 @@ def test_only_real_relation_references_are_rewritten() -> None:
         f"'{table}' as table_literal -- from {source}\n"
         f'from "__raw_customers" s join "__raw_table" m using (customer_id) join other.{table} o using (customer_id)'
     )
+
+
+def test_readme_post_example_works_as_written(client: TestClient) -> None:
+    """The README's curl body parses and scores (the old `[...]` example did not)."""
+    import json
+    import re
+
+    from tests.conftest import REPO_ROOT
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    [body] = re.findall(r"curl -s -X POST localhost:8000/score -H 'Content-Type: application/json' -d '(.*)'", readme)
+    response = client.post("/score", json=json.loads(body))
+    assert response.status_code == 200, response.text
+    [answer] = response.json()["scores"]
+    assert answer["customer_id"] == "NEW1" and 0 <= answer["churn_probability"] <= 1

@@ -102,8 +102,9 @@ class Problem(BaseModel):
 class BodyLimit:
     """Refuse bodies over `max_bytes` (by Content-Length or as they stream) and bodies that stall.
 
-    Pure ASGI so it runs before FastAPI reads anything: a lying or huge
-    Content-Length is answered at once instead of being waited for.
+    Pure ASGI so it runs before FastAPI reads anything: a huge Content-Length
+    is answered at once, and the body is read here, whole, against a deadline,
+    so a lying Content-Length costs a bounded wait and the app never stalls.
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int, timeout: float) -> None:
@@ -122,32 +123,41 @@ class BodyLimit:
             if int(text) > self.max_bytes:
                 await _problem(send, 413, f"body of {int(text)} bytes exceeds the limit of {self.max_bytes}")
                 return
+        try:
+            body = await self._read_body(receive)
+        except _BodyRefused as refused:
+            await _problem(send, refused.status, refused.message)
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _read_body(self, receive: Receive) -> bytes:
+        """The whole body, or _BodyRefused when it grows past the limit or stalls past the timeout."""
+        chunks: list[bytes] = []
         seen = 0
         deadline = time.monotonic() + self.timeout
-
-        async def bounded() -> Message:
-            nonlocal seen
+        while True:
             try:
                 message = await asyncio.wait_for(receive(), max(0.01, deadline - time.monotonic()))
             except asyncio.TimeoutError as exc:
                 raise _BodyRefused(408, f"request body not received within {self.timeout:g}s") from exc
-            seen += len(message.get("body", b""))
+            if message["type"] == "http.disconnect":
+                raise _BodyRefused(400, "client disconnected before sending the whole body")
+            chunk = message.get("body", b"")
+            seen += len(chunk)
             if seen > self.max_bytes:
                 raise _BodyRefused(413, f"body exceeds the limit of {self.max_bytes} bytes")
-            return message
-
-        started = False
-
-        async def tracked(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, bounded, tracked)
-        except _BodyRefused as refused:
-            if not started:
-                await _problem(send, refused.status, refused.message)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
 
 
 class _BodyRefused(Exception):

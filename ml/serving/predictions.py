@@ -162,8 +162,14 @@ def ingest_predictions(config: ChurnConfig) -> IngestResult:
         torn += bad
     frame = pd.DataFrame(records, columns=PREDICTION_LOG.column_names)
     if len(frame):
-        frame["logged_at"] = pd.to_datetime(frame["logged_at"])
-        frame["as_of"] = pd.to_datetime(frame["as_of"]).dt.date
+        # a whole line with an unreadable time or date is counted with the torn ones, never fails the step
+        frame["logged_at"] = pd.to_datetime(frame["logged_at"], format="ISO8601", errors="coerce")
+        as_of = pd.to_datetime(frame["as_of"], format="ISO8601", errors="coerce")
+        readable = frame["logged_at"].notna() & as_of.notna()
+        torn += int((~readable).sum())
+        frame = frame.assign(as_of=as_of.dt.date)[readable].reset_index(drop=True)
+        frame["churn_probability"] = pd.to_numeric(frame["churn_probability"], errors="coerce")
+        frame["latency_ms"] = pd.to_numeric(frame["latency_ms"], errors="coerce")
     with connect(config.warehouse.build_db) as session:
         session.create(PREDICTION_LOG)
         ids = sorted(set(frame["request_id"])) if len(frame) else []
