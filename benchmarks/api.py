@@ -135,7 +135,7 @@ def drive(port: int, route: str, method: str, paths: list[str], body: bytes | No
                        round(float(values.max()), 2), round(seconds, 2))
 
 
-def _what_if_body(port: int, customer: str, as_of: str) -> bytes:
+def _what_if_body(customer: str, as_of: str) -> bytes:
     """A real customer's raw rows (read from the landing files by the server's own reader)."""
     from ml.config import load_config
     from ml.serving.features import compile_features, read_landing_rows
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         for rate in (float(r) for r in args.rates.split(",")):
             results.append(drive(port, "GET published", "GET", paths, None, rate, int(rate * args.seconds),
                                  args.workers))
-        body = _what_if_body(port, customers[0], health["tonight"])
+        body = _what_if_body(customers[0], health["tonight"])
         for rate in (float(r) for r in args.what_if_rates.split(",")):
             results.append(drive(port, "POST what-if", "POST", ["/score"], body, rate, int(rate * args.seconds),
                                  min(args.workers, 8)))
