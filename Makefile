@@ -10,7 +10,7 @@ DATASET ?=
 DATASET_FLAG := $(if $(DATASET),--dataset $(DATASET),)
 
 .DEFAULT_GOAL := help
-.PHONY: help install nightly build train score monitor publish backfill profile generate serve lint test test-slow bench clean
+.PHONY: help install nightly build train score monitor publish backfill profile generate serve bench-api lint test test-slow bench clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -50,8 +50,11 @@ publish: $(STAMP) ## publish BI tables atomically
 backfill: $(STAMP) ## replay a few months of nightly runs for monitoring history
 	$(BIN)/churn backfill
 
-serve: $(STAMP) ## real-time scoring API on 127.0.0.1:8000 (features by the mart's own SQL)
+serve: $(STAMP) ## real-time scoring API (FastAPI) on 127.0.0.1:8000; docs at /docs
 	$(BIN)/churn $(DATASET_FLAG) serve
+
+bench-api: $(STAMP) ## bounded loopback load on both API routes (50/100/200 req/s); p50/p95/p99 saved
+	$(BIN)/python -m benchmarks.api
 
 lint: $(STAMP) ## ruff: style, bug-prone patterns and import order (rules in pyproject.toml)
 	$(BIN)/ruff check ml tests benchmarks

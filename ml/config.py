@@ -109,6 +109,19 @@ class ScoringConfig:
 
 
 @dataclass(frozen=True)
+class ServingConfig:
+    """`churn serve`: limits that keep one client from stalling the API, and the prediction log."""
+
+    pool_size: int                # in-memory DuckDB connections holding the prepared feature SQL
+    max_body_bytes: int           # larger request bodies are refused (413) before they are read
+    body_timeout_seconds: float   # a body that does not arrive in time is refused (408)
+    max_rows_per_table: int       # what-if rows per source table
+    reload_seconds: float         # how often the published database is checked for a new publish
+    api_key_env: str              # when this environment variable is set, scoring routes need its value
+    log_segment_bytes: int        # prediction-log files rotate past this size
+
+
+@dataclass(frozen=True)
 class MonitoringConfig:
     psi_bins: int
     psi_threshold: float
@@ -173,6 +186,7 @@ class ChurnConfig:
     monitoring: MonitoringConfig
     quality: QualityConfig
     gates: GatesConfig
+    serving: ServingConfig
     raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
 
     def with_dataset(self, name: str) -> ChurnConfig:
@@ -405,6 +419,13 @@ def _gates(raw: dict[str, Any], source: Path) -> GatesConfig:
     return gates
 
 
+def _serving(raw: dict[str, Any], source: Path) -> ServingConfig:
+    serving = _build(ServingConfig, _section(raw, "serving", source), "serving", source)
+    if serving.pool_size < 1 or serving.max_body_bytes < 1 or serving.max_rows_per_table < 1:
+        raise ConfigError(f"{source}: serving.pool_size, max_body_bytes and max_rows_per_table must be >= 1")
+    return serving
+
+
 def _assemble(raw: dict[str, Any], source: Path, dataset: str | None) -> ChurnConfig:
     """Build and check every section, in file order so the first problem is reported first."""
     problem = _problem(raw, source)
@@ -423,6 +444,7 @@ def _assemble(raw: dict[str, Any], source: Path, dataset: str | None) -> ChurnCo
         monitoring=_monitoring(raw, source),
         quality=_quality(raw, source),
         gates=_gates(raw, source),
+        serving=_serving(raw, source),
         raw=raw,
     )
 

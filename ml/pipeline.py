@@ -34,6 +34,7 @@ from ml.quality.audit import audit
 from ml.quality.gates import check_gates
 from ml.reports.profile import profile
 from ml.reports.summary import score_summary
+from ml.serving.predictions import ingest_predictions, logged_predictions
 from ml.serving.publish import pause_point, publish
 from ml.warehouse import connect, declare
 
@@ -143,16 +144,20 @@ def nightly(config: ChurnConfig, as_of: str | None = None, force_train: bool = F
         score(config, run_id=run.run_id)
     with run.step("audit_scores"):
         audit(config, "scores", run.run_id, as_of=run.as_of)
+    with run.step("ingest_predictions"):
+        # the API's prediction log files -> prediction_log, so monitoring and BI see online answers
+        ingest_predictions(config)
     with run.step("monitor"):
-        watched = monitor.measure(config, run_id=run.run_id)
+        watched = monitor.measure(config, run_id=run.run_id, logged=logged_predictions)
     with run.step("retrain_policy"):
         # a triggered retrain trains a challenger; the registry decides if it replaces the champion
-        outcome = apply_policy(config, watched, monitor.today_for(as_of))
+        # 'today' for the calendar rule is tonight's decided date, as for every other step
+        outcome = apply_policy(config, watched, cutoff)
     if outcome.outcome == OUTCOME_PROMOTED:
         with run.step("rescore"):
             score(config, run_id=run.run_id)
             audit(config, "scores", run.run_id, as_of=run.as_of)
-            watched = monitor.measure(config, run_id=run.run_id)
+            watched = monitor.measure(config, run_id=run.run_id, logged=logged_predictions)
     with run.step("drift_gate"):
         check_drift_gate(run, watched, outcome.outcome == OUTCOME_PROMOTED, accept_drift)
     with run.step("publish"):

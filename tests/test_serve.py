@@ -1,25 +1,38 @@
-"""The real-time API computes features with the mart's SQL, so it must agree with churn_scores."""
+"""The real-time API: both routes agree with churn_scores, bad requests get a 4xx fast, nothing compiles per request."""
 
 from __future__ import annotations
 
-import json
+import datetime as dt
+import socket
 import threading
-import urllib.error
-import urllib.request
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import uvicorn
+from fastapi.testclient import TestClient
 
 from ml.config import ChurnConfig
-from ml.serving.api import RequestError, ScoringService, make_server, read_landing_rows
+from ml.serving import features as features_module
+from ml.serving.api import ScoringService, asgi_app
+from ml.serving.features import RequestError, read_landing_rows, replace_relations
+from ml.serving.state import load_state
 from ml.warehouse import connect
 
 
 @pytest.fixture(scope="module")
-def service(published_warehouse: ChurnConfig, tmp_path_factory: pytest.TempPathFactory) -> ScoringService:
-    return ScoringService(published_warehouse, workdir=tmp_path_factory.mktemp("serve"))
+def service(published_warehouse: ChurnConfig, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ScoringService]:
+    svc = ScoringService(published_warehouse, workdir=tmp_path_factory.mktemp("serve"))
+    yield svc
+    svc.close()
+
+
+@pytest.fixture(scope="module")
+def client(service: ScoringService) -> Iterator[TestClient]:
+    with TestClient(asgi_app(service)) as test_client:
+        yield test_client
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +42,20 @@ def batch_scores(published_warehouse: ChurnConfig) -> pd.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def base_url(service: ScoringService) -> Iterator[str]:
-    server = make_server(service, "127.0.0.1", 0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+def server_port(service: ScoringService) -> Iterator[int]:
+    """A real uvicorn server on a free loopback port (raw-socket tests need one)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(asgi_app(service), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    deadline = time.monotonic() + 20
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield port
+    server.should_exit = True
+    thread.join(timeout=10)
 
 
 def _sample_ids(batch_scores: pd.DataFrame) -> list[str]:
@@ -44,113 +64,179 @@ def _sample_ids(batch_scores: pd.DataFrame) -> list[str]:
     return [batch_scores.iloc[i]["customer_id"] for i in (0, 1, n // 2, n - 2, n - 1)]
 
 
-def _request(url: str, body: dict | None = None) -> tuple[int, dict]:
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
-def test_api_scores_match_the_nightly_batch(service: ScoringService, batch_scores: pd.DataFrame) -> None:
+def test_published_route_matches_churn_scores(client: TestClient, batch_scores: pd.DataFrame,
+                                              service: ScoringService) -> None:
     batch = batch_scores.set_index("customer_id")
     for customer_id in _sample_ids(batch_scores):
-        answer = service.score_customer(customer_id)
-        expected = batch.loc[customer_id]
+        response = client.get(f"/customers/{customer_id}/score")
+        assert response.status_code == 200, response.text
+        answer, expected = response.json(), batch.loc[customer_id]
         assert answer["churn_probability"] == pytest.approx(expected["churn_probability"], abs=1e-9)
         assert answer["will_churn"] == bool(expected["will_churn"])
         assert answer["risk_band"] == expected["risk_band"]
         assert answer["model_version"] == expected["model_version"]
         assert answer["reasons"][0]["feature"] == expected["reason_1"]
+        assert set(answer["features"]) == set(service.state.model.contract.feature_names)
 
 
-def test_http_routes(base_url: str, batch_scores: pd.DataFrame, service: ScoringService) -> None:
-    status, health = _request(f"{base_url}/health")
-    assert status == 200 and health["model_version"] == service.model.version
+def test_sql_route_matches_churn_scores(client: TestClient, service: ScoringService,
+                                        batch_scores: pd.DataFrame) -> None:
+    """The mart's SQL over one customer's raw rows gives churn_scores' probability and tonight's features."""
+    batch = batch_scores.set_index("customer_id")
+    for customer_id in _sample_ids(batch_scores):
+        payload = {"as_of": service.state.tonight.isoformat(),
+                   "tables": read_landing_rows(service.compiled, [customer_id])}
+        response = client.post("/score", json=payload)
+        assert response.status_code == 200, response.text
+        [answer] = response.json()["scores"]
+        assert answer["churn_probability"] == pytest.approx(batch.loc[customer_id, "churn_probability"], abs=1e-9)
+        published = service.state.answers[customer_id]
+        assert answer["features"] == pytest.approx(published["features"], abs=1e-9)
 
+
+def test_openapi_schema_and_docs_are_served(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()
+    assert {"/score", "/customers/{customer_id}/score", "/health"} <= set(schema["paths"])
+    assert "WhatIf" in schema["components"]["schemas"]
+    assert client.get("/docs").status_code == 200
+
+
+def test_unknown_as_of_is_refused_fast_and_never_compiles(client: TestClient, service: ScoringService,
+                                                          batch_scores: pd.DataFrame,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_compiling(*args: object, **kwargs: object) -> None:
+        raise AssertionError("dbt ran on the request path")
+
+    monkeypatch.setattr(features_module, "run_dbt", no_compiling)
     customer_id = batch_scores.iloc[0]["customer_id"]
-    status, answer = _request(f"{base_url}/customers/{customer_id}/score")
-    assert status == 200
-    assert answer["churn_probability"] == pytest.approx(batch_scores.iloc[0]["churn_probability"], abs=1e-9)
-    assert set(answer["features"]) == set(service.model.contract.feature_names)
-
-    status, error = _request(f"{base_url}/customers/NO-SUCH-CUSTOMER/score")
-    assert status == 404 and "NO-SUCH-CUSTOMER" in error["error"]
-    status, error = _request(f"{base_url}/customers/{customer_id}/score?as_of=yesterday")
-    assert status == 400 and "YYYY-MM-DD" in error["error"]
-
-
-def _raw_payload(service: ScoringService, customer_id: str) -> dict[str, list[dict]]:
-    compiled = service.compiled(service.default_as_of)
-    tables = read_landing_rows(compiled, [customer_id])
-    return {name: json.loads(frame.to_json(orient="records", date_format="iso")) for name, frame in tables.items()}
+    for as_of in ("2025-01-01", "0001-01-01", "9999-12-31"):
+        started = time.perf_counter()
+        response = client.get(f"/customers/{customer_id}/score", params={"as_of": as_of})
+        assert time.perf_counter() - started < 2
+        assert response.status_code == 400, response.text
+        assert "served dates" in response.json()["error"] and service.state.tonight.isoformat() in response.text
+    for as_of in ("yesterday", "20250101", "2025-13-45"):
+        response = client.get(f"/customers/{customer_id}/score", params={"as_of": as_of})
+        assert response.status_code == 400 and "as_of" in response.json()["error"], response.text
+    response = client.post("/score", json={"as_of": "2025-01-01", "tables": {}})
+    assert response.status_code == 400 and "served dates" in response.json()["error"]
 
 
-def test_post_raw_rows_scores_like_the_batch(base_url: str, service: ScoringService,
-                                             batch_scores: pd.DataFrame) -> None:
-    customer_id = batch_scores.iloc[len(batch_scores) // 2]["customer_id"]
-    payload = {"as_of": service.default_as_of.isoformat(), "tables": _raw_payload(service, customer_id)}
-    status, body = _request(f"{base_url}/score", payload)
-    assert status == 200, body
-    [answer] = body["scores"]
-    expected = batch_scores.set_index("customer_id").loc[customer_id, "churn_probability"]
-    assert answer["churn_probability"] == pytest.approx(expected, abs=1e-9)
+def test_unknown_customer_is_404(client: TestClient) -> None:
+    response = client.get("/customers/NO-SUCH-CUSTOMER/score")
+    assert response.status_code == 404 and "NO-SUCH-CUSTOMER" in response.json()["error"]
 
 
-def test_post_reflects_new_events(base_url: str, service: ScoringService, batch_scores: pd.DataFrame) -> None:
-    """Fresh raw events change the features and the score: the API is not a lookup of churn_scores."""
+def test_post_reflects_new_events(client: TestClient, service: ScoringService, batch_scores: pd.DataFrame) -> None:
+    """Fresh raw events change the features and the score: the what-if route is not a lookup."""
     customer_id = batch_scores.iloc[len(batch_scores) - 1]["customer_id"]  # the safest customer
-    tables = _raw_payload(service, customer_id)
-    as_of = pd.Timestamp(service.default_as_of)
-    before = service.score_tables({k: pd.DataFrame(v) for k, v in tables.items()})[0]
-    # three failed invoices and a furious support ticket in the last weeks
-    template = tables["payments"][-1] if tables["payments"] else None
-    assert template is not None
+    tables = read_landing_rows(service.compiled, [customer_id])
+    before = service.state.answers[customer_id]
+    template = tables["payments"][-1]
+    tonight = pd.Timestamp(service.state.tonight)
     for days in (5, 15, 25):
         tables["payments"].append({**template, "payment_id": f"X{days}", "status": "failed",
-                                   "invoice_date": (as_of - pd.Timedelta(days=days)).date().isoformat()})
-    status, body = _request(f"{base_url}/score", {"tables": tables})
-    assert status == 200, body
-    after = body["scores"][0]
-    changed = [f for f in after["features"] if after["features"][f] != before["features"][f]]
-    assert changed, "new failed payments must change at least one feature"
+                                   "invoice_date": (tonight - pd.Timedelta(days=days)).date().isoformat()})
+    response = client.post("/score", json={"tables": tables})
+    assert response.status_code == 200, response.text
+    after = response.json()["scores"][0]
+    assert [f for f in after["features"] if after["features"][f] != before["features"][f]]
     assert after["churn_probability"] != pytest.approx(before["churn_probability"], abs=1e-12)
 
 
-def test_bad_payloads_are_named(base_url: str, service: ScoringService, batch_scores: pd.DataFrame) -> None:
+def test_bad_values_are_refused_like_the_nightly(client: TestClient, service: ScoringService,
+                                                 batch_scores: pd.DataFrame) -> None:
+    """Each planted bad value gets a 400 naming the table, the column and the rows."""
     customer_id = batch_scores.iloc[0]["customer_id"]
-    tables = _raw_payload(service, customer_id)
+    tables = read_landing_rows(service.compiled, [customer_id])
+    n_payments = len(tables["payments"])
 
-    missing_table = {k: v for k, v in tables.items() if k != "payments"}
-    status, error = _request(f"{base_url}/score", {"tables": missing_table})
-    assert status == 400 and "payments" in error["error"]
+    def post(changed: dict) -> dict:
+        response = client.post("/score", json={"tables": {**tables, **changed}})
+        assert response.status_code == 400, response.text
+        return response.json()["error"]
 
-    no_column = {**tables, "payments": [{k: v for k, v in r.items() if k != "amount"} for r in tables["payments"]]}
-    status, error = _request(f"{base_url}/score", {"tables": no_column})
-    assert status == 400 and "amount" in error["error"] and "payments" in error["error"]
+    error = post({"payments": [{**r, "amount": -5} for r in tables["payments"]]})
+    assert "stg_saas__payments" in error and "amount" in error and f"{n_payments} row" in error
+    error = post({"customers": [{**r, "region": "atlantis"} for r in tables["customers"]]})
+    assert "region" in error and "accepted_values" in error
+    error = post({"payments": [{**r, "invoice_date": "9999-01-01"} for r in tables["payments"]]})
+    assert "payments" in error and "invoice_date" in error and f"{n_payments} of {n_payments}" in error
+    error = post({"payments": [{**r, "amount": "lots"} for r in tables["payments"]]})
+    assert "amount" in error and f"{n_payments} of {n_payments}" in error
+    error = post({"payments": [{k: v for k, v in r.items() if k != "amount"} for r in tables["payments"]]})
+    assert "amount" in error and "payments" in error
+    error = post({"payments": [{**r, "extra": 1} for r in tables["payments"]]})
+    assert "extra" in error
+    response = client.post("/score", json={"tables": {k: v for k, v in tables.items() if k != "payments"}})
+    assert response.status_code == 400 and "payments" in response.json()["error"]
+    response = client.post("/score", json={"rows": []})
+    assert response.status_code == 400 and "tables" in response.json()["error"]
 
-    text_amounts = {**tables, "payments": [{**r, "amount": "lots"} for r in tables["payments"]]}
-    status, error = _request(f"{base_url}/score", {"tables": text_amounts})
-    assert status == 400
-    assert f"{len(tables['payments'])} of {len(tables['payments'])}" in error["error"] and "amount" in error["error"]
 
-    status, error = _request(f"{base_url}/score", {"rows": []})
-    assert status == 400 and "tables" in error["error"]
+@pytest.mark.parametrize("body", [b"[]", b'"text"', b"null", b"42", b"{" * 5000 + b"}" * 5000, b"{not json",
+                                  b'{"tables": {"customers": [{"customer_id": {"nested": 1}}]}}',
+                                  b'{"as_of": 20250101, "tables": {}}', b'{"as_of": ["x"], "tables": {}}'])
+def test_malformed_bodies_are_4xx(client: TestClient, body: bytes) -> None:
+    response = client.post("/score", content=body, headers={"Content-Type": "application/json"})
+    assert 400 <= response.status_code < 500, response.text
+    assert response.json()["error"]
 
 
-def test_missing_publication_is_a_clear_error(tmp_path: Path) -> None:
+def _raw_request(port: int, head: str, body: bytes = b"", timeout: float = 15) -> tuple[int, float]:
+    """Send bytes as given (so the Content-Length may lie); the status and seconds to the answer."""
+    started = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(head.encode() + b"\r\n" + body)
+        answer = sock.recv(4096)
+    return int(answer.split(b" ", 2)[1]), time.perf_counter() - started
+
+
+def test_oversize_and_lying_bodies_are_refused_fast(server_port: int, service: ScoringService) -> None:
+    limit = service.config.serving.max_body_bytes
+    timeout = service.config.serving.body_timeout_seconds
+
+    def head(length: str) -> str:
+        return (f"POST /score HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {length}\r\n")
+
+    status, seconds = _raw_request(server_port, head(str(10**10)))
+    assert status == 413 and seconds < 2
+    status, seconds = _raw_request(server_port, head(str(limit + 1)), b"{" * 1000)
+    assert status == 413 and seconds < 2
+    status, seconds = _raw_request(server_port, head("-1"), b"{}")
+    assert 400 <= status < 500 and seconds < 2
+    status, seconds = _raw_request(server_port, head("1000"), b'{"tables": {}}')  # the body is shorter than said
+    assert status == 408 and seconds < timeout + 3
+
+
+def test_api_key_is_enforced_when_set(service: ScoringService, batch_scores: pd.DataFrame,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(service.config.serving.api_key_env, "s3cret")
+    customer_id = batch_scores.iloc[0]["customer_id"]
+    with TestClient(asgi_app(service)) as keyed:
+        assert keyed.get(f"/customers/{customer_id}/score").status_code == 401
+        assert keyed.get(f"/customers/{customer_id}/score", headers={"X-API-Key": "wrong"}).status_code == 401
+        assert keyed.post("/score", json={"tables": {}}).status_code == 401
+        assert keyed.get(f"/customers/{customer_id}/score", headers={"X-API-Key": "s3cret"}).status_code == 200
+        assert keyed.get("/health").status_code == 200
+
+
+def test_missing_publication_is_a_clear_error(tmp_path: Path, service: ScoringService) -> None:
     from tests.conftest import make_config
 
     with pytest.raises(RequestError, match="nothing published yet"):
-        ScoringService(make_config(tmp_path))
+        load_state(make_config(tmp_path), service.compiled)
+
+
+def test_served_dates_come_from_the_published_history(service: ScoringService) -> None:
+    state = service.state
+    assert state.tonight in state.served_dates
+    assert all(isinstance(d, dt.date) for d in state.served_dates)
 
 
 def test_only_real_relation_references_are_rewritten() -> None:
     """A column, a literal or a comment that spells a relation's name is not a reference to it."""
-    from ml.serving.api import replace_relations
-
     source = "read_parquet('/landing/customers.parquet')"
     table = '"memory"."main"."customers"'
     sql = (
@@ -166,3 +252,18 @@ def test_only_real_relation_references_are_rewritten() -> None:
         f"'{table}' as table_literal -- from {source}\n"
         f'from "__raw_customers" s join "__raw_table" m using (customer_id) join other.{table} o using (customer_id)'
     )
+
+
+def test_readme_post_example_works_as_written(client: TestClient) -> None:
+    """The README's curl body parses and scores (the old `[...]` example did not)."""
+    import json
+    import re
+
+    from tests.conftest import REPO_ROOT
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    [body] = re.findall(r"curl -s -X POST localhost:8000/score -H 'Content-Type: application/json' -d '(.*)'", readme)
+    response = client.post("/score", json=json.loads(body))
+    assert response.status_code == 200, response.text
+    [answer] = response.json()["scores"]
+    assert answer["customer_id"] == "NEW1" and 0 <= answer["churn_probability"] <= 1

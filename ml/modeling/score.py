@@ -35,8 +35,8 @@ from ml.warehouse import Session, connect, declare, quote
 log = get_logger("score")
 
 __all__ = ["HISTORY_SPEC", "HISTORY_TABLE", "SCORES_SPEC", "SCORES_TABLE", "ScoreError", "ScoreResult",
-           "ScoresSummary", "check_mart", "latest_scores_summary", "risk_bands", "score", "score_frame",
-           "scored_rows", "scored_snapshots", "tonight_scores"]
+           "ScoresSummary", "check_mart", "latest_scores_summary", "published_scores", "risk_bands", "score",
+           "score_frame", "scored_dates", "scored_rows", "scored_snapshots", "tonight_scores"]
 
 # Columns after the contract's key and as_of; reason_<i> / reason_<i>_contribution
 # (scoring.top_reasons of them) sit between rank and model_version.
@@ -292,6 +292,17 @@ def scored_snapshots(session: Session, as_of_column: str, before: dt.date) -> li
         f"select distinct {a}, model_version from {quote(HISTORY_TABLE)} where {a} < ? order by 1, 2", [before]
     )
     return [(_date(as_of), version) for as_of, version in rows]
+
+
+def published_scores(session: Session) -> pd.DataFrame:
+    """Tonight's churn_scores as a whole (the API indexes it in memory)."""
+    return session.frame(f"select * from {quote(SCORES_TABLE)}")
+
+
+def scored_dates(session: Session, as_of_column: str) -> list[dt.date]:
+    """Every snapshot date the history holds, oldest first."""
+    a = quote(as_of_column)
+    return [_date(d) for (d,) in session.rows(f"select distinct {a} from {quote(HISTORY_TABLE)} order by 1")]
 
 
 def scored_rows(session: Session, contract: FeatureContract, as_of_date: dt.date, version: str) -> pd.DataFrame:

@@ -29,6 +29,7 @@ import datetime as dt
 import json
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +70,9 @@ from ml.monitoring.policy import (
     decide,
 )
 from ml.warehouse import Session, TableSpec, connect, declare, quote
+
+# model_performance kind of the API's logged answers joined to labels (batch scores are REALIZED).
+REALIZED_ONLINE = "realized_online"
 
 log = get_logger("monitor")
 
@@ -269,6 +273,37 @@ def realized_performance(
     return pd.DataFrame(out)
 
 
+def realized_online_performance(
+    session: Session, config: ChurnConfig, contract: FeatureContract, logged: pd.DataFrame, run_id: str,
+) -> pd.DataFrame:
+    """Realized metrics of the API's logged answers (kind `realized_online`), per snapshot and model version.
+
+    `logged` holds the latest answer per customer, as_of and model version
+    (customer_id, as_of, model_version, churn_probability, will_churn), read by
+    the log's owner. A snapshot counts once every logged customer has a label,
+    like the batch scores; it is re-measured each night as answers accumulate.
+    """
+    out = []
+    if logged.empty:
+        return pd.DataFrame(out)
+    logged = logged.rename(columns={"customer_id": contract.key})
+    logged["as_of"] = pd.to_datetime(logged["as_of"]).dt.date
+    thresholds = registry.model_thresholds(session)
+    for (as_of_date, version), rows in logged.groupby(["as_of", "model_version"], sort=True):
+        labels = labels_of(session, config, contract, [as_of_date])[[contract.key, contract.label]]
+        labels[contract.key] = labels[contract.key].astype(str)
+        joined = rows.assign(**{contract.key: rows[contract.key].astype(str)}).merge(labels, on=contract.key,
+                                                                                      how="left")
+        if joined[contract.label].isna().any():
+            continue
+        metrics = realized_metrics(joined[contract.label].to_numpy(dtype=int),
+                                   joined[PROBABILITY_COLUMN].to_numpy(dtype=float),
+                                   joined[DECISION_COLUMN].to_numpy(dtype=bool))
+        out.append({"run_id": run_id, "as_of_date": as_of_date, "model_version": version, "kind": REALIZED_ONLINE,
+                    **metrics, "threshold": thresholds.get(version)})
+    return pd.DataFrame(out)
+
+
 # ---------------------------------------------------------------- the stage
 
 def champion_to_monitor(config: ChurnConfig) -> tuple[ChurnModel, DriftReference]:
@@ -315,11 +350,16 @@ def write_measurements(
         for record in realized.to_dict("records"):
             session.append(PERFORMANCE_SPEC, pd.DataFrame([{**record, "computed_at": now}]),
                            where="kind = ? and as_of_date = ? and model_version = ?",
-                           params=[REALIZED, record["as_of_date"], record["model_version"]])
+                           params=[record["kind"], record["as_of_date"], record["model_version"]])
 
 
-def measure(config: ChurnConfig, run_id: str | None = None) -> MonitorResult:
-    """Compute and write tonight's drift and performance rows for the champion."""
+def measure(config: ChurnConfig, run_id: str | None = None,
+            logged: Callable[[Session], pd.DataFrame] | None = None) -> MonitorResult:
+    """Compute and write tonight's drift and performance rows for the champion.
+
+    `logged` reads the API's logged answers from the build database (passed in
+    by the pipeline: the log's owner sits beside monitoring, not below it).
+    """
     started = time.perf_counter()
     run_id = run_id or new_run_id()
     model, reference = champion_to_monitor(config)
@@ -331,6 +371,9 @@ def measure(config: ChurnConfig, run_id: str | None = None) -> MonitorResult:
         estimated = estimated_metrics(tonight.probability, tonight.flagged)
         with timed("realized performance of earlier snapshots", log):
             realized = realized_performance(session, config, model.contract, tonight.as_of_date, run_id)
+            if logged is not None:
+                online = realized_online_performance(session, config, model.contract, logged(session), run_id)
+                realized = pd.concat([realized, online], ignore_index=True) if len(online) else realized
         write_measurements(session, run_id, tonight.as_of_date, version, model.threshold, findings,
                            estimated, realized)
     result = MonitorResult(

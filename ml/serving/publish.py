@@ -50,6 +50,7 @@ PUBLISHED_TABLES = (
     "drift_stats",
     "model_performance",
     "retrain_decisions",
+    "prediction_log",
 )
 PUBLISH_INFO = declare(
     name="publish_info",

@@ -1,0 +1,389 @@
+"""The mart's own compiled SQL, compiled once and kept prepared for requests.
+
+The dbt project is compiled once, at server start, with a sentinel as_of date;
+the sentinel literal is then replaced by `getvariable('churn_as_of')`, so one
+compiled chain serves every as_of date and nothing is compiled on the request
+path. Each connection of a small pool of in-memory DuckDBs holds empty typed
+copies of the raw source tables and the staging -> intermediate -> mart models
+as views over them. A request fills the raw tables inside a transaction, sets
+the date, checks the nightly's own dbt tests on the staging views, reads the
+mart, and rolls back: the connection is clean for the next request.
+
+No feature is re-implemented in Python, so the API and `churn_scores` agree.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import queue
+import re
+import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ml.config import ChurnConfig
+from ml.features.contract import load_contract
+from ml.features.dbt import run_dbt
+from ml.logs import get_logger, timed
+from ml.warehouse import MEMORY, Session, connect, quote, quote_literal
+
+log = get_logger("serve")
+
+# Compiling against ":memory:" makes every relation "memory"."main"."<model>",
+# the default catalog of a fresh in-memory DuckDB connection.
+COMPILE_DATABASE = ":memory:"
+# A date no data holds; the point-in-time macros compile it as '<date>'::date.
+SENTINEL_AS_OF = "1111-11-11"
+AS_OF_VARIABLE = "churn_as_of"
+_SENTINEL_SQL = f"'{SENTINEL_AS_OF}'::date"
+_AS_OF_SQL = f"getvariable('{AS_OF_VARIABLE}')::date"
+# dbt tests of the staging models that judge single values or rows, so they hold for any subset of
+# customers (uniqueness and relationships need the whole table and stay with the nightly).
+ROW_TESTS = ("accepted_values", "accepted_range", "expression_is_true", "not_null")
+# What is not code in SQL: string literals, quoted identifiers and comments (quotes doubled inside).
+_NOT_CODE = re.compile(r"""'(?:[^']|'')*'|"(?:[^"]|"")*"|--[^\n]*|/\*.*?(?:\*/|$)""", re.S)
+
+
+class RequestError(ValueError):
+    """The request cannot be scored as given; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class CompiledSource:
+    """A raw table as the compiled SQL reads it."""
+
+    name: str
+    relation: str  # the expression the compiled SQL uses, e.g. read_parquet('.../customers.parquet')
+    columns: dict[str, str | None]  # declared column -> declared data_type
+    key_column: str | None
+    date_bounds: dict[str, tuple[str | None, str | None]]  # column -> (min, max) the landing suite allows
+
+    @property
+    def raw_table(self) -> str:
+        return f"__raw_{self.name}"
+
+
+@dataclass(frozen=True)
+class RowTest:
+    """One of the nightly's dbt tests on a staging model, as compiled SQL returning the failing rows."""
+
+    name: str
+    model: str
+    column: str | None
+    sql: str
+
+
+@dataclass(frozen=True)
+class CompiledFeatures:
+    """The mart and everything upstream of it, compiled once for any as_of date."""
+
+    mart: str
+    key: str
+    as_of_column: str
+    models: tuple[tuple[str, str], ...]  # (relation_name, select with the as_of variable) in dependency order
+    sources: tuple[CompiledSource, ...]
+    tests: tuple[RowTest, ...]
+
+
+def _dependency_order(nodes: dict[str, Any], target: str) -> list[str]:
+    """Model ids upstream of (and including) `target`, parents before children."""
+    ordered: list[str] = []
+    seen: set[str] = set()
+
+    def visit(node_id: str) -> None:
+        if node_id in seen:
+            return
+        seen.add(node_id)
+        for parent in nodes[node_id]["depends_on"]["nodes"]:
+            if parent in nodes and nodes[parent]["resource_type"] == "model":
+                visit(parent)
+        ordered.append(node_id)
+
+    visit(target)
+    return ordered
+
+
+def parametrise(sql: str, where: str) -> str:
+    """`sql` with the sentinel as_of literal replaced by the session variable; refuse any other trace of it."""
+    out = sql.replace(_SENTINEL_SQL, _AS_OF_SQL)
+    if SENTINEL_AS_OF in out:
+        raise RequestError(
+            f"{where}: the as_of var is used other than through the point-in-time macros "
+            f"(found {SENTINEL_AS_OF!r} outside {_SENTINEL_SQL}); the API cannot serve it without compiling"
+        )
+    return out
+
+
+def _date_bounds(config: ChurnConfig, table: str) -> dict[str, tuple[str | None, str | None]]:
+    """Literal or `today` date bounds of the landing suite's critical between-checks on `table`."""
+    path = config.warehouse.expectations_dir / config.dataset.name / f"raw_{table}.json"
+    if not path.exists():
+        return {}
+    bounds: dict[str, tuple[str | None, str | None]] = {}
+    for expectation in json.loads(path.read_text()).get("expectations", []):
+        kwargs = expectation.get("kwargs", {})
+        if expectation.get("type") != "expect_column_values_to_be_between" or "column" not in kwargs:
+            continue
+        if (expectation.get("meta") or {}).get("severity") != "critical":
+            continue
+
+        def literal(value: Any) -> str | None:
+            if isinstance(value, dict):
+                return "today" if value.get("$PARAMETER") == "today" else None
+            return None if value is None else str(value)
+
+        bounds[kwargs["column"]] = (literal(kwargs.get("min_value")), literal(kwargs.get("max_value")))
+    return bounds
+
+
+def compile_features(config: ChurnConfig, workdir: Path | None = None) -> CompiledFeatures:
+    """Compile the dataset's mart once (sentinel as_of) and collect the SQL every request runs."""
+    target = (workdir or Path(tempfile.mkdtemp(prefix="churn-serve-"))) / f"compiled-{config.dataset.name}"
+    with timed("compiling the feature SQL once for every as_of date", log):
+        run_dbt(config, "compile", as_of=SENTINEL_AS_OF, target_path=target, database=COMPILE_DATABASE)
+    manifest = json.loads((target / "manifest.json").read_text())
+    nodes = manifest["nodes"]
+    mart_id = next(
+        (k for k, n in nodes.items() if n["resource_type"] == "model" and n["name"] == config.dataset.feature_mart),
+        None,
+    )
+    if mart_id is None:
+        raise RequestError(f"dbt project has no model {config.dataset.feature_mart!r}")
+    contract = load_contract(target / "manifest.json", config.dataset.feature_mart)
+    order = _dependency_order(nodes, mart_id)
+    used_sources = {p for n in order for p in nodes[n]["depends_on"]["nodes"] if p.startswith("source.")}
+    sources = []
+    for source_id in sorted(used_sources):
+        source = manifest["sources"][source_id]
+        meta = {**(source.get("meta") or {}), **((source.get("config") or {}).get("meta") or {})}
+        columns = {name: col.get("data_type") for name, col in source["columns"].items()}
+        key_column = meta.get("entity_key", config.problem.entity_key)
+        sources.append(CompiledSource(
+            name=source["name"], relation=source["relation_name"], columns=columns,
+            key_column=key_column if key_column in columns else None,
+            date_bounds=_date_bounds(config, source["name"]),
+        ))
+    staging = {n for n in order if nodes[n]["fqn"][1:2] == ["staging"]}
+    tests = []
+    for node in nodes.values():
+        meta = node.get("test_metadata") or {}
+        attached = node.get("attached_node")
+        if node["resource_type"] != "test" or attached not in staging or meta.get("name") not in ROW_TESTS:
+            continue
+        if (node.get("config") or {}).get("severity", "error").lower() != "error":
+            continue
+        tests.append(RowTest(meta["name"], nodes[attached]["name"], node.get("column_name"),
+                             parametrise(node["compiled_code"], node["name"])))
+    return CompiledFeatures(
+        mart=config.dataset.feature_mart,
+        key=contract.key,
+        as_of_column=contract.as_of,
+        models=tuple((nodes[n]["relation_name"], parametrise(nodes[n]["compiled_code"], nodes[n]["name"]))
+                     for n in order),
+        sources=tuple(sources),
+        tests=tuple(sorted(tests, key=lambda t: (t.model, t.column or "", t.name))),
+    )
+
+
+def _declared_type(dtype: str | None) -> str:
+    return dtype or "varchar"
+
+
+def _text_frame(source: CompiledSource, rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Request rows as text columns in declared order (typing is SQL's job, with a named error)."""
+    unknown = sorted({c for row in rows for c in row} - set(source.columns))
+    if unknown:
+        raise RequestError(f"table {source.name!r} ({len(rows)} rows) has undeclared column(s) {', '.join(unknown)}")
+    missing = [c for c in source.columns if rows and any(c not in row for row in rows)]
+    if missing:
+        raise RequestError(f"table {source.name!r} ({len(rows)} rows) lacks column(s) {', '.join(missing)}")
+    data = {c: pd.Series([None if r[c] is None else str(r[c]) for r in rows], dtype=object) for c in source.columns}
+    return pd.DataFrame(data)
+
+
+class FeatureConnection:
+    """One in-memory DuckDB holding the raw tables and the model views, used by one request at a time."""
+
+    def __init__(self, compiled: CompiledFeatures) -> None:
+        self.compiled = compiled
+        self._stack = ExitStack()
+        self.session: Session = self._stack.enter_context(connect(MEMORY))
+        for source in compiled.sources:
+            columns = ", ".join(f"{quote(c)} {_declared_type(t)}" for c, t in source.columns.items())
+            self.session.execute(f"create table {quote(source.raw_table)} ({columns})")
+        self.session.execute(f"set variable {AS_OF_VARIABLE} = ?", [SENTINEL_AS_OF])
+        local = {s.relation: quote(s.raw_table) for s in compiled.sources}
+        for relation, sql in compiled.models:
+            self.session.execute(f"create view {relation} as {replace_relations(sql, local)}")
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def features(self, tables: dict[str, list[dict[str, Any]]], as_of: dt.date, today: dt.date) -> pd.DataFrame:
+        """Features of the request's customers at `as_of`, after the nightly's checks on their rows."""
+        session = self.session
+        session.execute("begin transaction")
+        try:
+            for source in self.compiled.sources:
+                if source.name not in tables:
+                    raise RequestError(f"table {source.name!r} is missing from the request")
+                rows = tables[source.name]
+                frame = _text_frame(source, rows)
+                with session.registered(frame) as incoming:
+                    _reject_uncastable(session, source, incoming, len(frame))
+                    select_list = ", ".join(
+                        f"cast(nullif(trim({quote(c)}), '') as {_declared_type(t)})" for c, t in source.columns.items()
+                    )
+                    session.execute(f"insert into {quote(source.raw_table)} select {select_list} from {incoming}")
+                _reject_out_of_bounds(session, source, len(frame), today)
+            session.execute(f"set variable {AS_OF_VARIABLE} = ?", [as_of.isoformat()])
+            _reject_failed_tests(session, self.compiled.tests)
+            mart = self.compiled.models[-1][0]
+            return session.frame(f"select * from {mart} where {quote(self.compiled.as_of_column)} = ?", [as_of])
+        finally:
+            session.execute("rollback")
+
+
+def _reject_uncastable(session: Session, source: CompiledSource, incoming: str, rows: int) -> None:
+    """Name the column and row count of values that do not fit the declared type."""
+    typed = [(column, dtype) for column, dtype in source.columns.items() if dtype]
+    if not typed or not rows:
+        return
+    value = "nullif(trim({c}), '')"
+    counts = ", ".join(
+        f"count(*) filter (where {value.format(c=quote(c))} is not null "
+        f"and try_cast({value.format(c=quote(c))} as {t}) is null)"
+        for c, t in typed
+    )
+    [bad_counts] = session.rows(f"select {counts} from {incoming}")
+    for (column, dtype), bad in zip(typed, bad_counts, strict=True):
+        if bad:
+            raise RequestError(f"table {source.name!r}, column {column!r}: {bad} of {rows} value(s) are not {dtype}")
+
+
+def _reject_out_of_bounds(session: Session, source: CompiledSource, rows: int, today: dt.date) -> None:
+    """The landing suite's critical date bands (e.g. no date after today), on the request's rows."""
+    for column, (low, high) in source.date_bounds.items():
+        if column not in source.columns:
+            continue
+        checks = []
+        for bound, op in ((low, "<"), (high, ">")):
+            if bound is not None:
+                literal = today.isoformat() if bound == "today" else bound
+                checks.append(f"cast({quote(column)} as date) {op} {quote_literal(literal)}::date")
+        if not checks:
+            continue
+        bad = session.scalar(f"select count(*) from {quote(source.raw_table)} where {' or '.join(checks)}")
+        if bad:
+            band = f"[{low or '-inf'}, {today if high == 'today' else high or '+inf'}]"
+            raise RequestError(
+                f"table {source.name!r}, column {column!r}: {bad} of {rows} row(s) outside {band} "
+                "(the landing suite's critical date band)"
+            )
+
+
+def _reject_failed_tests(session: Session, tests: tuple[RowTest, ...]) -> None:
+    """The nightly's dbt tests on staging, run over the request's rows: a failure names model, column, rows."""
+    for test in tests:
+        failing = session.scalar(f"select count(*) from ({test.sql}) as failures")
+        if failing:
+            column = f", column {test.column!r}" if test.column else ""
+            raise RequestError(f"table {test.model!r}{column}: {failing} row(s) fail the nightly's {test.name} test")
+
+
+class FeaturePool:
+    """A fixed number of prepared feature connections; a request borrows one and returns it clean."""
+
+    def __init__(self, compiled: CompiledFeatures, size: int) -> None:
+        self.compiled = compiled
+        self._all = [FeatureConnection(compiled) for _ in range(size)]
+        self._free: queue.Queue[FeatureConnection] = queue.Queue()
+        for connection in self._all:
+            self._free.put(connection)
+
+    @contextmanager
+    def connection(self) -> Iterator[FeatureConnection]:
+        connection = self._free.get()
+        try:
+            yield connection
+        finally:
+            self._free.put(connection)
+
+    def close(self) -> None:
+        for connection in self._all:
+            connection.close()
+
+
+def read_landing_rows(compiled: CompiledFeatures, customer_ids: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """The raw rows of `customer_ids` in every source, read from the landing files, as request rows."""
+    tables: dict[str, list[dict[str, Any]]] = {}
+    with connect(MEMORY) as session:
+        for source in compiled.sources:
+            if source.key_column is None:
+                raise RequestError(
+                    f"source table {source.name!r} has no customer key column; "
+                    "set `entity_key` in its source meta to look customers up"
+                )
+            placeholders = ", ".join("?" for _ in customer_ids)
+            columns = ", ".join(f"cast({quote(c)} as varchar) as {quote(c)}" for c in source.columns)
+            key = quote(source.key_column)
+            frame = session.frame(
+                f"select {columns} from {source.relation} where {key}::varchar in ({placeholders})", customer_ids
+            )
+            tables[source.name] = [
+                {c: (None if pd.isna(v) else v) for c, v in row.items()} for row in frame.to_dict("records")
+            ]
+    return tables
+
+
+def snapshot_features(compiled: CompiledFeatures, as_of: dt.date) -> pd.DataFrame:
+    """Every active customer's features at `as_of`, by the same SQL over the whole landing files."""
+    with connect(MEMORY) as session:
+        session.execute(f"set variable {AS_OF_VARIABLE} = ?", [as_of.isoformat()])
+        for relation, sql in compiled.models:
+            session.execute(f"create table {relation} as {sql}")
+        return session.frame(
+            f"select * from {compiled.models[-1][0]} where {quote(compiled.as_of_column)} = ?", [as_of]
+        )
+
+
+def replace_relations(sql: str, relations: dict[str, str]) -> str:
+    """`sql` with each relation reference (dict key, as dbt compiled it) replaced by its value.
+
+    A reference matches only where a SQL name or expression can start: in code
+    or at the opening quote of a quoted identifier, never inside a string
+    literal, a comment or a quoted identifier, and never as part of a longer
+    (e.g. qualified) name. So a column or a literal that happens to spell a
+    relation's name is left alone. A match may run on through literals and
+    identifiers: dbt compiles a file source as `read_parquet('.../x.parquet')`
+    and a table as `"db"."schema"."x"`.
+    """
+    if not relations:
+        return sql
+    inside: list[tuple[int, int]] = []  # spans where no reference may start
+    for token in _NOT_CODE.finditer(sql):
+        first = token.start() + (1 if token.group().startswith('"') else 0)  # a quoted name may start one
+        inside.append((first, token.end()))
+    pattern = re.compile("|".join(re.escape(r) for r in sorted(relations, key=len, reverse=True)))
+    out, last = [], 0
+    for match in pattern.finditer(sql):
+        start, end = match.span()
+        if any(a <= start < b for a, b in inside):
+            continue
+        if (start > 0 and _name_char(sql[start - 1])) or (end < len(sql) and _name_char(sql[end])):
+            continue
+        out += [sql[last:start], relations[match.group()]]
+        last = end
+    out.append(sql[last:])
+    return "".join(out)
+
+
+def _name_char(char: str) -> bool:
+    """Whether `char` next to a match would make it part of a longer name (`x.customers`, `customers_2`)."""
+    return char.isalnum() or char in '_."'

@@ -1,0 +1,146 @@
+"""What the API serves from: the published state, indexed in memory and swapped whole on a new publish.
+
+The published database (what BI reads) is opened read-only just long enough
+to copy tonight's `churn_scores` and the snapshot dates of the history; the
+champion it names is loaded and tonight's feature values are computed by the
+mart's own SQL. The server holds one `PublishedState` reference; a watcher
+builds the next one when `publish_info` changes and swaps the reference, so a
+request that already took the old state finishes on it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from ml.config import ChurnConfig
+from ml.logs import get_logger, timed
+from ml.modeling.explain import Explainer
+from ml.modeling.model import ChurnModel
+from ml.modeling.registry import REGISTRY_TABLE, champion_in, load_model
+from ml.modeling.score import HISTORY_SPEC, SCORES_SPEC, latest_scores_summary, published_scores, scored_dates
+from ml.serving.features import CompiledFeatures, RequestError, snapshot_features
+from ml.serving.publish import PublishInfo, published_info
+from ml.warehouse import connect, is_missing, json_value
+
+log = get_logger("serve")
+
+
+def answer_value(value: Any) -> Any:
+    """A feature or key value as the API answers it: plain JSON, dates cut to YYYY-MM-DD."""
+    if isinstance(value, (pd.Timestamp, dt.date)) and not is_missing(value):
+        return value.isoformat()[:10]
+    return json_value(value)
+
+
+@dataclass(frozen=True)
+class PublishedState:
+    """One publish, ready to answer: the champion, tonight's answers by customer, the dates served."""
+
+    info: PublishInfo | None
+    stamp: tuple[int, int]  # (inode, mtime_ns) of the published file it was read from
+    model: ChurnModel
+    explainer: Explainer
+    tonight: dt.date
+    served_dates: tuple[dt.date, ...]
+    answers: dict[str, dict[str, Any]] = field(repr=False)
+
+
+def file_stamp(path: os.PathLike[str]) -> tuple[int, int]:
+    """Changes whenever publish `os.replace`s the file."""
+    stat = os.stat(path)
+    return stat.st_ino, stat.st_mtime_ns
+
+
+def _answers(scores: pd.DataFrame, features: pd.DataFrame, model: ChurnModel) -> dict[str, dict[str, Any]]:
+    """Tonight's published rows as API answers, keyed by customer id (as text)."""
+    key, as_of = model.contract.key, model.contract.as_of
+    by_key = features.set_index(features[key].astype(str)) if len(features) else features
+    reason_names = [c for c in scores.columns if c.startswith("reason_") and not c.endswith("_contribution")]
+    names = list(model.contract.feature_names)
+    out: dict[str, dict[str, Any]] = {}
+    for row in scores.to_dict("records"):
+        customer = str(row[key])
+        feature_row = by_key.loc[customer] if customer in by_key.index else None
+        out[customer] = {
+            "customer_id": customer,
+            "as_of": answer_value(row[as_of]),
+            "churn_probability": float(row["churn_probability"]),
+            "will_churn": bool(row["will_churn"]),
+            "risk_band": row["risk_band"],
+            "model_version": row["model_version"],
+            "reasons": [{"feature": row[n], "contribution": answer_value(row[f"{n}_contribution"])}
+                        for n in reason_names if not is_missing(row[n])],
+            "features": {f: answer_value(feature_row[f]) for f in names} if feature_row is not None else {},
+        }
+    return out
+
+
+def load_state(config: ChurnConfig, compiled: CompiledFeatures) -> PublishedState:
+    """Read the published database once, read-only, and build everything a request needs."""
+    db = config.warehouse.published_db
+    if not db.exists():
+        raise RequestError(f"nothing published yet ({db} missing); run `make nightly` first")
+    stamp = file_stamp(db)
+    with connect(db, read_only=True) as session:
+        present = set(session.tables())
+        for table in (REGISTRY_TABLE, SCORES_SPEC.name):
+            if table not in present:
+                raise RequestError(f"published database {db} has no {table} table; run `make nightly`")
+        info = published_info(session)
+        version = champion_in(session, config.dataset.name)
+        summary = latest_scores_summary(session, config.problem.as_of_column)
+        if version is None or summary is None or summary.last_as_of is None:
+            raise RequestError(f"published database {db} has no champion or scores for {config.dataset.name!r}")
+        scores = published_scores(session)
+        history = scored_dates(session, config.problem.as_of_column) if session.exists(HISTORY_SPEC) else []
+    with timed(f"loading champion {version} and tonight's features", log):
+        model = load_model(config, version, registry_db=db)
+        features = snapshot_features(compiled, summary.last_as_of)
+    served = tuple(sorted({*history, summary.last_as_of}))
+    return PublishedState(info, stamp, model, Explainer(model), summary.last_as_of, served,
+                          _answers(scores, features, model))
+
+
+class StateHolder:
+    """The current state, and a watcher thread that swaps in the next publish without a restart."""
+
+    def __init__(self, config: ChurnConfig, compiled: CompiledFeatures) -> None:
+        self.config = config
+        self.compiled = compiled
+        self.current: PublishedState = load_state(config, compiled)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def refresh(self) -> bool:
+        """Load the published database if it changed since the current state; True when swapped."""
+        db = self.config.warehouse.published_db
+        try:
+            if file_stamp(db) == self.current.stamp:
+                return False
+            state = load_state(self.config, self.compiled)
+        except Exception:  # a half-finished nightly must not take the server down: keep serving the old state
+            log.exception("could not load the new publish of %s; still serving %s", db, self.current.info)
+            return False
+        self.current = state  # one reference assignment: requests hold whichever state they took
+        log.info("serving publish %s (model %s, %d customers)", state.info, state.model.version, len(state.answers))
+        return True
+
+    def start(self) -> None:
+        def watch() -> None:
+            while not self._stop.wait(self.config.serving.reload_seconds):
+                self.refresh()
+
+        self._thread = threading.Thread(target=watch, name="publish-watcher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
