@@ -107,14 +107,25 @@ def sandbox_config(config: ChurnConfig, folder: Path | None = None) -> ChurnConf
     )
 
 
-def reset_sandbox(config: ChurnConfig) -> None:
-    """Remove a previous replay's sandbox (only a folder this module created)."""
+def check_sandbox(config: ChurnConfig) -> None:
+    """Refuse a folder that exists and is not a backfill sandbox (it is about to be emptied)."""
     folder = config.warehouse.dir
-    if folder.exists():
-        if not (folder / SANDBOX_MARKER).exists():
-            raise BackfillError(f"{folder} exists and is not a backfill sandbox; choose another --into folder")
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
+    if folder.exists() and any(folder.iterdir()) and not (folder / SANDBOX_MARKER).exists():
+        raise BackfillError(f"{folder} exists and is not a backfill sandbox; choose another --into folder")
+
+
+def reset_sandbox(config: ChurnConfig, keep: Path | None = None) -> None:
+    """Empty a previous replay's sandbox (only a folder this module created), except `keep` (the run lock)."""
+    check_sandbox(config)
+    folder = config.warehouse.dir
+    folder.mkdir(parents=True, exist_ok=True)
+    for child in folder.iterdir():
+        if keep is not None and child == keep:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
     (folder / SANDBOX_MARKER).write_text("created by churn backfill; removed by the next backfill\n")
 
 
@@ -163,26 +174,35 @@ def backfill(
     into: Path | None = None,
     month_starts: bool = True,
 ) -> BackfillResult:
-    """Replay `churn nightly --as-of` for each scheduled date; returns the config it wrote to."""
-    from ml.pipeline import nightly
+    """Replay `churn nightly --as-of` for each scheduled date; returns the config it wrote to.
+
+    The whole replay holds the target warehouse's run lock (so no nightly or other
+    backfill writes it meanwhile), and SIGTERM stops it like Ctrl-C: the running
+    dbt child is ended and the night's step recorded as failed.
+    """
+    from ml.pipeline import nightly, run_lock, terminate_as_interrupt
 
     every = every or config.monitoring.backfill_every
     parse_every(every)
     target = config if in_place else sandbox_config(config, into)
     if not in_place:
-        reset_sandbox(target)
-    end = end or data_end(target)
-    start = start or _add_months(end, -config.monitoring.backfill_months)
-    dates = schedule(start, end, every, month_starts)
-    if in_place:
-        check_no_future_champion(target, dates[0])
-    log.info("backfill of %d nights from %s to %s (every %s) into %s", len(dates), dates[0], dates[-1],
-             every, target.warehouse.dir)
-    started = time.perf_counter()
-    run_ids: list[str] = []
-    for i, day in enumerate(dates, 1):
-        with timed(f"backfill night {i}/{len(dates)} as of {day}", log):
-            run_ids.append(nightly(target, as_of=day.isoformat()).run_id)
+        check_sandbox(target)
+    replay_id = dt.datetime.now().strftime("backfill-%Y%m%dT%H%M%S")
+    with terminate_as_interrupt(), run_lock(target, replay_id) as lock:
+        if not in_place:
+            reset_sandbox(target, keep=lock.path)
+        end = end or data_end(target)
+        start = start or _add_months(end, -config.monitoring.backfill_months)
+        dates = schedule(start, end, every, month_starts)
+        if in_place:
+            check_no_future_champion(target, dates[0])
+        log.info("backfill of %d nights from %s to %s (every %s) into %s", len(dates), dates[0], dates[-1],
+                 every, target.warehouse.dir)
+        started = time.perf_counter()
+        run_ids: list[str] = []
+        for i, day in enumerate(dates, 1):
+            with timed(f"backfill night {i}/{len(dates)} as of {day}", log):
+                run_ids.append(nightly(target, as_of=day.isoformat(), lock=lock).run_id)
     return BackfillResult(target, dates, run_ids, time.perf_counter() - started)
 
 

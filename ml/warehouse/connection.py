@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -37,6 +38,10 @@ _frame_names = itertools.count()
 
 class WarehouseError(RuntimeError):
     """A warehouse table is missing or not what a stage expects."""
+
+
+class DatabaseBusyError(WarehouseError):
+    """Another process has the database file open, so this one cannot lock it."""
 
 
 # What the engine raises for a statement it cannot run (a corrupt file, a bad cast):
@@ -203,6 +208,26 @@ def _name(table: str | TableSpec) -> str:
     return table.name if isinstance(table, TableSpec) else str(table)
 
 
+def busy_message(path: Path, engine_message: str) -> str:
+    """What to do when another process holds the file (DuckDB's own hint, "open it read-only", is
+    no help to a nightly that must write)."""
+    holder = re.search(r"\(PID (\d+)\)", engine_message)
+    who = f"process {holder.group(1)}" if holder else "another process"
+    return (f"database {path} is open in {who}, and DuckDB lets only one process open a file while it is "
+            "written. BI tools and ad-hoc queries should read the published database "
+            "(warehouse.published_db, published.duckdb), which each nightly replaces atomically and never "
+            f"locks; close {who} (or wait for the run holding it) and run again.")
+
+
+def _open(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
+    try:
+        return duckdb.connect(str(path), read_only=read_only)
+    except duckdb.IOException as exc:
+        if "lock" not in str(exc).lower():
+            raise
+        raise DatabaseBusyError(busy_message(path, str(exc))) from None
+
+
 @contextmanager
 def connect(path: Path | str, read_only: bool = False) -> Iterator[Session]:
     """Open a warehouse file (or `":memory:"`) and always close it: DuckDB locks the file while open."""
@@ -213,7 +238,7 @@ def connect(path: Path | str, read_only: bool = False) -> Iterator[Session]:
         if read_only and not path.exists():
             raise WarehouseError(f"database not found: {path}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        con = duckdb.connect(str(path), read_only=read_only)
+        con = _open(path, read_only)
     try:
         yield Session(con, str(path), read_only)
     finally:
