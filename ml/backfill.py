@@ -137,7 +137,7 @@ def data_end(config: ChurnConfig) -> dt.date:
 
     ensure_landing(config)
     build_warehouse(config)
-    with connect(config.warehouse.build_db, read_only=True) as session:
+    with connect(config.warehouse.build_db, read_only=True, settings=config.warehouse.engine) as session:
         latest = latest_snapshot_date(session, config, current_contract(config))
     if latest is None:
         raise BackfillError(f"feature mart {config.dataset.feature_mart!r} is empty; nothing to replay")
@@ -150,7 +150,7 @@ def check_no_future_champion(config: ChurnConfig, start: dt.date) -> None:
 
     if not config.warehouse.build_db.exists():
         return
-    with connect(config.warehouse.build_db, read_only=True) as session:
+    with connect(config.warehouse.build_db, read_only=True, settings=config.warehouse.engine) as session:
         if champion_in(session, config.dataset.name) is None:
             return
     model = load_champion(config)

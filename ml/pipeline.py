@@ -111,7 +111,7 @@ def _append_run_row(config: ChurnConfig, run_id: str, step: str, as_of: str | No
             "message": message[:4000],
         }]
     )
-    with connect(config.warehouse.build_db) as session:
+    with connect(config.warehouse.build_db, settings=config.warehouse.engine) as session:
         session.append(PIPELINE_RUNS_SPEC, row)
 
 

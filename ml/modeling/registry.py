@@ -248,7 +248,7 @@ def _registry_row(config: ChurnConfig, version: str, registry_db: Path | None = 
     if not db.exists():
         raise RegistryError(f"no model registry: database {db} does not exist")
     # Another database (the published copy) is only ever read: servers must not lock it.
-    with connect(db, read_only=registry_db is not None) as session:
+    with connect(db, read_only=registry_db is not None, settings=config.warehouse.engine) as session:
         if not session.exists(REGISTRY):
             raise RegistryError(f"no model registry: table {REGISTRY.name!r} not found in {db}")
         frame = session.frame(f"select * from {quote(REGISTRY.name)} where model_version = ?", [version])
@@ -432,7 +432,7 @@ def champion_version(config: ChurnConfig) -> str | None:
     db = config.warehouse.build_db
     if not db.exists():
         return None
-    with connect(db) as session:
+    with connect(db, settings=config.warehouse.engine) as session:
         return champion_in(session, config.dataset.name)
 
 
@@ -447,7 +447,7 @@ def registry_frame(config: ChurnConfig) -> pd.DataFrame:
     db = config.warehouse.build_db
     if not db.exists():
         return pd.DataFrame()
-    with connect(db) as session:
+    with connect(db, settings=config.warehouse.engine) as session:
         if not session.exists(REGISTRY):
             return pd.DataFrame()
         return session.frame(
@@ -458,7 +458,7 @@ def registry_frame(config: ChurnConfig) -> pd.DataFrame:
 
 def _evaluation_rows(config: ChurnConfig, model: ChurnModel) -> pd.DataFrame:
     """The challenger's out-of-time (or hold-out) rows, re-read from the feature mart."""
-    with connect(config.warehouse.build_db) as session:
+    with connect(config.warehouse.build_db, settings=config.warehouse.engine) as session:
         return load_evaluation_rows(session, config, model.contract, model.metadata.validation)
 
 
@@ -577,7 +577,7 @@ def register(
         staging_dir.rename(final_dir)
         now = dt.datetime.now()
         row = _new_registry_row(config, registered, run_id, oot_metrics, comparison, hashes, now)
-        with connect(config.warehouse.build_db) as session:
+        with connect(config.warehouse.build_db, settings=config.warehouse.engine) as session:
             _write_registry_row(session, config, row, comparison.promoted, now)
     except Exception:
         shutil.rmtree(staging_dir, ignore_errors=True)

@@ -324,7 +324,7 @@ def measure(config: ChurnConfig, run_id: str | None = None) -> MonitorResult:
     run_id = run_id or new_run_id()
     model, reference = champion_to_monitor(config)
     version = str(model.version)
-    with connect(config.warehouse.build_db) as session:
+    with connect(config.warehouse.build_db, settings=config.warehouse.engine) as session:
         ensure_tables(session)
         tonight = read_tonight(session, config, model)
         findings = compute_drift(model, reference, tonight, config)
@@ -398,7 +398,7 @@ def policy_inputs(config: ChurnConfig, result: MonitorResult, today: dt.date) ->
     """What the policy needs, read through the owners of each fact (registry, training runs, mart)."""
     model = registry.load_model(config, result.model_version)
     champion_up_to = (model.metadata.snapshot_range or [None, None])[1]
-    with connect(config.warehouse.build_db, read_only=True) as session:
+    with connect(config.warehouse.build_db, read_only=True, settings=config.warehouse.engine) as session:
         since = champion_since(session, result.model_version, today)
         realized, realized_as_of = latest_realized_recall(session, result.model_version)
         known = [d for d in (_date(champion_up_to) if champion_up_to else None,
@@ -438,7 +438,7 @@ def record_decision(config: ChurnConfig, result: MonitorResult, today: dt.date, 
         "message": outcome.message[:4000],
         "decided_at": pd.Timestamp(dt.datetime.now()),
     }])
-    with connect(config.warehouse.build_db) as session:
+    with connect(config.warehouse.build_db, settings=config.warehouse.engine) as session:
         ensure_tables(session)
         session.append(DECISIONS_SPEC, row, where="run_id = ?", params=[result.run_id])
 

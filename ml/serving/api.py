@@ -256,7 +256,7 @@ def published_champion(config: ChurnConfig) -> tuple[str, dt.date]:
     db = config.warehouse.published_db
     if not db.exists():
         raise RequestError(f"nothing published yet ({db} missing); run `make nightly` first")
-    with connect(db, read_only=True) as session:
+    with connect(db, read_only=True, settings=config.warehouse.engine) as session:
         present = set(session.tables())
         for table in (REGISTRY_TABLE, SCORES_TABLE):
             if table not in present:

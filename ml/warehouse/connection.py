@@ -21,7 +21,7 @@ import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import duckdb
 import pandas as pd
@@ -50,6 +50,12 @@ EngineError = duckdb.Error
 
 
 Params = Sequence[Any] | None
+
+
+class EngineSettings(Protocol):
+    """What `connect` needs of the configured engine settings (ml.config.EngineSettings)."""
+
+    def pragmas(self) -> dict[str, str | int]: ...
 
 
 class Session:
@@ -125,6 +131,10 @@ class Session:
             f"select table_name from information_schema.tables where table_schema = ?{kind} order by table_name",
             [schema],
         )]
+
+    def setting(self, name: str) -> Any:
+        """The engine's current value of a setting (e.g. memory_limit), as it reports it."""
+        return self.scalar("select current_setting(?)", [name])
 
     def row_count(self, table: str | TableSpec) -> int:
         return int(self.scalar(f"select count(*) from {quote(_name(table))}"))
@@ -219,9 +229,9 @@ def busy_message(path: Path, engine_message: str) -> str:
             f"locks; close {who} (or wait for the run holding it) and run again.")
 
 
-def _open(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
+def _open(path: Path, read_only: bool, settings: dict[str, str | int]) -> duckdb.DuckDBPyConnection:
     try:
-        return duckdb.connect(str(path), read_only=read_only)
+        return duckdb.connect(str(path), read_only=read_only, config=settings)
     except duckdb.IOException as exc:
         if "lock" not in str(exc).lower():
             raise
@@ -229,16 +239,21 @@ def _open(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
 
 
 @contextmanager
-def connect(path: Path | str, read_only: bool = False) -> Iterator[Session]:
-    """Open a warehouse file (or `":memory:"`) and always close it: DuckDB locks the file while open."""
+def connect(path: Path | str, read_only: bool = False, settings: EngineSettings | None = None) -> Iterator[Session]:
+    """Open a warehouse file (or `":memory:"`) and always close it: DuckDB locks the file while open.
+
+    `settings` (churn.yml's warehouse memory_limit, threads, temp_directory) bound
+    what the engine may use; every connection of the pipeline passes them.
+    """
+    pragmas = settings.pragmas() if settings is not None else {}
     if str(path) == MEMORY:
-        con = duckdb.connect(MEMORY)
+        con = duckdb.connect(MEMORY, config=pragmas)
     else:
         path = Path(path)
         if read_only and not path.exists():
             raise WarehouseError(f"database not found: {path}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        con = _open(path, read_only)
+        con = _open(path, read_only, pragmas)
     try:
         yield Session(con, str(path), read_only)
     finally:
