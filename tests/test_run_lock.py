@@ -156,6 +156,23 @@ def test_sigterm_ends_the_dbt_child_and_records_the_step(private_warehouse: Chur
     assert live_group_members(proc.pid) == []  # nothing of the run's process group is left running
 
 
+def test_sigterm_stops_a_backfill_and_its_dbt_child(built_warehouse: ChurnConfig, tmp_path: Path) -> None:
+    """`make backfill` stopped while dbt builds: no dbt left running, lock released, exit 130."""
+    config = copy_warehouse(built_warehouse, tmp_path / "wh")
+    log = tmp_path / "backfill.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ml.cli", "--config", str(config.source_file), "backfill", "--every", "1m"],
+        cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=open(log, "w"), start_new_session=True)
+    wait_for(lambda: any(" build " in c and "dbt" in c for c in child_commands(proc.pid)), proc, log)
+    time.sleep(2)
+    assert child_commands(proc.pid), "dbt finished before the signal"
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=120) == 130, log.read_text()[-3000:]
+    assert live_group_members(proc.pid) == []
+    sandbox_db = config.warehouse.dir / "backfill" / config.warehouse.build_db.name
+    assert lock_path(sandbox_db).read_text() == ""
+
+
 def live_group_members(group: int) -> list[str]:
     """Command lines of the group's processes that still run (zombies awaiting a reaper excluded)."""
     found = []
