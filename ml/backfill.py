@@ -107,16 +107,18 @@ def sandbox_config(config: ChurnConfig, folder: Path | None = None) -> ChurnConf
     )
 
 
-def check_sandbox(config: ChurnConfig) -> None:
-    """Refuse a folder that exists and is not a backfill sandbox (it is about to be emptied)."""
+def check_sandbox(config: ChurnConfig, keep: Path | None = None) -> None:
+    """Refuse a folder that exists and is not a backfill sandbox (it is about to be emptied);
+    `keep` (the run lock this replay just created there) does not count."""
     folder = config.warehouse.dir
-    if folder.exists() and any(folder.iterdir()) and not (folder / SANDBOX_MARKER).exists():
+    contents = [child for child in folder.iterdir() if child != keep] if folder.exists() else []
+    if contents and not (folder / SANDBOX_MARKER).exists():
         raise BackfillError(f"{folder} exists and is not a backfill sandbox; choose another --into folder")
 
 
 def reset_sandbox(config: ChurnConfig, keep: Path | None = None) -> None:
     """Empty a previous replay's sandbox (only a folder this module created), except `keep` (the run lock)."""
-    check_sandbox(config)
+    check_sandbox(config, keep)
     folder = config.warehouse.dir
     folder.mkdir(parents=True, exist_ok=True)
     for child in folder.iterdir():
