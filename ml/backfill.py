@@ -107,14 +107,27 @@ def sandbox_config(config: ChurnConfig, folder: Path | None = None) -> ChurnConf
     )
 
 
-def reset_sandbox(config: ChurnConfig) -> None:
-    """Remove a previous replay's sandbox (only a folder this module created)."""
+def check_sandbox(config: ChurnConfig, keep: Path | None = None) -> None:
+    """Refuse a folder that exists and is not a backfill sandbox (it is about to be emptied);
+    `keep` (the run lock this replay just created there) does not count."""
     folder = config.warehouse.dir
-    if folder.exists():
-        if not (folder / SANDBOX_MARKER).exists():
-            raise BackfillError(f"{folder} exists and is not a backfill sandbox; choose another --into folder")
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
+    contents = [child for child in folder.iterdir() if child != keep] if folder.exists() else []
+    if contents and not (folder / SANDBOX_MARKER).exists():
+        raise BackfillError(f"{folder} exists and is not a backfill sandbox; choose another --into folder")
+
+
+def reset_sandbox(config: ChurnConfig, keep: Path | None = None) -> None:
+    """Empty a previous replay's sandbox (only a folder this module created), except `keep` (the run lock)."""
+    check_sandbox(config, keep)
+    folder = config.warehouse.dir
+    folder.mkdir(parents=True, exist_ok=True)
+    for child in folder.iterdir():
+        if keep is not None and child == keep:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
     (folder / SANDBOX_MARKER).write_text("created by churn backfill; removed by the next backfill\n")
 
 
@@ -126,7 +139,7 @@ def data_end(config: ChurnConfig) -> dt.date:
 
     ensure_landing(config)
     build_warehouse(config)
-    with connect(config.warehouse.build_db, read_only=True) as session:
+    with connect(config.warehouse.build_db, read_only=True, settings=config.warehouse.engine) as session:
         latest = latest_snapshot_date(session, config, current_contract(config))
     if latest is None:
         raise BackfillError(f"feature mart {config.dataset.feature_mart!r} is empty; nothing to replay")
@@ -139,7 +152,7 @@ def check_no_future_champion(config: ChurnConfig, start: dt.date) -> None:
 
     if not config.warehouse.build_db.exists():
         return
-    with connect(config.warehouse.build_db, read_only=True) as session:
+    with connect(config.warehouse.build_db, read_only=True, settings=config.warehouse.engine) as session:
         if champion_in(session, config.dataset.name) is None:
             return
     model = load_champion(config)
@@ -163,28 +176,38 @@ def backfill(
     into: Path | None = None,
     month_starts: bool = True,
 ) -> BackfillResult:
-    """Replay `churn nightly --as-of` for each scheduled date; returns the config it wrote to."""
-    from ml.pipeline import nightly
+    """Replay `churn nightly --as-of` for each scheduled date; returns the config it wrote to.
+
+    The whole replay holds the target warehouse's run lock (so no nightly or other
+    backfill writes it meanwhile), and SIGTERM stops it like Ctrl-C: the running
+    dbt child is ended and the night's step recorded as failed.
+    """
+    from ml.pipeline import nightly, run_lock, terminate_as_interrupt
 
     every = every or config.monitoring.backfill_every
     parse_every(every)
     target = config if in_place else sandbox_config(config, into)
     if not in_place:
-        reset_sandbox(target)
-    end = end or data_end(target)
-    start = start or _add_months(end, -config.monitoring.backfill_months)
-    dates = schedule(start, end, every, month_starts)
-    if in_place:
-        check_no_future_champion(target, dates[0])
-    log.info("backfill of %d nights from %s to %s (every %s) into %s", len(dates), dates[0], dates[-1],
-             every, target.warehouse.dir)
-    started = time.perf_counter()
-    run_ids: list[str] = []
-    for i, day in enumerate(dates, 1):
-        with timed(f"backfill night {i}/{len(dates)} as of {day}", log):
-            # A replay builds monitoring history, drift included: the drift publish gate is
-            # overridden on purpose, and the override is recorded per night in pipeline_runs.
-            run_ids.append(nightly(target, as_of=day.isoformat(), accept_drift=f"backfill replay of {day}").run_id)
+        check_sandbox(target)
+    replay_id = dt.datetime.now().strftime("backfill-%Y%m%dT%H%M%S")
+    with terminate_as_interrupt(), run_lock(target, replay_id) as lock:
+        if not in_place:
+            reset_sandbox(target, keep=lock.path)
+        end = end or data_end(target)
+        start = start or _add_months(end, -config.monitoring.backfill_months)
+        dates = schedule(start, end, every, month_starts)
+        if in_place:
+            check_no_future_champion(target, dates[0])
+        log.info("backfill of %d nights from %s to %s (every %s) into %s", len(dates), dates[0], dates[-1],
+                 every, target.warehouse.dir)
+        started = time.perf_counter()
+        run_ids: list[str] = []
+        for i, day in enumerate(dates, 1):
+            with timed(f"backfill night {i}/{len(dates)} as of {day}", log):
+                # A replay builds monitoring history, drift included: the drift publish gate is
+                # overridden on purpose, and the override is recorded per night in pipeline_runs.
+                run_ids.append(nightly(target, as_of=day.isoformat(), lock=lock,
+                                       accept_drift=f"backfill replay of {day}").run_id)
     return BackfillResult(target, dates, run_ids, time.perf_counter() - started)
 
 

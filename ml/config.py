@@ -4,6 +4,12 @@
 everything lives. Loading it once into frozen dataclasses means a typo fails at
 start-up with the key's name instead of deep inside a stage, and no stage keeps
 its own copy of a value.
+
+Every value is also checked at load against its field's type (from the
+dataclass annotations, so a new setting is type-checked without extra code)
+and, for numbers with a meaningful range, against `RANGES`: `horizon_days:
+thirty`, `-30` or `0` fail at start naming the key's path, the value and what
+is allowed, instead of running with nonsense and exit 0.
 """
 
 from __future__ import annotations
@@ -13,6 +19,10 @@ import datetime as dt
 import hashlib
 import json
 import os
+import re
+import types
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +80,23 @@ class DatasetConfig:
 
 
 @dataclass(frozen=True)
+class EngineSettings:
+    """DuckDB settings applied to every connection the ML layer opens, and to dbt's."""
+
+    memory_limit: str
+    threads: int | None
+    temp_directory: Path | None
+
+    def pragmas(self) -> dict[str, str | int]:
+        """Setting name -> value, only those configured (unset ones keep DuckDB's default)."""
+        values: dict[str, str | int | None] = {
+            "memory_limit": self.memory_limit, "threads": self.threads,
+            "temp_directory": str(self.temp_directory) if self.temp_directory else None,
+        }
+        return {name: value for name, value in values.items() if value is not None}
+
+
+@dataclass(frozen=True)
 class WarehouseConfig:
     dir: Path
     build_db: Path
@@ -78,6 +105,13 @@ class WarehouseConfig:
     reports_dir: Path
     dbt_project_dir: Path
     expectations_dir: Path
+    memory_limit: str
+    threads: int | None
+    temp_directory: Path | None
+
+    @property
+    def engine(self) -> EngineSettings:
+        return EngineSettings(self.memory_limit, self.threads, self.temp_directory)
 
 
 @dataclass(frozen=True)
@@ -261,6 +295,123 @@ def _section(raw: dict[str, Any], name: str, source: Path) -> dict[str, Any]:
     return value
 
 
+@dataclass(frozen=True)
+class Allowed:
+    """A range rule: the test, and what to tell the user is allowed."""
+
+    test: Callable[[Any], bool]
+    text: str
+
+
+def _at_least(low: float, text: str | None = None) -> Allowed:
+    return Allowed(lambda v: v is None or v >= low, text or f">= {low}")
+
+
+def _between(low: float, high: float, low_open: bool = False, high_open: bool = False) -> Allowed:
+    def test(v: Any) -> bool:
+        return v is None or ((v > low) if low_open else (v >= low)) and ((v < high) if high_open else (v <= high))
+    return Allowed(test, f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}")
+
+
+def _one_of(*choices: str) -> Allowed:
+    return Allowed(lambda v: v in choices, f"one of {', '.join(choices)}")
+
+
+SHARE = _between(0, 1, low_open=True)
+MEMORY_PATTERN = re.compile(r"^\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$", re.IGNORECASE)
+EVERY_PATTERN = re.compile(r"^\s*[1-9]\d*\s*[dwm]\s*$")
+
+# Ranges of the settings whose type alone admits nonsense ("section.key" -> rule).
+RANGES: dict[str, Allowed] = {
+    "problem.horizon_days": _at_least(1, "a whole number of days >= 1"),
+    "problem.success_target": SHARE,
+    "problem.selection_metric": _one_of("pr_auc", "roc_auc"),
+    "warehouse.memory_limit": Allowed(lambda v: bool(MEMORY_PATTERN.match(v)), "a size such as 3GB or 512MB"),
+    "warehouse.threads": _at_least(1),
+    "generator.customers": _at_least(1),
+    "generator.months": _at_least(1),
+    "generator.seed": _at_least(0),
+    "training.cv_folds": _at_least(2),
+    "training.out_of_time_snapshots": _at_least(1),
+    "training.search_iterations": _at_least(1),
+    "training.calibration": _one_of("isotonic", "sigmoid"),
+    "training.random_state": _at_least(0),
+    "training.max_training_rows": _at_least(1),
+    "training.cost_missed_churner": Allowed(lambda v: v is None or v > 0, "> 0 (or null)"),
+    "training.cost_wasted_offer": Allowed(lambda v: v is None or v > 0, "> 0 (or null)"),
+    "scoring.top_reasons": _between(1, 50),
+    "monitoring.psi_bins": _between(2, 1000),
+    "monitoring.psi_threshold": Allowed(lambda v: v > 0, "> 0"),
+    "monitoring.distance_threshold": Allowed(lambda v: v > 0, "> 0"),
+    "monitoring.max_p_value": SHARE,
+    "monitoring.dataset_drift_share": SHARE,
+    "monitoring.top_features": _at_least(1),
+    "monitoring.retrain_every_days": _at_least(1),
+    "monitoring.recall_margin": _between(0, 1, high_open=True),
+    "monitoring.reference_quantiles": _between(10, 100_000),
+    "monitoring.null_share_jump": SHARE,
+    "monitoring.new_category_share": SHARE,
+    "monitoring.backfill_months": _at_least(1),
+    "monitoring.backfill_every": Allowed(lambda v: bool(EVERY_PATTERN.match(v)), "a count and a unit d, w or m (7d)"),
+    "quality.row_count_tolerance": _at_least(0),
+    "quality.chunk_rows": _at_least(1000),
+}
+
+
+def _type_name(expected: Any) -> str:
+    if isinstance(expected, types.UnionType):
+        return " or ".join(_type_name(t) for t in typing.get_args(expected))
+    if expected is type(None):
+        return "null"
+    origin = typing.get_origin(expected)
+    if origin is dict:
+        key, value = typing.get_args(expected)
+        return f"a mapping of {_type_name(key)} to {_type_name(value)}"
+    if origin is tuple:
+        args = typing.get_args(expected)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_type_name(args[0])}"
+        return f"a list of {len(args)} numbers"
+    return {int: "a whole number", float: "a number", str: "text", bool: "true or false",
+            Path: "a path", dt.date: "a date (YYYY-MM-DD)"}.get(expected, getattr(expected, "__name__", str(expected)))
+
+
+def _has_type(value: Any, expected: Any) -> bool:
+    """Whether a loaded value fits a field annotation (bool is not a number here)."""
+    if isinstance(expected, types.UnionType):
+        return any(_has_type(value, t) for t in typing.get_args(expected))
+    if expected is type(None):
+        return value is None
+    origin = typing.get_origin(expected)
+    if origin is dict:
+        key, item = typing.get_args(expected)
+        return isinstance(value, dict) and all(_has_type(k, key) and _has_type(v, item) for k, v in value.items())
+    if origin is tuple:
+        args = typing.get_args(expected)
+        if len(args) == 2 and args[1] is Ellipsis:  # tuple[X, ...]: any length
+            return isinstance(value, tuple) and all(_has_type(v, args[0]) for v in value)
+        return isinstance(value, tuple) and len(value) == len(args) and all(
+            _has_type(v, t) for v, t in zip(value, args, strict=True))
+    if expected is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, expected)
+
+
+def _check_values(instance: Any, section: str, source: Path) -> None:
+    """Every field's type, then its range rule: the first wrong value is named with what is allowed."""
+    hints = typing.get_type_hints(type(instance))
+    for item in dataclasses.fields(instance):
+        value = getattr(instance, item.name)
+        path = f"{section}.{item.name}"
+        if not _has_type(value, hints[item.name]):
+            raise ConfigError(f"{source}: {path} = {value!r}: expected {_type_name(hints[item.name])}")
+        rule = RANGES.get(path) or RANGES.get(f"{section.split('.')[0]}.{item.name}")
+        if rule is not None and not rule.test(value):
+            raise ConfigError(f"{source}: {path} = {value!r} is out of range; allowed: {rule.text}")
+
+
 def _build(cls: type, values: dict[str, Any], section: str, source: Path, **converted: Any):
     """Construct a section dataclass, naming unknown or missing keys.
 
@@ -275,13 +426,18 @@ def _build(cls: type, values: dict[str, Any], section: str, source: Path, **conv
     missing = names - set(merged)
     if missing:
         raise ConfigError(f"{source}: missing key(s) in '{section}': {', '.join(sorted(missing))}")
-    return cls(**merged)
+    instance = cls(**merged)
+    _check_values(instance, section, source)
+    return instance
 
 
-def _date(value: Any) -> dt.date | None:
+def _date(value: Any, key: str = "date", source: Path | None = None) -> dt.date | None:
     if value is None or isinstance(value, dt.date):
         return value
-    return dt.date.fromisoformat(str(value))
+    try:
+        return dt.date.fromisoformat(str(value))
+    except ValueError:
+        raise ConfigError(f"{source}: {key} = {value!r}: expected a date (YYYY-MM-DD)") from None
 
 
 def _resolve(value: Any, root: Path) -> Path:
@@ -291,12 +447,7 @@ def _resolve(value: Any, root: Path) -> Path:
 
 
 def _problem(raw: dict[str, Any], source: Path) -> ProblemConfig:
-    problem = _build(ProblemConfig, _section(raw, "problem", source), "problem", source)
-    if not 0 < problem.success_target <= 1:
-        raise ConfigError(f"{source}: problem.success_target must be in (0, 1]")
-    if problem.selection_metric not in ("pr_auc", "roc_auc"):
-        raise ConfigError(f"{source}: problem.selection_metric must be pr_auc or roc_auc")
-    return problem
+    return _build(ProblemConfig, _section(raw, "problem", source), "problem", source)
 
 
 def _clock(value: Any, section: str, source: Path) -> str:
@@ -353,10 +504,30 @@ def _chosen_dataset(
     return datasets[chosen]
 
 
+ENGINE_KEYS = ("memory_limit", "threads", "temp_directory")
+
+
 def _warehouse(raw: dict[str, Any], source: Path) -> WarehouseConfig:
     values = _section(raw, "warehouse", source)
-    paths = {key: _resolve(value, source.parent) for key, value in values.items()}
+    paths = {key: _resolve(value, source.parent) for key, value in values.items()
+             if key not in ENGINE_KEYS and isinstance(value, str)}
+    temp = values.get("temp_directory")
+    if isinstance(temp, str):
+        paths["temp_directory"] = _resolve(temp, source.parent)
     return _build(WarehouseConfig, values, "warehouse", source, **paths)
+
+
+def _scoring(raw: dict[str, Any], source: Path) -> ScoringConfig:
+    """Risk bands are listed from the highest lower bound down to 0.0, so every score gets a band."""
+    scoring = _build(ScoringConfig, _section(raw, "scoring", source), "scoring", source)
+    bounds = list(scoring.risk_bands.values())
+    if (not bounds or any(not 0 <= b <= 1 for b in bounds) or bounds[-1] != 0
+            or any(high <= low for high, low in zip(bounds, bounds[1:], strict=False))):
+        raise ConfigError(
+            f"{source}: scoring.risk_bands = {scoring.risk_bands!r}: allowed: lower bounds within [0, 1], "
+            "listed from the highest band down, strictly decreasing, the last one 0.0"
+        )
+    return scoring
 
 
 def _generator(raw: dict[str, Any], source: Path) -> GeneratorConfig:
@@ -366,8 +537,8 @@ def _generator(raw: dict[str, Any], source: Path) -> GeneratorConfig:
         values,
         "generator",
         source,
-        start_date=_date(values.get("start_date")),
-        drift_from=_date(values.get("drift_from")),
+        start_date=_date(values.get("start_date"), "generator.start_date", source),
+        drift_from=_date(values.get("drift_from"), "generator.drift_from", source),
         oracle_dir=_resolve(values.get("oracle_dir", ""), source.parent),
     )
 
@@ -386,7 +557,8 @@ def _quality(raw: dict[str, Any], source: Path) -> QualityConfig:
     values = _section(raw, "quality", source)
     quality = _build(
         QualityConfig, values, "quality", source,
-        label_share_band=tuple(float(v) for v in values.get("label_share_band", ())),
+        label_share_band=tuple(values["label_share_band"]) if isinstance(values.get("label_share_band"), list)
+        else values.get("label_share_band"),
     )
     band = quality.label_share_band
     if len(band) != 2 or not 0 <= band[0] < band[1] <= 1:
@@ -440,7 +612,7 @@ def _assemble(raw: dict[str, Any], source: Path, dataset: str | None) -> ChurnCo
         warehouse=_warehouse(raw, source),
         generator=_generator(raw, source),
         training=_training(raw, source),
-        scoring=_build(ScoringConfig, _section(raw, "scoring", source), "scoring", source),
+        scoring=_scoring(raw, source),
         monitoring=_monitoring(raw, source),
         quality=_quality(raw, source),
         gates=_gates(raw, source),
@@ -482,7 +654,9 @@ def write_relocated_config(
     for key in ("dbt_project_dir", "expectations_dir"):
         raw["warehouse"][key] = str(getattr(config.warehouse, key))
     for key, value in list(raw["warehouse"].items()):
-        if key not in ("dbt_project_dir", "expectations_dir"):
+        if key in ("dbt_project_dir", "expectations_dir") or (key in ENGINE_KEYS and key != "temp_directory"):
+            continue
+        if value is not None:
             raw["warehouse"][key] = str(new_root / Path(str(value)).relative_to("warehouse"))
     raw["generator"]["oracle_dir"] = str(new_root / "oracle")
     for name, values in raw["datasets"].items():

@@ -3,6 +3,12 @@
 Every step's start, end, status and message go to `pipeline_runs` in the build
 database, so a failed night can be diagnosed from the warehouse itself.
 
+Only one run writes a warehouse at a time (`ml.warehouse.runlock`): a second
+nightly is refused naming the holder, and a run found dead at the next start
+(killed, or failed where it could not write) is recorded as failed in the step
+it died in. SIGTERM is turned into an interrupt like Ctrl-C, so a stopped run
+ends its dbt child, records its step as failed and releases the lock.
+
 This is also where monitoring meets training: monitoring measures and decides
 (`ml.monitoring.monitor`), and only this top layer trains a challenger when the
 decision fires (`apply_policy`), for the nightly and for `churn monitor --retrain`.
@@ -11,7 +17,10 @@ decision fires (`apply_policy`), for the nightly and for `churn monitor --retrai
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
+import signal
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -36,7 +45,7 @@ from ml.reports.profile import profile
 from ml.reports.summary import score_summary
 from ml.serving.predictions import ingest_predictions, logged_predictions
 from ml.serving.publish import pause_point, publish
-from ml.warehouse import connect, declare
+from ml.warehouse import LockHolder, RunLock, connect, dead_run_message, declare
 
 log = get_logger("pipeline")
 
@@ -64,38 +73,104 @@ class DriftGateError(RuntimeError):
 
 @dataclass(frozen=True)
 class PipelineRun:
-    """One nightly run: its id and a recorder of step outcomes."""
+    """One nightly run: its id, a recorder of step outcomes, and the run lock it holds."""
 
     config: ChurnConfig
     run_id: str = field(default_factory=lambda: dt.datetime.now().strftime("%Y%m%dT%H%M%S-") + uuid.uuid4().hex[:6])
     as_of: str | None = None
+    lock: RunLock | None = field(default=None, repr=False, compare=False)
 
     def record(self, step: str, started: dt.datetime, status: str, message: str = "") -> None:
-        row = pd.DataFrame(
-            [{
-                "run_id": self.run_id,
-                "step": step,
-                "as_of": self.as_of,
-                "started_at": started,
-                "ended_at": dt.datetime.now(),
-                "status": status,
-                "message": message[:4000],
-            }]
-        )
-        with connect(self.config.warehouse.build_db) as session:
-            session.append(PIPELINE_RUNS_SPEC, row)
+        _append_run_row(self.config, self.run_id, step, self.as_of, started, status, message)
 
     @contextmanager
     def step(self, name: str) -> Iterator[None]:
         started = dt.datetime.now()
+        if self.lock is not None:
+            self.lock.at_step(name)
         try:
             with timed(f"[{self.run_id}] {name}", log):
                 pause_point(f"step:{name}")  # crash-safety tests stop (and kill) the run here
                 yield
         except BaseException as exc:
-            self.record(name, started, "failed", f"{type(exc).__name__}: {exc}")
+            message = f"{type(exc).__name__}: {exc}"
+            try:
+                self.record(name, started, "failed", message)
+            except Exception as unrecorded:
+                # e.g. another process holds the database: the next start records it from the lock file
+                log.error("could not record step %s as failed (%s); the next run will", name, unrecorded)
+                if self.lock is not None:
+                    self.lock.leave_for_next_start(name, message)
             raise
         self.record(name, started, "success")
+
+
+def _append_run_row(config: ChurnConfig, run_id: str, step: str, as_of: str | None, started: dt.datetime,
+                    status: str, message: str) -> None:
+    row = pd.DataFrame(
+        [{
+            "run_id": run_id,
+            "step": step,
+            "as_of": as_of,
+            "started_at": started,
+            "ended_at": dt.datetime.now(),
+            "status": status,
+            "message": message[:4000],
+        }]
+    )
+    with connect(config.warehouse.build_db, settings=config.warehouse.engine) as session:
+        session.append(PIPELINE_RUNS_SPEC, row)
+
+
+def record_dead_run(config: ChurnConfig, dead: LockHolder, found_by: str) -> None:
+    """The failed row a dead run could not write: in the step it died in, with why we know."""
+    try:
+        started = dt.datetime.fromisoformat(str(dead.step_started_at or dead.started_at))
+    except ValueError:
+        started = dt.datetime.now()  # an unreadable lock file: the time is unknown
+    message = dead_run_message(dead, found_by)
+    log.warning("%s", message)
+    _append_run_row(config, dead.run_id, dead.step or "(between steps)", dead.as_of, started, "failed", message)
+
+
+@contextmanager
+def run_lock(config: ChurnConfig, run_id: str, as_of: str | None = None) -> Iterator[RunLock]:
+    """Hold the warehouse's run lock for the block; record a dead predecessor first.
+
+    Refused at once (RunLockedError naming the holder) while another run holds it.
+    """
+    lock, dead = RunLock.acquire(config.warehouse.build_db, run_id, as_of)
+    try:
+        if dead is not None:
+            try:
+                record_dead_run(config, dead, run_id)
+            except Exception:
+                lock.hand_back(dead)  # still unrecorded: keep it for the start after this one
+                raise
+        yield lock
+    finally:
+        lock.release()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C so cleanup runs (dbt child ended, step recorded, lock released)."""
+
+
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """While the block runs, SIGTERM raises `Terminated` (only the main thread can own signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum: int, frame: object) -> None:
+        raise Terminated(f"stopped by signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def ensure_landing(config: ChurnConfig) -> None:
@@ -113,16 +188,29 @@ def ensure_landing(config: ChurnConfig) -> None:
 
 
 def nightly(config: ChurnConfig, as_of: str | None = None, force_train: bool = False,
-            accept_drift: str | None = None) -> PipelineRun:
+            accept_drift: str | None = None, lock: RunLock | None = None) -> PipelineRun:
     """Run every stage in order; any failure stops the run before publishing.
 
     Tonight's cutoff is decided here (`--as-of`, else the dataset's clock) and
     passed explicitly to the gates, dbt and the audits: the data never chooses it.
+    Takes the warehouse's run lock, unless the caller (a backfill) already holds it.
     """
     cutoff = config.decided_as_of(as_of)
     run = PipelineRun(config, as_of=cutoff.isoformat())
     log.info("nightly run %s on dataset %r as of %s (%s)", run.run_id, config.dataset.name, cutoff,
              "--as-of" if as_of else f"clock {config.dataset.clock}")
+    replay = as_of is not None
+    with terminate_as_interrupt():
+        if lock is not None:
+            lock.begin_run(run.run_id, run.as_of)
+            return _nightly_steps(dataclasses.replace(run, lock=lock), cutoff, replay, force_train, accept_drift)
+        with run_lock(config, run.run_id, run.as_of) as held:
+            return _nightly_steps(dataclasses.replace(run, lock=held), cutoff, replay, force_train, accept_drift)
+
+
+def _nightly_steps(run: PipelineRun, cutoff: dt.date, replay: bool, force_train: bool,
+                   accept_drift: str | None) -> PipelineRun:
+    config = run.config
     start = time.perf_counter()
     with run.step("land"):
         ensure_landing(config)
@@ -130,7 +218,7 @@ def nightly(config: ChurnConfig, as_of: str | None = None, force_train: bool = F
         validate_landing(config)
         audit(config, "landing", run.run_id, as_of=run.as_of)
     with run.step("gates"):
-        check_gates(config, cutoff, replay=as_of is not None)
+        check_gates(config, cutoff, replay=replay)
     with run.step("build"):
         build_warehouse(config, as_of=run.as_of)
     with run.step("audit_mart"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -50,7 +51,7 @@ def write_changed(tmp_path: Path, change) -> Path:
     raw = yaml.safe_load((REPO_ROOT / "churn.yml").read_text())
     change(raw)
     path = tmp_path / "churn.yml"
-    path.write_text(yaml.safe_dump(raw))
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))  # file order matters (risk bands)
     return path
 
 
@@ -59,7 +60,8 @@ def write_changed(tmp_path: Path, change) -> Path:
     [
         (lambda raw: raw["warehouse"].pop("build_db"), r"missing key\(s\) in 'warehouse': build_db"),
         (lambda raw: raw.pop("scoring"), "section 'scoring' is missing or not a mapping"),
-        (lambda raw: raw["problem"].update(success_target=1.5), r"problem.success_target must be in \(0, 1\]"),
+        (lambda raw: raw["problem"].update(success_target=1.5),
+         r"problem.success_target = 1.5 is out of range; allowed: \(0, 1\]"),
         (lambda raw: raw["training"].update(cost_missed_churner=5.0, cost_wasted_offer=None),
          "set both training.cost_missed_churner and training.cost_wasted_offer, or neither"),
         (lambda raw: raw["quality"].update(label_share_band=[0.5, 0.2]), "quality.label_share_band must be"),
@@ -76,3 +78,86 @@ def test_invalid_yaml_names_the_file(tmp_path: Path) -> None:
     path.write_text("problem: [")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(path)
+
+
+# (section, key, planted value, what the message must say is allowed): every wrong type and
+# out-of-range value the issue found running with exit 0, and the like for every numeric setting.
+BAD_VALUES = [
+    ("problem", "horizon_days", "thirty", "expected a whole number"),
+    ("problem", "horizon_days", -30, "allowed: a whole number of days >= 1"),
+    ("problem", "horizon_days", 0, "allowed: a whole number of days >= 1"),
+    ("problem", "horizon_days", 30.5, "expected a whole number"),
+    ("problem", "horizon_days", True, "expected a whole number"),
+    ("problem", "success_target", "high", "expected a number"),
+    ("problem", "selection_metric", "accuracy", "allowed: one of pr_auc, roc_auc"),
+    ("scoring", "top_reasons", -2, r"allowed: \[1, 50\]"),
+    ("scoring", "top_reasons", 1000, r"allowed: \[1, 50\]"),
+    ("scoring", "top_reasons", "three", "expected a whole number"),
+    ("monitoring", "psi_bins", 0, r"allowed: \[2, 1000\]"),
+    ("monitoring", "psi_bins", 1, r"allowed: \[2, 1000\]"),
+    ("monitoring", "psi_threshold", -0.2, "allowed: > 0"),
+    ("monitoring", "distance_threshold", 0, "allowed: > 0"),
+    ("monitoring", "max_p_value", 1.5, r"allowed: \(0, 1\]"),
+    ("monitoring", "dataset_drift_share", 0, r"allowed: \(0, 1\]"),
+    ("monitoring", "top_features", 0, "allowed: >= 1"),
+    ("monitoring", "retrain_every_days", -1, "allowed: >= 1"),
+    ("monitoring", "recall_margin", 1, r"allowed: \[0, 1\)"),
+    ("monitoring", "reference_quantiles", 5, r"allowed: \[10, 100000\]"),
+    ("monitoring", "null_share_jump", -0.05, r"allowed: \(0, 1\]"),
+    ("monitoring", "new_category_share", 2, r"allowed: \(0, 1\]"),
+    ("monitoring", "backfill_months", 0, "allowed: >= 1"),
+    ("monitoring", "backfill_every", "weekly", "allowed: a count and a unit d, w or m"),
+    ("quality", "row_count_tolerance", -0.5, "allowed: >= 0"),
+    ("quality", "row_count_tolerance", "half", "expected a number"),
+    ("quality", "chunk_rows", 10, "allowed: >= 1000"),
+    ("quality", "label_share_band", [0.1], "expected a list of 2 numbers"),
+    ("training", "cv_folds", 1, "allowed: >= 2"),
+    ("training", "out_of_time_snapshots", 0, "allowed: >= 1"),
+    ("training", "search_iterations", 0, "allowed: >= 1"),
+    ("training", "calibration", "platt", "allowed: one of isotonic, sigmoid"),
+    ("training", "max_training_rows", 0, "allowed: >= 1"),
+    ("training", "random_state", -1, "allowed: >= 0"),
+    ("generator", "customers", 0, "allowed: >= 1"),
+    ("generator", "months", -24, "allowed: >= 1"),
+    ("generator", "start_date", "the first of January", r"expected a date \(YYYY-MM-DD\)"),
+    ("warehouse", "memory_limit", "lots", "allowed: a size such as 3GB"),
+    ("warehouse", "threads", 0, "allowed: >= 1"),
+    ("warehouse", "build_db", 5, "expected a path"),
+    ("datasets", "generate_if_empty", "yes", "expected true or false"),
+]
+
+
+@pytest.mark.parametrize(("section", "key", "value", "allowed"), BAD_VALUES,
+                         ids=[f"{s}.{k}={v!r}" for s, k, v, _ in BAD_VALUES])
+def test_wrong_type_or_range_fails_at_start_naming_path_value_and_allowed(
+    tmp_path: Path, section: str, key: str, value, allowed: str
+) -> None:
+    def plant(raw: dict) -> None:
+        (raw["datasets"]["demo"] if section == "datasets" else raw[section])[key] = value
+
+    path = "datasets.demo" if section == "datasets" else section
+    shown = repr(tuple(value) if isinstance(value, list) else value)  # lists are read as tuples
+    with pytest.raises(ConfigError, match=rf"{re.escape(path)}\.{key} = {re.escape(shown)}.*{allowed}"):
+        load_config(write_changed(tmp_path, plant))
+
+
+@pytest.mark.parametrize("bands", [
+    {"high": 0.1, "medium": 0.3, "low": 0.0},    # unordered
+    {"high": 0.3, "medium": -0.1, "low": 0.0},   # negative
+    {"high": 1.5, "low": 0.0},                   # above 1
+    {"high": 0.3, "medium": 0.3, "low": 0.0},    # not strictly decreasing
+    {"high": 0.3, "medium": 0.1},                # scores below 0.1 would get no band
+    {"high": "0.3", "low": 0.0},                 # not a number
+])
+def test_bad_risk_bands_are_refused(tmp_path: Path, bands: dict) -> None:
+    with pytest.raises(ConfigError, match=r"scoring.risk_bands = .*(allowed|expected)"):
+        load_config(write_changed(tmp_path, lambda raw: raw["scoring"].update(risk_bands=bands)))
+
+
+def test_engine_settings_are_typed_and_relocated_configs_keep_them(tmp_path: Path) -> None:
+    base = load_config(REPO_ROOT / "churn.yml")
+    assert base.warehouse.engine.pragmas() == {"memory_limit": "3GB"}
+    moved = load_config(write_relocated_config(
+        base, tmp_path, {"warehouse": {"threads": 2, "temp_directory": str(tmp_path / "spill")}}))
+    assert moved.warehouse.engine.pragmas() == {"memory_limit": "3GB", "threads": 2,
+                                                "temp_directory": str(tmp_path / "spill")}

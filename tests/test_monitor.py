@@ -151,6 +151,40 @@ def test_realized_performance_once_labels_are_known(scored_copy: ChurnConfig) ->
     assert len(query(scored_copy, "select * from model_performance where kind = 'realized'")) == 1
 
 
+def test_realized_performance_with_customers_missing_from_the_later_mart(scored_copy: ChurnConfig) -> None:
+    """Plant scored customers the mart no longer has: the snapshot still gets realized metrics, on the
+    labelled rows, with the missing ones counted (before, one absent customer blocked it forever)."""
+    model = load_champion(scored_copy)
+    c = model.contract
+    mart = scored_copy.dataset.feature_mart
+    past = _labelled_dates(scored_copy, c)[-1]
+    rows = query(scored_copy, f'select * from "{mart}" where "{c.as_of}" = ?', [past])
+    probability = model.predict_proba(rows)
+    scored = pd.DataFrame({c.key: rows[c.key], c.as_of: rows[c.as_of], "churn_probability": probability,
+                           "will_churn": probability >= model.threshold})
+    ghosts = scored.head(13).assign(**{c.key: [f"gone-{i}" for i in range(13)]})
+    scored = pd.concat([scored, ghosts], ignore_index=True).assign(model_version=model.version, run_id="past")
+    _insert_history(scored_copy, scored)
+
+    mon.measure(scored_copy, run_id="later-night")
+    realized = query(scored_copy, "select * from model_performance where kind = 'realized'")
+    assert len(realized) == 1
+    row = realized.iloc[0]
+    assert row["missing_labels"] == 13 and row["n_rows"] == len(rows)
+    y = rows[c.label].to_numpy(dtype=int)
+    assert row["recall"] == pytest.approx((probability[y == 1] >= model.threshold).mean())
+
+
+def test_performance_table_made_before_missing_labels_gains_the_column(scored_copy: ChurnConfig) -> None:
+    with connect(scored_copy.warehouse.build_db) as con:
+        mon.ensure_tables(con)
+        con.execute("create or replace table model_performance as select * exclude (missing_labels) "
+                    "from model_performance")
+    mon.measure(scored_copy, run_id="after-upgrade")
+    columns = query(scored_copy, "select * from model_performance limit 0").columns
+    assert "missing_labels" in columns
+
+
 def test_estimate_tracks_realized_without_concept_drift(scored_copy: ChurnConfig) -> None:
     """With the generator's true probabilities as scores, CBPE recall matches the
     realized recall computed from the mart's labels (pooled over labelled snapshots)."""

@@ -18,6 +18,7 @@ from ml.modeling.model import (
 )
 from ml.modeling.registry import (
     BOOSTER_FILE,
+    MANIFEST_FILE,
     METADATA_FILE,
     PIPELINE_FILE,
     RegistryError,
@@ -199,8 +200,10 @@ def test_model_saved_before_typed_metadata_still_loads_and_scores(config: ChurnC
     with connect(config.warehouse.build_db) as con:
         con.execute(f"update {REGISTRY.name} set artifact_sha256 = ? where model_version = ?",
                     [json.dumps(hashes, sort_keys=True), version])
+    (folder / MANIFEST_FILE).unlink()  # models of that time had no signed manifest
 
     loaded = load_model(config, version)
+    assert (folder / MANIFEST_FILE).is_file()  # trusted by the build registry's hashes, so now signed
     assert loaded.metadata.snapshot_range == ["2024-01-01", "2024-03-01"]
     assert loaded.metadata.validation["eval_as_of_dates"] == [EVAL_DATE]
     assert loaded.metadata.metrics == {"out_of_time": {"pr_auc": 0.5}}

@@ -183,7 +183,8 @@ def validate_landing(config: ChurnConfig) -> dict[str, int]:
         )
     problems: list[str] = []
     counts: dict[str, int] = {}
-    with connect(MEMORY) as session:  # the files are read in place; no warehouse is opened
+    # the files are read in place; no warehouse is opened
+    with connect(MEMORY, settings=config.warehouse.engine) as session:
         for table in tables:
             found, rows = check_table(session, table)
             problems += found

@@ -27,7 +27,7 @@ def build_warehouse(config: ChurnConfig, as_of: str | None = None) -> DbtResult:
 
 def mart_row_counts(config: ChurnConfig) -> dict[str, int]:
     """Rows per model of the last build, read back from the build database."""
-    with connect(config.warehouse.build_db, read_only=True) as session:
+    with connect(config.warehouse.build_db, read_only=True, settings=config.warehouse.engine) as session:
         return {table: session.row_count(table) for table in session.tables()}
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -19,6 +20,15 @@ from ml.config import ChurnConfig
 from ml.logs import get_logger, timed
 
 log = get_logger("dbt")
+
+
+# Terminal colour and cursor codes: dbt prints them even into a pipe, and they would be stored
+# in pipeline_runs' message and shown raw by every tool that reads it.
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def strip_ansi(text: str) -> str:
+    return ANSI_ESCAPE.sub("", text)
 
 
 class DbtError(RuntimeError):
@@ -46,6 +56,16 @@ def dbt_vars(config: ChurnConfig, as_of: str | None = None) -> dict[str, Any]:
         "landing_dir": str(config.dataset.landing_dir),
         "horizon_days": config.problem.horizon_days,
         "as_of": as_of,
+    }
+
+
+def engine_env(config: ChurnConfig) -> dict[str, str]:
+    """DuckDB settings for dbt's connection (profiles.yml reads them under `settings:`)."""
+    engine = config.warehouse.engine
+    return {
+        "CHURN_DUCKDB_MEMORY_LIMIT": engine.memory_limit,
+        "CHURN_DUCKDB_THREADS": str(engine.threads or os.cpu_count() or 1),
+        "CHURN_DUCKDB_TEMP_DIRECTORY": str(engine.temp_directory or f"{config.warehouse.build_db}.tmp"),
     }
 
 
@@ -91,7 +111,10 @@ def run_dbt(
         "CHURN_BUILD_DB": database or str(config.warehouse.build_db),
         "DBT_LOG_PATH": str(target_path / "logs"),
         "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
+        "DBT_USE_COLORS": "false",
+        "NO_COLOR": "1",
         "DO_NOT_TRACK": "1",
+        **engine_env(config),
     }
     results_file = target_path / "run_results.json"
     results_file.unlink(missing_ok=True)  # never report a previous run's results
@@ -106,7 +129,7 @@ def run_dbt(
             for r in results
             if r.get("status") in ("error", "fail")
         ]
-        detail = "\n  ".join(failures) if failures else (proc.stdout[-3000:] + proc.stderr[-2000:])
+        detail = strip_ansi("\n  ".join(failures) if failures else (proc.stdout[-3000:] + proc.stderr[-2000:]))
         raise DbtError(f"dbt {command} failed for dataset {config.dataset.name!r}:\n  {detail}")
-    log.debug(proc.stdout)
+    log.debug(strip_ansi(proc.stdout))
     return DbtResult(command=args, target_path=target_path, results=results)

@@ -2,9 +2,35 @@
 
 A new model only replaces the champion when it is better on the SAME rows: the
 champion is re-scored on the challenger's out-of-time rows, because metrics
-measured on different months are not comparable (churn rates move). Each
-artifact's sha256 is recorded at registration and checked at load, so a model
-file changed after it was judged is refused rather than silently used to score.
+measured on different months are not comparable (churn rates move).
+
+Loading a model must never run code an attacker chose. The registry row is not
+trusted for that: BI users receive `published.duckdb`, and the API reads the
+registry from it, so anyone who can edit that copy could point `artifact_dir`
+anywhere and rewrite the hashes beside it. So:
+
+- `artifact_dir` must be a plain relative folder inside `warehouse.models_dir`
+  (no absolute path, no `..`, no symlink out); anything else is refused.
+- Each model folder carries `manifest.json`: its version and every file's
+  sha256, signed with HMAC-SHA256. The key is `CHURN_MODEL_KEY` from the
+  environment when set (deployments that keep secrets out of the file system,
+  or share one key between a build host and API hosts), else a random key file
+  `models_dir/.signing-key` created once with 0600 permissions. Either way the
+  key is outside every warehouse file BI receives, so editing the published
+  registry cannot forge a signature. The signature, the manifest's version and
+  every file's hash are checked BEFORE anything is deserialized; a registry row
+  whose hashes disagree with the signed manifest is refused as tampered.
+- The scikit-learn parts are stored with `skops` (loaded with an explicit
+  allow-list of types, never arbitrary pickles) and XGBoost's booster as its own
+  JSON; neither executes code on load.
+
+Migration rule for models registered before signing (no manifest, a
+`model.joblib` pickle): they load only when the registry row comes from the
+build database (the trusted side, never shipped to BI) and every file matches
+that row's hashes, checked before unpickling. Such a load then signs the model
+(writes its manifest), so the next `churn serve` reading the published copy
+accepts it; until a nightly or `churn score` has done that, the API refuses an
+unsigned model.
 """
 
 from __future__ import annotations
@@ -12,8 +38,11 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
+import hmac
 import json
+import os
 import platform
+import secrets
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -24,6 +53,8 @@ import joblib
 import numpy as np
 import pandas as pd
 import sklearn
+import skops
+import skops.io
 from joblib.numpy_pickle import NumpyUnpickler
 from sklearn.pipeline import Pipeline
 
@@ -38,8 +69,20 @@ from ml.warehouse import Session, connect, declare, float_or_none, quote, to_jso
 log = get_logger("registry")
 
 METADATA_FILE = "metadata.json"
-PIPELINE_FILE = "model.joblib"
+PIPELINE_FILE = "model.skops"
+LEGACY_PIPELINE_FILE = "model.joblib"  # models registered before signing
 BOOSTER_FILE = "xgboost_model.json"
+MANIFEST_FILE = "manifest.json"
+KEY_FILE = ".signing-key"
+KEY_ENV_VAR = "CHURN_MODEL_KEY"
+
+# Types outside skops' own trusted set that a registered model may contain; any
+# other type in a model file is refused before it is constructed.
+TRUSTED_TYPES = frozenset({
+    "ml.modeling.model.ScoreCalibrator",
+    "numpy.dtype",
+    "sklearn.tree._tree.Tree",
+})
 
 STATUS_CHAMPION = "champion"
 STATUS_CHALLENGER = "challenger"
@@ -138,7 +181,7 @@ def library_versions() -> dict[str, str]:
         "xgboost": xgboost.__version__,
         "numpy": np.__version__,
         "pandas": pd.__version__,
-        "joblib": joblib.__version__,
+        "skops": skops.__version__,
     }
 
 
@@ -158,11 +201,11 @@ def new_version_id(algorithm: str) -> str:
 
 # ---------------------------------------------------------------- artifacts
 
-def save_artifacts(model: ChurnModel, folder: Path) -> dict[str, str]:
-    """Write the model's files into `folder`; return file name -> sha256.
+def save_artifacts(model: ChurnModel, folder: Path, key: bytes) -> dict[str, str]:
+    """Write the model's files into `folder`, then its signed manifest; return file name -> sha256.
 
     XGBoost's booster goes to its own JSON format (stable across library versions);
-    preprocessing, any non-XGBoost estimator and the calibrator go to joblib.
+    preprocessing, any non-XGBoost estimator and the calibrator go to skops.
     """
     folder.mkdir(parents=True, exist_ok=True)
     estimator = model.pipeline.named_steps["model"]
@@ -172,7 +215,7 @@ def save_artifacts(model: ChurnModel, folder: Path) -> dict[str, str]:
         estimator.save_model(str(folder / BOOSTER_FILE))
         hashes[BOOSTER_FILE] = sha256_file(folder / BOOSTER_FILE)
         stored_estimator = None
-    joblib.dump(
+    skops.io.dump(
         {
             "preprocess": model.pipeline.named_steps["preprocess"],
             "estimator": stored_estimator,
@@ -183,6 +226,7 @@ def save_artifacts(model: ChurnModel, folder: Path) -> dict[str, str]:
     hashes[PIPELINE_FILE] = sha256_file(folder / PIPELINE_FILE)
     (folder / METADATA_FILE).write_text(to_json(metadata_document(model, hashes), indent=2))
     hashes[METADATA_FILE] = sha256_file(folder / METADATA_FILE)
+    write_manifest(folder, str(model.version), hashes, key)
     return hashes
 
 
@@ -205,7 +249,7 @@ def _registry_row(config: ChurnConfig, version: str, registry_db: Path | None = 
     if not db.exists():
         raise RegistryError(f"no model registry: database {db} does not exist")
     # Another database (the published copy) is only ever read: servers must not lock it.
-    with connect(db, read_only=registry_db is not None) as session:
+    with connect(db, read_only=registry_db is not None, settings=config.warehouse.engine) as session:
         if not session.exists(REGISTRY):
             raise RegistryError(f"no model registry: table {REGISTRY.name!r} not found in {db}")
         frame = session.frame(f"select * from {quote(REGISTRY.name)} where model_version = ?", [version])
@@ -215,10 +259,75 @@ def _registry_row(config: ChurnConfig, version: str, registry_db: Path | None = 
 
 
 def artifact_folder(config: ChurnConfig, artifact_dir: str) -> Path:
-    """Artifact folders are recorded relative to models_dir, so a copied warehouse
-    (tests, backfills) loads its own files, not the original's."""
-    folder = Path(artifact_dir)
-    return folder if folder.is_absolute() else config.warehouse.models_dir / folder
+    """The model folder a registry row names, confined to `models_dir`.
+
+    Recorded relative to models_dir, so a copied warehouse (tests, backfills)
+    loads its own files. An absolute path, a `..` or a symlink leading out of
+    the folder is refused: the row may come from a copy someone else can edit.
+    """
+    relative = Path(str(artifact_dir))
+    root = config.warehouse.models_dir.resolve()
+    if not str(artifact_dir).strip() or relative.is_absolute() or ".." in relative.parts:
+        raise RegistryError(
+            f"registry artifact_dir {artifact_dir!r} is not a plain folder name inside {root} "
+            "(absolute paths and '..' are refused); refusing to load it"
+        )
+    folder = (root / relative).resolve()
+    if folder == root or not folder.is_relative_to(root):
+        raise RegistryError(f"registry artifact_dir {artifact_dir!r} resolves to {folder}, outside {root}; "
+                            "refusing to load it")
+    return folder
+
+
+# ---------------------------------------------------------------- signing
+
+def signing_key(config: ChurnConfig) -> bytes:
+    """$CHURN_MODEL_KEY, else the models folder's key file (created once, mode 0600)."""
+    from_env = os.environ.get(KEY_ENV_VAR)
+    if from_env:
+        return from_env.encode()
+    path = config.warehouse.models_dir / KEY_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        key = path.read_text().strip()
+        if not key:
+            raise RegistryError(f"model signing key file {path} is empty") from None
+        return key.encode()
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(secrets.token_hex(32))
+    return path.read_text().strip().encode()
+
+
+def _signature(key: bytes, version: str, hashes: dict[str, str]) -> str:
+    payload = json.dumps({"version": version, "files": hashes}, sort_keys=True).encode()
+    return hmac.new(key, payload, hashlib.sha256).hexdigest()
+
+
+def write_manifest(folder: Path, version: str, hashes: dict[str, str], key: bytes) -> None:
+    """manifest.json: the version and every file's sha256, with their HMAC."""
+    document = {"version": version, "files": dict(sorted(hashes.items())),
+                "signature": _signature(key, version, hashes)}
+    (folder / MANIFEST_FILE).write_text(json.dumps(document, indent=2))
+
+
+def _signed_hashes(version: str, folder: Path, key: bytes) -> dict[str, str]:
+    """The manifest's file hashes, after checking its signature and that it is this version's."""
+    path = folder / MANIFEST_FILE
+    try:
+        manifest = json.loads(path.read_text())
+        files, signature = dict(manifest["files"]), str(manifest["signature"])
+        signed_version = str(manifest["version"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise RegistryError(f"model {version}: manifest {path} is unreadable ({exc}); refusing to load it") from exc
+    if not hmac.compare_digest(signature, _signature(key, signed_version, files)):
+        raise RegistryError(f"model {version}: manifest {path} fails its signature check "
+                            "(changed, or signed with another key); refusing to load it")
+    if signed_version != version:
+        raise RegistryError(f"model {version}: folder {folder} holds the signed manifest of model "
+                            f"{signed_version}; the registry row points at another model's files")
+    return files
 
 
 def _check_artifacts(version: str, folder: Path, expected: dict[str, str]) -> None:
@@ -256,19 +365,70 @@ def load_pickled_parts(path: Path) -> dict[str, Any]:
     """The joblib file of a model's preprocessing, estimator and calibrator (hash-checked before)."""
     with open(path, "rb") as handle:
         return _RenamingUnpickler(str(path), handle, ensure_native_byte_order=True).load()
+def _is_trusted_registry(config: ChurnConfig, registry_db: Path | None) -> bool:
+    """Only the build database is trusted for unsigned models: it is never shipped to BI."""
+    return registry_db is None or registry_db.resolve() == config.warehouse.build_db.resolve()
+
+
+def verified_hashes(config: ChurnConfig, version: str, row: dict[str, Any], folder: Path,
+                    registry_db: Path | None) -> dict[str, str]:
+    """Every artifact file's hash, checked against the signed manifest (or, for an unsigned model
+    read from the build database, against its row), before any file is deserialized."""
+    recorded = json.loads(row["artifact_sha256"])
+    key = signing_key(config)
+    if (folder / MANIFEST_FILE).exists():
+        signed = _signed_hashes(version, folder, key)
+        if recorded != signed:
+            raise RegistryError(
+                f"model {version}: the {REGISTRY.name} row's artifact_sha256 disagrees with the signed "
+                f"manifest in {folder} (files {sorted(set(recorded) ^ set(signed)) or sorted(recorded)}); "
+                "the registry row was tampered with; refusing to load it"
+            )
+        _check_artifacts(version, folder, signed)
+        return signed
+    if not _is_trusted_registry(config, registry_db):
+        raise RegistryError(
+            f"model {version}: folder {folder} has no signed manifest and the registry row comes from "
+            f"{registry_db}, which is not trusted for unsigned models; run `churn score` (or a nightly) "
+            "once to sign it from the build database"
+        )
+    _check_artifacts(version, folder, recorded)
+    write_manifest(folder, version, recorded, key)
+    log.warning("model %s had no signed manifest; its files match the build registry, manifest written", version)
+    return recorded
+
+
+def _load_parts(version: str, folder: Path, hashes: dict[str, str]) -> dict[str, Any]:
+    """The pickled/skops parts, only ever called on files whose hashes were verified."""
+    if PIPELINE_FILE in hashes:
+        path = folder / PIPELINE_FILE
+        untrusted = set(skops.io.get_untrusted_types(file=path))
+        refused = sorted(untrusted - TRUSTED_TYPES)
+        if refused:
+            raise RegistryError(f"model {version}: {path} contains types outside the allow-list: "
+                                f"{', '.join(refused)}; refusing to load it")
+        return skops.io.load(path, trusted=sorted(untrusted))
+    if LEGACY_PIPELINE_FILE in hashes:
+        return joblib.load(folder / LEGACY_PIPELINE_FILE)
+    raise RegistryError(f"model {version}: no model file ({PIPELINE_FILE} or {LEGACY_PIPELINE_FILE}) "
+                        f"among its recorded artifacts {sorted(hashes)}")
 
 
 def load_model(config: ChurnConfig, version: str, registry_db: Path | None = None) -> ChurnModel:
-    """Load a registered model after checking every artifact file's sha256.
+    """Load a registered model after confining its folder and verifying every file (see module doc).
 
     `registry_db` reads the registry row from another database, e.g. the published
     copy, so a long-running server never contends for the build database's lock.
     """
     row = _registry_row(config, version, registry_db)
     folder = artifact_folder(config, row["artifact_dir"])
-    _check_artifacts(version, folder, json.loads(row["artifact_sha256"]))
+    hashes = verified_hashes(config, version, row, folder, registry_db)
+    if METADATA_FILE not in hashes:
+        raise RegistryError(f"model {version}: {METADATA_FILE} is not among its recorded artifacts")
     document = json.loads((folder / METADATA_FILE).read_text())
-    parts = load_pickled_parts(folder / PIPELINE_FILE)
+    if document["algorithm"] == "xgboost" and BOOSTER_FILE not in hashes:
+        raise RegistryError(f"model {version}: {BOOSTER_FILE} is not among its recorded artifacts")
+    parts = _load_parts(version, folder, hashes)
     estimator = parts["estimator"]
     if document["algorithm"] == "xgboost":
         from xgboost import XGBClassifier
@@ -295,7 +455,7 @@ def champion_version(config: ChurnConfig) -> str | None:
     db = config.warehouse.build_db
     if not db.exists():
         return None
-    with connect(db) as session:
+    with connect(db, settings=config.warehouse.engine) as session:
         return champion_in(session, config.dataset.name)
 
 
@@ -310,7 +470,7 @@ def registry_frame(config: ChurnConfig) -> pd.DataFrame:
     db = config.warehouse.build_db
     if not db.exists():
         return pd.DataFrame()
-    with connect(db) as session:
+    with connect(db, settings=config.warehouse.engine) as session:
         if not session.exists(REGISTRY):
             return pd.DataFrame()
         return session.frame(
@@ -321,7 +481,7 @@ def registry_frame(config: ChurnConfig) -> pd.DataFrame:
 
 def _evaluation_rows(config: ChurnConfig, model: ChurnModel) -> pd.DataFrame:
     """The challenger's out-of-time (or hold-out) rows, re-read from the feature mart."""
-    with connect(config.warehouse.build_db) as session:
+    with connect(config.warehouse.build_db, settings=config.warehouse.engine) as session:
         return load_evaluation_rows(session, config, model.contract, model.metadata.validation)
 
 
@@ -436,11 +596,11 @@ def register(
     final_dir = config.warehouse.models_dir / version
     staging_dir = config.warehouse.models_dir / f".{version}.partial"
     try:
-        hashes = save_artifacts(registered, staging_dir)
+        hashes = save_artifacts(registered, staging_dir, signing_key(config))
         staging_dir.rename(final_dir)
         now = dt.datetime.now()
         row = _new_registry_row(config, registered, run_id, oot_metrics, comparison, hashes, now)
-        with connect(config.warehouse.build_db) as session:
+        with connect(config.warehouse.build_db, settings=config.warehouse.engine) as session:
             _write_registry_row(session, config, row, comparison.promoted, now)
     except Exception:
         shutil.rmtree(staging_dir, ignore_errors=True)

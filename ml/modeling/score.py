@@ -226,7 +226,7 @@ def score(
     run_id = run_id or dt.datetime.now().strftime("score-%Y%m%dT%H%M%S-") + uuid.uuid4().hex[:6]
     model = _champion_for(config)
     contract, version = model.contract, str(model.version)
-    with connect(config.warehouse.build_db) as session:
+    with connect(config.warehouse.build_db, settings=config.warehouse.engine) as session:
         snapshot = _snapshot_to_score(session, config, model)
         scored = _score_chunks(session, config, model, snapshot, chunk_rows)
         scores = _ranked_layout(scored, config, contract, version, run_id)

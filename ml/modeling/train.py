@@ -375,7 +375,7 @@ def candidate_metric_rows(
 
 def write_run_tables(config: ChurnConfig, run_id: str, tables: dict[TableSpec, pd.DataFrame]) -> None:
     """Each table's rows for this run replace any earlier rows of the same run, all in one transaction."""
-    with connect(config.warehouse.build_db) as session, session.transaction():
+    with connect(config.warehouse.build_db, settings=config.warehouse.engine) as session, session.transaction():
         for table, frame in tables.items():
             session.append(table, frame, where="run_id = ?", params=[run_id])
 
@@ -457,7 +457,7 @@ def load_training_data(config: ChurnConfig) -> TrainingData:
     """Read the labelled rows and split off the evaluation rows (newest labelled snapshots, or a hold-out)."""
     contract = current_contract(config)
     with timed(f"load labelled rows of {config.dataset.feature_mart}", log):
-        with connect(config.warehouse.build_db) as session:
+        with connect(config.warehouse.build_db, settings=config.warehouse.engine) as session:
             frame = load_training_rows(session, config, contract)
             labelled_dates = fully_labelled_dates(session, config, contract)
         split = validation_split(frame, contract, labelled_dates,

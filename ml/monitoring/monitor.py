@@ -93,12 +93,13 @@ PERFORMANCE_SPEC = declare(
     name="model_performance",
     owner=__name__,
     grain="one row per kind (estimated, realized), snapshot and model version",
-    description="CBPE estimates for tonight's scores; realized metrics once a snapshot's labels are known",
+    description="CBPE estimates for tonight's scores; realized metrics once a snapshot's labels are known "
+                "(on the scored customers that have a label; missing_labels counts those absent from the mart)",
     columns=[
         ("run_id", "VARCHAR"), ("as_of_date", "DATE"), ("model_version", "VARCHAR"), ("kind", "VARCHAR"),
         ("n_rows", "BIGINT"), ("positives", "DOUBLE"), ("roc_auc", "DOUBLE"), ("pr_auc", "DOUBLE"),
         ("recall", "DOUBLE"), ("precision", "DOUBLE"), ("brier", "DOUBLE"), ("flagged_share", "DOUBLE"),
-        ("threshold", "DOUBLE"), ("computed_at", "TIMESTAMP"),
+        ("threshold", "DOUBLE"), ("computed_at", "TIMESTAMP"), ("missing_labels", "BIGINT"),
     ],
 )
 DECISIONS_SPEC = declare(
@@ -177,6 +178,8 @@ def ensure_tables(session: Session) -> None:
     """Create the monitoring tables with their declared types (BI may chart them before the first night)."""
     for spec in MONITOR_SPECS:
         session.create(spec)
+        # tables created before a column was declared (model_performance.missing_labels) gain it
+        session.add_missing_columns(spec, {column.name: column.type for column in spec.columns})
 
 
 # ---------------------------------------------------------------- reading
@@ -238,38 +241,48 @@ def _measured_realized(session: Session) -> set[tuple[dt.date, str]]:
 
 def _labelled_scores(
     session: Session, config: ChurnConfig, contract: FeatureContract, as_of_date: dt.date, version: str,
-) -> pd.DataFrame | None:
-    """One scored snapshot's rows with their labels, or None while any label is still unknown."""
+) -> tuple[pd.DataFrame, int] | None:
+    """One scored snapshot's labelled rows and the count of scored rows without a label,
+    or None while no scored row has a label (the horizon has not passed)."""
     scored = scored_rows(session, contract, as_of_date, version)
     labels = labels_of(session, config, contract, [as_of_date])[[contract.key, contract.label]]
     joined = scored.merge(labels, on=contract.key, how="left")
-    if joined.empty or joined[contract.label].isna().any():
+    labelled = joined[joined[contract.label].notna()]
+    if labelled.empty:
         return None
-    return joined
+    return labelled.reset_index(drop=True), len(joined) - len(labelled)
 
 
 def realized_performance(
     session: Session, config: ChurnConfig, contract: FeatureContract, before: dt.date, run_id: str,
 ) -> pd.DataFrame:
-    """Realized metrics for each earlier (as_of_date, model_version) whose labels are now all known.
+    """Realized metrics for each earlier (as_of_date, model_version) whose labels are now known.
 
-    A snapshot counts once every scored customer has a label in the mart: the
-    horizon has passed and the snapshot is on the mart's as_of grid. Pairs
-    already measured are skipped (labels of a closed horizon do not change).
+    A snapshot counts once the mart holds its labels (the horizon has passed and
+    the snapshot is on the mart's as_of grid). The metrics are computed on the
+    scored customers that have a label; those absent from the later mart (a
+    customer removed, a backfill on other data) are counted in `missing_labels`
+    rather than holding the whole snapshot back forever. Pairs already measured
+    are skipped (labels of a closed horizon do not change).
     """
     done = _measured_realized(session)
     pending = [pair for pair in scored_snapshots(session, contract.as_of, before) if pair not in done]
     thresholds = registry.model_thresholds(session) if pending else {}
     out = []
     for as_of_date, version in pending:
-        rows = _labelled_scores(session, config, contract, as_of_date, version)
-        if rows is None:
+        labelled = _labelled_scores(session, config, contract, as_of_date, version)
+        if labelled is None:
             continue
+        rows, missing = labelled
+        if missing:
+            log.warning("realized metrics of %s scored on %s: %d of %d scored customers have no label in %s; "
+                        "measured on the other %d", version, as_of_date, missing, missing + len(rows),
+                        config.dataset.feature_mart, len(rows))
         metrics = realized_metrics(rows[contract.label].to_numpy(dtype=int),
                                    rows[PROBABILITY_COLUMN].to_numpy(dtype=float),
                                    rows[DECISION_COLUMN].to_numpy(dtype=bool))
         out.append({"run_id": run_id, "as_of_date": as_of_date, "model_version": version, "kind": REALIZED,
-                    **metrics, "threshold": thresholds.get(version)})
+                    **metrics, "threshold": thresholds.get(version), "missing_labels": missing})
     return pd.DataFrame(out)
 
 
@@ -364,7 +377,7 @@ def measure(config: ChurnConfig, run_id: str | None = None,
     run_id = run_id or new_run_id()
     model, reference = champion_to_monitor(config)
     version = str(model.version)
-    with connect(config.warehouse.build_db) as session:
+    with connect(config.warehouse.build_db, settings=config.warehouse.engine) as session:
         ensure_tables(session)
         tonight = read_tonight(session, config, model)
         findings = compute_drift(model, reference, tonight, config)
@@ -441,7 +454,7 @@ def policy_inputs(config: ChurnConfig, result: MonitorResult, today: dt.date) ->
     """What the policy needs, read through the owners of each fact (registry, training runs, mart)."""
     model = registry.load_model(config, result.model_version)
     champion_up_to = (model.metadata.snapshot_range or [None, None])[1]
-    with connect(config.warehouse.build_db, read_only=True) as session:
+    with connect(config.warehouse.build_db, read_only=True, settings=config.warehouse.engine) as session:
         since = champion_since(session, result.model_version, today)
         realized, realized_as_of = latest_realized_recall(session, result.model_version)
         known = [d for d in (_date(champion_up_to) if champion_up_to else None,
@@ -481,7 +494,7 @@ def record_decision(config: ChurnConfig, result: MonitorResult, today: dt.date, 
         "message": outcome.message[:4000],
         "decided_at": pd.Timestamp(dt.datetime.now()),
     }])
-    with connect(config.warehouse.build_db) as session:
+    with connect(config.warehouse.build_db, settings=config.warehouse.engine) as session:
         ensure_tables(session)
         session.append(DECISIONS_SPEC, row, where="run_id = ?", params=[result.run_id])
 

@@ -621,7 +621,7 @@ def _previous_rows(config: ChurnConfig, suite: Suite, as_of: str | None) -> int 
     """Rows of the suite's table in the last audited run (at or before `as_of` when given)."""
     if not config.warehouse.build_db.exists():
         return None
-    with connect(config.warehouse.build_db, read_only=True) as session:
+    with connect(config.warehouse.build_db, read_only=True, settings=config.warehouse.engine) as session:
         if not session.exists(ROW_COUNTS):
             return None
         value = session.scalar(
@@ -634,7 +634,7 @@ def _previous_rows(config: ChurnConfig, suite: Suite, as_of: str | None) -> int 
 
 def _active_customers(config: ChurnConfig) -> int | None:
     """Rows of the feature mart on its latest as_of_date: the customers scoring must cover."""
-    with connect(config.warehouse.build_db, read_only=True) as session:
+    with connect(config.warehouse.build_db, read_only=True, settings=config.warehouse.engine) as session:
         if not session.exists(config.dataset.feature_mart):
             return None
         contract = current_contract(config)
@@ -727,7 +727,7 @@ def _store(config: ChurnConfig, report: AuditReport, rows: dict[str, tuple[str, 
     become the base of the next run's row-count band.
     """
     checked_at = dt.datetime.now()
-    with connect(config.warehouse.build_db) as session, session.transaction():
+    with connect(config.warehouse.build_db, settings=config.warehouse.engine) as session, session.transaction():
         session.append(RESULTS, _results_frame(config, report, checked_at),
                        where="run_id = ? and dataset = ? and stage = ?",
                        params=[report.run_id, config.dataset.name, report.stage])
@@ -755,7 +755,7 @@ def audit(config: ChurnConfig, stage: str, run_id: str, as_of: str | None = None
             relation = _relation(suite, tables)
             # Landing suites read the files through an in-memory database: the build database is not touched.
             database = MEMORY if stage == "landing" else config.warehouse.build_db
-            with connect(database, read_only=stage != "landing") as session:
+            with connect(database, read_only=stage != "landing", settings=config.warehouse.engine) as session:
                 if stage != "landing" and not session.exists(suite.table):
                     raise AuditError(
                         f"{suite.name}: table {suite.table} does not exist in {config.warehouse.build_db}", report)
@@ -810,5 +810,5 @@ def _missing_tables(config: ChurnConfig, stage: str) -> list[str]:
                                          if json.loads(p.read_text()).get("meta", {}).get("stage") == stage)}
     if not config.warehouse.build_db.exists():
         return sorted(targets)
-    with connect(config.warehouse.build_db, read_only=True) as session:
+    with connect(config.warehouse.build_db, read_only=True, settings=config.warehouse.engine) as session:
         return sorted(t for t in targets if not session.exists(t))

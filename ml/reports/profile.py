@@ -620,7 +620,7 @@ def profile(config: ChurnConfig, run_id: str | None = None, sample_rows: int = P
     profiled_at = dt.datetime.now()
     mart = config.dataset.feature_mart
     contract = current_contract(config)
-    with connect(config.warehouse.build_db) as session:
+    with connect(config.warehouse.build_db, settings=config.warehouse.engine) as session:
         types = check_mart(session, config, contract)
         with timed(f"profile statistics of {mart}", log):
             columns = column_summary(session, mart, contract, types)

@@ -24,7 +24,7 @@ def _fmt(value: object) -> str:
 
 def score_summary(config: ChurnConfig) -> list[str]:
     """Lines describing today's churn_scores and the scoring model's held-out metrics."""
-    with connect(config.warehouse.build_db, read_only=True) as session:
+    with connect(config.warehouse.build_db, read_only=True, settings=config.warehouse.engine) as session:
         scores = latest_scores_summary(session, config.problem.as_of_column)
         if scores is None:
             return [f"  no {SCORES_TABLE} table: nothing was scored"]

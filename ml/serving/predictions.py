@@ -170,7 +170,7 @@ def ingest_predictions(config: ChurnConfig) -> IngestResult:
         frame = frame.assign(as_of=as_of.dt.date)[readable].reset_index(drop=True)
         frame["churn_probability"] = pd.to_numeric(frame["churn_probability"], errors="coerce")
         frame["latency_ms"] = pd.to_numeric(frame["latency_ms"], errors="coerce")
-    with connect(config.warehouse.build_db) as session:
+    with connect(config.warehouse.build_db, settings=config.warehouse.engine) as session:
         session.create(PREDICTION_LOG)
         ids = sorted(set(frame["request_id"])) if len(frame) else []
         session.append(PREDICTION_LOG, frame, where="request_id in (select unnest(?::varchar[]))", params=[ids])

@@ -119,7 +119,7 @@ def remove_stale_temps(published: Path) -> list[Path]:
 
 def tables_to_publish(config: ChurnConfig) -> list[str]:
     """The BI tables present in the build database; fail when a required one is missing."""
-    with connect(config.warehouse.build_db, read_only=True) as session:
+    with connect(config.warehouse.build_db, read_only=True, settings=config.warehouse.engine) as session:
         existing = set(session.tables(base_tables_only=False))
     present = [t for t in PUBLISHED_TABLES if t in existing]
     missing = [t for t in REQUIRED_TABLES if t not in present]
@@ -155,7 +155,7 @@ def published_info(session: Session) -> PublishInfo | None:
 def _write_copy(config: ChurnConfig, target: Path, tables: list[str], run_id: str | None) -> dict[str, int]:
     """A complete, checkpointed DuckDB file holding the tables, closed before returning."""
     rows: dict[str, int] = {}
-    with connect(target) as session:
+    with connect(target, settings=config.warehouse.engine) as session:
         # ATTACH takes no parameters: the path goes in as a quoted literal.
         session.execute(f"attach {quote_literal(config.warehouse.build_db)} as build (read_only)")
         for table in tables:
@@ -199,7 +199,7 @@ def published_tables(config: ChurnConfig) -> dict[str, int]:
     """Rows per table of the published database, read the way BI reads it (read-only)."""
     if not config.warehouse.published_db.exists():
         raise WarehouseError(f"nothing published yet: {config.warehouse.published_db}")
-    with connect(config.warehouse.published_db, read_only=True) as session:
+    with connect(config.warehouse.published_db, read_only=True, settings=config.warehouse.engine) as session:
         return {t: session.row_count(t) for t in session.tables(base_tables_only=False)}
 
 

@@ -2,20 +2,23 @@
 
 Connections and transactions (`connect`, `Session`), identifier quoting
 (`quote`), the table catalogue (`declare`, `catalog`), JSON conversion of
-stored values (`json_value`, `to_json`) and atomic file replacement
-(`replace_folder`) each have one implementation here, and every stage uses it.
+stored values (`json_value`, `to_json`), atomic file replacement
+(`replace_folder`) and the one-run-at-a-time lock (`RunLock`) each have one
+implementation here, and every stage uses it.
 This package imports nothing of the stages above it.
 """
 
 from ml.warehouse.catalog import CatalogError, Column, TableSpec, catalog, declare, spec
-from ml.warehouse.connection import MEMORY, EngineError, Session, WarehouseError, connect
+from ml.warehouse.connection import MEMORY, DatabaseBusyError, EngineError, Session, WarehouseError, connect
 from ml.warehouse.files import fsync, replace_folder, staging_path
+from ml.warehouse.runlock import LockHolder, RunLock, RunLockedError, dead_run_message
 from ml.warehouse.sql import column_list, is_numeric_type, quote, quote_literal
 from ml.warehouse.values import float_or_none, is_missing, json_value, to_json
 
 __all__ = [
-    "MEMORY", "CatalogError", "EngineError", "Column", "Session", "TableSpec", "WarehouseError",
-    "catalog", "column_list", "connect", "declare", "float_or_none", "fsync", "is_missing",
+    "MEMORY", "CatalogError", "Column", "DatabaseBusyError", "EngineError", "LockHolder", "RunLock",
+    "RunLockedError", "Session", "TableSpec", "WarehouseError",
+    "catalog", "column_list", "connect", "dead_run_message", "declare", "float_or_none", "fsync", "is_missing",
     "is_numeric_type", "json_value", "quote", "quote_literal", "replace_folder", "spec",
     "staging_path", "to_json",
 ]

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import duckdb
 import pandas as pd
@@ -39,12 +40,22 @@ class WarehouseError(RuntimeError):
     """A warehouse table is missing or not what a stage expects."""
 
 
+class DatabaseBusyError(WarehouseError):
+    """Another process has the database file open, so this one cannot lock it."""
+
+
 # What the engine raises for a statement it cannot run (a corrupt file, a bad cast):
 # stages that turn such failures into named errors catch this, not the engine's module.
 EngineError = duckdb.Error
 
 
 Params = Sequence[Any] | None
+
+
+class EngineSettings(Protocol):
+    """What `connect` needs of the configured engine settings (ml.config.EngineSettings)."""
+
+    def pragmas(self) -> dict[str, str | int]: ...
 
 
 class Session:
@@ -120,6 +131,10 @@ class Session:
             f"select table_name from information_schema.tables where table_schema = ?{kind} order by table_name",
             [schema],
         )]
+
+    def setting(self, name: str) -> Any:
+        """The engine's current value of a setting (e.g. memory_limit), as it reports it."""
+        return self.scalar("select current_setting(?)", [name])
 
     def row_count(self, table: str | TableSpec) -> int:
         return int(self.scalar(f"select count(*) from {quote(_name(table))}"))
@@ -203,17 +218,42 @@ def _name(table: str | TableSpec) -> str:
     return table.name if isinstance(table, TableSpec) else str(table)
 
 
+def busy_message(path: Path, engine_message: str) -> str:
+    """What to do when another process holds the file (DuckDB's own hint, "open it read-only", is
+    no help to a nightly that must write)."""
+    holder = re.search(r"\(PID (\d+)\)", engine_message)
+    who = f"process {holder.group(1)}" if holder else "another process"
+    return (f"database {path} is open in {who}, and DuckDB lets only one process open a file while it is "
+            "written. BI tools and ad-hoc queries should read the published database "
+            "(warehouse.published_db, published.duckdb), which each nightly replaces atomically and never "
+            f"locks; close {who} (or wait for the run holding it) and run again.")
+
+
+def _open(path: Path, read_only: bool, settings: dict[str, str | int]) -> duckdb.DuckDBPyConnection:
+    try:
+        return duckdb.connect(str(path), read_only=read_only, config=settings)
+    except duckdb.IOException as exc:
+        if "lock" not in str(exc).lower():
+            raise
+        raise DatabaseBusyError(busy_message(path, str(exc))) from None
+
+
 @contextmanager
-def connect(path: Path | str, read_only: bool = False) -> Iterator[Session]:
-    """Open a warehouse file (or `":memory:"`) and always close it: DuckDB locks the file while open."""
+def connect(path: Path | str, read_only: bool = False, settings: EngineSettings | None = None) -> Iterator[Session]:
+    """Open a warehouse file (or `":memory:"`) and always close it: DuckDB locks the file while open.
+
+    `settings` (churn.yml's warehouse memory_limit, threads, temp_directory) bound
+    what the engine may use; every connection of the pipeline passes them.
+    """
+    pragmas = settings.pragmas() if settings is not None else {}
     if str(path) == MEMORY:
-        con = duckdb.connect(MEMORY)
+        con = duckdb.connect(MEMORY, config=pragmas)
     else:
         path = Path(path)
         if read_only and not path.exists():
             raise WarehouseError(f"database not found: {path}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        con = duckdb.connect(str(path), read_only=read_only)
+        con = _open(path, read_only, pragmas)
     try:
         yield Session(con, str(path), read_only)
     finally:
