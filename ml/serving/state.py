@@ -87,7 +87,7 @@ def load_state(config: ChurnConfig, compiled: CompiledFeatures) -> PublishedStat
     if not db.exists():
         raise RequestError(f"nothing published yet ({db} missing); run `make nightly` first")
     stamp = file_stamp(db)
-    with connect(db, read_only=True) as session:
+    with connect(db, read_only=True, settings=config.warehouse.engine) as session:
         present = set(session.tables())
         for table in (REGISTRY_TABLE, SCORES_SPEC.name):
             if table not in present:
