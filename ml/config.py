@@ -85,10 +85,21 @@ class TrainingConfig:
     cost_wasted_offer: float | None
 
 
+# The risk bands, highest first. They are derived from the model's decision so a
+# band can never contradict `will_churn`: high and medium are flagged, low is not.
+RISK_BANDS = ("high", "medium", "low")
+
+
 @dataclass(frozen=True)
 class ScoringConfig:
-    risk_bands: dict[str, float]
+    # A flagged customer is "high" when the calibrated probability also reaches
+    # this (so the band's expected precision is at least this share); else "medium".
+    high_risk_probability: float
     top_reasons: int
+
+    @property
+    def risk_band_names(self) -> tuple[str, ...]:
+        return RISK_BANDS
 
 
 @dataclass(frozen=True)
@@ -291,6 +302,13 @@ def _quality(raw: dict[str, Any], source: Path) -> QualityConfig:
     return quality
 
 
+def _scoring(raw: dict[str, Any], source: Path) -> ScoringConfig:
+    scoring = _build(ScoringConfig, _section(raw, "scoring", source), "scoring", source)
+    if not 0 < scoring.high_risk_probability <= 1:
+        raise ConfigError(f"{source}: scoring.high_risk_probability must be in (0, 1]")
+    return scoring
+
+
 def _assemble(raw: dict[str, Any], source: Path, dataset: str | None) -> ChurnConfig:
     """Build and check every section, in file order so the first problem is reported first."""
     problem = _problem(raw, source)
@@ -305,7 +323,7 @@ def _assemble(raw: dict[str, Any], source: Path, dataset: str | None) -> ChurnCo
         warehouse=_warehouse(raw, source),
         generator=_generator(raw, source),
         training=_training(raw, source),
-        scoring=_build(ScoringConfig, _section(raw, "scoring", source), "scoring", source),
+        scoring=_scoring(raw, source),
         monitoring=_build(MonitoringConfig, _section(raw, "monitoring", source), "monitoring", source),
         quality=_quality(raw, source),
         raw=raw,

@@ -656,7 +656,7 @@ def suite_parameters(config: ChurnConfig, suite: Suite, as_of: str | None) -> di
         "label_share_max": high,
         "min_rows": 1 if previous is None else max(1, math.floor(previous * (1 - tolerance))),
         "max_rows": None if previous is None else math.ceil(previous * (1 + tolerance)),
-        "risk_bands": sorted(config.scoring.risk_bands),
+        "risk_bands": sorted(config.scoring.risk_band_names),
     }
     if suite.stage == "scores":
         params["active_customers"] = _active_customers(config)

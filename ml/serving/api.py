@@ -308,9 +308,10 @@ class ScoringService:
         if features.empty:
             return []
         scored = score_frame(self.model, self.explainer, features, self.config.scoring.top_reasons)
-        bands = risk_bands(scored["churn_probability"].to_numpy(), self.config.scoring.risk_bands)
+        bands = risk_bands(scored["churn_probability"].to_numpy(), self.model.threshold,
+                           self.config.scoring.high_risk_probability)
         answers = []
-        reason_names = [c for c in scored.columns if c.startswith("reason_") and not c.endswith("_contribution")]
+        reason_names = [c for c in scored.columns if c.startswith("reason_") and c.removeprefix("reason_").isdigit()]
         for position, (index, row) in enumerate(scored.iterrows()):
             answers.append({
                 compiled.key: answer_value(row[compiled.key]),
