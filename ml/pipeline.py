@@ -22,7 +22,7 @@ import pandas as pd
 
 from ml.config import ChurnConfig
 from ml.data.landing import validate_landing
-from ml.features.build import build_warehouse, mart_row_counts
+from ml.features.build import build_warehouse
 from ml.logs import get_logger, timed
 from ml.modeling.score import score
 from ml.modeling.train import train
@@ -139,10 +139,10 @@ def nightly(config: ChurnConfig, as_of: str | None = None, force_train: bool = F
             audit(config, "scores", run.run_id, as_of=as_of)
             monitor.measure(config, run_id=run.run_id)
     with run.step("publish"):
-        publish(config, run_id=run.run_id)
-    counts = mart_row_counts(config)
+        published = publish(config, run_id=run.run_id)
     print(f"\nnightly {run.run_id} ({config.dataset.name}) finished in {time.perf_counter() - start:.0f}s")
-    for table, rows in counts.items():
+    print(f"  published to {published.path} (what BI reads):")
+    for table, rows in published.tables.items():
         print(f"  {table:38s} {rows:>12,d} rows")
     print("\n".join(score_summary(config)))
     return run

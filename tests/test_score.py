@@ -23,7 +23,7 @@ from ml.modeling.score import (
     score,
     typical_values,
 )
-from ml.reports.summary import score_summary
+from ml.reports.summary import score_summary, success_line
 from ml.warehouse import connect
 from tests.conftest import QUICK_TRAINING, copy_warehouse, query
 
@@ -213,6 +213,22 @@ def test_nightly_summary_reports_scores_and_held_out_metrics(scoring_warehouse: 
         line = next(row for row in lines if row.split()[0] == metric)
         assert line.split() == [metric, f"{metrics.loc['out_of_time', metric]:.3f}",
                                 f"{metrics.loc['baseline', metric]:.3f}"]
+    # The criterion is judged in words, and the operating point is said in people.
+    recall = metrics.loc["out_of_time", "recall"]
+    target = config.problem.success_target
+    verdict = f"met ({recall:.3f} held out)" if recall >= target else f"MISSED ({recall:.3f} held out)"
+    assert f"success criterion recall >= {target}: {verdict}" in text
+    p = query(config, f"select churn_probability, will_churn from {SCORES_TABLE}")
+    caught = p.loc[p["will_churn"], "churn_probability"].sum()
+    missed = p.loc[~p["will_churn"], "churn_probability"].sum()
+    assert f"contact {result.flagged:,d} of {result.rows:,d} active customers" in text
+    assert f"about {caught:,.0f} of them are expected to churn" in text
+    assert f"about {missed:,.0f} expected churners are not flagged" in text
+
+
+def test_success_line_says_met_or_missed() -> None:
+    assert success_line("recall", 0.795, 0.8) == "  ✗ success criterion recall >= 0.8: MISSED (0.795 held out)"
+    assert success_line("recall", 0.81, 0.8).startswith("  ✓ success criterion recall >= 0.8: met")
 
 
 def test_nightly_summary_says_when_nothing_was_scored(private_warehouse: ChurnConfig) -> None:

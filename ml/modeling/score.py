@@ -322,6 +322,9 @@ class ScoresSummary:
     model_version: str | None
     first_as_of: dt.date | None
     last_as_of: dt.date | None
+    # Sums of calibrated probabilities: the churners expected among the flagged and among the rest.
+    expected_churners_flagged: float = 0.0
+    expected_churners_missed: float = 0.0
 
 
 def _date(value: object) -> dt.date | None:
@@ -332,12 +335,13 @@ def latest_scores_summary(session: Session, as_of_column: str) -> ScoresSummary 
     """Counts of tonight's churn_scores, or None when nothing was ever scored."""
     if not session.exists(SCORES_SPEC):
         return None
-    a = quote(as_of_column)
-    rows, flagged, version, first, last = session.one(
-        f"select count(*), count(*) filter (where {quote(DECISION_COLUMN)}), min(model_version), "
-        f"min({a}), max({a}) from {quote(SCORES_TABLE)}"
+    a, d, p = quote(as_of_column), quote(DECISION_COLUMN), quote(PROBABILITY_COLUMN)
+    rows, flagged, version, first, last, caught, missed = session.one(
+        f"select count(*), count(*) filter (where {d}), min(model_version), min({a}), max({a}), "
+        f"coalesce(sum({p}) filter (where {d}), 0), coalesce(sum({p}) filter (where not {d}), 0) "
+        f"from {quote(SCORES_TABLE)}"
     )
-    return ScoresSummary(int(rows), int(flagged), version, _date(first), _date(last))
+    return ScoresSummary(int(rows), int(flagged), version, _date(first), _date(last), float(caught), float(missed))
 
 
 def tonight_scores(session: Session, as_of_column: str, as_of_date: dt.date, version: str) -> pd.DataFrame | None:
