@@ -30,6 +30,7 @@ from ml.monitoring import monitor
 from ml.monitoring.monitor import MonitorResult
 from ml.monitoring.policy import OUTCOME_FAILED, OUTCOME_PROMOTED, OUTCOME_REJECTED, PolicyOutcome
 from ml.quality.audit import audit
+from ml.reports.index_page import write_reports
 from ml.reports.profile import profile
 from ml.reports.summary import score_summary
 from ml.serving.publish import pause_point, publish
@@ -140,11 +141,14 @@ def nightly(config: ChurnConfig, as_of: str | None = None, force_train: bool = F
             monitor.measure(config, run_id=run.run_id)
     with run.step("publish"):
         published = publish(config, run_id=run.run_id)
+    with run.step("reports"):
+        index = write_reports(config)
     print(f"\nnightly {run.run_id} ({config.dataset.name}) finished in {time.perf_counter() - start:.0f}s")
     print(f"  published to {published.path} (what BI reads):")
     for table, rows in published.tables.items():
         print(f"  {table:38s} {rows:>12,d} rows")
     print("\n".join(score_summary(config)))
+    print(f"  reports: {index}")
     return run
 
 
