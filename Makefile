@@ -10,7 +10,7 @@ DATASET ?=
 DATASET_FLAG := $(if $(DATASET),--dataset $(DATASET),)
 
 .DEFAULT_GOAL := help
-.PHONY: help install nightly build train score monitor publish backfill profile generate serve lint test test-slow bench clean
+.PHONY: help install nightly build train score monitor publish backfill profile generate serve docs report-screenshots lint test test-slow bench clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -52,6 +52,12 @@ backfill: $(STAMP) ## replay a few months of nightly runs for monitoring history
 
 serve: $(STAMP) ## real-time scoring API on 127.0.0.1:8000 (features by the mart's own SQL)
 	$(BIN)/churn $(DATASET_FLAG) serve
+
+docs: $(STAMP) ## dbt docs (lineage to the exposures, every column): generate, then serve on 127.0.0.1:8080
+	$(BIN)/python -m ml.reports.dbt_docs
+
+report-screenshots: $(STAMP) ## PNG of every report page (after make nightly) under warehouse/reports/screenshots/
+	$(BIN)/python -m ml.reports.screenshots
 
 lint: $(STAMP) ## ruff: style, bug-prone patterns and import order (rules in pyproject.toml)
 	$(BIN)/ruff check ml tests benchmarks

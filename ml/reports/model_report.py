@@ -110,7 +110,8 @@ def chart_confusion(chosen: pd.Series) -> str:
     ax = fig.subplots()
     ax.imshow(matrix, cmap="Blues")
     for (i, j), value in np.ndenumerate(matrix):
-        ax.text(j, i, f"{value:,.0f}", ha="center", va="center", color="k", fontsize=12)
+        dark = value > matrix.max() / 2
+        ax.text(j, i, f"{value:,.0f}", ha="center", va="center", color="white" if dark else "black", fontsize=12)
     ax.set_xticks([0, 1], ["not flagged", "flagged"])
     ax.set_yticks([0, 1], ["stayed", "churned"])
     ax.set_xlabel("decision at the threshold")
