@@ -10,7 +10,7 @@ DATASET ?=
 DATASET_FLAG := $(if $(DATASET),--dataset $(DATASET),)
 
 .DEFAULT_GOAL := help
-.PHONY: help install nightly build train score monitor publish backfill profile generate serve bench-api lint test test-slow bench clean
+.PHONY: help install nightly build train score monitor publish backfill profile generate serve bench-api docs report-screenshots lint test test-slow bench clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -55,6 +55,12 @@ serve: $(STAMP) ## real-time scoring API (FastAPI) on 127.0.0.1:8000; docs at /d
 
 bench-api: $(STAMP) ## bounded loopback load on both API routes (50/100/200 req/s); p50/p95/p99 saved
 	$(BIN)/python -m benchmarks.api
+
+docs: $(STAMP) ## dbt docs (lineage to the exposures, every column): generate, then serve on 127.0.0.1:8080
+	$(BIN)/python -m ml.reports.dbt_docs
+
+report-screenshots: $(STAMP) ## PNG of every report page (after make nightly) under warehouse/reports/screenshots/
+	$(BIN)/python -m ml.reports.screenshots
 
 lint: $(STAMP) ## ruff: style, bug-prone patterns and import order (rules in pyproject.toml)
 	$(BIN)/ruff check ml tests benchmarks

@@ -136,10 +136,21 @@ class TrainingConfig:
     cost_wasted_offer: float | None
 
 
+# The risk bands, highest first. They are derived from the model's decision so a
+# band can never contradict `will_churn`: high and medium are flagged, low is not.
+RISK_BANDS = ("high", "medium", "low")
+
+
 @dataclass(frozen=True)
 class ScoringConfig:
-    risk_bands: dict[str, float]
+    # A flagged customer is "high" when the calibrated probability also reaches
+    # this (so the band's expected precision is at least this share); else "medium".
+    high_risk_probability: float
     top_reasons: int
+
+    @property
+    def risk_band_names(self) -> tuple[str, ...]:
+        return RISK_BANDS
 
 
 @dataclass(frozen=True)
@@ -596,6 +607,13 @@ def _serving(raw: dict[str, Any], source: Path) -> ServingConfig:
     if serving.pool_size < 1 or serving.max_body_bytes < 1 or serving.max_rows_per_table < 1:
         raise ConfigError(f"{source}: serving.pool_size, max_body_bytes and max_rows_per_table must be >= 1")
     return serving
+
+
+def _scoring(raw: dict[str, Any], source: Path) -> ScoringConfig:
+    scoring = _build(ScoringConfig, _section(raw, "scoring", source), "scoring", source)
+    if not 0 < scoring.high_risk_probability <= 1:
+        raise ConfigError(f"{source}: scoring.high_risk_probability must be in (0, 1]")
+    return scoring
 
 
 def _assemble(raw: dict[str, Any], source: Path, dataset: str | None) -> ChurnConfig:

@@ -31,7 +31,7 @@ import pandas as pd
 
 from ml.config import ChurnConfig
 from ml.data.landing import validate_landing
-from ml.features.build import build_warehouse, mart_row_counts
+from ml.features.build import build_warehouse
 from ml.logs import get_logger, timed
 from ml.modeling.score import score
 from ml.modeling.train import train
@@ -41,6 +41,7 @@ from ml.monitoring.monitor import MonitorResult
 from ml.monitoring.policy import OUTCOME_FAILED, OUTCOME_PROMOTED, OUTCOME_REJECTED, PolicyOutcome
 from ml.quality.audit import audit
 from ml.quality.gates import check_gates
+from ml.reports.index_page import write_reports
 from ml.reports.profile import profile
 from ml.reports.summary import score_summary
 from ml.serving.predictions import ingest_predictions, logged_predictions
@@ -249,12 +250,15 @@ def _nightly_steps(run: PipelineRun, cutoff: dt.date, replay: bool, force_train:
     with run.step("drift_gate"):
         check_drift_gate(run, watched, outcome.outcome == OUTCOME_PROMOTED, accept_drift)
     with run.step("publish"):
-        publish(config, run_id=run.run_id)
-    counts = mart_row_counts(config)
+        published = publish(config, run_id=run.run_id)
+    with run.step("reports"):
+        index = write_reports(config)
     print(f"\nnightly {run.run_id} ({config.dataset.name}) finished in {time.perf_counter() - start:.0f}s")
-    for table, rows in counts.items():
+    print(f"  published to {published.path} (what BI reads):")
+    for table, rows in published.tables.items():
         print(f"  {table:38s} {rows:>12,d} rows")
     print("\n".join(score_summary(config)))
+    print(f"  reports: {index}")
     return run
 
 

@@ -10,7 +10,18 @@ import pytest
 
 import ml.serving.publish as publish_module
 from ml.config import ChurnConfig
-from ml.serving.publish import INFO_TABLE, PublishError, publish, published_tables, remove_stale_temps
+from ml.features.mart import current_contract
+from ml.serving.publish import (
+    FEATURE_DICTIONARY,
+    INFO_TABLE,
+    KEYWORD_RENAMES,
+    LEGACY_SCHEMA,
+    PublishError,
+    is_sql_keyword,
+    publish,
+    published_tables,
+    remove_stale_temps,
+)
 from ml.warehouse import connect
 
 
@@ -43,7 +54,9 @@ def leftovers(config: ChurnConfig) -> list[str]:
 def test_publish_copies_the_bi_tables_and_leaves_no_temp(scored: ChurnConfig) -> None:
     result = publish(scored, run_id="r1")
     assert result.tables == {"churn_scores": build_rows(scored, "churn_scores"), "pipeline_runs": 1}
-    assert published_tables(scored) == {**result.tables, INFO_TABLE: 1}
+    contract = current_contract(scored)
+    dictionary_rows = len(contract.feature_names) + 3  # key, as_of, label and the features
+    assert published_tables(scored) == {**result.tables, INFO_TABLE: 1, FEATURE_DICTIONARY.name: dictionary_rows}
     with connect(scored.warehouse.published_db, read_only=True) as con:
         assert con.rows(f"select run_id, dataset from {INFO_TABLE}") == [("r1", "demo")]
     assert leftovers(scored) == []
@@ -110,3 +123,48 @@ def test_a_reader_of_the_old_file_keeps_its_snapshot(scored: ChurnConfig) -> Non
         reader.close()
     with connect(scored.warehouse.published_db, read_only=True) as con:
         assert con.scalar("select count(*) from churn_scores") == new_rows < old_rows
+
+
+def test_a_keyword_column_without_a_rename_stops_the_publish(scored: ChurnConfig) -> None:
+    publish(scored, run_id="r1")
+    before = digest(scored.warehouse.published_db)
+    with connect(scored.warehouse.build_db) as con:
+        con.execute('alter table pipeline_runs add column "order" integer')
+    with pytest.raises(PublishError, match=r"'pipeline_runs' would have SQL-keyword column\(s\) order"):
+        publish(scored, run_id="r2")
+    assert digest(scored.warehouse.published_db) == before
+    assert leftovers(scored) == []
+
+
+def test_published_tables_are_documented_and_keyword_free(published_warehouse: ChurnConfig) -> None:
+    """What a BI tool's data dictionary shows: every table and column has a comment, no name needs quoting."""
+    config = published_warehouse
+    with connect(config.warehouse.published_db, read_only=True) as con:
+        tables = con.tables()
+        assert {"churn_scores", "model_runs", FEATURE_DICTIONARY.name, INFO_TABLE} <= set(tables)
+        mine = "schema_name = 'main' and database_name = current_database()"
+        undocumented = con.rows(f"select table_name from duckdb_tables() where {mine} and coalesce(comment, '') = ''")
+        assert undocumented == []
+        bare = con.rows(f"select table_name, column_name from duckdb_columns() where {mine} "
+                        "and coalesce(comment, '') = '' order by all")
+        assert bare == []
+        columns = con.rows(f"select table_name, column_name from duckdb_columns() where {mine}")
+        assert [c for c in columns if is_sql_keyword(con, c[1])] == []
+        comment = con.scalar(f"select comment from duckdb_columns() where {mine} and table_name = 'churn_scores' "
+                             "and column_name = 'risk_band'")
+        assert "will_churn" in comment
+        # The old names still answer, for one release, through the legacy views.
+        assert con.scalar(f"select min(rank) from {LEGACY_SCHEMA}.churn_scores") == 1
+        assert con.scalar("select min(risk_rank) from churn_scores") == 1
+        for table, renames in KEYWORD_RENAMES.items():
+            if table in tables:
+                legacy = dict(con.rows(
+                    "select column_name, data_type from duckdb_columns() where schema_name = ? and table_name = ?",
+                    [LEGACY_SCHEMA, table]))
+                assert set(renames) <= set(legacy)
+        dictionary = con.frame(f"select * from {FEATURE_DICTIONARY.name}")
+    contract = current_contract(config)
+    assert set(dictionary["column_name"]) == {contract.key, contract.as_of, contract.label, *contract.feature_names}
+    features = dictionary[dictionary["role"] == "feature"]
+    assert features["kind"].isin(["numeric", "categorical"]).all()
+    assert features["description"].str.len().gt(0).all()

@@ -249,3 +249,20 @@ def test_landing_suite_finds_future_dates_in_the_file(private_warehouse: ChurnCo
     with pytest.raises(AuditError, match=r"demo_raw_payments \(table payments, column invoice_date\): "
                                          r"expect_column_values_to_be_between failed \[critical\]: 4 of [\d,]+ rows"):
         audit(config, "landing", "future")
+
+
+def test_a_band_contradicting_the_decision_stops_the_run(trained_warehouse: ChurnConfig, tmp_path: Path) -> None:
+    from ml.modeling.score import score
+    from tests.conftest import QUICK_TRAINING, copy_warehouse
+
+    config = copy_warehouse(trained_warehouse, tmp_path / "wh", QUICK_TRAINING)
+    score(config)
+    audit(config, "scores", "consistent")
+    with connect(config.warehouse.build_db) as con:
+        con.execute("update churn_scores set will_churn = true where rowid in "
+                    "(select rowid from churn_scores where risk_band = 'low' limit 3)")
+    with pytest.raises(AuditError) as caught:
+        audit(config, "scores", "contradicting")
+    [failed] = caught.value.report.critical_failures
+    assert failed.expectation_type == "expect_column_pair_values_to_be_in_set"
+    assert failed.unexpected_count == 3

@@ -13,8 +13,17 @@ from ml.config import ChurnConfig
 from ml.features.contract import ContractError, Feature, FeatureContract
 from ml.modeling.explain import reason_columns
 from ml.modeling.registry import load_champion
-from ml.modeling.score import HISTORY_TABLE, SCORES_TABLE, ScoreError, check_mart, risk_bands, score
-from ml.reports.summary import score_summary
+from ml.modeling.score import (
+    HISTORY_TABLE,
+    SCORES_TABLE,
+    ScoreError,
+    check_mart,
+    reason_texts,
+    risk_bands,
+    score,
+    typical_values,
+)
+from ml.reports.summary import score_summary, success_line
 from ml.warehouse import connect
 from tests.conftest import QUICK_TRAINING, copy_warehouse, query
 
@@ -42,8 +51,10 @@ def test_scores_cover_every_active_customer_consistently(scoring_warehouse: Chur
     active = latest_active(config, key, as_of)
     k = config.scoring.top_reasons
 
+    reasons = [c for i in range(1, k + 1) for c in (f"reason_{i}", f"reason_{i}_contribution", f"reason_{i}_text")]
+    assert reasons[:2] == reason_columns(k)[:2]
     expected_columns = [key, as_of, "churn_probability", "will_churn", "risk_band", "rank",
-                        *reason_columns(k), "model_version", "scored_at", "run_id"]
+                        *reasons, "contribution_unit", "model_version", "scored_at", "run_id"]
     assert list(scores.columns) == expected_columns
     # One row per active customer at the latest snapshot, and nothing else.
     assert len(scores) == len(active) == result.rows > 1000
@@ -69,13 +80,22 @@ def test_scores_cover_every_active_customer_consistently(scoring_warehouse: Chur
     assert sorted(scores["rank"]) == list(range(1, len(scores) + 1))
     by_rank = scores.sort_values("rank")["churn_probability"].to_numpy()
     assert (np.diff(by_rank) <= 0).all()
-    # Each band is the highest whose lower bound the probability reaches.
-    bands = config.scoring.risk_bands
-    for name, lower in bands.items():
-        upper = min([b for b in bands.values() if b > lower], default=np.inf)
-        in_band = scores["risk_band"] == name
-        assert ((p[in_band] >= lower) & (p[in_band] < upper)).all()
-    assert scores["risk_band"].notna().all()
+    # The band cannot contradict the decision: low exactly when not flagged, high only when flagged and likely.
+    band = scores["risk_band"]
+    np.testing.assert_array_equal((band == "low").to_numpy(), ~scores["will_churn"].to_numpy())
+    high = (band == "high").to_numpy()
+    assert (p[high] >= config.scoring.high_risk_probability).all()
+    assert (p[(band == "medium").to_numpy()] < config.scoring.high_risk_probability).all()
+    assert band.isin(["high", "medium", "low"]).all()
+    # Contributions say their unit; every reason has a sentence with the customer's value and direction.
+    assert scores["contribution_unit"].eq("log_odds" if model.algorithm != "random_forest" else "probability").all()
+    descriptions = {f.name: f.description.strip().rstrip(".") or f.name for f in model.contract.features}
+    first = scores.iloc[0]
+    for i in range(1, k + 1):
+        text = first[f"reason_{i}_text"]
+        assert text.startswith(descriptions[first[f"reason_{i}"]] + ": ")
+        assert text.endswith("raises risk" if first[f"reason_{i}_contribution"] > 0 else "lowers risk")
+        assert scores[f"reason_{i}_text"].notna().all()
     # Reasons name contract features, most churn-raising first.
     for i in range(1, k + 1):
         assert scores[f"reason_{i}"].isin(model.contract.feature_names).all()
@@ -156,11 +176,24 @@ def test_cli_without_champion_exits_non_zero(
     assert "no champion model; run churn train" in caplog.text
 
 
-def test_risk_bands_pick_the_highest_band_reached() -> None:
-    bands = {"high": 0.3, "medium": 0.1, "low": 0.0}
-    p = np.array([0.0, 0.0999, 0.1, 0.2999, 0.3, 1.0])
-    assert list(risk_bands(p, bands)) == ["low", "low", "medium", "medium", "high", "high"]
-    assert list(risk_bands(np.array([0.05, 0.5]), {"high": 0.3, "medium": 0.1})) == [None, "high"]
+def test_risk_bands_follow_the_decision() -> None:
+    p = np.array([0.0, 0.0199, 0.02, 0.2999, 0.3, 1.0])
+    # threshold 0.02: everything flagged is at least medium, nothing unflagged is above low.
+    assert list(risk_bands(p, 0.02, 0.3)) == ["low", "low", "medium", "medium", "high", "high"]
+    # A threshold above the high bound: every flagged customer is high, none medium, the rest low.
+    assert list(risk_bands(p, 0.5, 0.3)) == ["low", "low", "low", "low", "low", "high"]
+
+
+def test_reason_text_names_value_typical_value_and_direction(trained_warehouse: ChurnConfig) -> None:
+    model = load_champion(trained_warehouse)
+    numeric = next(f for f in model.contract.features if f.kind == "numeric")
+    frame = pd.DataFrame({numeric.name: [12.0, float("nan")]})
+    reasons = pd.DataFrame({"reason_1": pd.array([numeric.name] * 2, dtype="string"),
+                            "reason_1_contribution": [0.4, -0.1]})
+    texts = reason_texts(model, frame, reasons, 1, {numeric.name: "340"})["reason_1_text"]
+    label = numeric.description.strip().rstrip(".") or numeric.name
+    assert list(texts) == [f"{label}: 12 (typical 340), raises risk", f"{label}: missing (typical 340), lowers risk"]
+    assert numeric.name in typical_values(model)
 
 
 def test_nightly_summary_reports_scores_and_held_out_metrics(scoring_warehouse: ChurnConfig) -> None:
@@ -180,6 +213,22 @@ def test_nightly_summary_reports_scores_and_held_out_metrics(scoring_warehouse: 
         line = next(row for row in lines if row.split()[0] == metric)
         assert line.split() == [metric, f"{metrics.loc['out_of_time', metric]:.3f}",
                                 f"{metrics.loc['baseline', metric]:.3f}"]
+    # The criterion is judged in words, and the operating point is said in people.
+    recall = metrics.loc["out_of_time", "recall"]
+    target = config.problem.success_target
+    verdict = f"met ({recall:.3f} held out)" if recall >= target else f"MISSED ({recall:.3f} held out)"
+    assert f"success criterion recall >= {target}: {verdict}" in text
+    p = query(config, f"select churn_probability, will_churn from {SCORES_TABLE}")
+    caught = p.loc[p["will_churn"], "churn_probability"].sum()
+    missed = p.loc[~p["will_churn"], "churn_probability"].sum()
+    assert f"contact {result.flagged:,d} of {result.rows:,d} active customers" in text
+    assert f"about {caught:,.0f} of them are expected to churn" in text
+    assert f"about {missed:,.0f} expected churners are not flagged" in text
+
+
+def test_success_line_says_met_or_missed() -> None:
+    assert success_line("recall", 0.795, 0.8) == "  ✗ success criterion recall >= 0.8: MISSED (0.795 held out)"
+    assert success_line("recall", 0.81, 0.8).startswith("  ✓ success criterion recall >= 0.8: met")
 
 
 def test_nightly_summary_says_when_nothing_was_scored(private_warehouse: ChurnConfig) -> None:

@@ -38,7 +38,7 @@ def client(service: ScoringService) -> Iterator[TestClient]:
 @pytest.fixture(scope="module")
 def batch_scores(published_warehouse: ChurnConfig) -> pd.DataFrame:
     with connect(published_warehouse.warehouse.published_db, read_only=True) as con:
-        return con.frame("select * from churn_scores order by rank")
+        return con.frame("select * from churn_scores order by risk_rank")
 
 
 @pytest.fixture(scope="module")

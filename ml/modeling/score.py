@@ -29,6 +29,7 @@ from ml.features.mart import check_mart, current_contract, latest_snapshot_date,
 from ml.logs import get_logger, timed
 from ml.modeling.explain import Explainer, top_k
 from ml.modeling.model import ChurnModel
+from ml.modeling.reference import CategoricalReference, DriftReference, NumericReference
 from ml.modeling.registry import load_champion
 from ml.warehouse import Session, connect, declare, quote
 
@@ -43,8 +44,11 @@ __all__ = ["HISTORY_SPEC", "HISTORY_TABLE", "SCORES_SPEC", "SCORES_TABLE", "Scor
 _SCORE_COLUMNS = [
     ("churn_probability", "DOUBLE", "calibrated churn probability"),
     ("will_churn", "BOOLEAN", "churn_probability >= the model's decision threshold"),
-    ("risk_band", "VARCHAR", "highest scoring.risk_bands band reached"),
+    ("risk_band", "VARCHAR", "low = not will_churn; medium = will_churn; high = will_churn and "
+                             "churn_probability >= scoring.high_risk_probability"),
     ("rank", "BIGINT", "1 = highest risk; ties broken by key"),
+    ("contribution_unit", "VARCHAR", "unit of every reason_<i>_contribution: log_odds (XGBoost, logistic "
+                                     "regression) or probability (random forest)"),
     ("model_version", "VARCHAR", "the model that scored the row"),
     ("scored_at", "TIMESTAMP", "when the scoring run wrote the row"),
     ("run_id", "VARCHAR", "the scoring run"),
@@ -102,17 +106,74 @@ class Snapshot:
     columns: dict[str, str]
 
 
-def risk_bands(probability: np.ndarray, bands: dict[str, float]) -> np.ndarray:
-    """Name of the highest band whose lower bound is <= the probability (None below all)."""
-    ordered = sorted(bands.items(), key=lambda item: item[1])
-    bounds = np.array([bound for _, bound in ordered])
-    names = np.array([name for name, _ in ordered] + [None], dtype=object)
-    index = np.searchsorted(bounds, probability, side="right") - 1
-    return np.where(index >= 0, names[index], None)
+def risk_bands(probability: np.ndarray, threshold: float, high_probability: float) -> np.ndarray:
+    """The band of each probability, derived from the decision so the two never disagree.
+
+    low = not flagged (probability < threshold); medium = flagged; high =
+    flagged and probability >= high_probability (with calibrated
+    probabilities, at least that share of the band is expected to churn). A
+    threshold above high_probability makes every flagged customer high.
+    """
+    flagged = probability >= threshold
+    high = flagged & (probability >= high_probability)
+    return np.where(high, "high", np.where(flagged, "medium", "low")).astype(object)
+
+
+def _format_value(value: object) -> str:
+    """A feature value as a person reads it: missing, a short number, or the category."""
+    if value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA:
+        return "missing"
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        number = float(value)
+        return f"{number:,.0f}" if number.is_integer() else f"{number:,.3g}"
+    return str(value)
+
+
+def typical_values(model: ChurnModel) -> dict[str, str]:
+    """Per contract feature, its typical training value: the median, or the most common category.
+
+    Read from the drift reference stored with the model, so the "typical"
+    a reason quotes is what the model learned from, not tonight's population.
+    """
+    stored = model.metadata.reference
+    if not stored:
+        return {}
+    typical: dict[str, str] = {}
+    for name, ref in DriftReference.from_dict(stored).features.items():
+        if isinstance(ref, NumericReference) and ref.median is not None:
+            typical[name] = _format_value(ref.median)
+        elif isinstance(ref, CategoricalReference) and ref.shares:
+            typical[name] = _format_value(max(ref.shares.items(), key=lambda item: item[1])[0])
+    return typical
+
+
+def reason_texts(model: ChurnModel, frame: pd.DataFrame, reasons: pd.DataFrame, n_reasons: int,
+                 typical: dict[str, str]) -> pd.DataFrame:
+    """reason_<i>_text: "<description>: <value> (typical <value>), raises risk" for each top reason.
+
+    The description is the feature's YAML description (its name when it has
+    none); the direction is the contribution's sign.
+    """
+    described = {f.name: f.description.strip().rstrip(".") or f.name for f in model.contract.features}
+    out: dict[str, pd.Series] = {}
+    for i in range(1, n_reasons + 1):
+        names, contribution = reasons[f"reason_{i}"], reasons[f"reason_{i}_contribution"].to_numpy()
+        text = pd.Series([None] * len(frame), index=frame.index, dtype=object)
+        for feature in names.dropna().unique():
+            rows = (names == feature).to_numpy()
+            values = frame.loc[rows, feature].map(_format_value)
+            usual = f" (typical {typical[feature]})" if feature in typical else ""
+            direction = np.where(contribution[rows] > 0, "raises risk", "lowers risk")
+            text[rows] = (f"{described[feature]}: " + values + usual + ", " + direction).to_numpy()
+        out[f"reason_{i}_text"] = pd.array(text, dtype="string")
+    return pd.DataFrame(out, index=frame.index)
 
 
 def score_frame(
-    model: ChurnModel, explainer: Explainer, frame: pd.DataFrame, n_reasons: int, source: str = "input frame"
+    model: ChurnModel, explainer: Explainer, frame: pd.DataFrame, n_reasons: int, source: str = "input frame",
+    typical: dict[str, str] | None = None,
 ) -> pd.DataFrame:
     """Probability, decision and reasons for the rows of one chunk (rank and band come later).
 
@@ -122,17 +183,22 @@ def score_frame(
     """
     matrix = explainer.matrix(frame, source)
     probability = model.calibrator.predict(explainer.raw_scores(matrix))
+    contributions = explainer.contributions(matrix, frame.index)
     out = pd.DataFrame(
         {
             model.contract.key: frame[model.contract.key].to_numpy(),
             model.contract.as_of: frame[model.contract.as_of].to_numpy(),
             "churn_probability": probability.astype(np.float64),
             "will_churn": probability >= model.threshold,
+            "contribution_unit": pd.array([contributions.output] * len(frame), dtype="string"),
         },
         index=frame.index,
     )
-    reasons = top_k(explainer.contributions(matrix, frame.index).values, n_reasons)
-    return pd.concat([out, reasons], axis=1)
+    reasons = top_k(contributions.values, n_reasons)
+    texts = reason_texts(model, frame, reasons, n_reasons, typical_values(model) if typical is None else typical)
+    ordered = [c for i in range(1, n_reasons + 1)
+               for c in (f"reason_{i}", f"reason_{i}_contribution", f"reason_{i}_text")]
+    return pd.concat([out, reasons, texts], axis=1)[[*out.columns, *ordered]]
 
 
 def _champion_for(config: ChurnConfig) -> ChurnModel:
@@ -172,20 +238,22 @@ def _score_chunks(
     parts: list[pd.DataFrame] = []
     with timed(f"score {snapshot.rows:,d} rows of {mart} as of {snapshot.as_of_date} with {model.version}", log):
         done = 0
-        explainer = Explainer(model)
+        explainer, typical = Explainer(model), typical_values(model)
         for chunk in snapshot_chunks(session, config, model.contract, snapshot.as_of_date, chunk_rows):
-            parts.append(score_frame(model, explainer, chunk, config.scoring.top_reasons, f"feature mart {mart!r}"))
+            parts.append(score_frame(model, explainer, chunk, config.scoring.top_reasons, f"feature mart {mart!r}",
+                                     typical))
             done += len(chunk)
             log.info("scored %d/%d rows (%.0f%%)", done, snapshot.rows, 100 * done / snapshot.rows)
     return pd.concat(parts, ignore_index=True)
 
 
 def _ranked_layout(scores: pd.DataFrame, config: ChurnConfig, contract: FeatureContract, version: str,
-                   run_id: str) -> pd.DataFrame:
+                   run_id: str, threshold: float) -> pd.DataFrame:
     """The BI layout: band and rank (which need every row), run columns, columns in table order."""
     out = scores.copy()
     out["risk_band"] = pd.array(
-        risk_bands(out[PROBABILITY_COLUMN].to_numpy(), config.scoring.risk_bands), dtype="string"
+        risk_bands(out[PROBABILITY_COLUMN].to_numpy(), threshold, config.scoring.high_risk_probability),
+        dtype="string",
     )
     # 1 = highest risk; ties broken by key so ranks are unique and stable across re-runs.
     order = np.lexsort((out[contract.key].to_numpy(), -out[PROBABILITY_COLUMN].to_numpy()))
@@ -197,7 +265,7 @@ def _ranked_layout(scores: pd.DataFrame, config: ChurnConfig, contract: FeatureC
     out["run_id"] = run_id
     layout = [contract.key, contract.as_of, PROBABILITY_COLUMN, DECISION_COLUMN, "risk_band", "rank"]
     reasons = [c for c in out.columns if c.startswith("reason_")]
-    return out[[*layout, *reasons, "model_version", "scored_at", "run_id"]]
+    return out[[*layout, *reasons, "contribution_unit", "model_version", "scored_at", "run_id"]]
 
 
 def write_scores(session: Session, scores: pd.DataFrame, as_of_column: str, as_of_type: str,
@@ -229,7 +297,7 @@ def score(
     with connect(config.warehouse.build_db, settings=config.warehouse.engine) as session:
         snapshot = _snapshot_to_score(session, config, model)
         scored = _score_chunks(session, config, model, snapshot, chunk_rows)
-        scores = _ranked_layout(scored, config, contract, version, run_id)
+        scores = _ranked_layout(scored, config, contract, version, run_id, model.threshold)
         with timed(f"write {SCORES_TABLE} and {HISTORY_TABLE}", log):
             write_scores(session, scores, contract.as_of, snapshot.columns[contract.as_of],
                          snapshot.as_of_date, version)
@@ -254,6 +322,9 @@ class ScoresSummary:
     model_version: str | None
     first_as_of: dt.date | None
     last_as_of: dt.date | None
+    # Sums of calibrated probabilities: the churners expected among the flagged and among the rest.
+    expected_churners_flagged: float = 0.0
+    expected_churners_missed: float = 0.0
 
 
 def _date(value: object) -> dt.date | None:
@@ -264,12 +335,13 @@ def latest_scores_summary(session: Session, as_of_column: str) -> ScoresSummary 
     """Counts of tonight's churn_scores, or None when nothing was ever scored."""
     if not session.exists(SCORES_SPEC):
         return None
-    a = quote(as_of_column)
-    rows, flagged, version, first, last = session.one(
-        f"select count(*), count(*) filter (where {quote(DECISION_COLUMN)}), min(model_version), "
-        f"min({a}), max({a}) from {quote(SCORES_TABLE)}"
+    a, d, p = quote(as_of_column), quote(DECISION_COLUMN), quote(PROBABILITY_COLUMN)
+    rows, flagged, version, first, last, caught, missed = session.one(
+        f"select count(*), count(*) filter (where {d}), min(model_version), min({a}), max({a}), "
+        f"coalesce(sum({p}) filter (where {d}), 0), coalesce(sum({p}) filter (where not {d}), 0) "
+        f"from {quote(SCORES_TABLE)}"
     )
-    return ScoresSummary(int(rows), int(flagged), version, _date(first), _date(last))
+    return ScoresSummary(int(rows), int(flagged), version, _date(first), _date(last), float(caught), float(missed))
 
 
 def tonight_scores(session: Session, as_of_column: str, as_of_date: dt.date, version: str) -> pd.DataFrame | None:

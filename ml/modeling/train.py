@@ -739,3 +739,28 @@ def held_out_metrics(session: Session, version: str, metrics: tuple[str, ...]) -
         "where model_version = ? and split in ('out_of_time', 'baseline')",
         [version],
     )
+
+
+@dataclass(frozen=True)
+class RunTables:
+    """What one training run recorded about its model, for the model report."""
+
+    run: dict[str, Any]
+    metrics: pd.DataFrame
+    importance: pd.DataFrame
+    threshold_curve: pd.DataFrame
+
+
+def run_tables_of(session: Session, version: str) -> RunTables | None:
+    """model_runs row, model_metrics, feature_importance and threshold_curve of the run that trained `version`."""
+    if not session.exists(MODEL_RUNS):
+        return None
+    run = session.frame(f"select * from {quote(MODEL_RUNS.name)} where model_version = ? limit 1", [version])
+    if run.empty:
+        return None
+    frames = [
+        session.frame(f"select * from {quote(spec.name)} where model_version = ?", [version])
+        if session.exists(spec) else pd.DataFrame()
+        for spec in (MODEL_METRICS, FEATURE_IMPORTANCE, THRESHOLD_CURVE)
+    ]
+    return RunTables(run.iloc[0].to_dict(), *frames)

@@ -656,7 +656,7 @@ def suite_parameters(config: ChurnConfig, suite: Suite, as_of: str | None) -> di
         "label_share_max": high,
         "min_rows": 1 if previous is None else max(1, math.floor(previous * (1 - tolerance))),
         "max_rows": None if previous is None else math.ceil(previous * (1 + tolerance)),
-        "risk_bands": sorted(config.scoring.risk_bands),
+        "risk_bands": sorted(config.scoring.risk_band_names),
     }
     if suite.stage == "scores":
         params["active_customers"] = _active_customers(config)
@@ -812,3 +812,30 @@ def _missing_tables(config: ChurnConfig, stage: str) -> list[str]:
         return sorted(targets)
     with connect(config.warehouse.build_db, read_only=True, settings=config.warehouse.engine) as session:
         return sorted(t for t in targets if not session.exists(t))
+
+
+@dataclass(frozen=True)
+class AuditOutcome:
+    """A nightly run's audits in three numbers, for the reports' index."""
+
+    run_id: str
+    checks: int
+    critical_failures: int
+    warnings: int
+
+    @property
+    def passed(self) -> bool:
+        return self.critical_failures == 0
+
+
+def latest_audit_outcome(session: Session, dataset: str) -> AuditOutcome | None:
+    """Checks and failures of the dataset's most recent audited run, or None before the first audit."""
+    if not session.exists(RESULTS):
+        return None
+    row = session.one(
+        f"select run_id, count(*), count(*) filter (where not success and severity = 'critical'), "
+        f"count(*) filter (where not success and severity <> 'critical') from {quote(RESULTS.name)} "
+        "where dataset = ? group by run_id order by max(checked_at) desc limit 1",
+        [dataset],
+    )
+    return None if row is None else AuditOutcome(row[0], int(row[1]), int(row[2]), int(row[3]))

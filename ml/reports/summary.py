@@ -31,7 +31,9 @@ def score_summary(config: ChurnConfig) -> list[str]:
         rows, flagged, version = scores.rows, scores.flagged, scores.model_version
         lines = [
             f"  scored {rows:,d} customers as of {scores.last_as_of} with model {version}: "
-            f"{flagged:,d} flagged ({flagged / rows if rows else 0:.1%})"
+            f"{flagged:,d} flagged ({flagged / rows if rows else 0:.1%})",
+            *operating_point_lines(scores.rows, scores.flagged, scores.expected_churners_flagged,
+                                   scores.expected_churners_missed),
         ]
         record = model_record(session, version)
         metrics = held_out_metrics(session, version, SUMMARY_METRICS)
@@ -52,4 +54,27 @@ def score_summary(config: ChurnConfig) -> list[str]:
     for metric in SUMMARY_METRICS:
         base = baseline_row[metric] if baseline_row is not None else None
         lines.append(f"    {metric:12s} {_fmt(model[metric]):>8s} {_fmt(base):>16s}")
+    lines.append(success_line(config.problem.success_metric, model.get(config.problem.success_metric),
+                              config.problem.success_target))
     return lines
+
+
+def success_line(metric: str, value: object, target: float) -> str:
+    """The success criterion in words: met or missed, with both numbers."""
+    if value is None or value != value:
+        return f"  ? success criterion {metric} >= {target}: not measured"
+    met = float(value) >= target
+    verdict = "met" if met else "MISSED"
+    return f"  {'✓' if met else '✗'} success criterion {metric} >= {target}: {verdict} ({float(value):.3f} held out)"
+
+
+def operating_point_lines(rows: int, flagged: int, expected_caught: float, expected_missed: float) -> list[str]:
+    """What the threshold means in people, from tonight's calibrated probabilities."""
+    if not rows:
+        return []
+    precision = expected_caught / flagged if flagged else 0.0
+    return [
+        f"  operating point: contact {flagged:,d} of {rows:,d} active customers ({flagged / rows:.0%}); "
+        f"about {expected_caught:,.0f} of them are expected to churn ({precision:.0%} precision), "
+        f"and about {expected_missed:,.0f} expected churners are not flagged"
+    ]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import fcntl
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -30,8 +31,11 @@ from pathlib import Path
 import pandas as pd
 
 from ml.config import ChurnConfig
+from ml.features.contract import FeatureContract
+from ml.features.dbt import dbt_target_path
+from ml.features.mart import current_contract
 from ml.logs import get_logger, timed
-from ml.warehouse import Session, WarehouseError, connect, declare, fsync, quote, quote_literal
+from ml.warehouse import Session, TableSpec, WarehouseError, catalog, connect, declare, fsync, quote, quote_literal
 
 log = get_logger("publish")
 
@@ -41,6 +45,7 @@ REQUIRED_TABLES = ("churn_scores",)
 PUBLISHED_TABLES = (
     "churn_scores",
     "churn_scores_history",
+    "model_runs",
     "model_metrics",
     "model_registry",
     "feature_importance",
@@ -57,9 +62,53 @@ PUBLISH_INFO = declare(
     owner=__name__,
     grain="one row: the publish that wrote this published database",
     description="Which nightly run and dataset the published database comes from, when, and which tables it holds.",
-    columns=[("run_id", "VARCHAR"), ("dataset", "VARCHAR"), ("published_at", "TIMESTAMP"), ("tables", "VARCHAR")],
+    columns=[
+        ("run_id", "VARCHAR", "the nightly run whose build database was published"),
+        ("dataset", "VARCHAR", "the churn.yml dataset profile the published state comes from"),
+        ("published_at", "TIMESTAMP", "when this file was written"),
+        ("published_tables", "VARCHAR", "comma-separated names of the tables copied"),
+    ],
 )
 INFO_TABLE = PUBLISH_INFO.name
+FEATURE_DICTIONARY = declare(
+    name="feature_dictionary",
+    owner=__name__,
+    grain="one row per column of the feature mart's contract (published database only)",
+    description="What each column the model reads means: the feature mart's contract and YAML descriptions, "
+                "so reason_<i> names in churn_scores can be looked up.",
+    columns=[
+        ("feature_mart", "VARCHAR", "the dbt model the columns belong to"),
+        ("column_name", "VARCHAR", "the mart column, as named in churn_scores.reason_<i>"),
+        ("role", "VARCHAR", "key, as_of, label or feature (the contract's role)"),
+        ("kind", "VARCHAR", "numeric or categorical for features; NULL for the other roles"),
+        ("data_type", "VARCHAR", "the column's DuckDB type in the mart"),
+        ("description", "VARCHAR", "the column's description in the mart's dbt YAML"),
+    ],
+)
+# Published column names that are SQL keywords (a BI user would have to quote
+# them) get these names; the old names stay readable for one release through
+# views of the same names in schema LEGACY_SCHEMA (e.g. legacy.churn_scores.rank).
+KEYWORD_RENAMES: dict[str, dict[str, str]] = {
+    "churn_scores": {"rank": "risk_rank"},
+    "churn_scores_history": {"rank": "risk_rank"},
+    "model_metrics": {"precision": "precision_at_threshold", "rows": "n_rows"},
+    "feature_importance": {"value": "importance_value", "rank": "importance_rank"},
+    "threshold_curve": {"precision": "precision_at_threshold"},
+    "model_performance": {"precision": "precision_at_threshold"},
+    "drift_stats": {"value": "statistic_value"},
+}
+LEGACY_SCHEMA = "legacy"
+# Reserved words of the SQL standard (and so of most BI tools' dialects) that
+# DuckDB itself accepts unquoted; DuckDB's own non-'unreserved' keywords are asked of duckdb_keywords().
+SQL_RESERVED = frozenset({
+    "all", "and", "any", "as", "between", "by", "case", "cast", "count", "cube", "current", "date", "day", "default",
+    "desc", "end", "from", "group", "having", "hour", "in", "interval", "key", "level", "like", "max", "min",
+    "minute", "month", "not", "null", "or", "order", "over", "partition", "percent", "position", "precision",
+    "range", "rank", "result", "row", "rows", "second", "select", "size", "sum", "table", "time", "timestamp",
+    "to", "user", "value", "values", "where", "window", "year",
+})
+# dbt source (dbt_project/models/ml/_ml__sources.yml) documenting the ML-written tables column by column.
+ML_SOURCE = "ml"
 PAUSE_ENV = "CHURN_PAUSE_AT"
 PAUSE_FILE_ENV = "CHURN_PAUSE_FILE"
 
@@ -145,27 +194,174 @@ def published_info(session: Session) -> PublishInfo | None:
     """The publish that wrote the database `session` reads, or None when it has no publish_info."""
     if not session.exists(PUBLISH_INFO):
         return None
-    row = session.one(f"select run_id, dataset, published_at, tables from {quote(PUBLISH_INFO.name)} limit 1")
+    row = session.one(f"select run_id, dataset, published_at, published_tables from {quote(PUBLISH_INFO.name)} limit 1")
     if row is None:
         return None
     run_id, dataset, published_at, tables = row
     return PublishInfo(run_id, dataset, published_at, tuple(t for t in (tables or "").split(",") if t))
 
 
+@dataclass(frozen=True)
+class Documentation:
+    """What each published table and column means, for the published file's comments.
+
+    The ML tables are documented column by column as the dbt source `ml`
+    (dbt_project/models/ml/_ml__sources.yml), so the same words appear in dbt
+    docs' lineage and in the data dictionary a BI tool reads from the comments;
+    the mart's own YAML describes the contract columns the scores carry.
+    """
+
+    tables: dict[str, str]
+    columns: dict[str, dict[str, str]]
+    mart_columns: dict[str, str]
+
+    def table(self, table: str) -> str:
+        """The source YAML's description, else the catalogue's (with its grain)."""
+        if self.tables.get(table):
+            return self.tables[table]
+        declared = catalog().get(table)
+        return f"{declared.description} (grain: {declared.grain})" if declared is not None else ""
+
+    def column(self, table: str, column: str) -> str:
+        """A column's description: the source YAML, the catalogue, the mart (contract columns), the reason family."""
+        described = self.columns.get(table, {}).get(column)
+        if described:
+            return described
+        declared = catalog().get(table)
+        if isinstance(declared, TableSpec):
+            match = [c.description for c in declared.columns if c.name == column and c.description]
+            if match:
+                return match[0]
+        if column in self.mart_columns:
+            return self.mart_columns[column]
+        return _reason_description(column)
+
+
+def _reason_description(column: str) -> str:
+    """Descriptions of the reason_<i> family, whose count follows scoring.top_reasons."""
+    parts = column.split("_")
+    if len(parts) < 2 or parts[0] != "reason" or not parts[1].isdigit():
+        return ""
+    i = parts[1]
+    if len(parts) == 2:
+        return f"the contract feature with the {i}. largest churn-raising contribution (see feature_dictionary)"
+    if parts[2:] == ["contribution"]:
+        return f"reason_{i}'s contribution to the score, in the unit named by contribution_unit"
+    if parts[2:] == ["text"]:
+        return f"reason_{i} in words: description, the customer's value, the typical training value, direction"
+    return ""
+
+
+def documentation(config: ChurnConfig) -> Documentation:
+    """Descriptions from the last dbt run's manifest (sources `ml` and the feature mart)."""
+    manifest_path = dbt_target_path(config) / "manifest.json"
+    if not manifest_path.is_file():
+        raise PublishError(f"dbt manifest not found: {manifest_path} (run churn build): nothing published")
+    manifest = json.loads(manifest_path.read_text())
+    tables: dict[str, str] = {}
+    columns: dict[str, dict[str, str]] = {}
+    for source in manifest.get("sources", {}).values():
+        if source.get("source_name") != ML_SOURCE:
+            continue
+        tables[source["name"]] = source.get("description", "")
+        columns[source["name"]] = {n: c.get("description", "") for n, c in (source.get("columns") or {}).items()}
+    mart_columns = {
+        name: column.get("description", "")
+        for node in manifest.get("nodes", {}).values()
+        if node.get("resource_type") == "model" and node.get("name") == config.dataset.feature_mart
+        for name, column in (node.get("columns") or {}).items()
+    }
+    return Documentation(tables, columns, mart_columns)
+
+
+def feature_dictionary(contract: FeatureContract, docs: Documentation, mart_types: dict[str, str]) -> pd.DataFrame:
+    """One row per contract column: role, kind, type and YAML description."""
+    kinds = {f.name: f.kind for f in contract.features}
+    roles = {contract.key: "key", contract.as_of: "as_of", contract.label: "label",
+             **{name: "feature" for name in contract.feature_names}}
+    return pd.DataFrame([
+        {"feature_mart": contract.model, "column_name": name, "role": role, "kind": kinds.get(name),
+         "data_type": mart_types.get(name), "description": docs.mart_columns.get(name, "")}
+        for name, role in roles.items()
+    ])
+
+
+def is_sql_keyword(session: Session, name: str) -> bool:
+    """True when a BI user would have to quote `name`: SQL-standard reserved or a DuckDB keyword that is."""
+    if name.lower() in SQL_RESERVED:
+        return True
+    category = session.scalar("select keyword_category from duckdb_keywords() where keyword_name = ?", [name.lower()])
+    return category is not None and category != "unreserved"
+
+
+def _copy_table(session: Session, table: str) -> dict[str, str]:
+    """Copy one table from the attached build database, renaming keyword columns; returns the renames."""
+    source_columns = session.rows(
+        "select column_name from information_schema.columns where table_catalog = 'build' and table_schema = 'main' "
+        "and table_name = ? order by ordinal_position", [table])
+    renames = {old: new for old, new in KEYWORD_RENAMES.get(table, {}).items() if old in {c for c, in source_columns}}
+    rename = f" rename ({', '.join(f'{quote(o)} as {quote(n)}' for o, n in renames.items())})" if renames else ""
+    session.execute(f"create table main.{quote(table)} as select *{rename} from build.main.{quote(table)}")
+    # Session.columns would also see the attached build copy; ask for the new file's table only.
+    copied = session.rows(
+        "select column_name from information_schema.columns where table_catalog = current_database() "
+        "and table_schema = 'main' and table_name = ?", [table])
+    keywords = [c for c, in copied if is_sql_keyword(session, c)]
+    if keywords:
+        raise PublishError(
+            f"published table {table!r} would have SQL-keyword column(s) {', '.join(keywords)}; "
+            "add them to publish.KEYWORD_RENAMES: nothing published"
+        )
+    return renames
+
+
+def _comment(session: Session, table: str, docs: Documentation, renames: dict[str, str]) -> None:
+    """Table and column comments, so a BI tool's data dictionary says what each column means."""
+    session.execute(f"comment on table {quote(table)} is {quote_literal(docs.table(table))}")
+    old_name = {new: old for old, new in renames.items()}
+    for column in session.columns(table):
+        text = docs.column(table, old_name.get(column, column))
+        session.execute(f"comment on column {quote(table)}.{quote(column)} is {quote_literal(text)}")
+
+
+def _legacy_views(session: Session, renamed: dict[str, dict[str, str]]) -> None:
+    """Views under the old (keyword) column names, for one release, in schema LEGACY_SCHEMA."""
+    if not any(renamed.values()):
+        return
+    session.execute(f"create schema {quote(LEGACY_SCHEMA)}")
+    for table, renames in renamed.items():
+        if renames:
+            back = ", ".join(f"{quote(n)} as {quote(o)}" for o, n in renames.items())
+            session.execute(f"create view {quote(LEGACY_SCHEMA)}.{quote(table)} as "
+                            f"select * rename ({back}) from main.{quote(table)}")
+            session.execute(f"comment on view {quote(LEGACY_SCHEMA)}.{quote(table)} is "
+                            f"{quote_literal(f'main.{table} under its old column names; removed next release')}")
+
+
 def _write_copy(config: ChurnConfig, target: Path, tables: list[str], run_id: str | None) -> dict[str, int]:
     """A complete, checkpointed DuckDB file holding the tables, closed before returning."""
     rows: dict[str, int] = {}
+    docs = documentation(config)
+    contract = current_contract(config)
+    renamed: dict[str, dict[str, str]] = {}
     with connect(target, settings=config.warehouse.engine) as session:
         # ATTACH takes no parameters: the path goes in as a quoted literal.
         session.execute(f"attach {quote_literal(config.warehouse.build_db)} as build (read_only)")
+        mart_types = dict(session.rows(
+            "select column_name, data_type from information_schema.columns where table_catalog = 'build' "
+            "and table_schema = 'main' and table_name = ?", [contract.model]))
         for table in tables:
-            session.execute(f"create table main.{quote(table)} as select * from build.main.{quote(table)}")
+            renamed[table] = _copy_table(session, table)
             rows[table] = session.row_count(table)
             pause_point(f"publish:{table}")
         session.execute("detach build")
         info = pd.DataFrame([{"run_id": run_id, "dataset": config.dataset.name,
-                              "published_at": dt.datetime.now(), "tables": ",".join(tables)}])
+                              "published_at": dt.datetime.now(), "published_tables": ",".join(tables)}])
         session.append(PUBLISH_INFO, info)
+        session.append(FEATURE_DICTIONARY, feature_dictionary(contract, docs, mart_types))
+        for table in [*tables, PUBLISH_INFO.name, FEATURE_DICTIONARY.name]:
+            _comment(session, table, docs, renamed.get(table, {}))
+        _legacy_views(session, renamed)
         session.execute("checkpoint")
     return rows
 

@@ -61,7 +61,7 @@ def _answers(scores: pd.DataFrame, features: pd.DataFrame, model: ChurnModel) ->
     """Tonight's published rows as API answers, keyed by customer id (as text)."""
     key, as_of = model.contract.key, model.contract.as_of
     by_key = features.set_index(features[key].astype(str)) if len(features) else features
-    reason_names = [c for c in scores.columns if c.startswith("reason_") and not c.endswith("_contribution")]
+    reason_names = [c for c in scores.columns if c.startswith("reason_") and c.removeprefix("reason_").isdigit()]
     names = list(model.contract.feature_names)
     out: dict[str, dict[str, Any]] = {}
     for row in scores.to_dict("records"):

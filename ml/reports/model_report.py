@@ -1,0 +1,230 @@
+"""The model report: how good tonight's champion is, in pictures, on one offline page.
+
+An analyst should not have to chart `threshold_curve` or `model_metrics`
+in BI to see whether the model is any good. Every chart is drawn from the
+tables the training run wrote (read through the trainer's own read function)
+and inlined as SVG, so the page opens from the file system with no network
+and no side files: `warehouse/reports/model/<dataset>/<model_version>/index.html`,
+copied to `latest/`.
+
+The ROC curve is derived from the threshold curve: with prevalence pi, at
+each threshold TPR = recall and FPR = share_flagged * (1 - precision) / (1 - pi).
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from ml.config import ChurnConfig
+from ml.logs import get_logger
+from ml.modeling.registry import champion_version, model_record
+from ml.modeling.train import RunTables, run_tables_of
+from ml.warehouse import connect
+
+log = get_logger("model_report")
+
+TOP_FEATURES = 15
+
+
+@dataclass(frozen=True)
+class ModelReport:
+    """Where the page went and what it concluded (the index shows both)."""
+
+    path: Path
+    latest: Path
+    model_version: str
+    charts: tuple[str, ...]
+    target_met: bool | None
+
+
+def report_root(config: ChurnConfig) -> Path:
+    return config.warehouse.reports_dir / "model" / config.dataset.name
+
+
+def svg(fig: Figure) -> str:
+    """The figure as inline SVG markup (no file, no network)."""
+    buffer = io.StringIO()
+    fig.savefig(buffer, format="svg")
+    text = buffer.getvalue()
+    return text[text.index("<svg"):]
+
+
+def held_out(tables: RunTables) -> pd.Series | None:
+    """The chosen model's held-out row of model_metrics."""
+    rows = tables.metrics[(tables.metrics["split"] == "out_of_time") & tables.metrics["chosen"].astype(bool)]
+    return rows.iloc[0] if not rows.empty else None
+
+
+def roc_points(curve: pd.DataFrame, prevalence: float) -> pd.DataFrame:
+    """(fpr, tpr) per threshold of the threshold curve, plus the (0,0) and (1,1) ends, sorted by fpr."""
+    fpr = curve["share_flagged"] * (1 - curve["precision"].fillna(0)) / max(1 - prevalence, 1e-12)
+    points = pd.DataFrame({"fpr": fpr.clip(0, 1), "tpr": curve["recall"]})
+    ends = pd.DataFrame({"fpr": [0.0, 1.0], "tpr": [0.0, 1.0]})
+    return pd.concat([points, ends], ignore_index=True).sort_values(["fpr", "tpr"])
+
+
+def chart_threshold(curve: pd.DataFrame, threshold: float, target: float, metric: str) -> str:
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.subplots()
+    ax.plot(curve["threshold"], curve["recall"], label="recall")
+    ax.plot(curve["threshold"], curve["precision"], label="precision")
+    ax.plot(curve["threshold"], curve["share_flagged"], label="share flagged")
+    ax.axvline(threshold, color="k", linestyle="--", label=f"chosen threshold {threshold:.3f}")
+    ax.axhline(target, color="r", linestyle=":", label=f"target {metric} {target}")
+    ax.set_xscale("log")
+    ax.set_xlabel("threshold on the calibrated probability (log scale)")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=8)
+    return svg(fig)
+
+
+def chart_roc_pr(curve: pd.DataFrame, prevalence: float, chosen: pd.Series) -> str:
+    fig = Figure(figsize=(9, 4), layout="constrained")
+    (roc, pr) = fig.subplots(1, 2)
+    points = roc_points(curve, prevalence)
+    roc.plot(points["fpr"], points["tpr"], label=f"model (ROC-AUC {chosen['roc_auc']:.3f})")
+    roc.plot([0, 1], [0, 1], "k:", label="baseline (0.5)")
+    roc.set_xlabel("false positive rate")
+    roc.set_ylabel("true positive rate (recall)")
+    roc.legend(fontsize=8)
+    pr.plot(curve["recall"], curve["precision"], label=f"model (PR-AUC {chosen['pr_auc']:.3f})")
+    pr.axhline(prevalence, color="k", linestyle=":", label=f"baseline = prevalence {prevalence:.3f}")
+    pr.scatter([chosen["recall"]], [chosen["precision"]], color="r", zorder=3, label="chosen threshold")
+    pr.set_xlabel("recall")
+    pr.set_ylabel("precision")
+    pr.legend(fontsize=8)
+    return svg(fig)
+
+
+def chart_confusion(chosen: pd.Series) -> str:
+    matrix = np.array([[chosen["tn"], chosen["fp"]], [chosen["fn"], chosen["tp"]]], dtype=float)
+    fig = Figure(figsize=(4.5, 4), layout="constrained")
+    ax = fig.subplots()
+    ax.imshow(matrix, cmap="Blues")
+    for (i, j), value in np.ndenumerate(matrix):
+        dark = value > matrix.max() / 2
+        ax.text(j, i, f"{value:,.0f}", ha="center", va="center", color="white" if dark else "black", fontsize=12)
+    ax.set_xticks([0, 1], ["not flagged", "flagged"])
+    ax.set_yticks([0, 1], ["stayed", "churned"])
+    ax.set_xlabel("decision at the threshold")
+    ax.set_ylabel("outcome")
+    return svg(fig)
+
+
+def chart_candidates(metrics: pd.DataFrame, selection_metric: str) -> str:
+    mean = metrics[metrics["split"] == "cv_mean"].set_index("candidate")[selection_metric]
+    std = metrics[metrics["split"] == "cv_std"].set_index("candidate")[selection_metric].reindex(mean.index)
+    fig = Figure(figsize=(6, 3), layout="constrained")
+    ax = fig.subplots()
+    ax.barh(mean.index, mean.to_numpy(), xerr=std.fillna(0).to_numpy(), color="#4c72b0", capsize=4)
+    ax.set_xlabel(f"cross-validated {selection_metric} (mean ± std over folds)")
+    return svg(fig)
+
+
+def chart_importance(importance: pd.DataFrame) -> str:
+    kinds = list(dict.fromkeys(importance["importance_type"]))
+    fig = Figure(figsize=(5 * len(kinds), 5), layout="constrained")
+    axes = fig.subplots(1, len(kinds), squeeze=False)
+    for ax, kind in zip(axes[0], kinds, strict=True):
+        top = importance[importance["importance_type"] == kind].sort_values("rank").head(TOP_FEATURES)
+        ax.barh(top["feature"][::-1], top["value"][::-1], color="#55a868")
+        ax.set_title(kind)
+        ax.tick_params(axis="y", labelsize=8)
+    return svg(fig)
+
+
+def _figure(title: str, question: str, body: str) -> str:
+    return (f'<figure class="chart" data-chart="{html.escape(title)}"><h2>{html.escape(title)}</h2>'
+            f"<p class=q>{html.escape(question)}</p>{body}</figure>")
+
+
+def _facts(run: dict, record: object, chosen: pd.Series, config: ChurnConfig) -> str:
+    facts = {
+        "model version": run.get("model_version"),
+        "algorithm": run.get("chosen_algorithm"),
+        "threshold": f"{getattr(record, 'threshold', float('nan')):.4f}",
+        "trained on": f"{run.get('train_rows'):,} rows, snapshots "
+                      f"{run.get('snapshot_min')} .. {run.get('snapshot_max')}",
+        "judged on": f"{run.get('oot_rows'):,} held-out rows ({run.get('validation_strategy')})",
+        "training data sha256": run.get("training_data_hash"),
+        "expected calibration error (10 bins)": f"{chosen['calibration_error']:.4f}",
+        "registry decision": getattr(record, "decision", None) or run.get("message"),
+        "dataset": config.dataset.name,
+    }
+    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts.items())
+    return f"<table class=facts>{rows}</table>"
+
+
+def render(config: ChurnConfig, tables: RunTables, record: object) -> tuple[str, tuple[str, ...], bool | None]:
+    """The page's HTML, its chart titles and whether the success target was met."""
+    chosen = held_out(tables)
+    if chosen is None:
+        raise ValueError(f"model_metrics has no chosen out_of_time row for {tables.run.get('model_version')}")
+    problem = config.problem
+    value = float(chosen[problem.success_metric])
+    met = value >= problem.success_target
+    curve = tables.threshold_curve.sort_values("threshold")
+    threshold = float(getattr(record, "threshold", chosen["threshold"]))
+    prevalence = float(chosen["prevalence"])
+    charts = [
+        ("Threshold curve", "Which threshold meets the recall target, and what it costs in precision and in "
+         "customers flagged?", chart_threshold(curve, threshold, problem.success_target, problem.success_metric)),
+        ("ROC and precision-recall curves", "How much better than the baseline does the model rank churners?",
+         chart_roc_pr(curve, prevalence, chosen)),
+        ("Confusion matrix at the chosen threshold", "How many churners are caught and missed, and how many "
+         "customers are contacted needlessly?", chart_confusion(chosen)),
+        ("Candidates' cross-validation", f"Which algorithm won on {problem.selection_metric}, and by more than "
+         "the fold-to-fold noise?", chart_candidates(tables.metrics, problem.selection_metric)),
+        ("Feature importance", "Which features does the model rely on (its own importance, and permutation on "
+         "held-out rows)?", chart_importance(tables.importance)),
+    ]
+    verdict = (f'<p class="{"pass" if met else "fail"}">{"✓" if met else "✗"} success criterion '
+               f"{problem.success_metric} &gt;= {problem.success_target}: {'met' if met else 'missed'} "
+               f"({value:.3f} on the held-out rows)</p>")
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<title>Model report: {html.escape(str(tables.run.get('model_version')))}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1000px; }}
+table.facts th {{ text-align: left; padding-right: 1em; }} figure.chart {{ margin: 2em 0; }}
+p.q {{ color: #555; font-style: italic; }} .pass {{ color: #1a7f37; }} .fail {{ color: #cf222e; }}
+svg {{ max-width: 100%; height: auto; }}
+</style></head><body>
+<p><a href="../../../index.html">All reports</a></p>
+<h1>Model report: <code>{html.escape(str(tables.run.get('model_version')))}</code></h1>
+{verdict}
+{_facts(tables.run, record, chosen, config)}
+{''.join(_figure(*chart) for chart in charts)}
+</body></html>
+"""
+    return page, tuple(title for title, _, _ in charts), met
+
+
+def write_model_report(config: ChurnConfig, version: str | None = None) -> ModelReport | None:
+    """Write the champion's (or `version`'s) report and refresh latest/; None before the first model."""
+    version = version or champion_version(config)
+    if version is None:
+        return None
+    with connect(config.warehouse.build_db, read_only=True) as session:
+        tables = run_tables_of(session, version)
+        record = model_record(session, version)
+    if tables is None:
+        return None
+    page, charts, met = render(config, tables, record)
+    folder = report_root(config) / version
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "index.html"
+    path.write_text(page)
+    latest = report_root(config) / "latest"
+    latest.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(path, latest / "index.html")
+    log.info("model report of %s: %s", version, path)
+    return ModelReport(path, latest / "index.html", version, charts, met)
