@@ -351,6 +351,7 @@ RANGES: dict[str, Allowed] = {
     "training.cost_missed_churner": Allowed(lambda v: v is None or v > 0, "> 0 (or null)"),
     "training.cost_wasted_offer": Allowed(lambda v: v is None or v > 0, "> 0 (or null)"),
     "scoring.top_reasons": _between(1, 50),
+    "scoring.high_risk_probability": _between(0, 1, low_open=True),
     "monitoring.psi_bins": _between(2, 1000),
     "monitoring.psi_threshold": Allowed(lambda v: v > 0, "> 0"),
     "monitoring.distance_threshold": Allowed(lambda v: v > 0, "> 0"),
@@ -528,19 +529,6 @@ def _warehouse(raw: dict[str, Any], source: Path) -> WarehouseConfig:
     return _build(WarehouseConfig, values, "warehouse", source, **paths)
 
 
-def _scoring(raw: dict[str, Any], source: Path) -> ScoringConfig:
-    """Risk bands are listed from the highest lower bound down to 0.0, so every score gets a band."""
-    scoring = _build(ScoringConfig, _section(raw, "scoring", source), "scoring", source)
-    bounds = list(scoring.risk_bands.values())
-    if (not bounds or any(not 0 <= b <= 1 for b in bounds) or bounds[-1] != 0
-            or any(high <= low for high, low in zip(bounds, bounds[1:], strict=False))):
-        raise ConfigError(
-            f"{source}: scoring.risk_bands = {scoring.risk_bands!r}: allowed: lower bounds within [0, 1], "
-            "listed from the highest band down, strictly decreasing, the last one 0.0"
-        )
-    return scoring
-
-
 def _generator(raw: dict[str, Any], source: Path) -> GeneratorConfig:
     values = _section(raw, "generator", source)
     return _build(
@@ -610,10 +598,8 @@ def _serving(raw: dict[str, Any], source: Path) -> ServingConfig:
 
 
 def _scoring(raw: dict[str, Any], source: Path) -> ScoringConfig:
-    scoring = _build(ScoringConfig, _section(raw, "scoring", source), "scoring", source)
-    if not 0 < scoring.high_risk_probability <= 1:
-        raise ConfigError(f"{source}: scoring.high_risk_probability must be in (0, 1]")
-    return scoring
+    """The high-risk probability is range-checked with every other setting (RANGES)."""
+    return _build(ScoringConfig, _section(raw, "scoring", source), "scoring", source)
 
 
 def _assemble(raw: dict[str, Any], source: Path, dataset: str | None) -> ChurnConfig:

@@ -141,17 +141,11 @@ def test_wrong_type_or_range_fails_at_start_naming_path_value_and_allowed(
         load_config(write_changed(tmp_path, plant))
 
 
-@pytest.mark.parametrize("bands", [
-    {"high": 0.1, "medium": 0.3, "low": 0.0},    # unordered
-    {"high": 0.3, "medium": -0.1, "low": 0.0},   # negative
-    {"high": 1.5, "low": 0.0},                   # above 1
-    {"high": 0.3, "medium": 0.3, "low": 0.0},    # not strictly decreasing
-    {"high": 0.3, "medium": 0.1},                # scores below 0.1 would get no band
-    {"high": "0.3", "low": 0.0},                 # not a number
-])
-def test_bad_risk_bands_are_refused(tmp_path: Path, bands: dict) -> None:
-    with pytest.raises(ConfigError, match=r"scoring.risk_bands = .*(allowed|expected)"):
-        load_config(write_changed(tmp_path, lambda raw: raw["scoring"].update(risk_bands=bands)))
+@pytest.mark.parametrize("value", [0, -0.1, 1.5, "0.3"])
+def test_bad_high_risk_probability_is_refused(tmp_path: Path, value: object) -> None:
+    """Bands follow the decision; only the `high` cut is a setting, a probability in (0, 1]."""
+    with pytest.raises(ConfigError, match=r"scoring.high_risk_probability = .*(allowed|expected)"):
+        load_config(write_changed(tmp_path, lambda raw: raw["scoring"].update(high_risk_probability=value)))
 
 
 def test_engine_settings_are_typed_and_relocated_configs_keep_them(tmp_path: Path) -> None:
