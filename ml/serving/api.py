@@ -214,7 +214,7 @@ class ScoringService:
             return []
         model = state.model
         scored = score_frame(model, state.explainer, features, self.config.scoring.top_reasons)
-        bands = risk_bands(scored["churn_probability"].to_numpy(), self.model.threshold,
+        bands = risk_bands(scored["churn_probability"].to_numpy(), model.threshold,
                            self.config.scoring.high_risk_probability)
         reason_names = [c for c in scored.columns if c.startswith("reason_") and c.removeprefix("reason_").isdigit()]
         answers = []
