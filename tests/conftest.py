@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import duckdb
 import pandas as pd
 import pytest
 
@@ -97,3 +98,38 @@ def query(config: ChurnConfig, sql: str, params: list | None = None) -> pd.DataF
     """Read the build database (read-only) into a DataFrame."""
     with connect(config.warehouse.build_db, read_only=True) as con:
         return con.frame(sql, params or [])
+
+
+def rewrite(config: ChurnConfig, table: str, select: str) -> None:
+    """Replace a landing Parquet file by `select` over its rows (available as `t`): how tests plant faults.
+
+    A raw DuckDB connection on purpose: the planted file is written the way an
+    upstream extract would write it, outside the pipeline's own warehouse layer.
+    """
+    path = config.dataset.landing_dir / f"{table}.parquet"
+    new = path.with_suffix(".new")
+    with duckdb.connect() as con:
+        con.execute(f"create view t as select * from read_parquet('{path}')")
+        con.execute(f"copy ({select}) to '{new}' (format parquet)")
+    new.replace(path)
+
+
+@pytest.fixture(scope="module")
+def service(published_warehouse: ChurnConfig, tmp_path_factory: pytest.TempPathFactory):
+    """A scoring service over the published session warehouse (one per test module)."""
+    from ml.serving.api import ScoringService
+
+    svc = ScoringService(published_warehouse, workdir=tmp_path_factory.mktemp("serve"))
+    yield svc
+    svc.close()
+
+
+@pytest.fixture(scope="module")
+def client(service):
+    """An in-process HTTP client of `service`'s FastAPI app."""
+    from fastapi.testclient import TestClient
+
+    from ml.serving.api import asgi_app
+
+    with TestClient(asgi_app(service)) as test_client:
+        yield test_client

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from urllib.parse import quote
 
 import pytest
@@ -12,8 +11,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ml.config import ChurnConfig
-from ml.serving.api import ScoringService, asgi_app
+from ml.serving.api import ScoringService
 from ml.serving.features import read_landing_rows
 
 # Each request must answer within this (the what-if route's target is 100 ms; this bounds a hang).
@@ -25,19 +23,6 @@ scalars = st.one_of(st.none(), st.booleans(), st.integers(-(10**20), 10**20), st
 json_values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
                                                             st.dictionaries(st.text(max_size=8), inner, max_size=4)),
                            max_leaves=20)
-
-
-@pytest.fixture(scope="module")
-def service(published_warehouse: ChurnConfig, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ScoringService]:
-    svc = ScoringService(published_warehouse, workdir=tmp_path_factory.mktemp("fuzz"))
-    yield svc
-    svc.close()
-
-
-@pytest.fixture(scope="module")
-def client(service: ScoringService) -> Iterator[TestClient]:
-    with TestClient(asgi_app(service)) as test_client:
-        yield test_client
 
 
 @pytest.fixture(scope="module")

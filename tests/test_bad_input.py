@@ -19,23 +19,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import duckdb
 import pytest
 
 from ml.config import ChurnConfig
 from ml.warehouse import connect
 
-from .conftest import QUICK_TRAINING, REPO_ROOT, copy_warehouse, make_config
-
-
-def rewrite(config: ChurnConfig, table: str, select: str) -> None:
-    """Replace a landing Parquet file by `select` over its rows (available as `t`)."""
-    path = config.dataset.landing_dir / f"{table}.parquet"
-    new = path.with_suffix(".new")
-    with duckdb.connect() as con:
-        con.execute(f"create view t as select * from read_parquet('{path}')")
-        con.execute(f"copy ({select}) to '{new}' (format parquet)")
-    new.replace(path)
+from .conftest import QUICK_TRAINING, REPO_ROOT, copy_warehouse, make_config, rewrite
 
 
 def duplicate_customer_ids(config: ChurnConfig) -> None:

@@ -18,7 +18,7 @@ from ml.config import ChurnConfig
 from ml.quality.completeness import band, judge_days, reference_days
 from ml.quality.gates import GateError, check_gates
 
-from .conftest import make_config
+from .conftest import make_config, rewrite
 
 
 def test_band_uses_the_poisson_floor_when_the_reference_is_flat() -> None:
@@ -50,15 +50,6 @@ def landing_copy(config: ChurnConfig, root: Path) -> ChurnConfig:
     new = make_config(root)
     shutil.copytree(config.dataset.landing_dir, new.dataset.landing_dir)
     return new
-
-
-def rewrite(config: ChurnConfig, table: str, select: str) -> None:
-    path = config.dataset.landing_dir / f"{table}.parquet"
-    new = path.with_suffix(".new")
-    with duckdb.connect() as con:
-        con.execute(f"create view t as select * from read_parquet('{path}')")
-        con.execute(f"copy ({select}) to '{new}' (format parquet)")
-    new.replace(path)
 
 
 # Each plant leaves all other rows alone; the cutoff is the generated data's end (2025-07-01).

@@ -11,7 +11,8 @@ from ml.config import ChurnConfig
 from ml.quality.freshness import Freshness
 from ml.quality.gates import GateError, check_gates
 
-from .test_completeness import landing_copy, rewrite
+from .conftest import rewrite
+from .test_completeness import landing_copy
 
 
 def test_lag_is_counted_from_the_last_observable_day() -> None:

@@ -17,8 +17,8 @@ from ml.monitoring.gate import publish_gate
 from ml.quality.gates import judge
 from ml.warehouse import connect
 
-from .conftest import QUICK_TRAINING, copy_warehouse
-from .test_bad_input import digest, rewrite, run_nightly
+from .conftest import QUICK_TRAINING, copy_warehouse, rewrite
+from .test_bad_input import digest, run_nightly
 
 GATE = PublishGateConfig(drifted_share=0.3, top_feature_drift=True)
 

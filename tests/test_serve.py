@@ -23,19 +23,6 @@ from ml.warehouse import connect
 
 
 @pytest.fixture(scope="module")
-def service(published_warehouse: ChurnConfig, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ScoringService]:
-    svc = ScoringService(published_warehouse, workdir=tmp_path_factory.mktemp("serve"))
-    yield svc
-    svc.close()
-
-
-@pytest.fixture(scope="module")
-def client(service: ScoringService) -> Iterator[TestClient]:
-    with TestClient(asgi_app(service)) as test_client:
-        yield test_client
-
-
-@pytest.fixture(scope="module")
 def batch_scores(published_warehouse: ChurnConfig) -> pd.DataFrame:
     with connect(published_warehouse.warehouse.published_db, read_only=True) as con:
         return con.frame("select * from churn_scores order by risk_rank")
