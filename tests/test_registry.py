@@ -25,6 +25,7 @@ from ml.modeling.registry import (
     champion_version,
     load_champion,
     load_model,
+    model_record,
     register,
     registry_frame,
 )
@@ -72,6 +73,9 @@ def test_champion_challenger_rule_compares_on_the_same_rows(config: ChurnConfig)
     weak = register(config, fitted_model(shuffle_labels=True), "r1", {"pr_auc": 0.3},
                     evaluation_frame=eval_rows).version
     assert champion_version(config) == weak  # the first model is champion by default
+    with connect(config.warehouse.build_db, read_only=True) as session:
+        record = model_record(session, weak)
+    assert (record.status, record.decision) == ("champion", "first model for this dataset")
 
     weaker = register(config, fitted_model(shuffle_labels=True, seed=5), "r2", {"pr_auc": 0.9},
                       evaluation_frame=eval_rows).version

@@ -622,6 +622,7 @@ class ModelRecord:
     status: str
     threshold: float | None
     run_id: str | None
+    decision: str | None = None  # why it became champion or challenger (the registry's comparison)
 
 
 def champion_in(session: Session, dataset: str) -> str | None:
@@ -640,13 +641,13 @@ def model_record(session: Session, version: str) -> ModelRecord | None:
     if not session.exists(REGISTRY):
         return None
     row = session.one(
-        f"select model_version, dataset, algorithm, status, threshold, run_id from {quote(REGISTRY.name)} "
+        f"select model_version, dataset, algorithm, status, threshold, run_id, decision from {quote(REGISTRY.name)} "
         "where model_version = ?",
         [version],
     )
     if row is None:
         return None
-    return ModelRecord(row[0], row[1], row[2], row[3], float_or_none(row[4]), row[5])
+    return ModelRecord(row[0], row[1], row[2], row[3], float_or_none(row[4]), row[5], row[6])
 
 
 def model_thresholds(session: Session) -> dict[str, float]:
