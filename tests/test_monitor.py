@@ -122,16 +122,23 @@ def _labelled_dates(config: ChurnConfig, contract) -> list:
     return [pd.Timestamp(d).date() for d in rows["d"]]
 
 
-def test_realized_performance_once_labels_are_known(scored_copy: ChurnConfig) -> None:
-    """History of an earlier labelled snapshot gets realized metrics, computed once."""
-    model = load_champion(scored_copy)
+def _scored_past_snapshot(config: ChurnConfig):
+    """The champion, the latest fully labelled past snapshot's mart rows and their scores, as a
+    night before tonight would have written them to `churn_scores_history`."""
+    model = load_champion(config)
     c = model.contract
-    mart = scored_copy.dataset.feature_mart
-    past = _labelled_dates(scored_copy, c)[-1]
-    rows = query(scored_copy, f'select * from "{mart}" where "{c.as_of}" = ?', [past])
+    past = _labelled_dates(config, c)[-1]
+    rows = query(config, f'select * from "{config.dataset.feature_mart}" where "{c.as_of}" = ?', [past])
     probability = model.predict_proba(rows)
     scored = pd.DataFrame({c.key: rows[c.key], c.as_of: rows[c.as_of], "churn_probability": probability,
                            "will_churn": probability >= model.threshold})
+    return model, past, rows, probability, scored
+
+
+def test_realized_performance_once_labels_are_known(scored_copy: ChurnConfig) -> None:
+    """History of an earlier labelled snapshot gets realized metrics, computed once."""
+    model, past, rows, probability, scored = _scored_past_snapshot(scored_copy)
+    c = model.contract
     scored["model_version"] = model.version
     scored["run_id"] = "past-night"
     _insert_history(scored_copy, scored)
@@ -154,14 +161,8 @@ def test_realized_performance_once_labels_are_known(scored_copy: ChurnConfig) ->
 def test_realized_performance_with_customers_missing_from_the_later_mart(scored_copy: ChurnConfig) -> None:
     """Plant scored customers the mart no longer has: the snapshot still gets realized metrics, on the
     labelled rows, with the missing ones counted (before, one absent customer blocked it forever)."""
-    model = load_champion(scored_copy)
+    model, past, rows, probability, scored = _scored_past_snapshot(scored_copy)
     c = model.contract
-    mart = scored_copy.dataset.feature_mart
-    past = _labelled_dates(scored_copy, c)[-1]
-    rows = query(scored_copy, f'select * from "{mart}" where "{c.as_of}" = ?', [past])
-    probability = model.predict_proba(rows)
-    scored = pd.DataFrame({c.key: rows[c.key], c.as_of: rows[c.as_of], "churn_probability": probability,
-                           "will_churn": probability >= model.threshold})
     ghosts = scored.head(13).assign(**{c.key: [f"gone-{i}" for i in range(13)]})
     scored = pd.concat([scored, ghosts], ignore_index=True).assign(model_version=model.version, run_id="past")
     _insert_history(scored_copy, scored)

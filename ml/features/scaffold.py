@@ -25,13 +25,11 @@ from pathlib import Path
 import yaml
 
 from ml.config import ChurnConfig
-from ml.warehouse import MEMORY, connect, quote, quote_literal
+from ml.warehouse import MEMORY, connect, is_numeric_type, quote, quote_literal
 
 KEY_HINTS = re.compile(r"(^id$|_id$|^id_|customer|account|client|user|member)", re.IGNORECASE)
 LABEL_HINTS = re.compile(r"(churn|exited|attrition|left|cancel|label|target)", re.IGNORECASE)
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
-NUMERIC_TYPES = ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "FLOAT", "DOUBLE", "DECIMAL", "UBIGINT",
-                 "UINTEGER", "USMALLINT", "UTINYINT")
 
 
 class ScaffoldError(ValueError):
@@ -54,7 +52,7 @@ class SourceColumn:
 
     @property
     def is_numeric(self) -> bool:
-        return self.sql_type.upper().startswith(NUMERIC_TYPES)
+        return is_numeric_type(self.sql_type)
 
     @property
     def is_boolean(self) -> bool:
