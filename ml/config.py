@@ -147,6 +147,9 @@ class ScoringConfig:
     # this (so the band's expected precision is at least this share); else "medium".
     high_risk_probability: float
     top_reasons: int
+    # Who gets reasons in the nightly: flagged (exact TreeSHAP for every will_churn customer; the
+    # API explains anyone on demand) or all (every scored customer, about 3x the cost at demo rates).
+    reasons_for: str
 
     @property
     def risk_band_names(self) -> tuple[str, ...]:
@@ -352,6 +355,7 @@ RANGES: dict[str, Allowed] = {
     "training.cost_wasted_offer": Allowed(lambda v: v is None or v > 0, "> 0 (or null)"),
     "scoring.top_reasons": _between(1, 50),
     "scoring.high_risk_probability": _between(0, 1, low_open=True),
+    "scoring.reasons_for": _one_of("flagged", "all"),
     "monitoring.psi_bins": _between(2, 1000),
     "monitoring.psi_threshold": Allowed(lambda v: v > 0, "> 0"),
     "monitoring.distance_threshold": Allowed(lambda v: v > 0, "> 0"),

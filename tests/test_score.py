@@ -11,7 +11,7 @@ import pytest
 from ml.cli import main
 from ml.config import ChurnConfig
 from ml.features.contract import ContractError, Feature, FeatureContract
-from ml.modeling.explain import reason_columns
+from ml.modeling.explain import Explainer, reason_columns
 from ml.modeling.registry import load_champion
 from ml.modeling.score import (
     HISTORY_TABLE,
@@ -21,6 +21,7 @@ from ml.modeling.score import (
     reason_texts,
     risk_bands,
     score,
+    score_frame,
     typical_values,
 )
 from ml.reports.summary import score_summary, success_line
@@ -90,18 +91,24 @@ def test_scores_cover_every_active_customer_consistently(scoring_warehouse: Chur
     # Contributions say their unit; every reason has a sentence with the customer's value and direction.
     assert scores["contribution_unit"].eq("log_odds" if model.algorithm != "random_forest" else "probability").all()
     descriptions = {f.name: f.description.strip().rstrip(".") or f.name for f in model.contract.features}
-    first = scores.iloc[0]
+    # scoring.reasons_for = flagged: exactly the will_churn customers carry reasons.
+    assert config.scoring.reasons_for == "flagged"
+    flagged = scores["will_churn"].to_numpy(dtype=bool)
+    for i in range(1, k + 1):
+        for column in (f"reason_{i}", f"reason_{i}_contribution", f"reason_{i}_text"):
+            np.testing.assert_array_equal(scores[column].notna().to_numpy(), flagged, err_msg=column)
+    explained = scores[flagged]
+    first = explained.iloc[0]
     for i in range(1, k + 1):
         text = first[f"reason_{i}_text"]
         assert text.startswith(descriptions[first[f"reason_{i}"]] + ": ")
         assert text.endswith("raises risk" if first[f"reason_{i}_contribution"] > 0 else "lowers risk")
-        assert scores[f"reason_{i}_text"].notna().all()
     # Reasons name contract features, most churn-raising first.
     for i in range(1, k + 1):
-        assert scores[f"reason_{i}"].isin(model.contract.feature_names).all()
+        assert explained[f"reason_{i}"].isin(model.contract.feature_names).all()
     for i in range(1, k):
-        assert (scores[f"reason_{i}_contribution"] >= scores[f"reason_{i + 1}_contribution"]).all()
-    assert (scores[[f"reason_{i}" for i in range(1, k + 1)]].nunique(axis=1) == k).all()
+        assert (explained[f"reason_{i}_contribution"] >= explained[f"reason_{i + 1}_contribution"]).all()
+    assert (explained[[f"reason_{i}" for i in range(1, k + 1)]].nunique(axis=1) == k).all()
 
     history = query(config, f"select * from {HISTORY_TABLE}")
     assert len(history) == len(scores)
@@ -251,3 +258,24 @@ def test_check_mart_names_every_mismatch() -> None:
     assert "column 'f_gone' is missing from the table" in message
     assert "numeric feature 'f_num' has type VARCHAR" in message
     check_mart(trained, trained, "mart", {**columns, "f_num": "DECIMAL(18,2)", "f_gone": "BIGINT"}, "m1")
+
+
+def test_flagged_only_reasons_equal_the_full_explanation_where_given(trained_warehouse: ChurnConfig) -> None:
+    """reasons_for=flagged explains exactly the will_churn rows, with the same reasons `all` gives them,
+    and leaves the others NULL (the API explains them on demand); a chunk with nobody flagged works."""
+    model = load_champion(trained_warehouse)
+    c = model.contract
+    mart = trained_warehouse.dataset.feature_mart
+    rows = query(trained_warehouse, f'select * from "{mart}" where "{c.as_of}" = (select max("{c.as_of}") '
+                                    f'from "{mart}") order by "{c.key}" limit 400')
+    explainer = Explainer(model)
+    everyone = score_frame(model, explainer, rows, 3, reasons_for="all")
+    flagged_only = score_frame(model, explainer, rows, 3, reasons_for="flagged")
+    flagged = everyone["will_churn"].to_numpy(dtype=bool)
+    assert 0 < flagged.sum() < len(rows)
+    assert list(flagged_only.columns) == list(everyone.columns)
+    assert flagged_only.dtypes.to_dict() == everyone.dtypes.to_dict()
+    pd.testing.assert_frame_equal(flagged_only[flagged], everyone[flagged])
+    assert flagged_only.loc[~flagged, [c for c in flagged_only if c.startswith("reason_")]].isna().all().all()
+    nobody = score_frame(model, explainer, rows[~flagged].head(20), 3, reasons_for="flagged")
+    assert len(nobody) == 20 and nobody["reason_1"].isna().all()

@@ -15,11 +15,13 @@ import uvicorn
 from fastapi.testclient import TestClient
 
 from ml.config import ChurnConfig
+from ml.modeling.explain import top_reasons
 from ml.serving import features as features_module
 from ml.serving.api import ScoringService, asgi_app
 from ml.serving.features import RequestError, read_landing_rows, replace_relations
 from ml.serving.state import load_state
 from ml.warehouse import connect
+from tests.conftest import query
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +54,11 @@ def _sample_ids(batch_scores: pd.DataFrame) -> list[str]:
 
 
 def test_published_route_matches_churn_scores(client: TestClient, batch_scores: pd.DataFrame,
-                                              service: ScoringService) -> None:
+                                              service: ScoringService, published_warehouse: ChurnConfig) -> None:
     batch = batch_scores.set_index("customer_id")
-    for customer_id in _sample_ids(batch_scores):
+    samples = _sample_ids(batch_scores)
+    assert not batch.loc[samples[-1], "will_churn"]  # the safest customer: published without reasons
+    for customer_id in samples:
         response = client.get(f"/customers/{customer_id}/score")
         assert response.status_code == 200, response.text
         answer, expected = response.json(), batch.loc[customer_id]
@@ -62,7 +66,19 @@ def test_published_route_matches_churn_scores(client: TestClient, batch_scores: 
         assert answer["will_churn"] == bool(expected["will_churn"])
         assert answer["risk_band"] == expected["risk_band"]
         assert answer["model_version"] == expected["model_version"]
-        assert answer["reasons"][0]["feature"] == expected["reason_1"]
+        if expected["will_churn"]:
+            assert answer["reasons"][0]["feature"] == expected["reason_1"]
+        else:  # explained on demand, exactly as the nightly would with scoring.reasons_for = all
+            assert pd.isna(expected["reason_1"])
+            state = service.state
+            mart = published_warehouse.dataset.feature_mart
+            row = query(published_warehouse, f'select * from "{mart}" where customer_id = ? and as_of_date = ?',
+                        [customer_id, state.tonight])
+            want = top_reasons(state.model, row, published_warehouse.scoring.top_reasons).iloc[0]
+            k = published_warehouse.scoring.top_reasons
+            assert [r["feature"] for r in answer["reasons"]] == [want[f"reason_{i}"] for i in range(1, k + 1)]
+            assert [r["contribution"] for r in answer["reasons"]] == pytest.approx(
+                [want[f"reason_{i}_contribution"] for i in range(1, k + 1)], abs=1e-9)
         assert set(answer["features"]) == set(service.state.model.contract.feature_names)
 
 

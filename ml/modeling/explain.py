@@ -33,6 +33,8 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from ml.modeling.fast_preprocess import CheckedPreprocessor
+
 
 class ExplainError(ValueError):
     """The model's final estimator is not one this module can decompose."""
@@ -135,6 +137,7 @@ class Explainer:
     def __init__(self, model: Any) -> None:
         self.model = model
         self.preprocess = model.pipeline.named_steps["preprocess"]
+        self._transform = CheckedPreprocessor(self.preprocess)
         self.estimator = model.pipeline.named_steps["model"]
         self.kind = type(self.estimator).__name__
         if self.kind not in ("XGBClassifier", "LogisticRegression", "RandomForestClassifier"):
@@ -154,7 +157,7 @@ class Explainer:
 
         `source` names the table in the error raised for a bad feature value.
         """
-        return self.preprocess.transform(self.model.feature_frame(frame, source))
+        return self._transform.transform(self.model.feature_frame(frame, source))
 
     def raw_scores(self, matrix: Any) -> np.ndarray:
         """The estimator's uncalibrated churn score of preprocessed rows (= model.raw_scores)."""
@@ -162,6 +165,9 @@ class Explainer:
 
     def contributions(self, matrix: Any, index: pd.Index) -> Contributions:
         """Contributions of preprocessed rows, by contract feature, plus the bias term."""
+        if matrix.shape[0] == 0:  # e.g. a chunk with nobody flagged; boosters reject empty input
+            return Contributions(pd.DataFrame(np.zeros((0, len(self.features))), columns=self.features,
+                                              index=index), np.zeros(0), self.output)
         if self.kind == "XGBClassifier":
             values, bias = self._xgboost(matrix)
         elif self.kind == "LogisticRegression":

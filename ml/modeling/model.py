@@ -106,7 +106,10 @@ def contract_feature_frame(
     for name in contract.feature_names:
         column = frame[name]
         if name in contract.categorical:
-            out[name] = column.astype(object).map(lambda v: np.nan if pd.isna(v) else str(v))
+            # Vectorised str() with NaN for missing: a per-value lambda was most of scoring's preprocessing.
+            text = column.astype(str).to_numpy(dtype=object)
+            text[column.isna().to_numpy()] = np.nan
+            out[name] = text
         else:
             converted = pd.to_numeric(column, errors="coerce").astype("float64")
             bad = int((converted.isna() & column.notna()).sum())

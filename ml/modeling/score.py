@@ -173,17 +173,20 @@ def reason_texts(model: ChurnModel, frame: pd.DataFrame, reasons: pd.DataFrame, 
 
 def score_frame(
     model: ChurnModel, explainer: Explainer, frame: pd.DataFrame, n_reasons: int, source: str = "input frame",
-    typical: dict[str, str] | None = None,
+    typical: dict[str, str] | None = None, reasons_for: str = "all",
 ) -> pd.DataFrame:
     """Probability, decision and reasons for the rows of one chunk (rank and band come later).
 
     The chunk is preprocessed once and shared by the score and its reasons;
     the probability is the model's own calibrator applied to the estimator's
-    score, i.e. exactly `model.predict_proba`.
+    score, i.e. exactly `model.predict_proba`. With `reasons_for="flagged"`
+    only will_churn rows are explained (exact contributions, the most costly
+    step by far); the other rows' reason columns are NULL.
     """
     matrix = explainer.matrix(frame, source)
     probability = model.calibrator.predict(explainer.raw_scores(matrix))
-    contributions = explainer.contributions(matrix, frame.index)
+    explained = np.ones(len(frame), dtype=bool) if reasons_for == "all" else probability >= model.threshold
+    contributions = explainer.contributions(matrix[explained], frame.index[explained])
     out = pd.DataFrame(
         {
             model.contract.key: frame[model.contract.key].to_numpy(),
@@ -195,10 +198,18 @@ def score_frame(
         index=frame.index,
     )
     reasons = top_k(contributions.values, n_reasons)
-    texts = reason_texts(model, frame, reasons, n_reasons, typical_values(model) if typical is None else typical)
+    texts = reason_texts(model, frame.loc[explained], reasons, n_reasons,
+                         typical_values(model) if typical is None else typical)
+    if not explained.all():
+        reasons, texts = _all_rows(reasons, frame.index), _all_rows(texts, frame.index)
     ordered = [c for i in range(1, n_reasons + 1)
                for c in (f"reason_{i}", f"reason_{i}_contribution", f"reason_{i}_text")]
     return pd.concat([out, reasons, texts], axis=1)[[*out.columns, *ordered]]
+
+
+def _all_rows(explained: pd.DataFrame, index: pd.Index) -> pd.DataFrame:
+    """Reason columns of the explained rows spread over every row, NULL where not explained."""
+    return explained.reindex(index).astype(explained.dtypes.to_dict())
 
 
 def _champion_for(config: ChurnConfig) -> ChurnModel:
@@ -241,7 +252,7 @@ def _score_chunks(
         explainer, typical = Explainer(model), typical_values(model)
         for chunk in snapshot_chunks(session, config, model.contract, snapshot.as_of_date, chunk_rows):
             parts.append(score_frame(model, explainer, chunk, config.scoring.top_reasons, f"feature mart {mart!r}",
-                                     typical))
+                                     typical, config.scoring.reasons_for))
             done += len(chunk)
             log.info("scored %d/%d rows (%.0f%%)", done, snapshot.rows, 100 * done / snapshot.rows)
     return pd.concat(parts, ignore_index=True)

@@ -236,7 +236,7 @@ class ScoringService:
         """Tonight's answer from memory; another served date through the SQL over the landing rows."""
         state = self.state
         if as_of is None or as_of == state.tonight:
-            answer = state.answers.get(customer_id)
+            answer = state.answer(customer_id)
             if answer is None:
                 raise LookupError(f"customer {customer_id!r} is not active on {state.tonight} (or unknown)")
             return answer

@@ -244,7 +244,8 @@ def _reason_description(column: str) -> str:
         return ""
     i = parts[1]
     if len(parts) == 2:
-        return f"the contract feature with the {i}. largest churn-raising contribution (see feature_dictionary)"
+        return (f"the contract feature with the {i}. largest churn-raising contribution (see feature_dictionary); "
+                "NULL for customers not flagged when scoring.reasons_for = flagged")
     if parts[2:] == ["contribution"]:
         return f"reason_{i}'s contribution to the score, in the unit named by contribution_unit"
     if parts[2:] == ["text"]:

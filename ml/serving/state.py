@@ -20,7 +20,7 @@ import pandas as pd
 
 from ml.config import ChurnConfig
 from ml.logs import get_logger, timed
-from ml.modeling.explain import Explainer
+from ml.modeling.explain import Explainer, top_k
 from ml.modeling.model import ChurnModel
 from ml.modeling.registry import REGISTRY_TABLE, champion_in, load_model
 from ml.modeling.score import HISTORY_SPEC, SCORES_SPEC, latest_scores_summary, published_scores, scored_dates
@@ -49,6 +49,22 @@ class PublishedState:
     tonight: dt.date
     served_dates: tuple[dt.date, ...]
     answers: dict[str, dict[str, Any]] = field(repr=False)
+    # Tonight's feature rows by customer id (text): the nightly explains flagged customers only
+    # (scoring.reasons_for), so the others' reasons are computed from these on demand.
+    features: pd.DataFrame = field(repr=False, default_factory=pd.DataFrame)
+    top_reasons: int = 3
+
+    def answer(self, customer_id: str) -> dict[str, Any] | None:
+        """Tonight's published answer, with exact reasons computed now when the nightly left none."""
+        answer = self.answers.get(customer_id)
+        if answer is None or answer["reasons"] or customer_id not in self.features.index:
+            return answer
+        row = self.features.loc[[customer_id]]
+        contributions = self.explainer.contributions(self.explainer.matrix(row), row.index)
+        top = top_k(contributions.values, self.top_reasons).iloc[0]
+        reasons = [{"feature": top[f"reason_{i}"], "contribution": answer_value(top[f"reason_{i}_contribution"])}
+                   for i in range(1, self.top_reasons + 1) if not is_missing(top[f"reason_{i}"])]
+        return {**answer, "reasons": reasons}
 
 
 def file_stamp(path: os.PathLike[str]) -> tuple[int, int]:
@@ -57,10 +73,9 @@ def file_stamp(path: os.PathLike[str]) -> tuple[int, int]:
     return stat.st_ino, stat.st_mtime_ns
 
 
-def _answers(scores: pd.DataFrame, features: pd.DataFrame, model: ChurnModel) -> dict[str, dict[str, Any]]:
+def _answers(scores: pd.DataFrame, by_key: pd.DataFrame, model: ChurnModel) -> dict[str, dict[str, Any]]:
     """Tonight's published rows as API answers, keyed by customer id (as text)."""
     key, as_of = model.contract.key, model.contract.as_of
-    by_key = features.set_index(features[key].astype(str)) if len(features) else features
     reason_names = [c for c in scores.columns if c.startswith("reason_") and c.removeprefix("reason_").isdigit()]
     names = list(model.contract.feature_names)
     out: dict[str, dict[str, Any]] = {}
@@ -103,8 +118,9 @@ def load_state(config: ChurnConfig, compiled: CompiledFeatures) -> PublishedStat
         model = load_model(config, version, registry_db=db)
         features = snapshot_features(compiled, summary.last_as_of)
     served = tuple(sorted({*history, summary.last_as_of}))
+    by_key = features.set_index(features[model.contract.key].astype(str)) if len(features) else features
     return PublishedState(info, stamp, model, Explainer(model), summary.last_as_of, served,
-                          _answers(scores, features, model))
+                          _answers(scores, by_key, model), by_key, config.scoring.top_reasons)
 
 
 class StateHolder:
