@@ -219,6 +219,14 @@ def _night_ticks(ax: object, nights: list[dt.date], axis: str = "x") -> None:
         ax.set_yticks(positions, labels, fontsize=8)
 
 
+def _date_span(ax: object, dates: pd.Series) -> None:
+    """A fortnight either side of a single night, instead of matplotlib's default span of years."""
+    unique = pd.to_datetime(dates).dropna().unique()
+    if len(unique) == 1:
+        day = pd.Timestamp(unique[0])
+        ax.set_xlim(day - pd.Timedelta(days=15), day + pd.Timedelta(days=15))
+
+
 def heatmap_matrix(drift: pd.DataFrame) -> tuple[list[str], list[dt.date], np.ndarray, np.ndarray]:
     """(rows, nights, PSI per row x night, drift flag per row x night); the score's rows last."""
     rows = drift[drift["kind"] != DATASET_KIND]
@@ -244,7 +252,9 @@ def chart_heatmap(drift: pd.DataFrame, psi_threshold: float) -> tuple[str, int]:
     image = ax.imshow(np.nan_to_num(values), aspect="auto", cmap="YlOrRd", vmin=0,
                       vmax=PSI_SATURATION * psi_threshold, interpolation="nearest")
     ys, xs = np.nonzero(hits)
-    ax.scatter(xs, ys, marker="x", color="k", s=18, linewidths=1, label="drift flagged (any statistic)")
+    # white-edged black crosses read on the palest and the darkest cell alike
+    ax.scatter(xs, ys, marker="X", color="k", edgecolors="white", s=45, linewidths=0.8,
+               label="drift flagged (any statistic)")
     ax.set_yticks(range(len(rows)), labels, fontsize=7)
     _night_ticks(ax, nights)
     ax.set_xlabel("night (snapshot as_of_date)")
@@ -298,9 +308,11 @@ def chart_performance(performance: pd.DataFrame, target: float, floor: float, me
             ax.axhline(target, color="g", linestyle=":", label=f"success target {target}")
             ax.axhline(floor, color="r", linestyle=":", label=f"retrain below {floor:.2f}")
         ax.set_ylabel(name)
-        ax.set_ylim(0, 1.02)
+        # precision sits near the prevalence: on a 0-1 axis its changes would be invisible
+        ax.set_ylim(0, None if name == "precision" else 1.02)
     axes[0].legend(fontsize=7, loc="lower left")
     axes[-1].set_xlabel("snapshot scored (as_of_date)")
+    _date_span(axes[-1], performance["as_of_date"])
     fig.autofmt_xdate()
     return svg(fig), points
 
@@ -318,6 +330,7 @@ def chart_scores(scores: pd.DataFrame) -> tuple[str, int]:
     mean.set_ylim(bottom=0)
     share.legend(title="model version", fontsize=7, title_fontsize=7)
     mean.set_xlabel("snapshot scored (as_of_date)")
+    _date_span(mean, scores["as_of_date"])
     fig.autofmt_xdate()
     return svg(fig), 2 * len(scores)
 
@@ -337,19 +350,25 @@ def chart_decisions(decisions: pd.DataFrame) -> tuple[str, int]:
     ax.set_yticks(range(len(outcomes)), outcomes, fontsize=8)
     ax.set_ylim(-0.6, len(outcomes) - 0.4)
     ax.set_xlabel("night (snapshot as_of_date)")
+    _date_span(ax, decisions["as_of_date"])
     ax.legend(fontsize=7, loc="upper left")
     fig.autofmt_xdate()
     return svg(fig), len(decisions)
 
 
-def audit_nights(audits: list[AuditOutcome], drift: pd.DataFrame) -> list[str]:
-    """A label per audited run: its night's as_of_date when monitoring measured that run, else its date."""
-    nights = drift.drop_duplicates("run_id").set_index("run_id")["as_of_date"].to_dict()
+def run_nights(history: History) -> dict[str, dt.date]:
+    """run_id -> the night (snapshot as_of_date) it monitored; every run decides once, even a superseded one."""
+    pairs = pd.concat([history.decisions[["run_id", "as_of_date"]], history.drift[["run_id", "as_of_date"]]])
+    return {str(run): pd.Timestamp(day).date() for run, day in pairs.drop_duplicates("run_id").itertuples(index=False)}
+
+
+def audit_nights(audits: list[AuditOutcome], nights: dict[str, dt.date]) -> list[str]:
+    """A label per audited run: the night its nightly monitored, else the day it was checked."""
     return [str(nights.get(a.run_id) or (a.checked_at.date() if a.checked_at else a.run_id)) for a in audits]
 
 
-def chart_quality(audits: list[AuditOutcome], drift: pd.DataFrame) -> tuple[str, int]:
-    labels = audit_nights(audits, drift)
+def chart_quality(audits: list[AuditOutcome], nights: dict[str, dt.date]) -> tuple[str, int]:
+    labels = audit_nights(audits, nights)
     passed = np.array([a.checks - a.critical_failures - a.warnings for a in audits], dtype=float)
     warned = np.array([a.warnings for a in audits], dtype=float)
     failed = np.array([a.critical_failures for a in audits], dtype=float)
@@ -384,8 +403,10 @@ def tonight_gate(config: ChurnConfig, history: History) -> GateDecision:
 
 
 def tonight_audit(history: History) -> AuditOutcome | None:
-    """Tonight's nightly audits (same run id as the monitoring run), else the latest audited run."""
-    same = [a for a in history.audits if a.run_id == history.run_id]
+    """The latest audited run of tonight's night (a re-run of `churn monitor` has no audits of its own),
+    else the latest audited run."""
+    nights = run_nights(history)
+    same = [a for a in history.audits if nights.get(a.run_id) == history.as_of_date]
     return same[-1] if same else (history.audits[-1] if history.audits else None)
 
 
@@ -448,7 +469,7 @@ def charts(config: ChurnConfig, history: History) -> list[tuple[str, str, str, i
     else:
         out.append(("Data quality per night", "Did each night's landing files, mart and scores pass their "
                     "expectations, and how many warnings were let through?",
-                    *chart_quality(history.audits, history.drift)))
+                    *chart_quality(history.audits, run_nights(history))))
     return out
 
 
