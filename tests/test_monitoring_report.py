@@ -28,6 +28,7 @@ from ml.monitoring.performance import estimated_metrics
 from ml.quality.audit import audit
 from ml.reports.index_page import index_path, write_reports
 from ml.reports.monitoring_report import audit_nights, heatmap_matrix, read_history, report_path, run_nights
+from ml.reports.screenshots import pages
 from ml.warehouse import connect
 from tests.conftest import QUICK_TRAINING, copy_warehouse
 
@@ -53,6 +54,9 @@ def test_first_night_draws_every_chart_and_says_no_labels_yet(published_warehous
     assert len(nights) == 1
     index = index_path(published_warehouse).read_text()
     assert 'href="monitoring/' in index and f"as of {history.as_of_date}" in index
+    # make report-screenshots shoots every page the index links, so the monitoring page too
+    shots = pages(published_warehouse)
+    assert shots[f"monitoring_{published_warehouse.dataset.name}"] == report_path(published_warehouse)
 
 
 def add_night(config: ChurnConfig, model, as_of_date: dt.date, run_id: str) -> None:
