@@ -9,6 +9,7 @@ in the heatmap, shown in the distributions and fail the page's verdict.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import re
 from pathlib import Path
@@ -146,3 +147,10 @@ def test_no_monitoring_run_means_no_page(trained_warehouse: ChurnConfig, tmp_pat
     config = copy_warehouse(trained_warehouse, tmp_path / "wh", QUICK_TRAINING)
     assert write_monitoring_report(config) is None
     assert not report_path(config).exists()
+
+
+def test_another_datasets_page_leaves_these_rows_out(several_nights) -> None:
+    """The monitoring tables carry no dataset column: rows are kept by the dataset's registered models."""
+    config = several_nights[0]
+    other = dataclasses.replace(config, dataset=dataclasses.replace(config.dataset, name="another"))
+    assert read_history(other) is None

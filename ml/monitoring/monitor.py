@@ -515,18 +515,22 @@ def _frame_or_empty(session: Session, spec: TableSpec, sql: str) -> pd.DataFrame
     return session.frame(sql)
 
 
-def drift_by_night(session: Session) -> pd.DataFrame:
-    """drift_stats of every night, oldest first: per as_of_date only its latest measurement.
+def drift_by_night(session: Session, model_versions: list[str]) -> pd.DataFrame:
+    """drift_stats of `model_versions` (one dataset's models), oldest night first: per as_of_date only its
+    latest measurement.
 
     A re-run, or the re-measure after a promoted challenger rescored the night,
     writes a newer set of rows; the latest set is what the drift gate judged.
     """
-    return _frame_or_empty(session, DRIFT_SPEC, f"""
+    if not session.exists(DRIFT_SPEC):
+        return pd.DataFrame(columns=DRIFT_SPEC.column_names)
+    return session.frame(f"""
         select as_of_date, run_id, model_version, feature, kind, statistic, value, p_value, threshold, drifted,
                reference_summary, current_summary, computed_at
         from {quote(DRIFT_TABLE)}
+        where model_version in (select unnest(?::varchar[]))
         qualify computed_at = max(computed_at) over (partition by as_of_date)
-        order by as_of_date, feature, statistic""")
+        order by as_of_date, feature, statistic""", [list(model_versions)])
 
 
 def performance_history(session: Session) -> pd.DataFrame:

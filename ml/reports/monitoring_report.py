@@ -28,7 +28,7 @@ from ml.config import ChurnConfig
 from ml.features.mart import snapshot_rows
 from ml.logs import get_logger
 from ml.modeling.reference import CategoricalReference, DriftReference, NumericReference, bin_shares, level_counts
-from ml.modeling.registry import load_model
+from ml.modeling.registry import load_model, registry_frame
 from ml.modeling.score import history_by_snapshot
 from ml.monitoring.drift import (
     DATASET_KIND,
@@ -182,8 +182,11 @@ def distributions(reference: DriftReference, snapshot: pd.DataFrame, names: list
 def read_history(config: ChurnConfig) -> History | None:
     """The page's data, read through each table's owner; None before the first monitoring run."""
     settings = config.warehouse.engine
+    # The monitoring tables hold every dataset sharing the build database: keep this dataset's models' rows.
+    registered = registry_frame(config)
+    versions = sorted(registered["model_version"]) if "model_version" in registered else []
     with connect(config.warehouse.build_db, read_only=True, settings=settings) as session:
-        drift = drift_by_night(session)
+        drift = drift_by_night(session, versions)
     if drift.empty:
         return None
     drift["as_of_date"] = pd.to_datetime(drift["as_of_date"]).dt.date
@@ -202,7 +205,8 @@ def read_history(config: ChurnConfig) -> History | None:
         scores = history_by_snapshot(session, config.problem.as_of_column)
         decisions = decision_history(session)
         audits = audit_history(session, config.dataset.name)
-    return History(drift, performance, scores, decisions, audits,
+    ours = [frame[frame["model_version"].isin(versions)] for frame in (performance, scores, decisions)]
+    return History(drift, *ours, audits,
                    distributions(reference, snapshot, shown, psi), flagged)
 
 
