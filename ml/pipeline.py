@@ -318,6 +318,7 @@ def monitor_command(config: ChurnConfig, args: argparse.Namespace) -> int:
     """Handler of `churn monitor` (its arguments: `ml.monitoring.monitor.add_arguments`)."""
     result, outcome = monitor_and_decide(config, as_of=args.as_of, retrain=args.retrain)
     print("\n".join(monitor.report_lines(result, outcome)))
+    print(f"  reports: {write_reports(config)}")
     return 0
 
 

@@ -12,6 +12,7 @@ import pytest
 from ml.config import ChurnConfig
 from ml.reports.index_page import index_path
 from ml.reports.model_report import report_root
+from ml.reports.monitoring_report import report_path
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -62,3 +63,18 @@ def test_index_and_model_report_render_in_chromium(published_warehouse: ChurnCon
         assert width > 100 and height > 100 and paths > 3
     assert problems == []
     report.close()
+
+
+def test_monitoring_report_renders_in_chromium(published_warehouse: ChurnConfig, browser_page) -> None:
+    page, problems = load(browser_page, report_path(published_warehouse))
+    charts = page.eval_on_selector_all(
+        "figure.chart", "els => els.map(e => { const s = e.querySelector('svg'); const r = s && "
+        "s.getBoundingClientRect(); return [e.dataset.chart, Number(e.dataset.points), r ? r.width : 0, "
+        "r ? r.height : 0, s ? s.querySelectorAll('path').length : 0]; })")
+    assert [title for title, *_ in charts] == [
+        "Drift heatmap", "Reference vs tonight", "Estimated vs realized performance",
+        "Share flagged and mean score", "Retrain decisions", "Data quality per night"]
+    for title, points, width, height, paths in charts:
+        assert points > 0 and width > 100 and height > 100 and paths > 3, title
+    assert problems == []
+    page.close()

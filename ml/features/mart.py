@@ -196,10 +196,11 @@ def latest_snapshot_date(session: Session, config: ChurnConfig, contract: Featur
 
 def snapshot_rows(
     session: Session, config: ChurnConfig, contract: FeatureContract, as_of_date: dt.date,
-    with_label: bool = False,
+    with_label: bool = False, features: list[str] | None = None,
 ) -> pd.DataFrame:
-    """Key, as_of and the contract's features (and the label) of one snapshot."""
-    columns = [contract.key, contract.as_of, *([contract.label] if with_label else []), *contract.feature_names]
+    """Key, as_of and the contract's features (or only `features`; and the label) of one snapshot."""
+    chosen = contract.feature_names if features is None else [f for f in contract.feature_names if f in features]
+    columns = [contract.key, contract.as_of, *([contract.label] if with_label else []), *chosen]
     return session.frame(
         f"select {column_list(columns)} from {quote(config.dataset.feature_mart)} where {quote(contract.as_of)} = ?",
         [as_of_date],

@@ -36,8 +36,8 @@ from ml.warehouse import Session, connect, declare, quote
 log = get_logger("score")
 
 __all__ = ["HISTORY_SPEC", "HISTORY_TABLE", "SCORES_SPEC", "SCORES_TABLE", "ScoreError", "ScoreResult",
-           "ScoresSummary", "check_mart", "latest_scores_summary", "published_scores", "risk_bands", "score",
-           "score_frame", "scored_dates", "scored_rows", "scored_snapshots", "tonight_scores"]
+           "ScoresSummary", "check_mart", "history_by_snapshot", "latest_scores_summary", "published_scores",
+           "risk_bands", "score", "score_frame", "scored_dates", "scored_rows", "scored_snapshots", "tonight_scores"]
 
 # Columns after the contract's key and as_of; reason_<i> / reason_<i>_contribution
 # (scoring.top_reasons of them) sit between rank and model_version.
@@ -394,6 +394,22 @@ def scored_rows(session: Session, contract: FeatureContract, as_of_date: dt.date
         f"select {quote(contract.key)}, {quote(PROBABILITY_COLUMN)}, {quote(DECISION_COLUMN)} "
         f"from {quote(HISTORY_TABLE)} where {quote(contract.as_of)} = ? and model_version = ?",
         [as_of_date, version],
+    )
+
+
+def history_by_snapshot(session: Session, as_of_column: str) -> pd.DataFrame:
+    """Per snapshot and model version of the history: rows, share flagged and mean probability, oldest first.
+
+    Empty (with those columns) before the first scoring run.
+    """
+    columns = ["as_of_date", "model_version", "rows", "flagged_share", "mean_probability"]
+    if not session.exists(HISTORY_SPEC):
+        return pd.DataFrame(columns=columns)
+    a, d, p = quote(as_of_column), quote(DECISION_COLUMN), quote(PROBABILITY_COLUMN)
+    return session.frame(
+        f"select cast({a} as date) as as_of_date, model_version, count(*) as rows, "
+        f"avg(cast({d} as double)) as flagged_share, avg({p}) as mean_probability "
+        f"from {quote(HISTORY_TABLE)} group by 1, 2 order by 1, 2"
     )
 
 

@@ -506,6 +506,45 @@ def today_for(as_of: str | dt.date | None) -> dt.date:
     return as_of if isinstance(as_of, dt.date) else dt.date.fromisoformat(str(as_of))
 
 
+# ---------------------------------------------------------------- reads for the monitoring report
+
+def _frame_or_empty(session: Session, spec: TableSpec, sql: str) -> pd.DataFrame:
+    """The query's rows, or an empty frame with the declared columns before the first run made the table."""
+    if not session.exists(spec):
+        return pd.DataFrame(columns=spec.column_names)
+    return session.frame(sql)
+
+
+def drift_by_night(session: Session, model_versions: list[str]) -> pd.DataFrame:
+    """drift_stats of `model_versions` (one dataset's models), oldest night first: per as_of_date only its
+    latest measurement.
+
+    A re-run, or the re-measure after a promoted challenger rescored the night,
+    writes a newer set of rows; the latest set is what the drift gate judged.
+    """
+    if not session.exists(DRIFT_SPEC):
+        return pd.DataFrame(columns=DRIFT_SPEC.column_names)
+    return session.frame(f"""
+        select as_of_date, run_id, model_version, feature, kind, statistic, value, p_value, threshold, drifted,
+               reference_summary, current_summary, computed_at
+        from {quote(DRIFT_TABLE)}
+        where model_version in (select unnest(?::varchar[]))
+        qualify computed_at = max(computed_at) over (partition by as_of_date)
+        order by as_of_date, feature, statistic""", [list(model_versions)])
+
+
+def performance_history(session: Session) -> pd.DataFrame:
+    """model_performance rows (estimated, realized, realized_online), oldest snapshot first."""
+    return _frame_or_empty(session, PERFORMANCE_SPEC,
+                           f"select * from {quote(PERFORMANCE_TABLE)} order by as_of_date, kind, computed_at")
+
+
+def decision_history(session: Session) -> pd.DataFrame:
+    """retrain_decisions rows in the order they were decided."""
+    return _frame_or_empty(session, DECISIONS_SPEC,
+                           f"select * from {quote(DECISIONS_TABLE)} order by as_of_date, decided_at")
+
+
 # ---------------------------------------------------------------- command line (handler: ml.pipeline.monitor_command)
 
 def report_lines(result: MonitorResult, outcome: PolicyOutcome | None = None) -> list[str]:

@@ -822,6 +822,7 @@ class AuditOutcome:
     checks: int
     critical_failures: int
     warnings: int
+    checked_at: dt.datetime | None = None
 
     @property
     def passed(self) -> bool:
@@ -839,3 +840,17 @@ def latest_audit_outcome(session: Session, dataset: str) -> AuditOutcome | None:
         [dataset],
     )
     return None if row is None else AuditOutcome(row[0], int(row[1]), int(row[2]), int(row[3]))
+
+
+def audit_history(session: Session, dataset: str) -> list[AuditOutcome]:
+    """Every audited run of the dataset (all its stages together), oldest first; empty before the first audit."""
+    if not session.exists(RESULTS):
+        return []
+    rows = session.rows(
+        f"select run_id, count(*), count(*) filter (where not success and severity = 'critical'), "
+        f"count(*) filter (where not success and severity <> 'critical'), max(checked_at) "
+        f"from {quote(RESULTS.name)} where dataset = ? group by run_id order by max(checked_at)",
+        [dataset],
+    )
+    return [AuditOutcome(run_id, int(checks), int(critical), int(warnings), pd.Timestamp(at).to_pydatetime())
+            for run_id, checks, critical, warnings, at in rows]

@@ -19,6 +19,7 @@ from ml.config import ChurnConfig
 from ml.logs import get_logger
 from ml.quality.audit import latest_audit_outcome
 from ml.reports.model_report import ModelReport, write_model_report
+from ml.reports.monitoring_report import MonitoringReport, write_monitoring_report
 from ml.warehouse import connect
 
 log = get_logger("reports")
@@ -44,7 +45,8 @@ def dbt_docs_page(config: ChurnConfig) -> Path:
     return config.warehouse.reports_dir / "dbt_docs" / "static_index.html"
 
 
-def entries(config: ChurnConfig, model: ModelReport | None) -> list[Entry]:
+def entries(config: ChurnConfig, model: ModelReport | None,
+            monitoring: MonitoringReport | None = None) -> list[Entry]:
     """The reports of the active dataset that exist on disk."""
     reports, name = config.warehouse.reports_dir, config.dataset.name
     found: list[Entry] = []
@@ -56,6 +58,11 @@ def entries(config: ChurnConfig, model: ModelReport | None) -> list[Entry]:
         verdict = "success criterion met" if model.target_met else "success criterion missed"
         found.append(Entry("Model report", model.latest, "How good is the champion: ROC/PR, threshold, "
                            "confusion matrix, candidates, importance?", model.target_met, verdict))
+    if monitoring is not None:
+        found.append(Entry("Monitoring report", monitoring.path, "Has tonight's population drifted from the "
+                           "training data, is the model still meeting its target (estimated, then realized), "
+                           "what did the retraining policy do, did each night's data pass?", monitoring.passed,
+                           monitoring.verdict))
     docs = reports / "data_docs" / name / "index.html"
     if docs.is_file():
         with connect(config.warehouse.build_db, read_only=True) as session:
@@ -102,10 +109,12 @@ tr.pass td:nth-child(3) {{ color: #1a7f37; }} tr.fail td:nth-child(3) {{ color: 
 
 
 def write_reports(config: ChurnConfig) -> Path:
-    """The model report of the champion, then the index of every report; returns the index's path."""
+    """The champion's model report and tonight's monitoring report, then the index of every report; returns the
+    index's path."""
     model = write_model_report(config)
+    monitoring = write_monitoring_report(config)
     path = index_path(config)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_index(config, entries(config, model), dt.datetime.now()))
+    path.write_text(render_index(config, entries(config, model, monitoring), dt.datetime.now()))
     log.info("reports index: %s", path)
     return path

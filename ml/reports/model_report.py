@@ -14,7 +14,6 @@ each threshold TPR = recall and FPR = share_flagged * (1 - precision) / (1 - pi)
 from __future__ import annotations
 
 import html
-import io
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from ml.config import ChurnConfig
 from ml.logs import get_logger
 from ml.modeling.registry import champion_version, model_record
 from ml.modeling.train import RunTables, run_tables_of
+from ml.reports.charts import figure_html, svg
 from ml.warehouse import connect
 
 log = get_logger("model_report")
@@ -47,14 +47,6 @@ class ModelReport:
 
 def report_root(config: ChurnConfig) -> Path:
     return config.warehouse.reports_dir / "model" / config.dataset.name
-
-
-def svg(fig: Figure) -> str:
-    """The figure as inline SVG markup (no file, no network)."""
-    buffer = io.StringIO()
-    fig.savefig(buffer, format="svg")
-    text = buffer.getvalue()
-    return text[text.index("<svg"):]
 
 
 def held_out(tables: RunTables) -> pd.Series | None:
@@ -141,11 +133,6 @@ def chart_importance(importance: pd.DataFrame) -> str:
     return svg(fig)
 
 
-def _figure(title: str, question: str, body: str) -> str:
-    return (f'<figure class="chart" data-chart="{html.escape(title)}"><h2>{html.escape(title)}</h2>'
-            f"<p class=q>{html.escape(question)}</p>{body}</figure>")
-
-
 def _facts(run: dict, record: object, chosen: pd.Series, config: ChurnConfig) -> str:
     facts = {
         "model version": run.get("model_version"),
@@ -202,7 +189,7 @@ svg {{ max-width: 100%; height: auto; }}
 <h1>Model report: <code>{html.escape(str(tables.run.get('model_version')))}</code></h1>
 {verdict}
 {_facts(tables.run, record, chosen, config)}
-{''.join(_figure(*chart) for chart in charts)}
+{''.join(figure_html(*chart) for chart in charts)}
 </body></html>
 """
     return page, tuple(title for title, _, _ in charts), met
