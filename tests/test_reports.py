@@ -89,7 +89,7 @@ def test_ece_of_a_planted_miscalibrated_set() -> None:
     p = np.r_[np.full(200, 0.25), np.full(40, 0.75)]
     y = np.r_[np.ones(100), np.zeros(100), np.ones(30), np.zeros(10)]
     bins = reliability_bins(y, p)
-    assert bins["rows"].tolist() == [0, 0, 200, 0, 0, 0, 0, 40, 0, 0]
+    assert bins["n_rows"].tolist() == [0, 0, 200, 0, 0, 0, 0, 40, 0, 0]
     assert bins.loc[[2, 7], "observed_rate"].tolist() == pytest.approx([0.5, 0.75])
     assert calibration_error_of_bins(bins) == pytest.approx(50 / 240)
     assert expected_calibration_error(y, p) == pytest.approx(50 / 240)

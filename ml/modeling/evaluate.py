@@ -46,7 +46,7 @@ def reliability_bins(y: np.ndarray, p: np.ndarray, bins: int = ECE_BINS) -> pd.D
 
     The reliability diagram and the expected calibration error are drawn from
     this one table, so the ECE printed beside the chart is the one recorded.
-    Empty bins are kept (rows 0, means NaN) so every run has the same bins.
+    Empty bins are kept (n_rows 0, means NaN) so every run has the same bins.
     """
     y = np.asarray(y, dtype=float)
     p = np.asarray(p, dtype=float)
@@ -57,7 +57,7 @@ def reliability_bins(y: np.ndarray, p: np.ndarray, bins: int = ECE_BINS) -> pd.D
         observed_rate = np.bincount(index, weights=y, minlength=bins) / rows
     edges = np.arange(bins + 1) / bins
     return pd.DataFrame({
-        "bin": np.arange(bins), "bin_lower": edges[:-1], "bin_upper": edges[1:], "rows": rows.astype(int),
+        "bin": np.arange(bins), "bin_lower": edges[:-1], "bin_upper": edges[1:], "n_rows": rows.astype(int),
         "mean_predicted": np.where(rows > 0, mean_predicted, np.nan),
         "observed_rate": np.where(rows > 0, observed_rate, np.nan),
     })
@@ -65,12 +65,12 @@ def reliability_bins(y: np.ndarray, p: np.ndarray, bins: int = ECE_BINS) -> pd.D
 
 def calibration_error_of_bins(table: pd.DataFrame) -> float:
     """Row-weighted mean |mean predicted - observed rate| over the bins of `reliability_bins`."""
-    filled = table[table["rows"] > 0]
-    total = filled["rows"].sum()
+    filled = table[table["n_rows"] > 0]
+    total = filled["n_rows"].sum()
     if total == 0:
         return float("nan")
     gaps = (filled["mean_predicted"] - filled["observed_rate"]).abs()
-    return float((filled["rows"] * gaps).sum() / total)
+    return float((filled["n_rows"] * gaps).sum() / total)
 
 
 def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = ECE_BINS) -> float:

@@ -362,7 +362,7 @@ CALIBRATION_CURVE = declare(
     description="Reliability of the trained model's calibrated probabilities on its held-out rows: "
                 "mean predicted probability against observed churn rate per bin.",
     columns=[("run_id", "VARCHAR"), ("model_version", "VARCHAR"), ("bin", "BIGINT"), ("bin_lower", "DOUBLE"),
-             ("bin_upper", "DOUBLE"), ("rows", "BIGINT"), ("mean_predicted", "DOUBLE"),
+             ("bin_upper", "DOUBLE"), ("n_rows", "BIGINT"), ("mean_predicted", "DOUBLE"),
              ("observed_rate", "DOUBLE")],
 )
 

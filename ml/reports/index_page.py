@@ -55,7 +55,8 @@ def entries(config: ChurnConfig, model: ModelReport | None) -> list[Entry]:
     if model is not None:
         verdict = "success criterion met" if model.target_met else "success criterion missed"
         found.append(Entry("Model report", model.latest, "How good is the champion: ROC/PR, threshold, "
-                           "confusion matrix, candidates, importance?", model.target_met, verdict))
+                           "calibration, confusion matrix, candidates, importance, and did it beat the last "
+                           "champion?", model.target_met, verdict))
     docs = reports / "data_docs" / name / "index.html"
     if docs.is_file():
         with connect(config.warehouse.build_db, read_only=True) as session:

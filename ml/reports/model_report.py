@@ -130,7 +130,7 @@ def chart_confusion(chosen: pd.Series) -> str:
 def chart_reliability(bins: pd.DataFrame) -> str:
     """Observed churn rate against mean predicted probability per bin, the diagonal, rows per bin and the ECE."""
     bins = bins.sort_values("bin")
-    filled = bins[bins["rows"] > 0]
+    filled = bins[bins["n_rows"] > 0]
     ece = calibration_error_of_bins(bins)
     fig = Figure(figsize=(6, 6), layout="constrained")
     curve, counts = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
@@ -138,7 +138,7 @@ def chart_reliability(bins: pd.DataFrame) -> str:
     curve.plot(filled["mean_predicted"], filled["observed_rate"], "o-", color="#4c72b0",
                label=f"model (ECE {ece:.4f}, {len(bins)} bins)")
     for row in filled.itertuples():
-        curve.annotate(f"{row.rows:,}", (row.mean_predicted, row.observed_rate), textcoords="offset points",
+        curve.annotate(f"{row.n_rows:,}", (row.mean_predicted, row.observed_rate), textcoords="offset points",
                        xytext=(4, -10), fontsize=7, color="#555")
     curve.set_xlim(0, 1)
     curve.set_ylim(0, 1.02)
@@ -146,7 +146,7 @@ def chart_reliability(bins: pd.DataFrame) -> str:
     curve.set_title(f"expected calibration error {ece:.4f} (row-weighted |predicted - observed|)", fontsize=9)
     curve.legend(fontsize=8, loc="upper left")
     width = 1 / max(len(bins), 1)
-    counts.bar(bins["bin_lower"] + width / 2, bins["rows"], width=width * 0.9, color="#8172b2")
+    counts.bar(bins["bin_lower"] + width / 2, bins["n_rows"], width=width * 0.9, color="#8172b2")
     counts.set_yscale("symlog")
     counts.set_xlabel("predicted churn probability (calibrated)")
     counts.set_ylabel("held-out rows")
