@@ -23,9 +23,9 @@ from ml.quality.audit import (
     load_suite,
     run_suite,
     suite_parameters,
+    suite_run,
     write_docs,
 )
-from ml.quality.data_docs import SuiteRun
 from ml.warehouse import MEMORY, Session, connect
 
 from .conftest import REPO_ROOT
@@ -128,7 +128,7 @@ def test_missing_column_is_an_error_not_a_pass(tmp_path: Path, small_config: Chu
     assert "no_such_column" in check.details and "expectation raised" in check.details
     # The Data Docs page still renders (the error shows there too).
     config = small_config.replace_paths(reports_dir=tmp_path / "reports")
-    [page] = write_docs(config, "mart", "r", [SuiteRun(suite, [check], validation.meta["rows"], PARAMS)])
+    [page] = write_docs(config, "mart", "r", [suite_run(suite, [check], validation.meta["rows"], PARAMS)])
     assert "no_such_column" in page.read_text()
 
 
@@ -141,10 +141,10 @@ def test_data_docs_show_the_asset_run_and_a_planted_failure_on_the_index(
         expectation("expect_column_values_to_not_be_null", "warning", column="amount", mostly=0.5),
     ]), small_config)
     checks, _ = run_suite(table, "t", suite, PARAMS, 100, judge)
-    [failed_page] = write_docs(config, "mart", "run-bad", [SuiteRun(suite, checks, 10, PARAMS)], as_of="2030-01-01")
+    [failed_page] = write_docs(config, "mart", "run-bad", [suite_run(suite, checks, 10, PARAMS)], as_of="2030-01-01")
     table.execute("delete from t where id = 'a' and amount = 9")
     good, _ = run_suite(table, "t", suite, PARAMS, 100, judge)
-    [passed_page] = write_docs(config, "mart", "run-good", [SuiteRun(suite, good, 9, PARAMS)], as_of="2030-02-01")
+    [passed_page] = write_docs(config, "mart", "run-good", [suite_run(suite, good, 9, PARAMS)], as_of="2030-02-01")
 
     page = failed_page.read_text()
     assert "t (10 rows)" in page and "run-bad" in page and "2030-01-01" in page  # data asset, run name, as_of

@@ -674,6 +674,12 @@ def _relation(suite: Suite, tables: dict[str, LandingTable]) -> str:
 # --- the audit ------------------------------------------------------------------
 
 
+def suite_run(suite: Suite, checks: list[CheckResult], rows: int, parameters: dict[str, Any]) -> SuiteRun:
+    """What the Data Docs page of one judged suite shows."""
+    arguments = [dict(e.configuration.kwargs) for e in suite.expectations]
+    return SuiteRun(suite.name, suite.path.name, suite.table, rows, arguments, checks, parameters)
+
+
 def docs_folder(config: ChurnConfig) -> Path:
     return config.warehouse.reports_dir / "data_docs" / config.dataset.name
 
@@ -749,7 +755,7 @@ def audit(config: ChurnConfig, stage: str, run_id: str, as_of: str | None = None
                     checks, validation = run_suite(session, relation, suite, parameters,
                                                    config.quality.chunk_rows, judge)
             report.results += checks
-            runs.append(SuiteRun(suite, checks, int(validation.meta["rows"]), parameters))
+            runs.append(suite_run(suite, checks, int(validation.meta["rows"]), parameters))
             rows[suite.name] = (suite.table, validation.meta["rows"])
         report.docs = write_docs(config, stage, run_id, runs, as_of)
         _store(config, report, rows, as_of)

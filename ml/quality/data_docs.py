@@ -19,14 +19,12 @@ from __future__ import annotations
 import datetime as dt
 import html
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from ml.logs import get_logger
-
-if TYPE_CHECKING:  # audit.py imports this module; the types are only annotations here
-    from ml.quality.audit import CheckResult, Suite
 
 log = get_logger("quality")
 
@@ -43,17 +41,33 @@ dl.facts dt { font-weight: bold; }
 """
 
 
+class CheckResult(Protocol):
+    """What a page shows of one verdict (audit.CheckResult; a protocol, since audit imports this module)."""
+
+    expectation_type: str
+    column_name: str | None
+    severity: str
+    success: bool
+    observed_value: str | None
+    unexpected_count: int | None
+    element_count: int | None
+    details: str
+
+
 @dataclass(frozen=True)
 class SuiteRun:
     """One suite judged in one audit: what the page and its index row are written from."""
 
-    suite: Suite
-    checks: list[CheckResult]
+    suite: str
+    suite_file: str
+    table: str
     rows: int
+    arguments: Sequence[dict[str, Any]]  # each expectation's kwargs, in suite order
+    checks: Sequence[CheckResult]  # the verdicts, in the same order
     parameters: dict[str, Any]
 
 
-def suite_status(checks: list[CheckResult]) -> str:
+def suite_status(checks: Sequence[CheckResult]) -> str:
     """`failed` when a critical expectation failed, `warning` when only warnings did, else `passed`."""
     if any(not c.success and c.severity == "critical" for c in checks):
         return "failed"
@@ -73,8 +87,8 @@ def _json(value: Any) -> str:
 def _page(dataset: str, stage: str, run_id: str, as_of: str | None, run: SuiteRun, written: dt.datetime) -> str:
     status = suite_status(run.checks)
     rows = []
-    for expectation, check in zip(run.suite.expectations, run.checks, strict=True):
-        kwargs = {k: v for k, v in dict(expectation.configuration.kwargs).items() if k != "batch_id"}
+    for arguments, check in zip(run.arguments, run.checks, strict=True):
+        kwargs = {k: v for k, v in arguments.items() if k != "batch_id"}
         counts = ("" if check.unexpected_count is None or check.element_count is None
                   else f"{check.unexpected_count:,d} of {check.element_count:,d}")
         mark = _check_status(check)
@@ -88,8 +102,8 @@ def _page(dataset: str, stage: str, run_id: str, as_of: str | None, run: SuiteRu
     failed = sum(not c.success for c in run.checks)
     facts = {
         "status": status,
-        "data asset": f"{run.suite.table} ({run.rows:,d} rows)",
-        "suite": f"{run.suite.name} ({run.suite.path.name})",
+        "data asset": f"{run.table} ({run.rows:,d} rows)",
+        "suite": f"{run.suite} ({run.suite_file})",
         "stage": stage,
         "run": run_id,
         "as_of": as_of or "not given (today)",
@@ -103,10 +117,10 @@ def _page(dataset: str, stage: str, run_id: str, as_of: str | None, run: SuiteRu
                          for k, v in sorted(run.parameters.items()))
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
-<title>Data Docs: {html.escape(run.suite.name)} ({html.escape(run_id)})</title>
+<title>Data Docs: {html.escape(run.suite)} ({html.escape(run_id)})</title>
 <style>{STYLE}</style></head><body>
 <nav><a href="{HOME}">Home (all reports)</a><a href="{INDEX}">All audits of {html.escape(dataset)}</a></nav>
-<h1>Suite <code>{html.escape(run.suite.name)}</code> on <code>{html.escape(run.suite.table)}</code></h1>
+<h1>Suite <code>{html.escape(run.suite)}</code> on <code>{html.escape(run.table)}</code></h1>
 <dl class=facts>{facts_html}</dl>
 <table class=expectations><tr><th>status</th><th>expectation</th><th>column</th><th>severity</th><th>arguments</th>
 <th>observed value</th><th>unexpected rows</th><th>details</th></tr>
@@ -121,8 +135,8 @@ def _page(dataset: str, stage: str, run_id: str, as_of: str | None, run: SuiteRu
 def _summary(page: Path, stage: str, run_id: str, as_of: str | None, run: SuiteRun,
              written: dt.datetime) -> dict[str, Any]:
     return {
-        "page": page.name, "run_id": run_id, "stage": stage, "as_of": as_of, "suite": run.suite.name,
-        "table": run.suite.table, "rows": run.rows, "status": suite_status(run.checks), "checks": len(run.checks),
+        "page": page.name, "run_id": run_id, "stage": stage, "as_of": as_of, "suite": run.suite,
+        "table": run.table, "rows": run.rows, "status": suite_status(run.checks), "checks": len(run.checks),
         "critical_failures": sum(not c.success and c.severity == "critical" for c in run.checks),
         "warnings": sum(not c.success and c.severity != "critical" for c in run.checks),
         "written_at": written.isoformat(),  # microseconds: two audits in one second still sort
@@ -178,7 +192,7 @@ def write_data_docs(folder: Path, dataset: str, stage: str, run_id: str, as_of: 
     written = dt.datetime.now()
     pages = []
     for run in runs:
-        page = folder / f"{run_id}__{stage}__{run.suite.name}.html"
+        page = folder / f"{run_id}__{stage}__{run.suite}.html"
         page.write_text(_page(dataset, stage, run_id, as_of, run, written))
         page.with_suffix(".json").write_text(json.dumps(_summary(page, stage, run_id, as_of, run, written),
                                                         indent=2, default=str))
