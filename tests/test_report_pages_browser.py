@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -82,7 +83,8 @@ def test_reliability_and_champion_vs_challenger_render_in_chromium(tmp_path: Pat
     page, problems = load(browser_page, path)
     charts = drawn_charts(page)
     assert {"Reliability diagram", "Champion vs challenger"} <= set(charts)
-    assert "ECE" in page.inner_text('figure[data-chart="Reliability diagram"]')
+    assert re.search(r"Expected calibration error \(ECE\): 0\.\d{4}",
+                     page.inner_text('figure[data-chart="Reliability diagram"]'))
     assert "Decision: promoted to champion" in page.inner_text('figure[data-chart="Champion vs challenger"]')
     assert problems == []
     page.close()

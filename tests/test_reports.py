@@ -53,8 +53,7 @@ def test_model_report_draws_every_chart(published_warehouse: ChurnConfig) -> Non
     figures = re.findall(r'<figure class="chart" data-chart="([^"]+)">(.*?)</figure>', page, re.DOTALL)
     assert [title for title, _ in figures] == [
         "Threshold curve", "ROC and precision-recall curves", "Reliability diagram",
-        "Confusion matrix at the chosen threshold",
-        "Reliability diagram", "Candidates&#x27; cross-validation", "Feature importance",
+        "Confusion matrix at the chosen threshold", "Candidates&#x27; cross-validation", "Feature importance",
     ]
     for title, body in figures:
         assert "<svg" in body and body.count("<path") > 3, title

@@ -153,6 +153,13 @@ def chart_reliability(bins: pd.DataFrame) -> str:
     return svg(fig)
 
 
+def _reliability_body(bins: pd.DataFrame) -> str:
+    """The diagram and its ECE as page text (the SVG draws its text as paths, which nobody can select)."""
+    ece = calibration_error_of_bins(bins)
+    return (chart_reliability(bins) + f"<p class=ece>Expected calibration error (ECE): <strong>{ece:.4f}</strong> "
+            f"over {int(bins['n_rows'].sum()):,} held-out rows in {len(bins)} equal-width bins.</p>")
+
+
 def comparison_frame(metrics: dict[str, dict[str, float]]) -> pd.DataFrame:
     """One row per compared metric: champion's and challenger's value on the same rows, and which is better."""
     champion, challenger = metrics["champion"], metrics["challenger"]
@@ -275,7 +282,7 @@ def render(config: ChurnConfig, tables: RunTables, record: object) -> tuple[str,
          chart_roc_pr(curve, prevalence, chosen)),
         *([("Reliability diagram", "When the model says 30%, do 30% of those customers churn (predicted against "
              "observed per probability bin, rows per bin, expected calibration error)?",
-             chart_reliability(tables.calibration))] if not tables.calibration.empty else []),
+             _reliability_body(tables.calibration))] if not tables.calibration.empty else []),
         ("Confusion matrix at the chosen threshold", "How many churners are caught and missed, and how many "
          "customers are contacted needlessly?", chart_confusion(chosen)),
         ("Candidates' cross-validation", f"Which algorithm won on {problem.selection_metric}, and by more than "
