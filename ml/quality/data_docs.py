@@ -35,7 +35,8 @@ STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
 table { border-collapse: collapse; margin: 1em 0; } td, th { padding: 4px 10px; border-bottom: 1px solid #ddd;
 text-align: left; vertical-align: top; } td.json { font-family: monospace; font-size: 12px; max-width: 420px;
-overflow-wrap: anywhere; } .passed { color: #1a7f37; } .failed { color: #cf222e; } .warning { color: #9a6700; }
+overflow-wrap: anywhere; } td:first-child { white-space: nowrap; }
+:not(tr).passed { color: #1a7f37; } :not(tr).failed { color: #cf222e; } :not(tr).warning { color: #9a6700; }
 nav a { margin-right: 1em; } dl.facts { display: grid; grid-template-columns: max-content auto; gap: 2px 1em; }
 dl.facts dt { font-weight: bold; }
 """
