@@ -4,6 +4,7 @@ right reason with the right counts, and an expectation that errors is a failure.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import duckdb
@@ -22,6 +23,8 @@ from ml.quality.audit import (
     load_suite,
     run_suite,
     suite_parameters,
+    suite_run,
+    write_docs,
 )
 from ml.warehouse import MEMORY, Session, connect
 
@@ -124,11 +127,38 @@ def test_missing_column_is_an_error_not_a_pass(tmp_path: Path, small_config: Chu
     assert check.success is False
     assert "no_such_column" in check.details and "expectation raised" in check.details
     # The Data Docs page still renders (the error shows there too).
-    from ml.quality.audit import write_docs
-
     config = small_config.replace_paths(reports_dir=tmp_path / "reports")
-    [page] = write_docs(config, "mart", "r", [validation])
+    [page] = write_docs(config, "mart", "r", [suite_run(suite, [check], validation.meta["rows"], PARAMS)])
     assert "no_such_column" in page.read_text()
+
+
+def test_data_docs_show_the_asset_run_and_a_planted_failure_on_the_index(
+    tmp_path: Path, small_config: ChurnConfig, table, judge: Judge
+) -> None:
+    config = small_config.replace_paths(reports_dir=tmp_path / "reports")
+    suite = load_suite(write_suite(tmp_path / "bad", [
+        expectation("expect_column_values_to_be_unique", column="id"),  # planted: id 'a' twice
+        expectation("expect_column_values_to_not_be_null", "warning", column="amount", mostly=0.5),
+    ]), small_config)
+    checks, _ = run_suite(table, "t", suite, PARAMS, 100, judge)
+    [failed_page] = write_docs(config, "mart", "run-bad", [suite_run(suite, checks, 10, PARAMS)], as_of="2030-01-01")
+    table.execute("delete from t where id = 'a' and amount = 9")
+    good, _ = run_suite(table, "t", suite, PARAMS, 100, judge)
+    [passed_page] = write_docs(config, "mart", "run-good", [suite_run(suite, good, 9, PARAMS)], as_of="2030-02-01")
+
+    page = failed_page.read_text()
+    assert "t (10 rows)" in page and "run-bad" in page and "2030-01-01" in page  # data asset, run name, as_of
+    assert re.search(r"✗ failed</td><td>expect_column_values_to_be_unique</td><td>id</td>", page)
+    assert re.search(r"✓ passed</td><td>expect_column_values_to_not_be_null</td>", page)
+    assert "2 of 10" in page  # both rows of the duplicated id
+    index = failed_page.parent / "index.html"
+    rows = re.findall(r'<tr class="(\w+)"><td[^>]*>[^<]*</td><td><a href="([^"]+)">', index.read_text())
+    assert rows == [("passed", passed_page.name), ("failed", failed_page.name)]  # newest first
+    # Offline: no http(s) or protocol-relative reference; Home leads to the reports' index.
+    for text in (page, index.read_text()):
+        assert not re.search(r"""(?:src|href)\s*=\s*["']?(?:https?:)?//""", text)
+        assert '<a href="../../index.html">' in text
+    assert (failed_page.parent / "../../index.html").resolve() == (config.warehouse.reports_dir / "index.html")
 
 
 def test_an_all_null_column_is_judged_not_crashed(tmp_path: Path, small_config: ChurnConfig, table,

@@ -91,6 +91,15 @@ def test_champion_challenger_rule_compares_on_the_same_rows(config: ChurnConfig)
     assert row["compared_with"] == weak
     assert row["comparison_rows"] == len(eval_rows)
     assert row["challenger_metric_same_rows"] > row["champion_metric_same_rows"]
+    # Both models' full metrics on the same rows are kept for the model report's comparison chart.
+    with connect(config.warehouse.build_db, read_only=True) as session:
+        judged = model_record(session, strong)
+    both = judged.comparison_metrics
+    assert (judged.compared_with, judged.comparison_rows) == (weak, len(eval_rows))
+    assert both["challenger"]["pr_auc"] == pytest.approx(row["challenger_metric_same_rows"])
+    assert both["champion"]["pr_auc"] == pytest.approx(row["champion_metric_same_rows"])
+    assert both["champion"]["rows"] == both["challenger"]["rows"] == len(eval_rows)
+    assert record.comparison_metrics is None  # the first model was judged against nobody
     # a worse challenger later leaves the champion in place
     register(config, fitted_model(shuffle_labels=True, seed=9), "r4", {}, evaluation_frame=eval_rows)
     assert champion_version(config) == strong
@@ -254,3 +263,13 @@ def test_model_parts_pickled_before_the_package_layout_still_load(
     loaded = load_pickled_parts(tmp_path / "model.joblib")["calibrator"]
     assert isinstance(loaded, model_module.ScoreCalibrator)
     assert np.allclose(loaded.predict(np.array([0.15, 0.85])), calibrator.predict(np.array([0.15, 0.85])))
+
+
+def test_a_registry_from_before_comparison_metrics_gains_the_column(config: ChurnConfig) -> None:
+    first = register(config, fitted_model(shuffle_labels=True), "r1", {}).version
+    with connect(config.warehouse.build_db) as session:
+        session.execute("alter table model_registry drop column comparison_metrics")
+        assert model_record(session, first).comparison_metrics is None  # readable without the column
+    second = register(config, fitted_model(), "r2", {}).version
+    with connect(config.warehouse.build_db, read_only=True) as session:
+        assert set(model_record(session, second).comparison_metrics) == {"challenger", "champion"}

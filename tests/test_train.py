@@ -17,7 +17,7 @@ import pytest
 import ml.modeling.train as train_module
 from ml.config import ChurnConfig
 from ml.features.contract import ContractError, Feature, FeatureContract
-from ml.modeling.evaluate import expected_calibration_error
+from ml.modeling.evaluate import calibration_error_of_bins, expected_calibration_error
 from ml.modeling.registry import champion_version, load_model
 from ml.modeling.train import TrainResult, cv_folds, train, validation_split
 from ml.warehouse import connect
@@ -108,7 +108,7 @@ def synthetic_trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[ChurnCo
 
 def _run_counts(config: ChurnConfig, run_id: str) -> dict[str, int]:
     return {t: int(query(config, f"select count(*) n from {t} where run_id = '{run_id}'")["n"][0])
-            for t in ("model_runs", "model_metrics", "feature_importance", "threshold_curve")}
+            for t in ("model_runs", "model_metrics", "feature_importance", "threshold_curve", "calibration_curve")}
 
 
 def test_cv_folds_never_split_a_customer() -> None:
@@ -165,6 +165,7 @@ def test_tables_have_expected_columns(synthetic_trained) -> None:
     counts = _run_counts(config, "shared")
     assert counts["model_runs"] == 1
     assert counts["threshold_curve"] == 99
+    assert counts["calibration_curve"] == 10
     # 3 candidates x (3 folds + mean + std) + out_of_time + baseline
     assert counts["model_metrics"] == 3 * 5 + 2
     # native importance for 4 features + permutation for 4 features
@@ -202,6 +203,10 @@ def test_tables_have_expected_columns(synthetic_trained) -> None:
     curve = query(config, "select * from threshold_curve where run_id = 'shared' order by threshold")
     assert curve["threshold"].iloc[0] == pytest.approx(0.01) and curve["threshold"].iloc[-1] == pytest.approx(0.99)
     assert curve["share_flagged"].is_monotonic_decreasing
+    # The reliability bins cover every held-out row, and their ECE is the one model_metrics records.
+    bins = query(config, "select * from calibration_curve where run_id = 'shared' order by bin")
+    assert bins["bin"].tolist() == list(range(10)) and bins["n_rows"].sum() == oot["rows"]
+    assert calibration_error_of_bins(bins) == pytest.approx(oot["calibration_error"])
 
 
 def test_rerun_with_same_run_id_replaces_its_rows(synthetic_trained, tmp_path: Path,

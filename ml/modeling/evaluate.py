@@ -41,19 +41,41 @@ def confusion_at(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, in
     }
 
 
-def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = ECE_BINS) -> float:
-    """Row-weighted mean |mean predicted - observed rate| over equal-width probability bins."""
+def reliability_bins(y: np.ndarray, p: np.ndarray, bins: int = ECE_BINS) -> pd.DataFrame:
+    """Rows, mean predicted probability and observed churn rate per equal-width probability bin.
+
+    The reliability diagram and the expected calibration error are drawn from
+    this one table, so the ECE printed beside the chart is the one recorded.
+    Empty bins are kept (n_rows 0, means NaN) so every run has the same bins.
+    """
     y = np.asarray(y, dtype=float)
     p = np.asarray(p, dtype=float)
-    if len(y) == 0:
-        return float("nan")
     index = np.clip((p * bins).astype(int), 0, bins - 1)
-    error = 0.0
-    for b in range(bins):
-        in_bin = index == b
-        if in_bin.any():
-            error += in_bin.sum() * abs(p[in_bin].mean() - y[in_bin].mean())
-    return float(error / len(y))
+    rows = np.bincount(index, minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_predicted = np.bincount(index, weights=p, minlength=bins) / rows
+        observed_rate = np.bincount(index, weights=y, minlength=bins) / rows
+    edges = np.arange(bins + 1) / bins
+    return pd.DataFrame({
+        "bin": np.arange(bins), "bin_lower": edges[:-1], "bin_upper": edges[1:], "n_rows": rows.astype(int),
+        "mean_predicted": np.where(rows > 0, mean_predicted, np.nan),
+        "observed_rate": np.where(rows > 0, observed_rate, np.nan),
+    })
+
+
+def calibration_error_of_bins(table: pd.DataFrame) -> float:
+    """Row-weighted mean |mean predicted - observed rate| over the bins of `reliability_bins`."""
+    filled = table[table["n_rows"] > 0]
+    total = filled["n_rows"].sum()
+    if total == 0:
+        return float("nan")
+    gaps = (filled["mean_predicted"] - filled["observed_rate"]).abs()
+    return float((filled["n_rows"] * gaps).sum() / total)
+
+
+def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Row-weighted mean |mean predicted - observed rate| over equal-width probability bins."""
+    return calibration_error_of_bins(reliability_bins(y, p, bins))
 
 
 def classification_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:

@@ -64,7 +64,7 @@ from ml.features.mart import load_evaluation_rows
 from ml.logs import get_logger
 from ml.modeling.evaluate import classification_metrics
 from ml.modeling.model import ChurnModel, ModelMetadata
-from ml.warehouse import Session, connect, declare, float_or_none, quote, to_json
+from ml.warehouse import Session, connect, declare, float_or_none, is_missing, quote, to_json
 
 log = get_logger("registry")
 
@@ -113,6 +113,8 @@ REGISTRY = declare(
         ("decision", "VARCHAR"),
         ("artifact_dir", "VARCHAR NOT NULL"),
         ("artifact_sha256", "VARCHAR NOT NULL"),
+        # Last, so registries written before it gain it by `alter table add column`.
+        ("comparison_metrics", "VARCHAR"),
     ],
     primary_key=("model_version",),
 )
@@ -136,6 +138,9 @@ class Comparison:
     champion_metric: float | None = None
     challenger_metric: float | None = None
     comparison_rows: int | None = None
+    # Every classification metric of both models on those rows, each at its own threshold:
+    # {"challenger": {...}, "champion": {...}}; the model report charts them side by side.
+    metrics: dict[str, dict[str, float]] | None = None
 
     @property
     def status(self) -> str:
@@ -487,18 +492,18 @@ def _evaluation_rows(config: ChurnConfig, model: ChurnModel) -> pd.DataFrame:
 
 def _compare(
     config: ChurnConfig, challenger: ChurnModel, champion: ChurnModel, rows: pd.DataFrame
-) -> tuple[float, float | None, str]:
-    """(challenger metric, champion metric or None, reason) on the same rows."""
+) -> tuple[dict[str, float], dict[str, float] | None, str]:
+    """(challenger metrics, champion metrics or None, reason) on the same rows, each at its own threshold."""
     metric = config.problem.selection_metric
     y = rows[challenger.contract.label].to_numpy(dtype=int)
-    mine = classification_metrics(y, challenger.predict_proba(rows), challenger.threshold)[metric]
+    mine = classification_metrics(y, challenger.predict_proba(rows), challenger.threshold)
     try:
         theirs_p = champion.predict_proba(rows)
     except ContractError as exc:
         return mine, None, f"champion {champion.version} cannot score the current mart ({exc})"
-    theirs = classification_metrics(y, theirs_p, champion.threshold)[metric]
+    theirs = classification_metrics(y, theirs_p, champion.threshold)
     return mine, theirs, (f"{metric} on {len(rows)} shared evaluation rows: "
-                          f"challenger {mine:.4f} vs champion {theirs:.4f}")
+                          f"challenger {mine[metric]:.4f} vs champion {theirs[metric]:.4f}")
 
 
 def compare_with_champion(
@@ -514,14 +519,17 @@ def compare_with_champion(
         return Comparison(promoted=True, decision="first model for this dataset")
     champion = load_model(config, current)
     rows = evaluation_frame if evaluation_frame is not None else _evaluation_rows(config, challenger)
-    challenger_metric, champion_metric, decision = _compare(config, challenger, champion, rows)
+    mine, theirs, decision = _compare(config, challenger, champion, rows)
+    metric = config.problem.selection_metric
+    champion_metric = None if theirs is None else theirs[metric]
     return Comparison(
-        promoted=champion_metric is None or challenger_metric > champion_metric,
+        promoted=champion_metric is None or mine[metric] > champion_metric,
         decision=decision,
         compared_with=current,
         champion_metric=champion_metric,
-        challenger_metric=challenger_metric,
+        challenger_metric=mine[metric],
         comparison_rows=len(rows),
+        metrics={"challenger": mine, **({"champion": theirs} if theirs is not None else {})},
     )
 
 
@@ -552,6 +560,7 @@ def _new_registry_row(
         "decision": comparison.decision,
         "artifact_dir": model.version,  # relative to warehouse.models_dir
         "artifact_sha256": to_json(hashes, sort_keys=True),
+        "comparison_metrics": None if comparison.metrics is None else to_json(comparison.metrics, sort_keys=True),
     }
     # object columns: the declared table types the values, a NULL stays NULL whatever the column.
     return pd.DataFrame({name: pd.Series([value], dtype=object) for name, value in row.items()})
@@ -563,6 +572,7 @@ def _write_registry_row(
     """Retire the old champion (when promoting) and add the new row, atomically."""
     with session.transaction():
         session.create(REGISTRY)
+        session.add_missing_columns(REGISTRY, {"comparison_metrics": "VARCHAR"})
         if promoted:
             session.execute(
                 f"update {quote(REGISTRY.name)} set status = ?, status_changed_at = ? "
@@ -623,6 +633,11 @@ class ModelRecord:
     threshold: float | None
     run_id: str | None
     decision: str | None = None  # why it became champion or challenger (the registry's comparison)
+    compared_with: str | None = None  # the champion it was judged against (None: first model)
+    selection_metric: str | None = None
+    comparison_rows: int | None = None
+    # Both models' metrics on those rows ({"challenger": ..., "champion": ...}); None before it was recorded.
+    comparison_metrics: dict[str, dict[str, float]] | None = None
 
 
 def champion_in(session: Session, dataset: str) -> str | None:
@@ -640,14 +655,21 @@ def model_record(session: Session, version: str) -> ModelRecord | None:
     """One model's registry facts, or None when the registry or the version is absent."""
     if not session.exists(REGISTRY):
         return None
-    row = session.one(
-        f"select model_version, dataset, algorithm, status, threshold, run_id, decision from {quote(REGISTRY.name)} "
-        "where model_version = ?",
-        [version],
-    )
-    if row is None:
+    # select *: a registry written before comparison_metrics existed lacks that column.
+    frame = session.frame(f"select * from {quote(REGISTRY.name)} where model_version = ?", [version])
+    if frame.empty:
         return None
-    return ModelRecord(row[0], row[1], row[2], row[3], float_or_none(row[4]), row[5], row[6])
+    row = frame.iloc[0].to_dict()
+    metrics = row.get("comparison_metrics")
+    rows = row.get("comparison_rows")
+    return ModelRecord(
+        row["model_version"], row["dataset"], row["algorithm"], row["status"], float_or_none(row["threshold"]),
+        row["run_id"], row["decision"],
+        compared_with=None if is_missing(row.get("compared_with")) else row["compared_with"],
+        selection_metric=row.get("selection_metric"),
+        comparison_rows=None if is_missing(rows) else int(rows),
+        comparison_metrics=None if is_missing(metrics) else json.loads(metrics),
+    )
 
 
 def model_thresholds(session: Session) -> dict[str, float]:

@@ -51,6 +51,7 @@ from ml.modeling.evaluate import (
     choose_threshold_for_cost,
     choose_threshold_for_recall,
     classification_metrics,
+    reliability_bins,
     select_by_simplicity,
     threshold_curve,
 )
@@ -352,6 +353,20 @@ THRESHOLD_CURVE = declare(
 )
 
 
+CALIBRATION_CURVE = declare(
+    name="calibration_curve",
+    owner=__name__,
+    grain="one row per run and probability bin (10 equal-width bins, empty ones kept)",
+    # Bins, not the held-out rows: fixed size per run like threshold_curve, the same bins
+    # as the recorded calibration_error, and no per-customer copy of the mart to publish.
+    description="Reliability of the trained model's calibrated probabilities on its held-out rows: "
+                "mean predicted probability against observed churn rate per bin.",
+    columns=[("run_id", "VARCHAR"), ("model_version", "VARCHAR"), ("bin", "BIGINT"), ("bin_lower", "DOUBLE"),
+             ("bin_upper", "DOUBLE"), ("n_rows", "BIGINT"), ("mean_predicted", "DOUBLE"),
+             ("observed_rate", "DOUBLE")],
+)
+
+
 def _metric_rows(base: dict[str, Any], split: str, metrics: dict[str, Any]) -> dict[str, Any]:
     return {**base, "split": split, **{k: metrics[k] for k in METRIC_COLUMNS}}
 
@@ -563,7 +578,7 @@ def model_metadata(config: ChurnConfig, run_id: str, data: TrainingData, selecti
 
 def run_tables(run_id: str, version: str, selection: Selection, calibration: Calibration,
                evaluation: HeldOutEvaluation, importance: pd.DataFrame) -> dict[TableSpec, pd.DataFrame]:
-    """This run's rows of model_metrics, feature_importance and threshold_curve."""
+    """This run's rows of model_metrics, feature_importance, threshold_curve and calibration_curve."""
     best = selection.best
     chosen_base = {"run_id": run_id, "candidate": best.algorithm, "params": json.dumps(best.params), "chosen": True}
     baseline_base = {"run_id": run_id, "candidate": "always_no_churn", "params": "{}", "chosen": False}
@@ -574,6 +589,7 @@ def run_tables(run_id: str, version: str, selection: Selection, calibration: Cal
         MODEL_METRICS: _with_run(metrics, run_id, version),
         FEATURE_IMPORTANCE: _with_run(importance, run_id, version),
         THRESHOLD_CURVE: _with_run(curve, run_id, version),
+        CALIBRATION_CURVE: _with_run(reliability_bins(evaluation.y, evaluation.p), run_id, version),
     }
 
 
@@ -749,10 +765,12 @@ class RunTables:
     metrics: pd.DataFrame
     importance: pd.DataFrame
     threshold_curve: pd.DataFrame
+    calibration: pd.DataFrame = field(default_factory=pd.DataFrame)  # empty for runs before calibration_curve
 
 
 def run_tables_of(session: Session, version: str) -> RunTables | None:
-    """model_runs row, model_metrics, feature_importance and threshold_curve of the run that trained `version`."""
+    """model_runs row, model_metrics, feature_importance, threshold_curve and calibration_curve of the run
+    that trained `version`."""
     if not session.exists(MODEL_RUNS):
         return None
     run = session.frame(f"select * from {quote(MODEL_RUNS.name)} where model_version = ? limit 1", [version])
@@ -761,6 +779,6 @@ def run_tables_of(session: Session, version: str) -> RunTables | None:
     frames = [
         session.frame(f"select * from {quote(spec.name)} where model_version = ?", [version])
         if session.exists(spec) else pd.DataFrame()
-        for spec in (MODEL_METRICS, FEATURE_IMPORTANCE, THRESHOLD_CURVE)
+        for spec in (MODEL_METRICS, FEATURE_IMPORTANCE, THRESHOLD_CURVE, CALIBRATION_CURVE)
     ]
     return RunTables(run.iloc[0].to_dict(), *frames)

@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
-import html
 import json
 import math
 import time
@@ -56,6 +55,7 @@ from ml.config import ChurnConfig
 from ml.data.landing import LandingTable, landing_tables
 from ml.features.mart import current_contract, latest_snapshot_date, snapshot_size
 from ml.logs import get_logger, timed
+from ml.quality.data_docs import SuiteRun, write_data_docs
 from ml.warehouse import MEMORY, Session, column_list, connect, declare, is_missing, json_value, quote
 from ml.warehouse.connection import VECTOR_ROWS
 
@@ -574,7 +574,7 @@ def check_results(suite: Suite, results: list[Any], rows: int) -> list[CheckResu
 
 def _suite_validation(suite: Suite, results: list[Any], checks: list[CheckResult],
                       parameters: dict[str, Any], rows: int) -> Any:
-    """The GX suite result the Data Docs page renders."""
+    """The GX suite result of one suite: its verdict, statistics and the rows it judged."""
     from great_expectations.core import ExpectationSuiteValidationResult
 
     passed = sum(c.success for c in checks)
@@ -595,10 +595,10 @@ def _suite_validation(suite: Suite, results: list[Any], checks: list[CheckResult
 
 def run_suite(session: Session, relation: str, suite: Suite, parameters: dict[str, Any],
               chunk_rows: int, judge: Judge) -> tuple[list[CheckResult], Any]:
-    """Validate one suite against a relation; returns stored rows and the GX suite result (for docs).
+    """Validate one suite against a relation; returns stored rows and the GX suite result.
 
     Plan the batches, feed each plan's batches through GX, judge the totals,
-    then build the stored rows and the Data Docs result.
+    then build the stored rows and the suite result.
     """
     facts = _relation_facts(session, relation)
     verdicts: dict[int, Any] = {}
@@ -674,32 +674,24 @@ def _relation(suite: Suite, tables: dict[str, LandingTable]) -> str:
 # --- the audit ------------------------------------------------------------------
 
 
-def write_docs(config: ChurnConfig, stage: str, run_id: str, validations: list[Any]) -> list[Path]:
-    """GX Data Docs pages of this audit (one per suite) and an index of all audits kept."""
-    from great_expectations.render.renderer import ValidationResultsPageRenderer
-    from great_expectations.render.view import DefaultJinjaPageView
+def suite_run(suite: Suite, checks: list[CheckResult], rows: int, parameters: dict[str, Any]) -> SuiteRun:
+    """What the Data Docs page of one judged suite shows."""
+    arguments = [dict(e.configuration.kwargs) for e in suite.expectations]
+    return SuiteRun(suite.name, suite.path.name, suite.table, rows, arguments, checks, parameters)
 
-    folder = config.warehouse.reports_dir / "data_docs" / config.dataset.name
-    folder.mkdir(parents=True, exist_ok=True)
-    renderer, view = ValidationResultsPageRenderer(), DefaultJinjaPageView()
-    pages = []
-    for validation in validations:
-        page = folder / f"{run_id}__{stage}__{validation.suite_name}.html"
-        try:
-            page.write_text(view.render(renderer.render(validation)))
-        except Exception as exc:  # the verdicts are stored already; a page GX cannot render must not stop the run
-            log.warning("data docs page for %s not rendered: %s", validation.suite_name, exc)
-            continue
-        pages.append(page)
-    links = "\n".join(
-        f'<li><a href="{html.escape(p.name)}">{html.escape(p.stem)}</a></li>'
-        for p in sorted(folder.glob("*.html"), reverse=True) if p.name != "index.html"
-    )
-    (folder / "index.html").write_text(
-        f"<html><head><title>Data quality: {html.escape(config.dataset.name)}</title></head><body>"
-        f"<h1>Data quality audits ({html.escape(config.dataset.name)})</h1><ul>{links}</ul></body></html>"
-    )
-    return pages
+
+def docs_folder(config: ChurnConfig) -> Path:
+    return config.warehouse.reports_dir / "data_docs" / config.dataset.name
+
+
+def write_docs(config: ChurnConfig, stage: str, run_id: str, runs: list[SuiteRun],
+               as_of: str | None = None) -> list[Path]:
+    """Data Docs pages of this audit (one per suite) and the index of all audits kept (see data_docs)."""
+    try:
+        return write_data_docs(docs_folder(config), config.dataset.name, stage, run_id, as_of, runs)
+    except OSError as exc:  # the verdicts are stored regardless; unwritable docs must not stop the run
+        log.warning("data docs of the %s audit not written: %s", stage, exc)
+        return []
 
 
 def _results_frame(config: ChurnConfig, report: AuditReport, checked_at: dt.datetime) -> pd.DataFrame:
@@ -749,7 +741,7 @@ def audit(config: ChurnConfig, stage: str, run_id: str, as_of: str | None = None
     with timed(f"audit {stage} ({config.dataset.name}, {len(suites)} suites)", log):
         judge = Judge()
         tables = {t.name: t for t in landing_tables(config)} if stage == "landing" else {}
-        validations, rows = [], {}
+        runs, rows = [], {}
         for suite in suites:
             parameters = suite_parameters(config, suite, as_of)
             relation = _relation(suite, tables)
@@ -763,9 +755,9 @@ def audit(config: ChurnConfig, stage: str, run_id: str, as_of: str | None = None
                     checks, validation = run_suite(session, relation, suite, parameters,
                                                    config.quality.chunk_rows, judge)
             report.results += checks
-            validations.append(validation)
+            runs.append(suite_run(suite, checks, int(validation.meta["rows"]), parameters))
             rows[suite.name] = (suite.table, validation.meta["rows"])
-        report.docs = write_docs(config, stage, run_id, validations)
+        report.docs = write_docs(config, stage, run_id, runs, as_of)
         _store(config, report, rows, as_of)
     for warning in report.warnings:
         log.warning("data quality warning: %s", warning.describe())

@@ -57,7 +57,8 @@ def entries(config: ChurnConfig, model: ModelReport | None,
     if model is not None:
         verdict = "success criterion met" if model.target_met else "success criterion missed"
         found.append(Entry("Model report", model.latest, "How good is the champion: ROC/PR, threshold, "
-                           "confusion matrix, candidates, importance?", model.target_met, verdict))
+                           "calibration, confusion matrix, candidates, importance, and did it beat the last "
+                           "champion?", model.target_met, verdict))
     if monitoring is not None:
         found.append(Entry("Monitoring report", monitoring.path, "Has tonight's population drifted from the "
                            "training data, is the model still meeting its target (estimated, then realized), "

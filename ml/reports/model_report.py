@@ -9,6 +9,10 @@ copied to `latest/`.
 
 The ROC curve is derived from the threshold curve: with prevalence pi, at
 each threshold TPR = recall and FPR = share_flagged * (1 - precision) / (1 - pi).
+The reliability diagram comes from the run's calibration_curve bins, and its
+ECE from the same bins, so it is the calibration_error model_metrics records.
+The champion-vs-challenger chart comes from the registry's record of both
+models scored on the challenger's held-out rows (each at its own threshold).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from matplotlib.figure import Figure
 
 from ml.config import ChurnConfig
 from ml.logs import get_logger
+from ml.modeling.evaluate import calibration_error_of_bins
 from ml.modeling.registry import champion_version, model_record
 from ml.modeling.train import RunTables, run_tables_of
 from ml.reports.charts import figure_html, svg
@@ -32,6 +37,9 @@ from ml.warehouse import connect
 log = get_logger("model_report")
 
 TOP_FEATURES = 15
+# Metrics compared side by side for champion vs challenger (all in [0, 1]; log loss is not).
+COMPARED_METRICS = ("roc_auc", "pr_auc", "recall", "precision", "f1", "accuracy", "brier", "calibration_error")
+LOWER_IS_BETTER = frozenset({"brier", "calibration_error", "log_loss"})
 
 
 @dataclass(frozen=True)
@@ -111,6 +119,87 @@ def chart_confusion(chosen: pd.Series) -> str:
     return svg(fig)
 
 
+def chart_reliability(bins: pd.DataFrame) -> str:
+    """Observed churn rate against mean predicted probability per bin, the diagonal, rows per bin and the ECE."""
+    bins = bins.sort_values("bin")
+    filled = bins[bins["n_rows"] > 0]
+    ece = calibration_error_of_bins(bins)
+    fig = Figure(figsize=(6, 6), layout="constrained")
+    curve, counts = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    curve.plot([0, 1], [0, 1], "k:", label="perfectly calibrated")
+    curve.plot(filled["mean_predicted"], filled["observed_rate"], "o-", color="#4c72b0",
+               label=f"model (ECE {ece:.4f}, {len(bins)} bins)")
+    for row in filled.itertuples():
+        curve.annotate(f"{row.n_rows:,}", (row.mean_predicted, row.observed_rate), textcoords="offset points",
+                       xytext=(4, -10), fontsize=7, color="#555")
+    curve.set_xlim(0, 1)
+    curve.set_ylim(0, 1.02)
+    curve.set_ylabel("observed churn rate in the bin")
+    curve.set_title(f"expected calibration error {ece:.4f} (row-weighted |predicted - observed|)", fontsize=9)
+    curve.legend(fontsize=8, loc="upper left")
+    width = 1 / max(len(bins), 1)
+    counts.bar(bins["bin_lower"] + width / 2, bins["n_rows"], width=width * 0.9, color="#8172b2")
+    counts.set_yscale("symlog")
+    counts.set_xlabel("predicted churn probability (calibrated)")
+    counts.set_ylabel("held-out rows")
+    return svg(fig)
+
+
+def _reliability_body(bins: pd.DataFrame) -> str:
+    """The diagram and its ECE as page text (the SVG draws its text as paths, which nobody can select)."""
+    ece = calibration_error_of_bins(bins)
+    return (chart_reliability(bins) + f"<p class=ece>Expected calibration error (ECE): <strong>{ece:.4f}</strong> "
+            f"over {int(bins['n_rows'].sum()):,} held-out rows in {len(bins)} equal-width bins.</p>")
+
+
+def comparison_frame(metrics: dict[str, dict[str, float]]) -> pd.DataFrame:
+    """One row per compared metric: champion's and challenger's value on the same rows, and which is better."""
+    champion, challenger = metrics["champion"], metrics["challenger"]
+    rows = []
+    for name in COMPARED_METRICS:
+        if name not in champion or name not in challenger:
+            continue
+        theirs, mine = champion[name], challenger[name]
+        better = None
+        if theirs is not None and mine is not None and mine != theirs:
+            better = "challenger" if (mine < theirs) == (name in LOWER_IS_BETTER) else "champion"
+        rows.append({"metric": name, "champion": theirs, "challenger": mine, "better": better})
+    return pd.DataFrame(rows)
+
+
+def chart_comparison(frame: pd.DataFrame, selection_metric: str) -> str:
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.subplots()
+    labels = [f"{m}{' (lower is better)' if m in LOWER_IS_BETTER else ''}{' *' if m == selection_metric else ''}"
+              for m in frame["metric"]]
+    y = np.arange(len(frame))
+    ax.barh(y - 0.2, frame["champion"].astype(float).fillna(0), height=0.4, color="#c44e52", label="champion")
+    ax.barh(y + 0.2, frame["challenger"].astype(float).fillna(0), height=0.4, color="#4c72b0", label="challenger")
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel(f"value on the same held-out rows (* {selection_metric} decides)")
+    ax.legend(fontsize=8, loc="lower right")
+    return svg(fig)
+
+
+def _comparison_table(frame: pd.DataFrame, record: object) -> str:
+    def cell(value: object) -> str:
+        return "n/a" if value is None or pd.isna(value) else f"{float(value):.4f}"
+
+    rows = "".join(
+        f"<tr><th>{html.escape(r.metric)}</th><td>{cell(r.champion)}</td><td>{cell(r.challenger)}</td>"
+        f"<td>{html.escape(r.better or 'tie')}</td></tr>" for r in frame.itertuples()
+    )
+    status = getattr(record, "status", None)
+    verdict = "promoted to champion" if status in ("champion", "retired") else "kept as challenger"
+    return (f'<p class=decision><strong>Decision: {html.escape(verdict)}</strong> against '
+            f"<code>{html.escape(str(getattr(record, 'compared_with', '')))}</code>: "
+            f"{html.escape(str(getattr(record, 'decision', '')))}</p>"
+            f"<table class=compare><tr><th>metric</th><th>champion</th><th>challenger (this model)</th>"
+            f"<th>better</th></tr>{rows}</table>")
+
+
 def chart_candidates(metrics: pd.DataFrame, selection_metric: str) -> str:
     mean = metrics[metrics["split"] == "cv_mean"].set_index("candidate")[selection_metric]
     std = metrics[metrics["split"] == "cv_std"].set_index("candidate")[selection_metric].reindex(mean.index)
@@ -131,6 +220,18 @@ def chart_importance(importance: pd.DataFrame) -> str:
         ax.set_title(kind)
         ax.tick_params(axis="y", labelsize=8)
     return svg(fig)
+
+
+def _comparison_chart(record: object, selection_metric: str) -> tuple[str, str, str] | None:
+    """The champion-vs-challenger figure, when this model was judged against a champion that could score."""
+    metrics = getattr(record, "comparison_metrics", None)
+    if not metrics or "champion" not in metrics or "challenger" not in metrics:
+        return None
+    frame = comparison_frame(metrics)
+    rows = getattr(record, "comparison_rows", None)
+    return ("Champion vs challenger", f"Did this model beat the champion it was judged against, on the same "
+            f"{rows or 0:,} held-out rows, and by how much on each metric?",
+            chart_comparison(frame, selection_metric) + _comparison_table(frame, record))
 
 
 def _facts(run: dict, record: object, chosen: pd.Series, config: ChurnConfig) -> str:
@@ -166,6 +267,9 @@ def render(config: ChurnConfig, tables: RunTables, record: object) -> tuple[str,
          "customers flagged?", chart_threshold(curve, threshold, problem.success_target, problem.success_metric)),
         ("ROC and precision-recall curves", "How much better than the baseline does the model rank churners?",
          chart_roc_pr(curve, prevalence, chosen)),
+        *([("Reliability diagram", "When the model says 30%, do 30% of those customers churn (predicted against "
+             "observed per probability bin, rows per bin, expected calibration error)?",
+             _reliability_body(tables.calibration))] if not tables.calibration.empty else []),
         ("Confusion matrix at the chosen threshold", "How many churners are caught and missed, and how many "
          "customers are contacted needlessly?", chart_confusion(chosen)),
         ("Candidates' cross-validation", f"Which algorithm won on {problem.selection_metric}, and by more than "
@@ -173,6 +277,9 @@ def render(config: ChurnConfig, tables: RunTables, record: object) -> tuple[str,
         ("Feature importance", "Which features does the model rely on (its own importance, and permutation on "
          "held-out rows)?", chart_importance(tables.importance)),
     ]
+    comparison = _comparison_chart(record, problem.selection_metric)
+    if comparison is not None:
+        charts.append(comparison)
     verdict = (f'<p class="{"pass" if met else "fail"}">{"✓" if met else "✗"} success criterion '
                f"{problem.success_metric} &gt;= {problem.success_target}: {'met' if met else 'missed'} "
                f"({value:.3f} on the held-out rows)</p>")
@@ -184,6 +291,7 @@ body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width:
 table.facts th {{ text-align: left; padding-right: 1em; }} figure.chart {{ margin: 2em 0; }}
 p.q {{ color: #555; font-style: italic; }} .pass {{ color: #1a7f37; }} .fail {{ color: #cf222e; }}
 svg {{ max-width: 100%; height: auto; }}
+table.compare td, table.compare th {{ padding: 2px 10px; text-align: left; }}
 </style></head><body>
 <p><a href="../../../index.html">All reports</a></p>
 <h1>Model report: <code>{html.escape(str(tables.run.get('model_version')))}</code></h1>

@@ -50,6 +50,7 @@ PUBLISHED_TABLES = (
     "model_registry",
     "feature_importance",
     "threshold_curve",
+    "calibration_curve",
     "data_quality_results",
     "pipeline_runs",
     "drift_stats",
