@@ -27,6 +27,10 @@ import pandas as pd
 
 from ml.features.contract import ContractError, FeatureContract
 
+# Coarse on purpose: a parallel sum's last-bit noise must not straddle a rounding
+# boundary on any of thousands of values, while a real redefinition moves values far more.
+SIGNIFICANT_DIGITS = 6
+
 
 def sql_fingerprint(manifest_path: Path, model: str) -> str:
     """sha256 of the checksums of `model` and everything it depends on, from a dbt manifest."""
@@ -61,7 +65,9 @@ def value_fingerprints(frame: pd.DataFrame, contract: FeatureContract) -> dict[s
     """Per contract feature present in `frame`, sha256 of its values ordered by (key, as_of).
 
     Values are hashed as text so a column that moved from integer to double
-    with the same numbers is the same definition; missing values hash as one token.
+    with the same numbers is the same definition; missing values hash as one
+    token. Numbers are rounded to SIGNIFICANT_DIGITS first: DuckDB sums
+    doubles in parallel, so two builds of the same SQL differ in the last bits.
     """
     ordered = frame.sort_values([contract.key, contract.as_of], kind="mergesort")
     out: dict[str, str] = {}
@@ -71,7 +77,7 @@ def value_fingerprints(frame: pd.DataFrame, contract: FeatureContract) -> dict[s
         column = ordered[name]
         numeric = pd.to_numeric(column, errors="coerce") if name in contract.numeric else None
         if numeric is not None and not (numeric.isna() & column.notna()).any():
-            text = numeric.map(lambda v: "\\N" if pd.isna(v) else repr(float(v)))
+            text = numeric.map(lambda v: "\\N" if pd.isna(v) else f"{float(v):.{SIGNIFICANT_DIGITS}g}")
         else:
             text = column.map(lambda v: "\\N" if pd.isna(v) else str(v))
         out[name] = hashlib.sha256("\x1f".join(text.tolist()).encode()).hexdigest()

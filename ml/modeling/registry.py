@@ -152,7 +152,7 @@ EVENTS = declare(
         ("previous_champion", "VARCHAR"),
         ("reason", "VARCHAR NOT NULL"),
         ("actor", "VARCHAR NOT NULL"),
-        ("at", "TIMESTAMP NOT NULL"),
+        ("changed_at", "TIMESTAMP NOT NULL"),
     ],
 )
 EVENT_PROMOTE = "promote"
@@ -863,7 +863,7 @@ def promote(config: ChurnConfig, version: str, reason: str, actor: str,
         )
         session.append(EVENTS, pd.DataFrame([{
             "dataset": config.dataset.name, "event": event, "model_version": version, "previous_champion": current,
-            "reason": reason, "actor": actor, "at": now,
+            "reason": reason, "actor": actor, "changed_at": now,
         }]))
     log.info("%s: %s is champion of %s (was %s): %s", event, version, config.dataset.name, current, reason)
     return ChampionChange(event, version, current, reason, actor)
@@ -882,4 +882,4 @@ def champion_events(session: Session, dataset: str) -> pd.DataFrame:
     """Every champion change made by hand for `dataset`, newest first."""
     if not session.exists(EVENTS):
         return pd.DataFrame(columns=EVENTS.column_names)
-    return session.frame(f"select * from {quote(EVENTS.name)} where dataset = ? order by at desc", [dataset])
+    return session.frame(f"select * from {quote(EVENTS.name)} where dataset = ? order by changed_at desc", [dataset])
