@@ -35,12 +35,14 @@ from ml.modeling.train import choose_threshold, train
 from ml.warehouse import connect
 from tests.conftest import QUICK_TRAINING, REPO_ROOT, copy_warehouse, query
 
+# Challengers here only need to exist and be judged: the cheapest search, the champion's held-out snapshots.
+TINY_TRAINING = {"training": {"search_iterations": 1, "cv_folds": 2, "out_of_time_snapshots": 3}}
 MART_SQL = Path("models/marts/customer_features.sql")
 MART_YAML = Path("models/marts/_marts__models.yml")
 
 
-def with_overrides(config: ChurnConfig, root: Path, overrides: dict) -> ChurnConfig:
-    merged = {**QUICK_TRAINING, **overrides}
+def with_overrides(config: ChurnConfig, root: Path, overrides: dict, training: dict = QUICK_TRAINING) -> ChurnConfig:
+    merged = {**training, **overrides}
     return copy_warehouse(config, root, merged)
 
 
@@ -122,7 +124,7 @@ def test_a_pinned_threshold_wins_until_unpinned(trained_warehouse: ChurnConfig, 
 def test_promote_and_rollback_record_the_reason_and_scores_follow(
     trained_warehouse: ChurnConfig, tmp_path: Path,
 ) -> None:
-    config = with_overrides(trained_warehouse, tmp_path / "wh", {})
+    config = with_overrides(trained_warehouse, tmp_path / "wh", {}, TINY_TRAINING)
     first = champion_version(config)
     second = train(config, force=True).version
     other = second if champion_version(config) == first else first
@@ -160,7 +162,7 @@ def _rebuild(trained: ChurnConfig, root: Path, edit) -> ChurnConfig:
     from ml.features.build import build_warehouse
 
     project = _edited_project(root, edit)
-    config = with_overrides(trained, root / "wh", {"warehouse": {"dbt_project_dir": str(project)}})
+    config = with_overrides(trained, root / "wh", {"warehouse": {"dbt_project_dir": str(project)}}, TINY_TRAINING)
     build_warehouse(config)
     return config
 
