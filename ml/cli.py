@@ -132,6 +132,36 @@ COMMANDS: tuple[Command, ...] = (
         ),
     ),
     Command(
+        "threshold", "ml.modeling.operating_point",
+        "show the champion's threshold curve around its operating point, or pin / unpin a threshold",
+        options=(
+            option("--show", action="store_true", help="print the curve (the default; also after --set/--unpin)"),
+            option("--set", type=float, metavar="T", help="pin the champion's threshold at T (0 < T < 1)"),
+            option("--unpin", action="store_true", help="return to the churn.yml rule (and capacity)"),
+            option("--reason", help="why (required with --set and --unpin; recorded in operating_points)"),
+            option("--by", help="who (default: the user running the command)"),
+        ),
+    ),
+    Command(
+        "promote", "ml.modeling.champion_cli",
+        "make a registered model the champion by hand (recorded with the reason)",
+        options=(
+            option("version", help="the model_version to promote (see model_registry)"),
+            option("--reason", required=True, help="why; recorded in model_registry_events"),
+            option("--by", help="who (default: the user running the command)"),
+        ),
+        handler="promote_command",
+    ),
+    Command(
+        "rollback", "ml.modeling.champion_cli",
+        "bring back the previous champion (the model retired most recently)",
+        options=(
+            option("--reason", required=True, help="why; recorded in model_registry_events"),
+            option("--by", help="who (default: the user running the command)"),
+        ),
+        handler="rollback_command",
+    ),
+    Command(
         "audit", "ml.quality.audit",
         "run the Great Expectations suites against the build database",
         options=(

@@ -157,6 +157,27 @@ class ScoringConfig:
 
 
 @dataclass(frozen=True)
+class OperatingPointConfig:
+    """How many customers tonight's decision may flag, on top of the threshold rule.
+
+    The rule (recall target, or expected cost) is applied to the champion's
+    stored out-of-fold predictions at every scoring, so changing it needs no
+    retrain; a capacity then raises the threshold until tonight's flagged
+    customers fit. At most one of the two limits may be set.
+    """
+
+    capacity_customers: int | None  # contact at most this many customers per night
+    capacity_share: float | None    # or at most this share of tonight's active customers
+
+
+@dataclass(frozen=True)
+class PromotionConfig:
+    """When a challenger replaces the champion: better by more than `margin` on the same rows."""
+
+    margin: float  # in the selection metric; a tie (or a smaller gain) keeps the champion
+
+
+@dataclass(frozen=True)
 class ServingConfig:
     """`churn serve`: limits that keep one client from stalling the API, and the prediction log."""
 
@@ -235,6 +256,8 @@ class ChurnConfig:
     quality: QualityConfig
     gates: GatesConfig
     serving: ServingConfig
+    operating_point: OperatingPointConfig
+    promotion: PromotionConfig
     raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
 
     def with_dataset(self, name: str) -> ChurnConfig:
@@ -369,6 +392,9 @@ RANGES: dict[str, Allowed] = {
     "monitoring.new_category_share": SHARE,
     "monitoring.backfill_months": _at_least(1),
     "monitoring.backfill_every": Allowed(lambda v: bool(EVERY_PATTERN.match(v)), "a count and a unit d, w or m (7d)"),
+    "operating_point.capacity_customers": Allowed(lambda v: v is None or v >= 1, ">= 1 (or null)"),
+    "operating_point.capacity_share": Allowed(lambda v: v is None or 0 < v <= 1, "> 0 and <= 1 (or null)"),
+    "promotion.margin": _between(0, 1, high_open=True),
     "quality.row_count_tolerance": _at_least(0),
     "quality.chunk_rows": _at_least(1000),
 }
@@ -606,6 +632,20 @@ def _scoring(raw: dict[str, Any], source: Path) -> ScoringConfig:
     return _build(ScoringConfig, _section(raw, "scoring", source), "scoring", source)
 
 
+def _operating_point(raw: dict[str, Any], source: Path) -> OperatingPointConfig:
+    values = _section(raw, "operating_point", source)
+    point = _build(OperatingPointConfig, values, "operating_point", source)
+    # Two caps would leave "which one wins" to the reader; one states it.
+    if point.capacity_customers is not None and point.capacity_share is not None:
+        raise ConfigError(f"{source}: set operating_point.capacity_customers or operating_point.capacity_share, "
+                          "not both")
+    return point
+
+
+def _promotion(raw: dict[str, Any], source: Path) -> PromotionConfig:
+    return _build(PromotionConfig, _section(raw, "promotion", source), "promotion", source)
+
+
 def _assemble(raw: dict[str, Any], source: Path, dataset: str | None) -> ChurnConfig:
     """Build and check every section, in file order so the first problem is reported first."""
     problem = _problem(raw, source)
@@ -625,6 +665,8 @@ def _assemble(raw: dict[str, Any], source: Path, dataset: str | None) -> ChurnCo
         quality=_quality(raw, source),
         gates=_gates(raw, source),
         serving=_serving(raw, source),
+        operating_point=_operating_point(raw, source),
+        promotion=_promotion(raw, source),
         raw=raw,
     )
 

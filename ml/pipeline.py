@@ -33,6 +33,8 @@ from ml.config import ChurnConfig
 from ml.data.landing import validate_landing
 from ml.features.build import build_warehouse
 from ml.logs import get_logger, timed
+from ml.modeling.definitions import check_definitions, current_definitions_sha256
+from ml.modeling.registry import load_champion, model_record, version_on_definitions
 from ml.modeling.score import score
 from ml.modeling.train import train
 from ml.monitoring import monitor
@@ -227,8 +229,8 @@ def _nightly_steps(run: PipelineRun, cutoff: dt.date, replay: bool, force_train:
     with run.step("profile"):
         profile(config, run_id=run.run_id)
     with run.step("train"):
-        # trains only when the dataset has no champion yet, or when forced
-        train(config, force=force_train, run_id=run.run_id)
+        # trains when the dataset has no champion yet, when forced, or when the mart redefined its features
+        definitions = train_if_needed(run, force_train)
     with run.step("score"):
         score(config, run_id=run.run_id)
     with run.step("audit_scores"):
@@ -257,9 +259,48 @@ def _nightly_steps(run: PipelineRun, cutoff: dt.date, replay: bool, force_train:
     print(f"  published to {published.path} (what BI reads):")
     for table, rows in published.tables.items():
         print(f"  {table:38s} {rows:>12,d} rows")
+    if definitions:
+        print(f"  feature definitions: {definitions}")
     print("\n".join(score_summary(config)))
     print(f"  reports: {index}")
     return run
+
+
+def train_if_needed(run: PipelineRun, force: bool) -> str:
+    """Train the first model, a forced one, or a challenger when the mart changed the champion's features.
+
+    A changed definition (or a new feature) trains a challenger on the new mart
+    once; the registry's promotion rule compares it with the champion on the
+    champion's own definitions. Whatever it decides is recorded in
+    pipeline_runs (step `feature_definitions`) and returned for the summary; a
+    rejected challenger leaves a champion that scoring refuses to apply to
+    redefined features (`ml.modeling.score.refuse_redefined`).
+    """
+    config = run.config
+    champion = load_champion(config)
+    if champion is None or force:
+        train(config, force=force, run_id=run.run_id)
+        return ""
+    with connect(config.warehouse.build_db, settings=config.warehouse.engine) as session:
+        check = check_definitions(session, config, champion)
+        already = (version_on_definitions(session, config.dataset.name, current_definitions_sha256(config))
+                   if check.changed else None)
+    if not check.changed:
+        return ""
+    started = dt.datetime.now()
+    if already is not None:
+        note = (f"{check.describe()}; model {already.model_version} was already trained on these definitions "
+                f"({already.status}: {already.decision}); not retrained")
+    else:
+        log.info("%s: training a challenger on the new mart", check.describe())
+        trained = train(config, force=True, run_id=f"{run.run_id}-definitions")
+        with connect(config.warehouse.build_db, read_only=True, settings=config.warehouse.engine) as session:
+            record = model_record(session, str(trained.version))
+        note = (f"{check.describe()}; challenger {trained.version} trained on the new mart was "
+                f"{'PROMOTED' if trained.promoted else 'REJECTED'}: {record.decision if record else trained.message}")
+    run.record("feature_definitions", started, "success", note)
+    log.warning("feature definitions: %s", note)
+    return note
 
 
 def check_drift_gate(run: PipelineRun, watched: MonitorResult, promoted: bool, accept_drift: str | None) -> None:

@@ -109,7 +109,7 @@ def _command_of(owner: str) -> str:
     return {
         "ml.modeling.train": "train", "ml.modeling.registry": "train", "ml.modeling.score": "score",
         "ml.monitoring.monitor": "monitor", "ml.quality.audit": "audit", "ml.pipeline": "nightly",
-        "ml.serving.publish": "publish", "ml.reports.profile": "profile",
+        "ml.serving.publish": "publish", "ml.reports.profile": "profile", "ml.modeling.operating_point": "threshold",
     }[owner]
 
 

@@ -66,6 +66,8 @@ def write_changed(tmp_path: Path, change) -> Path:
          "set both training.cost_missed_churner and training.cost_wasted_offer, or neither"),
         (lambda raw: raw["quality"].update(label_share_band=[0.5, 0.2]), "quality.label_share_band must be"),
         (lambda raw: raw.update(dataset="nope"), "dataset 'nope' is not one of: demo, telco"),
+        (lambda raw: raw["operating_point"].update(capacity_customers=100, capacity_share=0.05),
+         "set operating_point.capacity_customers or operating_point.capacity_share, not both"),
     ],
 )
 def test_each_inconsistency_is_named(tmp_path: Path, change, message: str) -> None:
@@ -111,6 +113,10 @@ BAD_VALUES = [
     ("quality", "row_count_tolerance", "half", "expected a number"),
     ("quality", "chunk_rows", 10, "allowed: >= 1000"),
     ("quality", "label_share_band", [0.1], "expected a list of 2 numbers"),
+    ("operating_point", "capacity_customers", 0, r"allowed: >= 1 \(or null\)"),
+    ("operating_point", "capacity_customers", 2.5, "expected a whole number or null"),
+    ("operating_point", "capacity_share", 1.5, r"allowed: > 0 and <= 1 \(or null\)"),
+    ("promotion", "margin", -0.01, r"allowed: \[0, 1\)"),
     ("training", "cv_folds", 1, "allowed: >= 2"),
     ("training", "out_of_time_snapshots", 0, "allowed: >= 1"),
     ("training", "search_iterations", 0, "allowed: >= 1"),

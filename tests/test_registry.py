@@ -273,3 +273,25 @@ def test_a_registry_from_before_comparison_metrics_gains_the_column(config: Chur
     second = register(config, fitted_model(), "r2", {}).version
     with connect(config.warehouse.build_db, read_only=True) as session:
         assert set(model_record(session, second).comparison_metrics) == {"challenger", "champion"}
+
+
+def test_a_tie_keeps_the_champion_and_the_decision_says_which_rule(config: ChurnConfig) -> None:
+    _, eval_rows = _frames()
+    champion = register(config, fitted_model(), "r1", {}, evaluation_frame=eval_rows).version
+    twin = register(config, fitted_model(), "r2", {}, evaluation_frame=eval_rows).version  # identical fit
+    registry = registry_frame(config).set_index("model_version")
+    assert champion_version(config) == champion and registry.loc[twin, "status"] == "challenger"
+    assert "tie: champion kept" in registry.loc[twin, "decision"]
+    assert "promotion.margin 0" in registry.loc[twin, "decision"]
+
+
+def test_a_better_challenger_within_the_margin_keeps_the_champion(tmp_path: Path) -> None:
+    config = make_config(tmp_path / "wh", {"promotion": {"margin": 0.9}})
+    with connect(config.warehouse.build_db) as con:
+        con.append(config.dataset.feature_mart, synthetic_mart())
+    _, eval_rows = _frames()
+    weak = register(config, fitted_model(shuffle_labels=True), "r1", {}, evaluation_frame=eval_rows).version
+    strong = register(config, fitted_model(), "r2", {}, evaluation_frame=eval_rows).version
+    row = registry_frame(config).set_index("model_version").loc[strong]
+    assert row["challenger_metric_same_rows"] > row["champion_metric_same_rows"]
+    assert champion_version(config) == weak and "-> champion kept" in row["decision"]

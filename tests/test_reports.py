@@ -143,3 +143,26 @@ def test_report_draws_reliability_and_champion_vs_challenger(tmp_path: Path) -> 
     old_run = RunTables(tables.run, tables.metrics, tables.importance, tables.threshold_curve)
     _, charts, _ = render(config, old_run, first)
     assert "Champion vs challenger" not in charts and "Reliability diagram" not in charts
+
+
+def test_every_training_run_gets_a_page_and_latest_stays_the_champions(published_warehouse: ChurnConfig,
+                                                                        tmp_path: Path) -> None:
+    """Plant a second registered model that is not the champion: it gets its own page (where its comparison
+    with the champion is shown), and latest/ keeps showing the champion."""
+    from ml.modeling.registry import champion_version
+    from ml.modeling.train import train
+    from ml.reports.index_page import write_reports
+
+    from .conftest import QUICK_TRAINING, copy_warehouse
+
+    config = copy_warehouse(published_warehouse, tmp_path / "wh", QUICK_TRAINING)
+    before = champion_version(config)
+    result = train(config, force=True, run_id="second-run")
+    write_reports(config)
+    champion = champion_version(config)
+    other = before if champion != before else result.version
+    assert other != champion
+    page = report_root(config) / other / "index.html"
+    assert page.is_file()
+    latest = (report_root(config) / "latest" / "index.html").read_text()
+    assert champion in latest and f"<code>{other}</code>" not in latest

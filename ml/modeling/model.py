@@ -150,6 +150,8 @@ class ModelMetadata:
     metrics: dict[str, Any] | None = None
     candidates: dict[str, Any] | None = None
     reference: dict[str, Any] | None = None  # drift reference, as compute_reference returns it
+    # sql / contract / values fingerprints of the features it was trained on (ml.features.fingerprint)
+    feature_definitions: dict[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelMetadata:

@@ -1,8 +1,24 @@
 """The model registry: versioned artifacts on disk, their status in `model_registry`.
 
-A new model only replaces the champion when it is better on the SAME rows: the
-champion is re-scored on the challenger's out-of-time rows, because metrics
-measured on different months are not comparable (churn rates move).
+A new model only replaces the champion when it is better on the SAME rows,
+because metrics measured on different months are not comparable (churn rates
+move), and better by more than `promotion.margin`: a tie keeps the champion,
+and the decision text says which rule decided. The champion's side of the
+comparison is judged on its OWN feature definitions:
+
+- when the mart still computes the champion's features as it was trained
+  (`ml.modeling.definitions`), the champion is re-scored on the challenger's
+  out-of-time rows;
+- when they were redefined, re-scoring would judge the champion on features it
+  never learned, so its stored out-of-time predictions (made at training, with
+  its definitions) are compared with the challenger's on the (key, as_of) rows
+  both were held out on; with no such rows, its recorded out-of-time metric is
+  used and the decision says the rows differ.
+
+Each model folder also stores its calibrated out-of-fold predictions
+(`stored_predictions`), on which the operating threshold is re-chosen without
+retraining (`ml.modeling.operating_point`). `promote` and `rollback` change the
+champion by hand; each is recorded with who and why in `model_registry_events`.
 
 Loading a model must never run code an attacker chose. The registry row is not
 trusted for that: BI users receive `published.duckdb`, and the API reads the
@@ -62,6 +78,7 @@ from ml.config import ChurnConfig
 from ml.features.contract import ContractError, FeatureContract
 from ml.features.mart import load_evaluation_rows
 from ml.logs import get_logger
+from ml.modeling.definitions import check_definitions, model_definitions_sha256
 from ml.modeling.evaluate import classification_metrics
 from ml.modeling.model import ChurnModel, ModelMetadata
 from ml.warehouse import Session, connect, declare, float_or_none, is_missing, quote, to_json
@@ -73,6 +90,9 @@ PIPELINE_FILE = "model.skops"
 LEGACY_PIPELINE_FILE = "model.joblib"  # models registered before signing
 BOOSTER_FILE = "xgboost_model.json"
 MANIFEST_FILE = "manifest.json"
+PREDICTIONS_FILE = "stored_predictions.parquet"  # out-of-fold + out-of-time predictions with labels
+SPLIT_OUT_OF_FOLD = "out_of_fold"
+SPLIT_OUT_OF_TIME = "out_of_time"
 KEY_FILE = ".signing-key"
 KEY_ENV_VAR = "CHURN_MODEL_KEY"
 
@@ -113,12 +133,33 @@ REGISTRY = declare(
         ("decision", "VARCHAR"),
         ("artifact_dir", "VARCHAR NOT NULL"),
         ("artifact_sha256", "VARCHAR NOT NULL"),
-        # Last, so registries written before it gain it by `alter table add column`.
+        ("definitions_sha256", "VARCHAR"),
+        # Last, so registries written before them gain them by `alter table add column`.
         ("comparison_metrics", "VARCHAR"),
     ],
     primary_key=("model_version",),
 )
 REGISTRY_TABLE = REGISTRY.name
+# Registries created before these columns gain them on the next registration.
+ADDED_COLUMNS = {"definitions_sha256": "VARCHAR", "comparison_metrics": "VARCHAR"}
+
+EVENTS = declare(
+    name="model_registry_events",
+    owner=__name__,
+    grain="one row per champion change made by hand (churn promote / churn rollback)",
+    description="Who changed the champion by hand, when, from which model to which, and why.",
+    columns=[
+        ("dataset", "VARCHAR NOT NULL"),
+        ("event", "VARCHAR NOT NULL"),
+        ("model_version", "VARCHAR NOT NULL"),
+        ("previous_champion", "VARCHAR"),
+        ("reason", "VARCHAR NOT NULL"),
+        ("actor", "VARCHAR NOT NULL"),
+        ("changed_at", "TIMESTAMP NOT NULL"),
+    ],
+)
+EVENT_PROMOTE = "promote"
+EVENT_ROLLBACK = "rollback"
 
 # metadata.json keys the registry writes itself; the rest is the model's ModelMetadata.
 MODEL_KEYS = ("version", "algorithm", "params", "threshold", "calibration", "contract")
@@ -206,8 +247,12 @@ def new_version_id(algorithm: str) -> str:
 
 # ---------------------------------------------------------------- artifacts
 
-def save_artifacts(model: ChurnModel, folder: Path, key: bytes) -> dict[str, str]:
+def save_artifacts(model: ChurnModel, folder: Path, key: bytes,
+                   predictions: pd.DataFrame | None = None) -> dict[str, str]:
     """Write the model's files into `folder`, then its signed manifest; return file name -> sha256.
+
+    `predictions` (split, key, as_of, label, probability) is stored as Parquet,
+    signed with the rest: the threshold is later chosen on it.
 
     XGBoost's booster goes to its own JSON format (stable across library versions);
     preprocessing, any non-XGBoost estimator and the calibrator go to skops.
@@ -229,6 +274,9 @@ def save_artifacts(model: ChurnModel, folder: Path, key: bytes) -> dict[str, str
         folder / PIPELINE_FILE,
     )
     hashes[PIPELINE_FILE] = sha256_file(folder / PIPELINE_FILE)
+    if predictions is not None:
+        predictions.to_parquet(folder / PREDICTIONS_FILE, index=False)
+        hashes[PREDICTIONS_FILE] = sha256_file(folder / PREDICTIONS_FILE)
     (folder / METADATA_FILE).write_text(to_json(metadata_document(model, hashes), indent=2))
     hashes[METADATA_FILE] = sha256_file(folder / METADATA_FILE)
     write_manifest(folder, str(model.version), hashes, key)
@@ -441,16 +489,29 @@ def load_model(config: ChurnConfig, version: str, registry_db: Path | None = Non
         estimator = XGBClassifier()
         estimator.load_model(str(folder / BOOSTER_FILE))
     pipeline = Pipeline([("preprocess", parts["preprocess"]), ("model", estimator)])
+    # The operating threshold in force is the registry's (re-chosen without retraining);
+    # metadata.json keeps the one chosen at training.
+    operating = float_or_none(row.get("threshold"))
     return ChurnModel(
         pipeline=pipeline,
         calibrator=parts["calibrator"],
         contract=FeatureContract.from_dict(document["contract"]),
         algorithm=document["algorithm"],
         params=document["params"],
-        threshold=float(document["threshold"]),
+        threshold=float(document["threshold"]) if operating is None else operating,
         metadata=ModelMetadata.from_dict(document),
         version=version,
     )
+
+
+def stored_predictions(config: ChurnConfig, version: str, registry_db: Path | None = None) -> pd.DataFrame | None:
+    """The model's stored out-of-fold and out-of-time predictions (hash-checked), or None for older models."""
+    row = _registry_row(config, version, registry_db)
+    folder = artifact_folder(config, row["artifact_dir"])
+    hashes = verified_hashes(config, version, row, folder, registry_db)
+    if PREDICTIONS_FILE not in hashes:
+        return None
+    return pd.read_parquet(folder / PREDICTIONS_FILE)
 
 
 # ---------------------------------------------------------------- the champion
@@ -490,26 +551,89 @@ def _evaluation_rows(config: ChurnConfig, model: ChurnModel) -> pd.DataFrame:
         return load_evaluation_rows(session, config, model.contract, model.metadata.validation)
 
 
-def _compare(
-    config: ChurnConfig, challenger: ChurnModel, champion: ChurnModel, rows: pd.DataFrame
-) -> tuple[dict[str, float], dict[str, float] | None, str]:
-    """(challenger metrics, champion metrics or None, reason) on the same rows, each at its own threshold."""
+@dataclass(frozen=True)
+class SameRows:
+    """Both models' selection metric on the same rows, and how those rows were obtained."""
+
+    challenger: float
+    champion: float | None
+    rows: int
+    basis: str
+    # Every classification metric of both on those rows ({"challenger": ..., "champion": ...}), when computed.
+    metrics: dict[str, dict[str, float]] | None = None
+
+
+def _metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
+    return {name: float(value) for name, value in classification_metrics(y, p, threshold).items()}
+
+
+def _rescored(config: ChurnConfig, challenger: ChurnModel, champion: ChurnModel, rows: pd.DataFrame) -> SameRows:
+    """The champion re-scored on the challenger's rows (its features mean what they meant)."""
     metric = config.problem.selection_metric
     y = rows[challenger.contract.label].to_numpy(dtype=int)
-    mine = classification_metrics(y, challenger.predict_proba(rows), challenger.threshold)
+    mine = _metrics(y, challenger.predict_proba(rows), challenger.threshold)
     try:
         theirs_p = champion.predict_proba(rows)
     except ContractError as exc:
-        return mine, None, f"champion {champion.version} cannot score the current mart ({exc})"
-    theirs = classification_metrics(y, theirs_p, champion.threshold)
-    return mine, theirs, (f"{metric} on {len(rows)} shared evaluation rows: "
-                          f"challenger {mine[metric]:.4f} vs champion {theirs[metric]:.4f}")
+        return SameRows(mine[metric], None, len(rows),
+                        f"champion {champion.version} cannot score the current mart ({exc})", {"challenger": mine})
+    theirs = _metrics(y, theirs_p, champion.threshold)
+    return SameRows(mine[metric], theirs[metric], len(rows),
+                    f"{metric} on {len(rows)} shared evaluation rows (champion re-scored)",
+                    {"challenger": mine, "champion": theirs})
+
+
+def _from_stored(config: ChurnConfig, challenger: ChurnModel, champion: ChurnModel, rows: pd.DataFrame,
+                 why: str) -> SameRows:
+    """The champion's stored held-out predictions (its own definitions) against the challenger's, same rows."""
+    metric = config.problem.selection_metric
+    c = challenger.contract
+    y = rows[c.label].to_numpy(dtype=int)
+    mine_p = challenger.predict_proba(rows)
+    stored = stored_predictions(config, str(champion.version))
+    recorded = ((champion.metadata.metrics or {}).get("out_of_time") or {}).get(metric)
+    if stored is not None:
+        held = stored[stored["split"] == SPLIT_OUT_OF_TIME]
+        keyed = pd.DataFrame({"key": rows[c.key].to_numpy(), "as_of": pd.to_datetime(rows[c.as_of]).dt.date.astype(str),
+                              "y": y, "p": mine_p})
+        same = keyed.merge(held, on=["key", "as_of"])
+        if len(same) and 0 < same["y"].sum() < len(same):
+            mine = _metrics(same["y"].to_numpy(), same["p"].to_numpy(), challenger.threshold)
+            theirs = _metrics(same["y"].to_numpy(), same["probability"].to_numpy(), champion.threshold)
+            return SameRows(
+                mine[metric], theirs[metric], len(same),
+                f"{metric} on {len(same)} (key, as_of) rows both were held out on, the champion's side from its "
+                f"stored predictions ({why})",
+                {"challenger": mine, "champion": theirs},
+            )
+    mine = _metrics(y, mine_p, challenger.threshold)[metric]
+    if recorded is None:
+        return SameRows(mine, None, len(rows), f"{why}; the champion has no stored predictions to compare with")
+    return SameRows(mine, float(recorded), len(rows),
+                    f"{metric} of the challenger on its {len(rows)} held-out rows vs the champion's recorded "
+                    f"out-of-time {metric} on ITS held-out rows (no shared rows; {why})")
+
+
+def promotion_rule(config: ChurnConfig, same: SameRows) -> tuple[bool, str]:
+    """Promote only a challenger better than the champion by more than promotion.margin; say which rule decided."""
+    margin = config.promotion.margin
+    if same.champion is None:
+        return True, f"{same.basis}: promoted (nothing to compare with)"
+    promoted = same.challenger > same.champion + margin
+    if promoted:
+        verdict = "promoted"
+    elif abs(same.challenger - same.champion) <= 1e-12:
+        verdict = "tie: champion kept"
+    else:
+        verdict = "champion kept"
+    return promoted, (f"{same.basis}: challenger {same.challenger:.4f} vs champion {same.champion:.4f}; "
+                      f"rule: promote only when higher by more than promotion.margin {margin:g} -> {verdict}")
 
 
 def compare_with_champion(
     config: ChurnConfig, challenger: ChurnModel, evaluation_frame: pd.DataFrame | None = None
 ) -> Comparison:
-    """Promote the first model of a dataset; later ones only if they beat the champion on the same rows.
+    """Promote the first model of a dataset; later ones by `promotion_rule` on the same rows (module doc).
 
     The rows are the challenger's own evaluation rows (`evaluation_frame`, or
     re-read from the mart through its metadata's `validation`).
@@ -519,17 +643,21 @@ def compare_with_champion(
         return Comparison(promoted=True, decision="first model for this dataset")
     champion = load_model(config, current)
     rows = evaluation_frame if evaluation_frame is not None else _evaluation_rows(config, challenger)
-    mine, theirs, decision = _compare(config, challenger, champion, rows)
-    metric = config.problem.selection_metric
-    champion_metric = None if theirs is None else theirs[metric]
+    with connect(config.warehouse.build_db, settings=config.warehouse.engine) as session:
+        check = check_definitions(session, config, champion)
+    if check.affects_model:
+        same = _from_stored(config, challenger, champion, rows, check.describe())
+    else:
+        same = _rescored(config, challenger, champion, rows)
+    promoted, decision = promotion_rule(config, same)
     return Comparison(
-        promoted=champion_metric is None or mine[metric] > champion_metric,
+        promoted=promoted,
         decision=decision,
         compared_with=current,
-        champion_metric=champion_metric,
-        challenger_metric=mine[metric],
-        comparison_rows=len(rows),
-        metrics={"challenger": mine, **({"champion": theirs} if theirs is not None else {})},
+        champion_metric=same.champion,
+        challenger_metric=same.challenger,
+        comparison_rows=same.rows,
+        metrics=same.metrics,
     )
 
 
@@ -560,6 +688,7 @@ def _new_registry_row(
         "decision": comparison.decision,
         "artifact_dir": model.version,  # relative to warehouse.models_dir
         "artifact_sha256": to_json(hashes, sort_keys=True),
+        "definitions_sha256": model_definitions_sha256(model),
         "comparison_metrics": None if comparison.metrics is None else to_json(comparison.metrics, sort_keys=True),
     }
     # object columns: the declared table types the values, a NULL stays NULL whatever the column.
@@ -572,7 +701,7 @@ def _write_registry_row(
     """Retire the old champion (when promoting) and add the new row, atomically."""
     with session.transaction():
         session.create(REGISTRY)
-        session.add_missing_columns(REGISTRY, {"comparison_metrics": "VARCHAR"})
+        session.add_missing_columns(REGISTRY, ADDED_COLUMNS)
         if promoted:
             session.execute(
                 f"update {quote(REGISTRY.name)} set status = ?, status_changed_at = ? "
@@ -588,6 +717,7 @@ def register(
     run_id: str,
     oot_metrics: dict[str, Any],
     evaluation_frame: pd.DataFrame | None = None,
+    predictions: pd.DataFrame | None = None,
 ) -> Registration:
     """Store `model` as a new version and decide champion vs challenger.
 
@@ -606,7 +736,7 @@ def register(
     final_dir = config.warehouse.models_dir / version
     staging_dir = config.warehouse.models_dir / f".{version}.partial"
     try:
-        hashes = save_artifacts(registered, staging_dir, signing_key(config))
+        hashes = save_artifacts(registered, staging_dir, signing_key(config), predictions)
         staging_dir.rename(final_dir)
         now = dt.datetime.now()
         row = _new_registry_row(config, registered, run_id, oot_metrics, comparison, hashes, now)
@@ -678,3 +808,104 @@ def model_thresholds(session: Session) -> dict[str, float]:
         return {}
     rows = session.rows(f"select model_version, threshold from {quote(REGISTRY.name)}")
     return {version: float(threshold) for version, threshold in rows if threshold is not None}
+
+
+def version_on_definitions(session: Session, dataset: str, definitions_sha256: str) -> ModelRecord | None:
+    """The newest model of `dataset` trained on these feature definitions (any status), or None."""
+    if not session.exists(REGISTRY) or "definitions_sha256" not in session.columns(REGISTRY):
+        return None
+    row = session.one(
+        f"select model_version from {quote(REGISTRY.name)} where dataset = ? and definitions_sha256 = ? "
+        "order by registered_at desc limit 1",
+        [dataset, definitions_sha256],
+    )
+    return model_record(session, row[0]) if row else None
+
+
+# ---------------------------------------------------------------- changes by hand
+
+
+class PromotionError(RegistryError):
+    """A model cannot be promoted or rolled back to (unknown, other dataset, already champion, none before)."""
+
+
+@dataclass(frozen=True)
+class ChampionChange:
+    """What `promote` / `rollback` did."""
+
+    event: str
+    version: str
+    previous_champion: str | None
+    reason: str
+    actor: str
+
+
+def set_threshold(session: Session, version: str, threshold: float) -> None:
+    """The operating threshold in force for `version` (written by ml.modeling.operating_point)."""
+    session.execute(f"update {quote(REGISTRY.name)} set threshold = ? where model_version = ?",
+                    [float(threshold), version])
+
+
+def previous_champion(session: Session, dataset: str) -> str | None:
+    """The champion before the current one: the model of `dataset` retired most recently."""
+    if not session.exists(REGISTRY):
+        return None
+    return session.scalar(
+        f"select model_version from {quote(REGISTRY.name)} where dataset = ? and status = ? "
+        "order by status_changed_at desc limit 1",
+        [dataset, STATUS_RETIRED],
+    )
+
+
+def promote(config: ChurnConfig, version: str, reason: str, actor: str,
+            event: str = EVENT_PROMOTE) -> ChampionChange:
+    """Make `version` the champion by hand, retiring the current one; recorded with who and why.
+
+    The model is loaded (every file hash-checked) before anything changes, so a
+    damaged artifact is never promoted. Scores follow at the next `churn score`
+    or nightly, with its own operating point.
+    """
+    if not reason.strip():
+        raise PromotionError("a reason is required (--reason): it is recorded in model_registry_events")
+    row = _registry_row(config, version)
+    if row["dataset"] != config.dataset.name:
+        raise PromotionError(f"model {version} belongs to dataset {row['dataset']!r}, not {config.dataset.name!r}")
+    if row["status"] == STATUS_CHAMPION:
+        raise PromotionError(f"model {version} is already the champion of dataset {config.dataset.name!r}")
+    load_model(config, version)  # refuses a changed or unsigned artifact
+    now = dt.datetime.now()
+    with connect(config.warehouse.build_db, settings=config.warehouse.engine) as session, session.transaction():
+        current = champion_in(session, config.dataset.name)
+        session.execute(
+            f"update {quote(REGISTRY.name)} set status = ?, status_changed_at = ? where dataset = ? and status = ?",
+            [STATUS_RETIRED, now, config.dataset.name, STATUS_CHAMPION],
+        )
+        note = (f"{event} by {actor} at {now:%Y-%m-%d %H:%M}: {reason} "
+                f"(was {row['status']}; registered: {row['decision']})")
+        session.execute(
+            f"update {quote(REGISTRY.name)} set status = ?, status_changed_at = ?, decision = ? "
+            "where model_version = ?",
+            [STATUS_CHAMPION, now, note, version],
+        )
+        session.append(EVENTS, pd.DataFrame([{
+            "dataset": config.dataset.name, "event": event, "model_version": version, "previous_champion": current,
+            "reason": reason, "actor": actor, "changed_at": now,
+        }]))
+    log.info("%s: %s is champion of %s (was %s): %s", event, version, config.dataset.name, current, reason)
+    return ChampionChange(event, version, current, reason, actor)
+
+
+def rollback(config: ChurnConfig, reason: str, actor: str) -> ChampionChange:
+    """Bring back the previous champion (the model retired most recently); recorded like `promote`."""
+    with connect(config.warehouse.build_db, settings=config.warehouse.engine) as session:
+        target = previous_champion(session, config.dataset.name)
+    if target is None:
+        raise PromotionError(f"dataset {config.dataset.name!r} has no earlier champion to roll back to")
+    return promote(config, target, reason, actor, event=EVENT_ROLLBACK)
+
+
+def champion_events(session: Session, dataset: str) -> pd.DataFrame:
+    """Every champion change made by hand for `dataset`, newest first."""
+    if not session.exists(EVENTS):
+        return pd.DataFrame(columns=EVENTS.column_names)
+    return session.frame(f"select * from {quote(EVENTS.name)} where dataset = ? order by changed_at desc", [dataset])

@@ -8,8 +8,12 @@ monitoring joins to realised labels once the horizon has passed.
 
 Before scoring, the mart is checked against the contract the model was trained
 on: a dropped, renamed or retyped feature column stops the run with the
-column's name instead of producing silently wrong scores. Both tables are
-replaced in one transaction, so a failed run never leaves half a night's scores.
+column's name instead of producing silently wrong scores, and so is a mart
+whose SQL now computes one of the model's features differently
+(`ml.modeling.definitions`). The decision threshold is re-chosen at every run
+(`ml.modeling.operating_point`: pin, rule on the stored out-of-fold
+predictions, capacity). Both tables are replaced in one transaction, so a
+failed run never leaves half a night's scores.
 """
 
 from __future__ import annotations
@@ -27,10 +31,12 @@ from ml.config import ChurnConfig
 from ml.features.contract import FeatureContract
 from ml.features.mart import check_mart, current_contract, latest_snapshot_date, snapshot_chunks, snapshot_size
 from ml.logs import get_logger, timed
+from ml.modeling import operating_point
+from ml.modeling.definitions import check_definitions, current_definitions_sha256
 from ml.modeling.explain import Explainer, top_k
 from ml.modeling.model import ChurnModel
 from ml.modeling.reference import CategoricalReference, DriftReference, NumericReference
-from ml.modeling.registry import load_champion
+from ml.modeling.registry import load_champion, version_on_definitions
 from ml.warehouse import Session, connect, declare, quote
 
 log = get_logger("score")
@@ -234,11 +240,29 @@ def _snapshot_to_score(session: Session, config: ChurnConfig, model: ChurnModel)
     # Raw column types, not mart_columns: check_mart reports every mismatch against the model's contract.
     columns = session.columns(mart)
     check_mart(model.contract, current_contract(config), mart, columns, str(model.version))
+    refuse_redefined(session, config, model)
     as_of_date = latest_snapshot_date(session, config, model.contract)
     total = snapshot_size(session, config, model.contract, as_of_date) if as_of_date is not None else 0
     if not total:
         raise ScoreError(f"feature mart {mart!r} has no rows to score")
     return Snapshot(as_of_date, total, columns)
+
+
+def refuse_redefined(session: Session, config: ChurnConfig, model: ChurnModel) -> None:
+    """Stop before scoring when the mart now computes one of the model's features differently."""
+    check = check_definitions(session, config, model)
+    if not check.affects_model:
+        if check.sql_changed:
+            log.info("mart SQL changed since %s was trained; %s", model.version, check.describe())
+        return
+    newer = version_on_definitions(session, config.dataset.name, current_definitions_sha256(config))
+    hint = (f"model {newer.model_version} was trained on the new definitions and is {newer.status} "
+            f"({newer.decision}); `churn promote {newer.model_version} --reason ...` makes it champion"
+            if newer is not None else "the nightly trains a challenger on the new mart (or `churn train --force`)")
+    raise ScoreError(
+        f"feature mart {config.dataset.feature_mart!r}: {check.describe()}; the champion would score "
+        f"definitions it never learned, so nothing was scored. {hint}; or revert the SQL change"
+    )
 
 
 def _score_chunks(
@@ -305,13 +329,19 @@ def score(
     run_id = run_id or dt.datetime.now().strftime("score-%Y%m%dT%H%M%S-") + uuid.uuid4().hex[:6]
     model = _champion_for(config)
     contract, version = model.contract, str(model.version)
+    rule = operating_point.rule_choice(config, model)
     with connect(config.warehouse.build_db, settings=config.warehouse.engine) as session:
         snapshot = _snapshot_to_score(session, config, model)
         scored = _score_chunks(session, config, model, snapshot, chunk_rows)
-        scores = _ranked_layout(scored, config, contract, version, run_id, model.threshold)
-        with timed(f"write {SCORES_TABLE} and {HISTORY_TABLE}", log):
-            write_scores(session, scores, contract.as_of, snapshot.columns[contract.as_of],
-                         snapshot.as_of_date, version)
+        probability = scored[PROBABILITY_COLUMN].to_numpy(dtype=float)
+        # The operating point is recorded with the scores it decided, or not at all.
+        with session.transaction():
+            point = operating_point.apply(session, config, model, rule, probability, run_id)
+            scored[DECISION_COLUMN] = probability >= point.threshold
+            scores = _ranked_layout(scored, config, contract, version, run_id, point.threshold)
+            with timed(f"write {SCORES_TABLE} and {HISTORY_TABLE}", log):
+                write_scores(session, scores, contract.as_of, snapshot.columns[contract.as_of],
+                             snapshot.as_of_date, version)
     flagged = int(scores[DECISION_COLUMN].sum())
     result = ScoreResult(run_id, version, snapshot.as_of_date, len(scores), flagged, time.perf_counter() - started)
     log.info(

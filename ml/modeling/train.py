@@ -40,9 +40,11 @@ from ml.features.mart import (
     TrainingError,
     current_contract,
     fully_labelled_dates,
+    load_evaluation_rows,
     load_training_rows,
 )
 from ml.logs import get_logger, timed
+from ml.modeling.definitions import definitions_of
 from ml.modeling.evaluate import (
     CandidateScore,
     ThresholdChoice,
@@ -64,7 +66,13 @@ from ml.modeling.model import (
     contract_feature_frame,
 )
 from ml.modeling.reference import compute_reference
-from ml.modeling.registry import Registration, champion_version, register
+from ml.modeling.registry import (
+    SPLIT_OUT_OF_FOLD,
+    SPLIT_OUT_OF_TIME,
+    Registration,
+    champion_version,
+    register,
+)
 from ml.warehouse import (
     Session,
     TableSpec,
@@ -553,6 +561,36 @@ def evaluate_held_out(config: ChurnConfig, model: ChurnModel, data: TrainingData
     return HeldOutEvaluation(y, p, metrics, baseline)
 
 
+def stored_predictions(data: TrainingData, calibration: Calibration, selection: Selection,
+                       evaluation: HeldOutEvaluation) -> pd.DataFrame:
+    """The calibrated out-of-fold predictions of the training rows and the held-out predictions, with labels.
+
+    Stored with the model: the threshold is re-chosen on the out-of-fold rows
+    whenever the operating rule changes (no retrain), and the out-of-time rows
+    let a later challenger be compared with this model's own predictions on
+    the same (key, as_of) rows after the feature definitions changed.
+    """
+    c = data.contract
+    oof = calibration.calibrator.predict(selection.best.oof_raw)
+    parts = []
+    for split, frame, p in ((SPLIT_OUT_OF_FOLD, data.train_frame, oof),
+                            (SPLIT_OUT_OF_TIME, data.eval_frame, evaluation.p)):
+        parts.append(pd.DataFrame({
+            "split": split, "key": frame[c.key].to_numpy(),
+            "as_of": pd.to_datetime(frame[c.as_of]).dt.date.astype(str).to_numpy(),
+            "label": frame[c.label].to_numpy(dtype=int), "probability": np.asarray(p, dtype=float),
+        }))
+    return pd.concat(parts, ignore_index=True)
+
+
+def feature_definitions(config: ChurnConfig, data: TrainingData) -> dict[str, Any]:
+    """Fingerprints of the features, on the held-out rows re-read exactly as a later check re-reads them."""
+    validation = data.split.describe(data.frame, data.contract)
+    with connect(config.warehouse.build_db, settings=config.warehouse.engine) as session:
+        rows = load_evaluation_rows(session, config, data.contract, validation)
+    return definitions_of(config, data.contract, rows)
+
+
 def model_metadata(config: ChurnConfig, run_id: str, data: TrainingData, selection: Selection,
                    calibration: Calibration, evaluation: HeldOutEvaluation,
                    reference: dict[str, Any]) -> ModelMetadata:
@@ -573,6 +611,7 @@ def model_metadata(config: ChurnConfig, run_id: str, data: TrainingData, selecti
         candidates={a: {"params": s.params, "cv_mean": s.score.mean, "cv_std": s.score.std,
                         "configs": s.all_configs} for a, s in selection.searches.items()},
         reference=reference,
+        feature_definitions=feature_definitions(config, data),
     )
 
 
@@ -672,7 +711,8 @@ def _train(config: ChurnConfig, run_id: str, data: TrainingData) -> TrainingOutc
         importance = feature_importances(model, data.eval_frame, config)
     metadata = model_metadata(config, run_id, data, selection, calibration, evaluation, reference)
     registration = register(config, dataclasses.replace(model, metadata=metadata), run_id, evaluation.metrics,
-                            evaluation_frame=data.eval_frame)
+                            evaluation_frame=data.eval_frame,
+                            predictions=stored_predictions(data, calibration, selection, evaluation))
     algorithm, version = selection.best.algorithm, registration.version
     result = TrainResult(
         version, algorithm, evaluation.metrics, registration.promoted, run_id, data.split.strategy,

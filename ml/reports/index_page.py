@@ -18,7 +18,7 @@ from pathlib import Path
 from ml.config import ChurnConfig
 from ml.logs import get_logger
 from ml.quality.audit import latest_audit_outcome
-from ml.reports.model_report import ModelReport, write_model_report
+from ml.reports.model_report import ModelReport, write_challenger_reports, write_model_report
 from ml.reports.monitoring_report import MonitoringReport, write_monitoring_report
 from ml.warehouse import connect
 
@@ -113,6 +113,7 @@ def write_reports(config: ChurnConfig) -> Path:
     """The champion's model report and tonight's monitoring report, then the index of every report; returns the
     index's path."""
     model = write_model_report(config)
+    write_challenger_reports(config)
     monitoring = write_monitoring_report(config)
     path = index_path(config)
     path.parent.mkdir(parents=True, exist_ok=True)

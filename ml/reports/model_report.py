@@ -29,7 +29,7 @@ from matplotlib.figure import Figure
 from ml.config import ChurnConfig
 from ml.logs import get_logger
 from ml.modeling.evaluate import calibration_error_of_bins
-from ml.modeling.registry import champion_version, model_record
+from ml.modeling.registry import champion_version, model_record, registry_frame
 from ml.modeling.train import RunTables, run_tables_of
 from ml.reports.charts import figure_html, svg
 from ml.warehouse import connect
@@ -303,8 +303,23 @@ table.compare td, table.compare th {{ padding: 2px 10px; text-align: left; }}
     return page, tuple(title for title, _, _ in charts), met
 
 
-def write_model_report(config: ChurnConfig, version: str | None = None) -> ModelReport | None:
-    """Write the champion's (or `version`'s) report and refresh latest/; None before the first model."""
+def write_challenger_reports(config: ChurnConfig) -> list[Path]:
+    """A page for every registered model of the dataset that has none yet: a rejected challenger's run
+    is a training run too, and its page is where the comparison that kept the champion is shown."""
+    written: list[Path] = []
+    champion = champion_version(config)
+    for version in registry_frame(config).get("model_version", []):
+        if version != champion and not (report_root(config) / version / "index.html").is_file():
+            report = write_model_report(config, version, refresh_latest=False)
+            if report is not None:
+                written.append(report.path)
+    return written
+
+
+def write_model_report(config: ChurnConfig, version: str | None = None,
+                       refresh_latest: bool = True) -> ModelReport | None:
+    """Write the champion's (or `version`'s) report and refresh latest/ (the champion's page); None before
+    the first model."""
     version = version or champion_version(config)
     if version is None:
         return None
@@ -319,7 +334,8 @@ def write_model_report(config: ChurnConfig, version: str | None = None) -> Model
     path = folder / "index.html"
     path.write_text(page)
     latest = report_root(config) / "latest"
-    latest.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(path, latest / "index.html")
+    if refresh_latest:
+        latest.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, latest / "index.html")
     log.info("model report of %s: %s", version, path)
     return ModelReport(path, latest / "index.html", version, charts, met)

@@ -9,7 +9,10 @@ wrote, so the summary shows what BI will see, not what a stage meant to write.
 
 from __future__ import annotations
 
+import pandas as pd
+
 from ml.config import ChurnConfig
+from ml.modeling.operating_point import history
 from ml.modeling.registry import model_record
 from ml.modeling.score import SCORES_TABLE, latest_scores_summary
 from ml.modeling.train import held_out_metrics, validation_strategy
@@ -35,6 +38,7 @@ def score_summary(config: ChurnConfig) -> list[str]:
             *operating_point_lines(scores.rows, scores.flagged, scores.expected_churners_flagged,
                                    scores.expected_churners_missed),
         ]
+        lines += threshold_choice_lines(history(session, version))
         record = model_record(session, version)
         metrics = held_out_metrics(session, version, SUMMARY_METRICS)
         if record is None and metrics.empty:
@@ -57,6 +61,21 @@ def score_summary(config: ChurnConfig) -> list[str]:
     lines.append(success_line(config.problem.success_metric, model.get(config.problem.success_metric),
                               config.problem.success_target))
     return lines
+
+
+def threshold_choice_lines(points: pd.DataFrame) -> list[str]:
+    """How tonight's threshold was chosen (rule, pin, capacity), from the latest operating point."""
+    if points.empty:
+        return []
+    latest = points.iloc[0]
+    how = {"pinned": "pinned by hand", "unpinned": "unpinned by hand: the rule's",
+           "trained": "the threshold chosen at training (no stored predictions)",
+           "recall_target": f"the recall target {latest['success_target']:g} on the stored out-of-fold predictions",
+           "expected_cost": "the expected cost on the stored out-of-fold predictions"}
+    how = how.get(latest["rule"], latest["rule"])
+    cap = (f", raised from {latest['rule_threshold']:.4f} to fit the capacity of {int(latest['capacity_rows']):,d}"
+           if bool(latest["capacity_limited"]) else "")
+    return [f"  threshold {latest['threshold']:.4f}: {how}{cap}"]
 
 
 def success_line(metric: str, value: object, target: float) -> str:
