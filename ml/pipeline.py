@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from ml.config import ChurnConfig
-from ml.data.landing import validate_landing
+from ml.data.landing import expected_files_message, validate_landing
 from ml.features.build import build_warehouse
 from ml.logs import get_logger, timed
 from ml.modeling.score import score
@@ -182,7 +182,8 @@ def ensure_landing(config: ChurnConfig) -> None:
         log.info("landing folder %s holds %d file(s)", landing, len(present))
         return
     if not config.dataset.generate_if_empty:
-        raise LandingError(f"landing folder {landing} has no .{config.dataset.landing_format} files")
+        raise LandingError(f"landing folder {landing} has no .{config.dataset.landing_format} files; "
+                           f"{expected_files_message(config)}")
     from ml.data.generate import GenerateOptions, generate
 
     generate(GenerateOptions.from_config(config))

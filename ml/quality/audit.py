@@ -165,14 +165,31 @@ class AuditReport:
 # --- suites -----------------------------------------------------------------
 
 
+ROLE_PLACEHOLDERS = ("$entity_key", "$as_of_column", "$target")
+
+
 def _names(config: ChurnConfig) -> dict[str, str]:
-    """Placeholders a suite may use for names churn.yml owns, so no suite repeats them."""
-    return {
-        "$feature_mart": config.dataset.feature_mart,
-        "$entity_key": config.problem.entity_key,
-        "$as_of_column": config.problem.as_of_column,
-        "$target": config.problem.target,
-    }
+    """Placeholders a suite may use for names the dataset owns, so no suite repeats them.
+
+    The key, snapshot and label names are the mart contract's (its dbt YAML roles),
+    not churn.yml's defaults: a mart keyed by `account_id` with label `exited` is
+    audited on those columns. Before the first build there is no manifest; a suite
+    that needs a role name then fails naming the placeholder (see `_resolve_name`).
+    """
+    from ml.features.dbt import dbt_target_path
+
+    names = {"$feature_mart": config.dataset.feature_mart}
+    if (dbt_target_path(config) / "manifest.json").exists():
+        contract = current_contract(config)
+        names |= dict(zip(ROLE_PLACEHOLDERS, (contract.key, contract.as_of, contract.label), strict=True))
+    return names
+
+
+def _resolve_name(value: str, names: dict[str, str], path: Path) -> str:
+    if value in ROLE_PLACEHOLDERS and value not in names:
+        raise SuiteError(f"{path}: {value} is the mart contract's name and needs dbt's manifest "
+                         "(run `churn build` first)")
+    return names.get(value, value)
 
 
 def _feature_names(config: ChurnConfig) -> list[str]:
@@ -189,7 +206,7 @@ def load_suite(path: Path, config: ChurnConfig) -> Suite:
     """Read and check one GX suite file; every problem names the file and the expectation.
 
     Strings `$feature_mart`, `$entity_key`, `$as_of_column` and `$target` are replaced
-    by churn.yml's names; an expectation on column `$each_feature` is repeated for
+    by the dataset's mart and its contract's key, snapshot and label names; an expectation on column `$each_feature` is repeated for
     every feature of the mart's contract (features are defined in SQL only).
     """
     from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
@@ -204,7 +221,8 @@ def load_suite(path: Path, config: ChurnConfig) -> Suite:
         raise SuiteError(f"{path}: meta must give stage ({'/'.join(STAGES)}) and table")
     specs: list[tuple[int, dict[str, Any]]] = []
     for i, spec in enumerate(raw.get("expectations", [])):
-        kwargs = {k: names.get(v, v) if isinstance(v, str) else v for k, v in (spec.get("kwargs") or {}).items()}
+        kwargs = {k: _resolve_name(v, names, path) if isinstance(v, str) else v
+                  for k, v in (spec.get("kwargs") or {}).items()}
         if kwargs.get("column") == "$each_feature":
             specs += [(i, {**spec, "kwargs": {**kwargs, "column": f}}) for f in _feature_names(config)]
         else:
