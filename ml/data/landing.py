@@ -116,8 +116,9 @@ def expected_files_message(config: ChurnConfig) -> str:
                      if ts else (True, ""))
     listed = [f"{', '.join(t.path.name for t in tables)} (source {tables[0].source})" for tables in sources if tables]
     if not listed:
-        return (f"no dbt source in {config.warehouse.dbt_project_dir / 'models'} reads "
-                f".{config.dataset.landing_format} files (external_location with {{name}}.{config.dataset.landing_format})")
+        fmt = config.dataset.landing_format
+        return (f"no dbt source in {config.warehouse.dbt_project_dir / 'models'} reads .{fmt} files "
+                f"(external_location with {{name}}.{fmt})")
     return f"expected in {config.dataset.landing_dir}: " + "; or ".join(listed)
 
 

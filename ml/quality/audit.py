@@ -206,8 +206,9 @@ def load_suite(path: Path, config: ChurnConfig) -> Suite:
     """Read and check one GX suite file; every problem names the file and the expectation.
 
     Strings `$feature_mart`, `$entity_key`, `$as_of_column` and `$target` are replaced
-    by the dataset's mart and its contract's key, snapshot and label names; an expectation on column `$each_feature` is repeated for
-    every feature of the mart's contract (features are defined in SQL only).
+    by the dataset's mart and its contract's key, snapshot and label names; an
+    expectation on column `$each_feature` is repeated for every feature of the
+    mart's contract (features are defined in SQL only).
     """
     from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
 
