@@ -33,6 +33,7 @@ from ml.config import ChurnConfig
 from ml.data.landing import expected_files_message, validate_landing
 from ml.features.build import build_warehouse
 from ml.logs import get_logger, timed
+from ml.modeling.registry import champion_record
 from ml.modeling.score import score
 from ml.modeling.train import train
 from ml.monitoring import monitor
@@ -230,6 +231,7 @@ def _nightly_steps(run: PipelineRun, cutoff: dt.date, replay: bool, force_train:
     with run.step("train"):
         # trains only when the dataset has no champion yet, or when forced
         train(config, force=force_train, run_id=run.run_id)
+        warn_if_champion_misses_target(config)
     with run.step("score"):
         score(config, run_id=run.run_id)
     with run.step("audit_scores"):
@@ -261,6 +263,13 @@ def _nightly_steps(run: PipelineRun, cutoff: dt.date, replay: bool, force_train:
     print("\n".join(score_summary(config)))
     print(f"  reports: {index}")
     return run
+
+
+def warn_if_champion_misses_target(config: ChurnConfig) -> None:
+    """Scoring goes on with a champion below the success target, but never silently."""
+    record = champion_record(config)
+    if record is not None and record.misses_success_target:
+        log.warning("%s", record.success_warning())
 
 
 def check_drift_gate(run: PipelineRun, watched: MonitorResult, promoted: bool, accept_drift: str | None) -> None:

@@ -108,3 +108,56 @@ def test_a_scaffolded_dataset_runs_the_whole_nightly(tmp_path: Path) -> None:
             "select roc_auc from model_metrics where split = 'out_of_time' and chosen")
     assert (rows, customers, bad) == (ROWS, ROWS, 0)
     assert roc_auc > 0.7, "the planted signal (age, activity, products) is learned"
+
+
+def account_file(folder: Path) -> Path:
+    """The bank table under other names: key `AccountId`, label `Exited`."""
+    frame = pd.read_csv(bank_file(folder / "tmp", seed=9)).rename(columns={"CustomerId": "AccountId"})
+    shutil.rmtree(folder / "tmp")
+    path = folder / "accounts.csv"
+    frame.to_csv(path, index=False)
+    return path
+
+
+def rename_in(path: Path, old: str, new: str) -> None:
+    path.write_text(path.read_text().replace(old, new))
+
+
+def test_a_dataset_with_its_own_names_runs_end_to_end_and_leaves_other_datasets_alone(tmp_path: Path) -> None:
+    """Key `account_id`, snapshot `snapshot_date`, label `exited`: no stage reads churn.yml's names.
+
+    Then a second dataset's nightly: the first's published file must be byte-identical afterwards.
+    """
+    from ml.modeling.registry import champion_record
+    from ml.pipeline import nightly
+
+    config = scaffold_config(tmp_path)
+    scaffold(config, "acct", account_file(tmp_path / "acct_data"))
+    marts = config.warehouse.dbt_project_dir / "models" / "marts"
+    for path in (marts / "acct_features.sql", marts / "_acct_marts__models.yml"):
+        rename_in(path, "as_of_date", "snapshot_date")
+    acct = load_config(config.source_file, dataset="acct")
+
+    nightly(acct)
+
+    with connect(acct.warehouse.published_db, read_only=True) as session:
+        rows, accounts, dates = session.one(
+            "select count(*), count(distinct account_id), count(distinct snapshot_date) from churn_scores")
+        recall = session.scalar("select recall from model_metrics where split = 'out_of_time' and chosen")
+    assert (rows, accounts, dates) == (ROWS, ROWS, 1)
+    record = champion_record(acct)
+    assert record.success_metric == "recall" and record.meets_success_target == (recall >= record.success_target)
+
+    demo = load_config(config.source_file)
+    assert acct.warehouse.published_db == demo.warehouse.dir / "acct" / "published.duckdb"
+    assert demo.warehouse.published_db == demo.warehouse.dir / "published.duckdb"
+    published = acct.warehouse.published_db.read_bytes()
+
+    scaffold(load_config(config.source_file), "bank", bank_file(tmp_path / "bank_data"))
+    bank = load_config(config.source_file, dataset="bank")
+    nightly(bank)
+
+    assert bank.warehouse.published_db.exists() and bank.warehouse.published_db != acct.warehouse.published_db
+    assert acct.warehouse.published_db.read_bytes() == published, "another dataset's nightly changed acct's file"
+    with connect(acct.warehouse.published_db, read_only=True) as session:
+        assert session.scalar("select count(distinct dataset) from model_registry") == 1

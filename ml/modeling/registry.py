@@ -113,6 +113,10 @@ REGISTRY = declare(
         ("decision", "VARCHAR"),
         ("artifact_dir", "VARCHAR NOT NULL"),
         ("artifact_sha256", "VARCHAR NOT NULL"),
+        # the dataset's success criterion on the model's own hold-out: a champion that misses it is marked
+        ("success_metric", "VARCHAR"),
+        ("success_target", "DOUBLE"),
+        ("meets_success_target", "BOOLEAN"),
     ],
     primary_key=("model_version",),
 )
@@ -552,9 +556,18 @@ def _new_registry_row(
         "decision": comparison.decision,
         "artifact_dir": model.version,  # relative to warehouse.models_dir
         "artifact_sha256": to_json(hashes, sort_keys=True),
+        **success_columns(config, oot_metrics),
     }
     # object columns: the declared table types the values, a NULL stays NULL whatever the column.
     return pd.DataFrame({name: pd.Series([value], dtype=object) for name, value in row.items()})
+
+
+def success_columns(config: ChurnConfig, oot_metrics: dict[str, Any]) -> dict[str, Any]:
+    """The success criterion and whether the held-out metric meets it (None when not measured)."""
+    metric, target = config.problem.success_metric, config.problem.success_target
+    value = float_or_none(oot_metrics.get(metric))
+    return {"success_metric": metric, "success_target": float(target),
+            "meets_success_target": None if value is None else bool(value >= target)}
 
 
 def _write_registry_row(
@@ -563,6 +576,7 @@ def _write_registry_row(
     """Retire the old champion (when promoting) and add the new row, atomically."""
     with session.transaction():
         session.create(REGISTRY)
+        session.add_missing_columns(REGISTRY, REGISTRY.column_types)  # registries from before a column existed
         if promoted:
             session.execute(
                 f"update {quote(REGISTRY.name)} set status = ?, status_changed_at = ? "
@@ -623,6 +637,18 @@ class ModelRecord:
     threshold: float | None
     run_id: str | None
     decision: str | None = None  # why it became champion or challenger (the registry's comparison)
+    success_metric: str | None = None
+    success_target: float | None = None
+    meets_success_target: bool | None = None  # None: not measured, or registered before it was recorded
+
+    @property
+    def misses_success_target(self) -> bool:
+        return self.meets_success_target is False
+
+    def success_warning(self) -> str:
+        return (f"champion {self.model_version} ({self.dataset}) misses the success target on its hold-out: "
+                f"{self.success_metric} >= {self.success_target} not met; it is marked so in model_registry "
+                "(meets_success_target = false)")
 
 
 def champion_in(session: Session, dataset: str) -> str | None:
@@ -640,14 +666,26 @@ def model_record(session: Session, version: str) -> ModelRecord | None:
     """One model's registry facts, or None when the registry or the version is absent."""
     if not session.exists(REGISTRY):
         return None
-    row = session.one(
-        f"select model_version, dataset, algorithm, status, threshold, run_id, decision from {quote(REGISTRY.name)} "
-        "where model_version = ?",
-        [version],
-    )
+    present = session.columns(REGISTRY)
+    wanted = ("model_version", "dataset", "algorithm", "status", "threshold", "run_id", "decision",
+              "success_metric", "success_target", "meets_success_target")
+    # a registry written before the success columns existed reads them as NULL
+    columns = ", ".join(quote(c) if c in present else "null" for c in wanted)
+    row = session.one(f"select {columns} from {quote(REGISTRY.name)} where model_version = ?", [version])
     if row is None:
         return None
-    return ModelRecord(row[0], row[1], row[2], row[3], float_or_none(row[4]), row[5], row[6])
+    return ModelRecord(row[0], row[1], row[2], row[3], float_or_none(row[4]), row[5], row[6],
+                       row[7], float_or_none(row[8]), None if row[9] is None else bool(row[9]))
+
+
+def champion_record(config: ChurnConfig) -> ModelRecord | None:
+    """The active dataset's champion's registry facts (None before the first model)."""
+    db = config.warehouse.build_db
+    if not db.exists():
+        return None
+    with connect(db, read_only=True, settings=config.warehouse.engine) as session:
+        version = champion_in(session, config.dataset.name)
+        return None if version is None else model_record(session, version)
 
 
 def model_thresholds(session: Session) -> dict[str, float]:

@@ -56,6 +56,7 @@ from ml.config import ChurnConfig
 from ml.data.landing import LandingTable, landing_tables
 from ml.features.mart import current_contract, latest_snapshot_date, snapshot_size
 from ml.logs import get_logger, timed
+from ml.quality.default_suites import write_default_suites
 from ml.warehouse import MEMORY, Session, column_list, connect, declare, is_missing, json_value, quote
 from ml.warehouse.connection import VECTOR_ROWS
 
@@ -222,8 +223,9 @@ def load_suite(path: Path, config: ChurnConfig) -> Suite:
         raise SuiteError(f"{path}: meta must give stage ({'/'.join(STAGES)}) and table")
     specs: list[tuple[int, dict[str, Any]]] = []
     for i, spec in enumerate(raw.get("expectations", [])):
-        kwargs = {k: _resolve_name(v, names, path) if isinstance(v, str) else v
-                  for k, v in (spec.get("kwargs") or {}).items()}
+        kwargs = {k: _resolve_name(v, names, path) if isinstance(v, str)
+                  else [_resolve_name(c, names, path) if isinstance(c, str) else c for c in v] if k == "column_list"
+                  else v for k, v in (spec.get("kwargs") or {}).items()}
         if kwargs.get("column") == "$each_feature":
             specs += [(i, {**spec, "kwargs": {**kwargs, "column": f}}) for f in _feature_names(config)]
         else:
@@ -246,10 +248,19 @@ def load_suite(path: Path, config: ChurnConfig) -> Suite:
 
 
 def load_suites(config: ChurnConfig, stage: str) -> list[Suite]:
-    """The active dataset's suites for one stage, in file-name order."""
+    """The active dataset's suites for one stage, in file-name order.
+
+    A stage without suites is not passed with 0 expectations: it is warned about
+    loudly and judged by a default suite generated from the contract.
+    """
     folder = config.warehouse.expectations_dir / config.dataset.name
     paths = [p for p in sorted(folder.glob("*.json"))
              if json.loads(p.read_text()).get("meta", {}).get("stage") == stage]
+    if not paths:
+        paths = write_default_suites(config, stage)
+        log.warning("NO %s SUITES for dataset %r in %s: auditing with %d default suite(s) generated from the "
+                    "contract (%s); copy them into %s to review and own them", stage.upper(), config.dataset.name,
+                    folder, len(paths), ", ".join(str(p) for p in paths) or "none: no landing tables", folder)
     return [load_suite(p, config) for p in paths]
 
 
