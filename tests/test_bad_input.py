@@ -253,7 +253,10 @@ def outcomes(published_warehouse: ChurnConfig, tmp_path_factory: pytest.TempPath
         config, extra = jobs[name]
         before = digest(config.warehouse.published_db)
         code, output = run_nightly(config, *extra)
-        steps = failed_steps(config) if config.warehouse.build_db.exists() else []
+        # a --dataset run records its steps in that dataset's own build database; `before`/`after`
+        # stay the demo's published file, which another dataset's failed run must not touch either
+        recorded = config.with_dataset(extra[1]) if extra else config
+        steps = failed_steps(recorded) if recorded.warehouse.build_db.exists() else []
         score_code, score_output = run_nightly(config, command="score") if name == "mart_lost_feature" else (None, "")
         return name, Outcome(code, output, before, digest(config.warehouse.published_db), steps,
                              score_code, score_output)
