@@ -247,6 +247,7 @@ def _nightly_steps(run: PipelineRun, cutoff: dt.date, replay: bool, force_train:
         outcome = apply_policy(config, watched, cutoff)
     if outcome.outcome == OUTCOME_PROMOTED:
         with run.step("rescore"):
+            warn_if_champion_misses_target(config)  # tonight's promoted challenger is the champion now
             score(config, run_id=run.run_id)
             audit(config, "scores", run.run_id, as_of=run.as_of)
             watched = monitor.measure(config, run_id=run.run_id, logged=logged_predictions)
