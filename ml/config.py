@@ -252,12 +252,11 @@ class FileSections:
         for key, section in DATASET_OVERRIDES.items():
             if getattr(dataset, key) is not None:
                 changes[section][key] = getattr(dataset, key)
-        training = self.training
         if changes["training"]:  # costs come as a pair: the dataset's both replace the file's
             changes["training"] = {"cost_missed_churner": dataset.cost_missed_churner,
                                    "cost_wasted_offer": dataset.cost_wasted_offer}
         return {"problem": dataclasses.replace(self.problem, **changes["problem"]),
-                "training": dataclasses.replace(training, **changes["training"]),
+                "training": dataclasses.replace(self.training, **changes["training"]),
                 "warehouse": self.warehouse_for(dataset)}
 
 
