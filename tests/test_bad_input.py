@@ -197,8 +197,9 @@ def failed_steps(config: ChurnConfig) -> list[tuple[str, str]]:
 
 def drop_needed_feature(config: ChurnConfig) -> tuple[str, Path]:
     """Point the warehouse at a copy of the dbt project whose mart lacks one numeric feature
-    the champion uses (its YAML entry and tests kept, minus the tests that would now fail in
-    dbt), so the build passes and scoring must refuse."""
+    the champion uses, in its SQL and its YAML alike (a YAML entry without the SQL column is
+    refused before the build: tests/test_early_errors.py), so the build passes and scoring
+    must refuse."""
     import yaml
 
     from ml.features.contract import load_contract
@@ -215,9 +216,8 @@ def drop_needed_feature(config: ChurnConfig) -> tuple[str, Path]:
     for path in marts.glob("*.yml"):
         spec = yaml.safe_load(path.read_text())
         for model in spec.get("models", []):
-            for column in model.get("columns", []) if model["name"] == mart else []:
-                if column["name"] == feature:
-                    column.pop("data_tests", None)
+            if model["name"] == mart:
+                model["columns"] = [c for c in model.get("columns", []) if c["name"] != feature]
         path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return feature, project
 
