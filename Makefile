@@ -75,4 +75,6 @@ bench: $(STAMP) ## speed and memory benchmarks (results printed and saved)
 	$(BIN)/python -m benchmarks.run
 
 clean: ## remove generated warehouse content (keeps the venv)
-	rm -rf warehouse/*.duckdb warehouse/*.duckdb.wal warehouse/landing warehouse/oracle warehouse/models warehouse/reports warehouse/dbt_target
+	rm -rf warehouse/*.duckdb warehouse/*.duckdb.wal warehouse/landing warehouse/oracle warehouse/models warehouse/reports warehouse/dbt_target warehouse/generated_suites
+	@# other datasets' own folders (warehouse/<dataset>/, see README "Where each dataset's files live")
+	rm -rf $(patsubst %/build.duckdb,%,$(wildcard warehouse/*/build.duckdb))

@@ -77,6 +77,14 @@ class DatasetConfig:
     # How tonight's as_of_date is decided: today | data_end (the generator's end) | YYYY-MM-DD.
     clock: str
     event_tables: tuple[EventTableConfig, ...]
+    # This dataset's own build, published, models and reports files live here, so one
+    # dataset's nightly can never replace another's published state.
+    warehouse_dir: Path
+    # Business settings a dataset may set for itself (None: `problem:` / `training:`'s).
+    success_target: float | None = None
+    selection_metric: str | None = None
+    cost_missed_churner: float | None = None
+    cost_wasted_offer: float | None = None
 
 
 @dataclass(frozen=True)
@@ -239,6 +247,43 @@ class GatesConfig:
     completeness_min_rows: int  # days whose reference median is below this are not judged (too sparse)
 
 
+WAREHOUSE_FILE_KEYS = ("build_db", "published_db", "models_dir", "reports_dir")
+DATASET_OVERRIDES = {"success_target": "problem", "selection_metric": "problem",
+                     "cost_missed_churner": "training", "cost_wasted_offer": "training"}
+
+
+@dataclass(frozen=True)
+class FileSections:
+    """The sections a dataset profile adjusts, as the file states them."""
+
+    problem: ProblemConfig
+    training: TrainingConfig
+    warehouse: WarehouseConfig
+
+    def warehouse_for(self, dataset: DatasetConfig) -> WarehouseConfig:
+        """The file's warehouse files moved into the dataset's own folder (same names inside it)."""
+        base = self.warehouse
+        moved = {}
+        for key in WAREHOUSE_FILE_KEYS:
+            path = getattr(base, key)
+            inside = path.relative_to(base.dir) if path.is_relative_to(base.dir) else Path(path.name)
+            moved[key] = dataset.warehouse_dir / inside
+        return dataclasses.replace(base, dir=dataset.warehouse_dir, **moved)
+
+    def for_dataset(self, dataset: DatasetConfig) -> dict[str, Any]:
+        """problem, training and warehouse with the dataset's overrides and folder applied."""
+        changes: dict[str, dict[str, Any]] = {"problem": {}, "training": {}}
+        for key, section in DATASET_OVERRIDES.items():
+            if getattr(dataset, key) is not None:
+                changes[section][key] = getattr(dataset, key)
+        if changes["training"]:  # costs come as a pair: the dataset's both replace the file's
+            changes["training"] = {"cost_missed_churner": dataset.cost_missed_churner,
+                                   "cost_wasted_offer": dataset.cost_wasted_offer}
+        return {"problem": dataclasses.replace(self.problem, **changes["problem"]),
+                "training": dataclasses.replace(self.training, **changes["training"]),
+                "warehouse": self.warehouse_for(dataset)}
+
+
 @dataclass(frozen=True)
 class ChurnConfig:
     """Everything the pipeline knows about the problem and its environment."""
@@ -259,15 +304,20 @@ class ChurnConfig:
     operating_point: OperatingPointConfig
     promotion: PromotionConfig
     raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
+    # The file's own problem, training and warehouse sections, before the dataset's
+    # overrides and folder were applied (what `with_dataset` starts from).
+    file_sections: FileSections | None = field(default=None, repr=False, compare=False)
 
     def with_dataset(self, name: str) -> ChurnConfig:
-        """The same configuration pointed at another dataset profile."""
+        """The same configuration pointed at another dataset profile (its settings and its own files)."""
         if name not in self.datasets:
             raise ConfigError(
                 f"{self.source_file}: unknown dataset {name!r}; "
                 f"known: {', '.join(sorted(self.datasets))}"
             )
-        return dataclasses.replace(self, dataset=self.datasets[name])
+        sections = self.file_sections or FileSections(self.problem, self.training, self.warehouse)
+        return dataclasses.replace(self, dataset=self.datasets[name],
+                                   **sections.for_dataset(self.datasets[name]))
 
     def replace_paths(self, **warehouse_paths: Path) -> ChurnConfig:
         """A copy with some warehouse paths moved (tests, benchmarks, backfills)."""
@@ -395,6 +445,11 @@ RANGES: dict[str, Allowed] = {
     "operating_point.capacity_customers": Allowed(lambda v: v is None or v >= 1, ">= 1 (or null)"),
     "operating_point.capacity_share": Allowed(lambda v: v is None or 0 < v <= 1, "> 0 and <= 1 (or null)"),
     "promotion.margin": _between(0, 1, high_open=True),
+    "datasets.success_target": SHARE,
+    "datasets.selection_metric": Allowed(lambda v: v is None or v in ("pr_auc", "roc_auc"),
+                                         "one of pr_auc, roc_auc (or null)"),
+    "datasets.cost_missed_churner": Allowed(lambda v: v is None or v > 0, "> 0 (or null)"),
+    "datasets.cost_wasted_offer": Allowed(lambda v: v is None or v > 0, "> 0 (or null)"),
     "quality.row_count_tolerance": _at_least(0),
     "quality.chunk_rows": _at_least(1000),
 }
@@ -518,20 +573,53 @@ def _event_tables(values: Any, section: str, source: Path) -> tuple[EventTableCo
     return tuple(tables)
 
 
-def _datasets(raw: dict[str, Any], source: Path) -> dict[str, DatasetConfig]:
-    """Every dataset profile, keyed by its name (which is also its `name` field)."""
-    return {
-        name: _build(
+def _datasets(raw: dict[str, Any], source: Path, warehouse_dir: Path) -> dict[str, DatasetConfig]:
+    """Every dataset profile, keyed by its name (which is also its `name` field).
+
+    A profile without `warehouse_dir` keeps its files in `<warehouse.dir>/<name>`.
+    """
+    datasets = {}
+    for name, values in _section(raw, "datasets", source).items():
+        section = f"datasets.{name}"
+        dataset = _build(
             DatasetConfig,
             {**values, "name": name},
-            f"datasets.{name}",
+            section,
             source,
             landing_dir=_resolve(values.get("landing_dir", ""), source.parent),
-            clock=_clock(values.get("clock", ""), f"datasets.{name}", source),
-            event_tables=_event_tables(values.get("event_tables"), f"datasets.{name}", source),
+            clock=_clock(values.get("clock", ""), section, source),
+            event_tables=_event_tables(values.get("event_tables"), section, source),
+            warehouse_dir=_resolve(values["warehouse_dir"], source.parent) if values.get("warehouse_dir")
+            else warehouse_dir / name,
+            **{key: values.get(key) for key in DATASET_OVERRIDES},
         )
-        for name, values in _section(raw, "datasets", source).items()
-    }
+        if (dataset.cost_missed_churner is None) != (dataset.cost_wasted_offer is None):
+            raise ConfigError(f"{source}: set both {section}.cost_missed_churner and "
+                              f"{section}.cost_wasted_offer, or neither")
+        datasets[name] = dataset
+    return datasets
+
+
+def _check_datasets_apart(datasets: dict[str, DatasetConfig], sections: FileSections,
+                          oracle_dir: Path, source: Path) -> None:
+    """Refuse profiles whose files would mix: a shared folder, or one inside another's outputs."""
+    homes: dict[Path, str] = {}
+    for name, dataset in datasets.items():
+        if dataset.warehouse_dir in homes:
+            raise ConfigError(f"{source}: datasets {homes[dataset.warehouse_dir]!r} and {name!r} share "
+                              f"warehouse_dir {dataset.warehouse_dir}; each dataset needs its own")
+        homes[dataset.warehouse_dir] = name
+    for name, dataset in datasets.items():
+        for other_name, other in datasets.items():
+            if other_name == name:
+                continue
+            theirs = sections.warehouse_for(other)
+            taken = (theirs.models_dir, theirs.reports_dir, other.landing_dir, oracle_dir,
+                     *(theirs.dir / sub for sub in ("dbt_target", "backfill", "prediction_log")))
+            clash = next((p for p in taken if dataset.warehouse_dir.is_relative_to(p)), None)
+            if clash is not None:
+                raise ConfigError(f"{source}: datasets.{name}.warehouse_dir {dataset.warehouse_dir} lies inside "
+                                  f"{clash}, which dataset {other_name!r} writes; give {name!r} a warehouse_dir")
 
 
 def _chosen_dataset(
@@ -649,17 +737,20 @@ def _promotion(raw: dict[str, Any], source: Path) -> PromotionConfig:
 def _assemble(raw: dict[str, Any], source: Path, dataset: str | None) -> ChurnConfig:
     """Build and check every section, in file order so the first problem is reported first."""
     problem = _problem(raw, source)
-    datasets = _datasets(raw, source)
+    warehouse = _warehouse(raw, source)
+    datasets = _datasets(raw, source, warehouse.dir)
     chosen = _chosen_dataset(raw, datasets, dataset, source)
+    generator = _generator(raw, source)
+    sections = FileSections(problem, _training(raw, source), warehouse)
+    _check_datasets_apart(datasets, sections, generator.oracle_dir, source)
     return ChurnConfig(
         root=source.parent,
         source_file=source,
-        problem=problem,
         dataset=chosen,
         datasets=datasets,
-        warehouse=_warehouse(raw, source),
-        generator=_generator(raw, source),
-        training=_training(raw, source),
+        generator=generator,
+        file_sections=sections,
+        **sections.for_dataset(chosen),
         scoring=_scoring(raw, source),
         monitoring=_monitoring(raw, source),
         quality=_quality(raw, source),
@@ -716,6 +807,10 @@ def write_relocated_config(
             if landing.parts and landing.parts[0] == "warehouse"
             else str(config.datasets[name].landing_dir)
         )
+        if values.get("warehouse_dir"):  # a dataset's own files move with the warehouse
+            home = Path(str(values["warehouse_dir"]))
+            values["warehouse_dir"] = str(new_root / home.relative_to("warehouse")
+                                          if home.parts and home.parts[0] == "warehouse" else home)
     raw = _deep_merge(raw, overrides or {})
     target = new_root / DEFAULT_CONFIG_NAME
     target.write_text(yaml.safe_dump(raw, sort_keys=False))

@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from ml.config import ChurnConfig
-from ml.data.landing import validate_landing
+from ml.data.landing import expected_files_message, validate_landing
 from ml.features.build import build_warehouse
 from ml.logs import get_logger, timed
 from ml.modeling.definitions import check_definitions, current_definitions_sha256
-from ml.modeling.registry import load_champion, model_record, version_on_definitions
+from ml.modeling.registry import champion_record, load_champion, model_record, version_on_definitions
 from ml.modeling.score import score
 from ml.modeling.train import train
 from ml.monitoring import monitor
@@ -184,7 +184,8 @@ def ensure_landing(config: ChurnConfig) -> None:
         log.info("landing folder %s holds %d file(s)", landing, len(present))
         return
     if not config.dataset.generate_if_empty:
-        raise LandingError(f"landing folder {landing} has no .{config.dataset.landing_format} files")
+        raise LandingError(f"landing folder {landing} has no .{config.dataset.landing_format} files; "
+                           f"{expected_files_message(config)}")
     from ml.data.generate import GenerateOptions, generate
 
     generate(GenerateOptions.from_config(config))
@@ -231,6 +232,7 @@ def _nightly_steps(run: PipelineRun, cutoff: dt.date, replay: bool, force_train:
     with run.step("train"):
         # trains when the dataset has no champion yet, when forced, or when the mart redefined its features
         definitions = train_if_needed(run, force_train)
+        warn_if_champion_misses_target(config)
     with run.step("score"):
         score(config, run_id=run.run_id)
     with run.step("audit_scores"):
@@ -246,6 +248,7 @@ def _nightly_steps(run: PipelineRun, cutoff: dt.date, replay: bool, force_train:
         outcome = apply_policy(config, watched, cutoff)
     if outcome.outcome == OUTCOME_PROMOTED:
         with run.step("rescore"):
+            warn_if_champion_misses_target(config)  # tonight's promoted challenger is the champion now
             score(config, run_id=run.run_id)
             audit(config, "scores", run.run_id, as_of=run.as_of)
             watched = monitor.measure(config, run_id=run.run_id, logged=logged_predictions)
@@ -301,6 +304,13 @@ def train_if_needed(run: PipelineRun, force: bool) -> str:
     run.record("feature_definitions", started, "success", note)
     log.warning("feature definitions: %s", note)
     return note
+
+
+def warn_if_champion_misses_target(config: ChurnConfig) -> None:
+    """Scoring goes on with a champion below the success target, but never silently."""
+    record = champion_record(config)
+    if record is not None and record.misses_success_target:
+        log.warning("%s", record.success_warning())
 
 
 def check_drift_gate(run: PipelineRun, watched: MonitorResult, promoted: bool, accept_drift: str | None) -> None:

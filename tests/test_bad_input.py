@@ -197,8 +197,9 @@ def failed_steps(config: ChurnConfig) -> list[tuple[str, str]]:
 
 def drop_needed_feature(config: ChurnConfig) -> tuple[str, Path]:
     """Point the warehouse at a copy of the dbt project whose mart lacks one numeric feature
-    the champion uses (its YAML entry and tests kept, minus the tests that would now fail in
-    dbt), so the build passes and scoring must refuse."""
+    the champion uses, in its SQL and its YAML alike (a YAML entry without the SQL column is
+    refused before the build: tests/test_early_errors.py), so the build passes and scoring
+    must refuse."""
     import yaml
 
     from ml.features.contract import load_contract
@@ -215,9 +216,8 @@ def drop_needed_feature(config: ChurnConfig) -> tuple[str, Path]:
     for path in marts.glob("*.yml"):
         spec = yaml.safe_load(path.read_text())
         for model in spec.get("models", []):
-            for column in model.get("columns", []) if model["name"] == mart else []:
-                if column["name"] == feature:
-                    column.pop("data_tests", None)
+            if model["name"] == mart:
+                model["columns"] = [c for c in model.get("columns", []) if c["name"] != feature]
         path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return feature, project
 
@@ -253,7 +253,10 @@ def outcomes(published_warehouse: ChurnConfig, tmp_path_factory: pytest.TempPath
         config, extra = jobs[name]
         before = digest(config.warehouse.published_db)
         code, output = run_nightly(config, *extra)
-        steps = failed_steps(config) if config.warehouse.build_db.exists() else []
+        # a --dataset run records its steps in that dataset's own build database; `before`/`after`
+        # stay the demo's published file, which another dataset's failed run must not touch either
+        recorded = config.with_dataset(extra[1]) if extra else config
+        steps = failed_steps(recorded) if recorded.warehouse.build_db.exists() else []
         score_code, score_output = run_nightly(config, command="score") if name == "mart_lost_feature" else (None, "")
         return name, Outcome(code, output, before, digest(config.warehouse.published_db), steps,
                              score_code, score_output)

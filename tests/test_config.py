@@ -161,3 +161,45 @@ def test_engine_settings_are_typed_and_relocated_configs_keep_them(tmp_path: Pat
         base, tmp_path, {"warehouse": {"threads": 2, "temp_directory": str(tmp_path / "spill")}}))
     assert moved.warehouse.engine.pragmas() == {"memory_limit": "3GB", "threads": 2,
                                                 "temp_directory": str(tmp_path / "spill")}
+
+
+def test_each_dataset_has_its_own_files_and_the_demo_keeps_the_top_level(tmp_path: Path) -> None:
+    config = load_config(write_relocated_config(load_config(REPO_ROOT / "churn.yml"), tmp_path))
+    telco = config.with_dataset("telco")
+    assert config.warehouse.published_db == tmp_path / "published.duckdb", "BI's README queries read this file"
+    home = tmp_path / "telco"
+    assert (telco.warehouse.build_db, telco.warehouse.published_db, telco.warehouse.models_dir,
+            telco.warehouse.reports_dir) == (home / "build.duckdb", home / "published.duckdb",
+                                             home / "models", home / "reports")
+    assert telco.with_dataset("demo").warehouse == config.warehouse
+    assert load_config(config.source_file, dataset="telco").warehouse == telco.warehouse
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda raw: raw["datasets"]["telco"].update(warehouse_dir="warehouse"),
+         "datasets 'demo' and 'telco' share warehouse_dir"),
+        (lambda raw: raw["datasets"].update(models=dict(raw["datasets"]["telco"])),
+         r"datasets.models.warehouse_dir .*warehouse/models lies inside .*warehouse/models, which dataset 'demo'"),
+        (lambda raw: raw["datasets"]["telco"].update(success_target=0),
+         r"datasets.telco.success_target = 0 is out of range"),
+        (lambda raw: raw["datasets"]["telco"].update(cost_wasted_offer=2.0),
+         "set both datasets.telco.cost_missed_churner and datasets.telco.cost_wasted_offer"),
+    ],
+)
+def test_datasets_that_would_mix_or_bad_overrides_are_refused(tmp_path: Path, change, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(write_changed(tmp_path, change))
+
+
+def test_a_dataset_profile_overrides_the_business_settings(tmp_path: Path) -> None:
+    def override(raw: dict) -> None:
+        raw["datasets"]["telco"].update(success_target=0.6, selection_metric="roc_auc",
+                                        cost_missed_churner=10.0, cost_wasted_offer=1.0)
+    config = load_config(write_changed(tmp_path, override))
+    telco = config.with_dataset("telco")
+    assert (telco.problem.success_target, telco.problem.selection_metric) == (0.6, "roc_auc")
+    assert (telco.training.cost_missed_churner, telco.training.cost_wasted_offer) == (10.0, 1.0)
+    assert (config.problem.success_target, config.training.cost_missed_churner) == (0.8, None), "demo unchanged"
+    assert telco.with_dataset("demo").problem == config.problem

@@ -295,3 +295,24 @@ def test_a_better_challenger_within_the_margin_keeps_the_champion(tmp_path: Path
     row = registry_frame(config).set_index("model_version").loc[strong]
     assert row["challenger_metric_same_rows"] > row["champion_metric_same_rows"]
     assert champion_version(config) == weak and "-> champion kept" in row["decision"]
+
+
+def test_a_champion_that_misses_the_success_target_is_marked_and_the_nightly_warns(
+        config: ChurnConfig, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from ml.modeling.registry import champion_record
+    from ml.pipeline import warn_if_champion_misses_target
+
+    target = config.problem.success_target
+    register(config, fitted_model(), "r1", {"recall": target - 0.1})
+    record = champion_record(config)
+    assert (record.success_metric, record.success_target, record.meets_success_target) == ("recall", target, False)
+    with caplog.at_level(logging.WARNING, logger="churn"):
+        warn_if_champion_misses_target(config)
+    assert f"misses the success target on its hold-out: recall >= {target} not met" in caplog.text
+
+    from ml.modeling.registry import success_columns
+
+    assert success_columns(config, {"recall": target})["meets_success_target"] is True
+    assert success_columns(config, {})["meets_success_target"] is None, "not measured is not a miss"

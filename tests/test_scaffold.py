@@ -88,23 +88,84 @@ def test_bad_names_and_existing_files_are_refused_and_nothing_is_written(tmp_pat
     assert not (config.warehouse.dbt_project_dir / "models" / "marts" / "bank_features.sql").exists()
 
 
-def test_a_scaffolded_dataset_runs_the_whole_nightly(tmp_path: Path) -> None:
+def account_file(folder: Path) -> Path:
+    """The bank table under other names: key `AccountId`, label `Exited`."""
+    frame = pd.read_csv(bank_file(folder / "tmp", seed=9)).rename(columns={"CustomerId": "AccountId"})
+    shutil.rmtree(folder / "tmp")
+    path = folder / "accounts.csv"
+    frame.to_csv(path, index=False)
+    return path
+
+
+def rename_in(path: Path, old: str, new: str) -> None:
+    path.write_text(path.read_text().replace(old, new))
+
+
+def test_a_dataset_with_its_own_names_runs_end_to_end_and_leaves_other_datasets_alone(tmp_path: Path) -> None:
+    """Key `account_id`, snapshot `snapshot_date`, label `exited`: no stage reads churn.yml's names.
+
+    Then a second dataset's nightly: the first's published file must be byte-identical afterwards.
+    """
+    from ml.modeling.registry import champion_record
     from ml.pipeline import nightly
+    from ml.quality.audit import AuditError, audit
+    from ml.quality.default_suites import generated_folder
 
     config = scaffold_config(tmp_path)
-    result = scaffold(config, "bank", bank_file(tmp_path / "data"))
+    scaffold(config, "acct", account_file(tmp_path / "acct_data"))
+    marts = config.warehouse.dbt_project_dir / "models" / "marts"
+    for path in (marts / "acct_features.sql", marts / "_acct_marts__models.yml"):
+        rename_in(path, "as_of_date", "snapshot_date")
+    shutil.rmtree(config.warehouse.expectations_dir / "acct")  # no suites: default ones are generated
+    acct = load_config(config.source_file, dataset="acct")
+
+    nightly(acct)
+
+    generated = sorted(p.name for p in generated_folder(acct).glob("*.json"))
+    assert generated == ["acct_default_landing_accounts.json", "acct_default_mart_feature_mart.json",
+                         "acct_default_scores_churn_scores.json"]
+    with connect(acct.warehouse.build_db, read_only=True) as session:
+        judged = dict(session.rows("select stage, count(*) from data_quality_results group by 1"))
+        unique_pairs = session.scalar(
+            "select column_name from data_quality_results "
+            "where expectation_type = 'expect_compound_columns_to_be_unique'")
+    assert judged["landing"] >= 1 and judged["mart"] > 10 and judged["scores"] >= 4, judged
+    assert unique_pairs == "account_id,snapshot_date", "the default suite uses the contract's names"
+
+    with connect(acct.warehouse.published_db, read_only=True) as session:
+        rows, accounts, dates = session.one(
+            "select count(*), count(distinct account_id), count(distinct snapshot_date) from churn_scores")
+        recall = session.scalar("select recall from model_metrics where split = 'out_of_time' and chosen")
+    assert (rows, accounts, dates) == (ROWS, ROWS, 1)
+    record = champion_record(acct)
+    assert record.success_metric == "recall" and record.meets_success_target == (recall >= record.success_target)
+
+    demo = load_config(config.source_file)
+    assert acct.warehouse.published_db == demo.warehouse.dir / "acct" / "published.duckdb"
+    assert demo.warehouse.published_db == demo.warehouse.dir / "published.duckdb"
+    published = acct.warehouse.published_db.read_bytes()
+
+    result = scaffold(load_config(config.source_file), "bank", bank_file(tmp_path / "bank_data"))
     assert any("make nightly DATASET=bank" in step for step in result.next_steps)
     bank = load_config(config.source_file, dataset="bank")
-    assert bank.dataset.feature_mart == "bank_features"
-    assert set(bank.datasets) == {"demo", "telco", "bank"}, "the profile was added beside the others"
-
+    assert set(bank.datasets) == {"demo", "telco", "acct", "bank"}, "the profiles were added beside the others"
     nightly(bank)
 
+    assert bank.warehouse.published_db.exists() and bank.warehouse.published_db != acct.warehouse.published_db
+    assert acct.warehouse.published_db.read_bytes() == published, "another dataset's nightly changed acct's file"
+    with connect(acct.warehouse.published_db, read_only=True) as session:
+        assert session.scalar("select count(distinct dataset) from model_registry") == 1
     with connect(bank.warehouse.published_db, read_only=True) as session:
         rows, customers, bad = session.one(
             "select count(*), count(distinct customer_id), "
             "count(*) filter (where churn_probability not between 0 and 1) from churn_scores")
-        roc_auc = session.scalar(
-            "select roc_auc from model_metrics where split = 'out_of_time' and chosen")
+        roc_auc = session.scalar("select roc_auc from model_metrics where split = 'out_of_time' and chosen")
     assert (rows, customers, bad) == (ROWS, ROWS, 0)
     assert roc_auc > 0.7, "the planted signal (age, activity, products) is learned"
+
+    # the generated mart suite catches a label that is not 0/1 (planted in acct's build database)
+    with connect(acct.warehouse.build_db) as session:
+        session.execute("update acct_features set exited = 2 where account_id in "
+                        "(select account_id from acct_features limit 3)")
+    with pytest.raises(AuditError, match=r"acct_features, column exited\): expect_column_values_to_be_in_set"):
+        audit(acct, "mart", "planted")

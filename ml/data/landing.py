@@ -73,23 +73,18 @@ def source_files(config: ChurnConfig) -> list[Path]:
     return sorted((config.warehouse.dbt_project_dir / "models").rglob("_*__sources.yml"))
 
 
-def landing_tables(config: ChurnConfig) -> list[LandingTable]:
-    """The tables the active dataset lands: sources whose files use its landing format.
-
-    A source belongs to the dataset when its external location reads files of the
-    dataset's format and at least one of its tables has a file in the landing folder,
-    so a missing table of an otherwise present source is reported by name.
-    """
+def _sources_of_format(config: ChurnConfig) -> list[list[LandingTable]]:
+    """Per dbt source whose external location reads files of the dataset's format: its tables."""
     fmt = config.dataset.landing_format
     landing = config.dataset.landing_dir
-    chosen: list[LandingTable] = []
+    found: list[list[LandingTable]] = []
     for path in source_files(config):
         spec = yaml.safe_load(path.read_text()) or {}
         for source in spec.get("sources", []):
             location = ((source.get("config") or {}).get("meta") or {}).get("external_location", "")
             if not re.search(rf"\{{name\}}\.{re.escape(fmt)}\b", location):
                 continue
-            tables = [
+            found.append([
                 LandingTable(
                     source=source["name"],
                     name=table["name"],
@@ -98,10 +93,33 @@ def landing_tables(config: ChurnConfig) -> list[LandingTable]:
                     columns={c["name"]: str(c.get("data_type") or "").lower() for c in table.get("columns", [])},
                 )
                 for table in source.get("tables", [])
-            ]
-            if any(t.path.exists() for t in tables):
-                chosen.extend(tables)
-    return chosen
+            ])
+    return found
+
+
+def landing_tables(config: ChurnConfig) -> list[LandingTable]:
+    """The tables the active dataset lands: sources whose files use its landing format.
+
+    A source belongs to the dataset when its external location reads files of the
+    dataset's format and at least one of its tables has a file in the landing folder,
+    so a missing table of an otherwise present source is reported by name.
+    """
+    return [t for tables in _sources_of_format(config) if any(t.path.exists() for t in tables) for t in tables]
+
+
+def expected_files_message(config: ChurnConfig) -> str:
+    """Which file names the dbt sources would read, and where: what an empty landing folder lacks.
+
+    The source named like the dataset (as `churn new-dataset` writes it) is listed first.
+    """
+    sources = sorted(_sources_of_format(config), key=lambda ts: (ts[0].source != config.dataset.name, ts[0].source)
+                     if ts else (True, ""))
+    listed = [f"{', '.join(t.path.name for t in tables)} (source {tables[0].source})" for tables in sources if tables]
+    if not listed:
+        fmt = config.dataset.landing_format
+        return (f"no dbt source in {config.warehouse.dbt_project_dir / 'models'} reads .{fmt} files "
+                f"(external_location with {{name}}.{fmt})")
+    return f"expected in {config.dataset.landing_dir}: " + "; or ".join(listed)
 
 
 def _check_csv_rows(session: Session, table: LandingTable) -> list[str]:
@@ -179,7 +197,7 @@ def validate_landing(config: ChurnConfig) -> dict[str, int]:
     if not tables:
         raise LandingValidationError(
             f"no landing tables for dataset {config.dataset.name!r}: no {config.dataset.landing_format} "
-            f"file of any dbt source in {config.dataset.landing_dir}"
+            f"file of any dbt source in {config.dataset.landing_dir}; {expected_files_message(config)}"
         )
     problems: list[str] = []
     counts: dict[str, int] = {}

@@ -10,6 +10,7 @@ import argparse
 
 from ml.config import ChurnConfig
 from ml.features.dbt import DbtResult, run_dbt
+from ml.features.sql_check import check_mart_sql
 from ml.logs import get_logger
 from ml.warehouse import connect
 
@@ -20,9 +21,13 @@ def build_warehouse(config: ChurnConfig, as_of: str | None = None) -> DbtResult:
     """dbt build (models + tests) of the dataset's mart and everything upstream.
 
     The as_of is always explicit (the dataset's clock when not given), so the
-    snapshot date never follows the newest event in the data.
+    snapshot date never follows the newest event in the data. The mart's
+    contract is first checked against its compiled SQL (`ml.features.sql_check`),
+    so a YAML feature the SQL lacks fails here, naming the model and columns.
     """
-    return run_dbt(config, "build", as_of=as_of or config.decided_as_of().isoformat())
+    as_of = as_of or config.decided_as_of().isoformat()
+    check_mart_sql(config, as_of)
+    return run_dbt(config, "build", as_of=as_of)
 
 
 def mart_row_counts(config: ChurnConfig) -> dict[str, int]:

@@ -76,15 +76,22 @@ class Roles:
 
 @dataclass(frozen=True)
 class MartNames:
-    """The key, snapshot and label names the mart gives its roles (churn.yml's `problem:` names)."""
+    """The key, snapshot and label names the mart gives its roles.
+
+    The file's own key and label names (snake_case) are kept: every stage reads
+    the names from the contract, so `account_id` and `exited` need no renaming.
+    The snapshot column (the file has none) and a missing label take churn.yml's
+    `problem:` defaults.
+    """
 
     key: str
     as_of: str
     label: str
 
     @classmethod
-    def from_config(cls, config: ChurnConfig) -> MartNames:
-        return cls(config.problem.entity_key, config.problem.as_of_column, config.problem.target)
+    def for_file(cls, config: ChurnConfig, roles: Roles) -> MartNames:
+        label = roles.label.snake if roles.label is not None else config.problem.target
+        return cls(roles.key.snake, config.problem.as_of_column, label)
 
 
 @dataclass(frozen=True)
@@ -278,8 +285,12 @@ def _expectation(kind: str, severity: str, notes: str, **kwargs: object) -> dict
     return {"type": kind, "kwargs": kwargs, "meta": {"severity": severity, "notes": notes}}
 
 
-def suites(name: str, table: str, profile: FileProfile, roles: Roles, names: MartNames) -> dict[str, dict]:
-    """Default suites from the contract: volume, keys, label values, features' null shares."""
+def suites(name: str, table: str, profile: FileProfile, roles: Roles) -> dict[str, dict]:
+    """Default suites from the contract: volume, keys, label values, features' null shares.
+
+    Mart and score suites name the key and label by placeholder, so renaming a
+    role column in the mart's YAML needs no suite edit.
+    """
     rows = {"min_value": {"$PARAMETER": "min_rows"}, "max_value": {"$PARAMETER": "max_rows"}}
     volume = _expectation("expect_table_row_count_to_be_between", "critical",
                           "Within quality.row_count_tolerance of the last audited run.", **rows)
@@ -291,16 +302,16 @@ def suites(name: str, table: str, profile: FileProfile, roles: Roles, names: Mar
                 for c in roles.features if c.nulls]
     mart = [volume,
             _expectation("expect_column_values_to_be_unique", "critical", "One row per key and snapshot.",
-                         column=names.key),
+                         column="$entity_key"),
             _expectation("expect_column_values_to_be_in_set", "critical", "The label is 0 or 1.",
-                         column=names.label, value_set=[0, 1]),
+                         column="$target", value_set=[0, 1]),
             _expectation("expect_column_mean_to_be_between", "critical",
-                         "Share of churners within quality.label_share_band.", column=names.label,
+                         "Share of churners within quality.label_share_band.", column="$target",
                          min_value={"$PARAMETER": "label_share_min"}, max_value={"$PARAMETER": "label_share_max"})]
     scores = [_expectation("expect_column_values_to_be_between", "critical", "Probabilities lie in [0, 1].",
                            column="churn_probability", min_value=0, max_value=1),
               _expectation("expect_column_values_to_be_unique", "critical", "One score per key.",
-                           column=names.key)]
+                           column="$entity_key")]
     return {
         f"raw_{table}.json": {"name": f"{name}_raw_{table}", "meta": {"stage": "landing", "table": table,
                               "description": f"Landing {profile.path.name} before dbt."}, "expectations": landing},
@@ -350,7 +361,7 @@ def scaffold(config: ChurnConfig, name: str, source: Path, key: str | None = Non
         raise ScaffoldError(f"dataset {name!r} already has a profile in {config.source_file}")
     profile = read_file(source)
     roles = guess_roles(profile, key, label)
-    names = MartNames.from_config(config)
+    names = MartNames.for_file(config, roles)
     table = re.sub(r"[^a-z0-9]+", "_", profile.path.stem.lower()).strip("_")
     if table != profile.path.stem:
         raise ScaffoldError(f"{profile.path}: rename the file to {table}{profile.path.suffix} "
@@ -368,7 +379,7 @@ def scaffold(config: ChurnConfig, name: str, source: Path, key: str | None = Non
         models / "marts" / f"{name}_features.sql": mart_sql(name, table, roles, names, snapshot_date),
     }
     files |= {config.warehouse.expectations_dir / name / file: json.dumps(suite, indent=2) + "\n"
-              for file, suite in suites(name, table, profile, roles, names).items()}
+              for file, suite in suites(name, table, profile, roles).items()}
     in_the_way = [p for p in files if p.exists()]
     if in_the_way:
         raise ScaffoldError(f"dataset {name!r}: {in_the_way[0]} exists already; nothing was written")

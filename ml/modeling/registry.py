@@ -134,14 +134,15 @@ REGISTRY = declare(
         ("artifact_dir", "VARCHAR NOT NULL"),
         ("artifact_sha256", "VARCHAR NOT NULL"),
         ("definitions_sha256", "VARCHAR"),
-        # Last, so registries written before them gain them by `alter table add column`.
         ("comparison_metrics", "VARCHAR"),
+        # the dataset's success criterion on the model's own hold-out: a champion that misses it is marked
+        ("success_metric", "VARCHAR"),
+        ("success_target", "DOUBLE"),
+        ("meets_success_target", "BOOLEAN"),
     ],
     primary_key=("model_version",),
 )
 REGISTRY_TABLE = REGISTRY.name
-# Registries created before these columns gain them on the next registration.
-ADDED_COLUMNS = {"definitions_sha256": "VARCHAR", "comparison_metrics": "VARCHAR"}
 
 EVENTS = declare(
     name="model_registry_events",
@@ -690,9 +691,18 @@ def _new_registry_row(
         "artifact_sha256": to_json(hashes, sort_keys=True),
         "definitions_sha256": model_definitions_sha256(model),
         "comparison_metrics": None if comparison.metrics is None else to_json(comparison.metrics, sort_keys=True),
+        **success_columns(config, oot_metrics),
     }
     # object columns: the declared table types the values, a NULL stays NULL whatever the column.
     return pd.DataFrame({name: pd.Series([value], dtype=object) for name, value in row.items()})
+
+
+def success_columns(config: ChurnConfig, oot_metrics: dict[str, Any]) -> dict[str, Any]:
+    """The success criterion and whether the held-out metric meets it (None when not measured)."""
+    metric, target = config.problem.success_metric, config.problem.success_target
+    value = float_or_none(oot_metrics.get(metric))
+    return {"success_metric": metric, "success_target": float(target),
+            "meets_success_target": None if value is None else bool(value >= target)}
 
 
 def _write_registry_row(
@@ -701,7 +711,7 @@ def _write_registry_row(
     """Retire the old champion (when promoting) and add the new row, atomically."""
     with session.transaction():
         session.create(REGISTRY)
-        session.add_missing_columns(REGISTRY, ADDED_COLUMNS)
+        session.add_missing_columns(REGISTRY, REGISTRY.column_types)  # registries from before a column existed
         if promoted:
             session.execute(
                 f"update {quote(REGISTRY.name)} set status = ?, status_changed_at = ? "
@@ -768,6 +778,18 @@ class ModelRecord:
     comparison_rows: int | None = None
     # Both models' metrics on those rows ({"challenger": ..., "champion": ...}); None before it was recorded.
     comparison_metrics: dict[str, dict[str, float]] | None = None
+    success_metric: str | None = None
+    success_target: float | None = None
+    meets_success_target: bool | None = None  # None: not measured, or registered before it was recorded
+
+    @property
+    def misses_success_target(self) -> bool:
+        return self.meets_success_target is False
+
+    def success_warning(self) -> str:
+        return (f"champion {self.model_version} ({self.dataset}) misses the success target on its hold-out: "
+                f"{self.success_metric} >= {self.success_target} not met; it is marked so in model_registry "
+                "(meets_success_target = false)")
 
 
 def champion_in(session: Session, dataset: str) -> str | None:
@@ -785,21 +807,38 @@ def model_record(session: Session, version: str) -> ModelRecord | None:
     """One model's registry facts, or None when the registry or the version is absent."""
     if not session.exists(REGISTRY):
         return None
-    # select *: a registry written before comparison_metrics existed lacks that column.
+    # select *: a registry written before a column existed lacks it, and reads it as NULL.
     frame = session.frame(f"select * from {quote(REGISTRY.name)} where model_version = ?", [version])
     if frame.empty:
         return None
     row = frame.iloc[0].to_dict()
-    metrics = row.get("comparison_metrics")
-    rows = row.get("comparison_rows")
+
+    def value(column: str) -> Any:
+        found = row.get(column)
+        return None if is_missing(found) else found
+
+    metrics, rows, meets = value("comparison_metrics"), value("comparison_rows"), value("meets_success_target")
     return ModelRecord(
         row["model_version"], row["dataset"], row["algorithm"], row["status"], float_or_none(row["threshold"]),
-        row["run_id"], row["decision"],
-        compared_with=None if is_missing(row.get("compared_with")) else row["compared_with"],
-        selection_metric=row.get("selection_metric"),
-        comparison_rows=None if is_missing(rows) else int(rows),
-        comparison_metrics=None if is_missing(metrics) else json.loads(metrics),
+        value("run_id"), value("decision"),
+        compared_with=value("compared_with"),
+        selection_metric=value("selection_metric"),
+        comparison_rows=None if rows is None else int(rows),
+        comparison_metrics=None if metrics is None else json.loads(metrics),
+        success_metric=value("success_metric"),
+        success_target=float_or_none(value("success_target")),
+        meets_success_target=None if meets is None else bool(meets),
     )
+
+
+def champion_record(config: ChurnConfig) -> ModelRecord | None:
+    """The active dataset's champion's registry facts (None before the first model)."""
+    db = config.warehouse.build_db
+    if not db.exists():
+        return None
+    with connect(db, read_only=True, settings=config.warehouse.engine) as session:
+        version = champion_in(session, config.dataset.name)
+        return None if version is None else model_record(session, version)
 
 
 def model_thresholds(session: Session) -> dict[str, float]:

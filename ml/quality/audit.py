@@ -56,6 +56,7 @@ from ml.data.landing import LandingTable, landing_tables
 from ml.features.mart import current_contract, latest_snapshot_date, snapshot_size
 from ml.logs import get_logger, timed
 from ml.quality.data_docs import SuiteRun, write_data_docs
+from ml.quality.default_suites import write_default_suites
 from ml.warehouse import MEMORY, Session, column_list, connect, declare, is_missing, json_value, quote
 from ml.warehouse.connection import VECTOR_ROWS
 
@@ -165,14 +166,31 @@ class AuditReport:
 # --- suites -----------------------------------------------------------------
 
 
+ROLE_PLACEHOLDERS = ("$entity_key", "$as_of_column", "$target")
+
+
 def _names(config: ChurnConfig) -> dict[str, str]:
-    """Placeholders a suite may use for names churn.yml owns, so no suite repeats them."""
-    return {
-        "$feature_mart": config.dataset.feature_mart,
-        "$entity_key": config.problem.entity_key,
-        "$as_of_column": config.problem.as_of_column,
-        "$target": config.problem.target,
-    }
+    """Placeholders a suite may use for names the dataset owns, so no suite repeats them.
+
+    The key, snapshot and label names are the mart contract's (its dbt YAML roles),
+    not churn.yml's defaults: a mart keyed by `account_id` with label `exited` is
+    audited on those columns. Before the first build there is no manifest; a suite
+    that needs a role name then fails naming the placeholder (see `_resolve_name`).
+    """
+    from ml.features.dbt import dbt_target_path
+
+    names = {"$feature_mart": config.dataset.feature_mart}
+    if (dbt_target_path(config) / "manifest.json").exists():
+        contract = current_contract(config)
+        names |= dict(zip(ROLE_PLACEHOLDERS, (contract.key, contract.as_of, contract.label), strict=True))
+    return names
+
+
+def _resolve_name(value: str, names: dict[str, str], path: Path) -> str:
+    if value in ROLE_PLACEHOLDERS and value not in names:
+        raise SuiteError(f"{path}: {value} is the mart contract's name and needs dbt's manifest "
+                         "(run `churn build` first)")
+    return names.get(value, value)
 
 
 def _feature_names(config: ChurnConfig) -> list[str]:
@@ -189,8 +207,9 @@ def load_suite(path: Path, config: ChurnConfig) -> Suite:
     """Read and check one GX suite file; every problem names the file and the expectation.
 
     Strings `$feature_mart`, `$entity_key`, `$as_of_column` and `$target` are replaced
-    by churn.yml's names; an expectation on column `$each_feature` is repeated for
-    every feature of the mart's contract (features are defined in SQL only).
+    by the dataset's mart and its contract's key, snapshot and label names; an
+    expectation on column `$each_feature` is repeated for every feature of the
+    mart's contract (features are defined in SQL only).
     """
     from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
 
@@ -204,7 +223,9 @@ def load_suite(path: Path, config: ChurnConfig) -> Suite:
         raise SuiteError(f"{path}: meta must give stage ({'/'.join(STAGES)}) and table")
     specs: list[tuple[int, dict[str, Any]]] = []
     for i, spec in enumerate(raw.get("expectations", [])):
-        kwargs = {k: names.get(v, v) if isinstance(v, str) else v for k, v in (spec.get("kwargs") or {}).items()}
+        kwargs = {k: _resolve_name(v, names, path) if isinstance(v, str)
+                  else [_resolve_name(c, names, path) if isinstance(c, str) else c for c in v] if k == "column_list"
+                  else v for k, v in (spec.get("kwargs") or {}).items()}
         if kwargs.get("column") == "$each_feature":
             specs += [(i, {**spec, "kwargs": {**kwargs, "column": f}}) for f in _feature_names(config)]
         else:
@@ -227,10 +248,19 @@ def load_suite(path: Path, config: ChurnConfig) -> Suite:
 
 
 def load_suites(config: ChurnConfig, stage: str) -> list[Suite]:
-    """The active dataset's suites for one stage, in file-name order."""
+    """The active dataset's suites for one stage, in file-name order.
+
+    A stage without suites is not passed with 0 expectations: it is warned about
+    loudly and judged by a default suite generated from the contract.
+    """
     folder = config.warehouse.expectations_dir / config.dataset.name
     paths = [p for p in sorted(folder.glob("*.json"))
              if json.loads(p.read_text()).get("meta", {}).get("stage") == stage]
+    if not paths:
+        paths = write_default_suites(config, stage)
+        log.warning("NO %s SUITES for dataset %r in %s: auditing with %d default suite(s) generated from the "
+                    "contract (%s); copy them into %s to review and own them", stage.upper(), config.dataset.name,
+                    folder, len(paths), ", ".join(str(p) for p in paths) or "none: no landing tables", folder)
     return [load_suite(p, config) for p in paths]
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pandas as pd
 
 from ml.config import ChurnConfig
+from ml.features.mart import current_contract
 from ml.modeling.operating_point import history
 from ml.modeling.registry import model_record
 from ml.modeling.score import SCORES_TABLE, latest_scores_summary
@@ -27,8 +28,9 @@ def _fmt(value: object) -> str:
 
 def score_summary(config: ChurnConfig) -> list[str]:
     """Lines describing today's churn_scores and the scoring model's held-out metrics."""
+    as_of_column = current_contract(config).as_of  # churn_scores carries the mart's own snapshot name
     with connect(config.warehouse.build_db, read_only=True, settings=config.warehouse.engine) as session:
-        scores = latest_scores_summary(session, config.problem.as_of_column)
+        scores = latest_scores_summary(session, as_of_column)
         if scores is None:
             return [f"  no {SCORES_TABLE} table: nothing was scored"]
         rows, flagged, version = scores.rows, scores.flagged, scores.model_version

@@ -163,7 +163,7 @@ def compile_features(config: ChurnConfig, workdir: Path | None = None) -> Compil
         source = manifest["sources"][source_id]
         meta = {**(source.get("meta") or {}), **((source.get("config") or {}).get("meta") or {})}
         columns = {name: col.get("data_type") for name, col in source["columns"].items()}
-        key_column = meta.get("entity_key", config.problem.entity_key)
+        key_column = meta.get("entity_key", contract.key)
         sources.append(CompiledSource(
             name=source["name"], relation=source["relation_name"], columns=columns,
             key_column=key_column if key_column in columns else None,

@@ -109,11 +109,11 @@ def load_state(config: ChurnConfig, compiled: CompiledFeatures) -> PublishedStat
                 raise RequestError(f"published database {db} has no {table} table; run `make nightly`")
         info = published_info(session)
         version = champion_in(session, config.dataset.name)
-        summary = latest_scores_summary(session, config.problem.as_of_column)
+        summary = latest_scores_summary(session, compiled.as_of_column)
         if version is None or summary is None or summary.last_as_of is None:
             raise RequestError(f"published database {db} has no champion or scores for {config.dataset.name!r}")
         scores = published_scores(session)
-        history = scored_dates(session, config.problem.as_of_column) if session.exists(HISTORY_SPEC) else []
+        history = scored_dates(session, compiled.as_of_column) if session.exists(HISTORY_SPEC) else []
     with timed(f"loading champion {version} and tonight's features", log):
         model = load_model(config, version, registry_db=db)
         features = snapshot_features(compiled, summary.last_as_of)
