@@ -164,7 +164,8 @@ def comparison_frame(metrics: dict[str, dict[str, float]]) -> pd.DataFrame:
         if theirs is not None and mine is not None and mine != theirs:
             better = "challenger" if (mine < theirs) == (name in LOWER_IS_BETTER) else "champion"
         rows.append({"metric": name, "champion": theirs, "challenger": mine, "better": better})
-    return pd.DataFrame(rows)
+    # object dtype: a column of nothing but ties must stay None, not become NaN
+    return pd.DataFrame(rows).astype({"better": object}) if rows else pd.DataFrame(rows)
 
 
 def chart_comparison(frame: pd.DataFrame, selection_metric: str) -> str:
@@ -189,7 +190,7 @@ def _comparison_table(frame: pd.DataFrame, record: object) -> str:
 
     rows = "".join(
         f"<tr><th>{html.escape(r.metric)}</th><td>{cell(r.champion)}</td><td>{cell(r.challenger)}</td>"
-        f"<td>{html.escape(r.better or 'tie')}</td></tr>" for r in frame.itertuples()
+        f"<td>{html.escape(r.better if isinstance(r.better, str) else 'tie')}</td></tr>" for r in frame.itertuples()
     )
     status = getattr(record, "status", None)
     verdict = "promoted to champion" if status in ("champion", "retired") else "kept as challenger"
