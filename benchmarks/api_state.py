@@ -15,6 +15,7 @@ benchmarks/results/api-state-<timestamp>.json with the load average beside.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import math
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ml.config import ChurnConfig, load_config, write_relocated_config
+from ml.config import ChurnConfig, load_config
 from ml.modeling.registry import load_model
 from ml.modeling.score import SCORES_TABLE
 from ml.serving.features import compile_features, snapshot_features
@@ -48,8 +49,10 @@ class StateResult:
 
 def synthetic_published(config: ChurnConfig, customers: int, folder: Path) -> ChurnConfig:
     """A copy of the published database whose churn_scores has `customers` rows (real rows, new ids)."""
-    target = load_config(write_relocated_config(config, folder))
-    target.warehouse.published_db.parent.mkdir(parents=True, exist_ok=True)
+    # the same config with only the published file moved (a relocated config cannot be relocated again)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = dataclasses.replace(config, warehouse=dataclasses.replace(
+        config.warehouse, published_db=folder / config.warehouse.published_db.name))
     shutil.copy2(config.warehouse.published_db, target.warehouse.published_db)
     key, scores = quote(config.problem.entity_key), quote(SCORES_TABLE)
     with connect(target.warehouse.published_db) as session:
