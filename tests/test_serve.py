@@ -270,3 +270,26 @@ def test_readme_post_example_works_as_written(client: TestClient) -> None:
     assert response.status_code == 200, response.text
     [answer] = response.json()["scores"]
     assert answer["customer_id"] == "NEW1" and 0 <= answer["churn_probability"] <= 1
+
+
+def test_what_if_runs_two_statements_not_one_per_model_and_test(client: TestClient, service: ScoringService,
+                                                                 batch_scores: pd.DataFrame,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The inlined path plans the checks and the mart once each (the views-and-tests path ran ~60 queries)."""
+    from ml.warehouse.connection import Session
+
+    calls: list[str] = []
+    for method in ("execute", "rows", "one", "scalar", "frame"):
+        original = getattr(Session, method)
+
+        def counted(self: Session, sql: str, params: object = None, _original=original) -> object:
+            calls.append(sql[:40])
+            return _original(self, sql, params)
+
+        monkeypatch.setattr(Session, method, counted)
+    tables = read_landing_rows(service.compiled, [batch_scores.iloc[0]["customer_id"]])
+    calls.clear()
+    response = client.post("/score", json={"tables": tables})
+    assert response.status_code == 200, response.text
+    queries = [c for c in calls if not c.startswith("set variable")]
+    assert len(queries) == 2, calls

@@ -102,7 +102,8 @@ def contract_feature_frame(
             f"{source} does not match the feature contract of {contract.model!r}: "
             f"missing column(s) {', '.join(missing)} ({len(frame)} rows)"
         )
-    out = pd.DataFrame(index=frame.index)
+    # built as a dict and framed once: inserting columns one by one dominates a one-row (API) frame
+    out: dict[str, pd.Series] = {}
     for name in contract.feature_names:
         column = frame[name]
         if name in contract.categorical:
@@ -118,7 +119,7 @@ def contract_feature_frame(
                     f"{source}: numeric feature {name!r} has {bad} non-numeric value(s)"
                 )
             out[name] = converted
-    return out
+    return pd.DataFrame(out, index=frame.index)
 
 
 @dataclass(frozen=True)

@@ -213,7 +213,8 @@ class ScoringService:
         if features.empty:
             return []
         model = state.model
-        scored = score_frame(model, state.explainer, features, self.config.scoring.top_reasons)
+        scored = score_frame(model, state.explainer, features, self.config.scoring.top_reasons,
+                             typical=state.typical)
         bands = risk_bands(scored["churn_probability"].to_numpy(), model.threshold,
                            self.config.scoring.high_risk_probability)
         reason_names = [c for c in scored.columns if c.startswith("reason_") and c.removeprefix("reason_").isdigit()]

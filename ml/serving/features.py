@@ -1,13 +1,16 @@
-"""The mart's own compiled SQL, compiled once and kept prepared for requests.
+"""The mart's own compiled SQL, compiled once and inlined into two statements per request.
 
 The dbt project is compiled once, at server start, with a sentinel as_of date;
 the sentinel literal is then replaced by `getvariable('churn_as_of')`, so one
 compiled chain serves every as_of date and nothing is compiled on the request
-path. Each connection of a small pool of in-memory DuckDBs holds empty typed
-copies of the raw source tables and the staging -> intermediate -> mart models
-as views over them. A request fills the raw tables inside a transaction, sets
-the date, checks the nightly's own dbt tests on the staging views, reads the
-mart, and rolls back: the connection is clean for the next request.
+path. At start the staging -> intermediate -> mart chain is also inlined into
+one statement of CTEs (each model's compiled select, its relation references
+renamed to CTE names), and the landing contract's types, the landing suite's
+critical date bands and the nightly's row-level dbt tests on staging into one
+more that returns every failing count at once. A request registers its rows
+(as text) on a pooled in-memory DuckDB, runs the checks statement, then the
+mart statement: two plans instead of thirteen stacked views and fifty test
+queries, and no table is written, so the connection is clean for the next one.
 
 No feature is re-implemented in Python, so the API and `churn_scores` agree.
 """
@@ -41,6 +44,7 @@ COMPILE_DATABASE = ":memory:"
 # A date no data holds; the point-in-time macros compile it as '<date>'::date.
 SENTINEL_AS_OF = "1111-11-11"
 AS_OF_VARIABLE = "churn_as_of"
+TODAY_VARIABLE = "churn_today"  # the request's today, for landing date bands relative to it
 _SENTINEL_SQL = f"'{SENTINEL_AS_OF}'::date"
 _AS_OF_SQL = f"getvariable('{AS_OF_VARIABLE}')::date"
 # dbt tests of the staging models that judge single values or rows, so they hold for any subset of
@@ -207,94 +211,146 @@ def _text_frame(source: CompiledSource, rows: list[dict[str, Any]]) -> pd.DataFr
     return pd.DataFrame(data)
 
 
-class FeatureConnection:
-    """One in-memory DuckDB holding the raw tables and the model views, used by one request at a time."""
+@dataclass(frozen=True)
+class Check:
+    """One count in the request's check row: nonzero means the rows fail it, and `message` says how."""
 
-    def __init__(self, compiled: CompiledFeatures) -> None:
+    kind: str  # "type" (value does not cast), "band" (landing date band), "test" (a dbt test on staging)
+    table: str  # source table (type, band) or staging model (test)
+    column: str | None
+    detail: str  # declared type, "[low, high]" band, or dbt test name
+
+    def message(self, failing: int, rows: int, today: dt.date) -> str:
+        if self.kind == "type":
+            return f"table {self.table!r}, column {self.column!r}: {failing} of {rows} value(s) are not {self.detail}"
+        if self.kind == "band":
+            return (f"table {self.table!r}, column {self.column!r}: {failing} of {rows} row(s) outside "
+                    f"{self.detail.replace('today', today.isoformat())} (the landing suite's critical date band)")
+        column = f", column {self.column!r}" if self.column else ""
+        return f"table {self.table!r}{column}: {failing} row(s) fail the nightly's {self.detail} test"
+
+
+@dataclass(frozen=True)
+class RequestSql:
+    """The two statements a request runs, inlined once from the compiled DAG.
+
+    Each is one `with` of CTEs: the request's text rows (aliased per request),
+    typed like the landing contract, then the dbt models in dependency order
+    (each model's compiled select, its relation references renamed to CTEs).
+    One statement plans and runs in a fraction of the 13 stacked views' time,
+    and every check is one count in one row instead of a query each.
+    """
+
+    sources: tuple[CompiledSource, ...]
+    checks: str  # `, <ctes> select part, [counts]` union all ...: one count per Check, in part order
+    check_list: tuple[Check, ...]
+    mart: str  # `, <ctes> select * from <mart> where as_of = the session variable`
+
+
+def _bound_sql(bound: str) -> str:
+    return f"getvariable('{TODAY_VARIABLE}')::date" if bound == "today" else f"{quote_literal(bound)}::date"
+
+
+def _text_cte(source: CompiledSource) -> str:
+    return quote(f"__text_{source.name}")
+
+
+def _model_cte(relation: str, models: dict[str, str]) -> str:
+    return quote(f"__model_{models[relation]}")
+
+
+def inline_request_sql(compiled: CompiledFeatures) -> RequestSql:
+    """Build the request statements once (at start): no dbt, no parsing on the request path."""
+    value = "nullif(trim({c}::varchar), '')"
+    typed_ctes, check_ctes, checks = [], [], []
+    for source in compiled.sources:
+        text = _text_cte(source)
+        # try_cast: a value that does not fit is counted by the type check, which is reported first
+        casts = ", ".join(f"try_cast({value.format(c=quote(c))} as {_declared_type(t)}) as {quote(c)}"
+                          for c, t in source.columns.items())
+        typed_ctes.append(f"{quote(source.raw_table)} as (select {casts} from {text})")
+        counts = []
+        for column, dtype in source.columns.items():
+            if dtype:
+                v = value.format(c=quote(column))
+                counts.append(f"count(*) filter (where {v} is not null and try_cast({v} as {dtype}) is null)")
+                checks.append(Check("type", source.name, column, dtype))
+        if counts:
+            check_ctes.append(f"(select [{', '.join(counts)}] from {text})")
+        bands = []
+        for column, (low, high) in source.date_bounds.items():
+            if column not in source.columns:
+                continue
+            tests = [f"cast({quote(column)} as date) {op} {_bound_sql(bound)}"
+                     for bound, op in ((low, "<"), (high, ">")) if bound is not None]
+            if tests:
+                bands.append(f"count(*) filter (where {' or '.join(tests)})")
+                checks.append(Check("band", source.name, column,
+                                    f"[{low or '-inf'}, {'today' if high == 'today' else high or '+inf'}]"))
+        if bands:
+            check_ctes.append(f"(select [{', '.join(bands)}] from {quote(source.raw_table)})")
+    names = {relation: relation.rsplit(".", 1)[-1].strip('"') for relation, _ in compiled.models}
+    local = {s.relation: quote(s.raw_table) for s in compiled.sources}
+    local.update({relation: _model_cte(relation, names) for relation in names})
+    model_ctes = {relation: f"{_model_cte(relation, names)} as (\n{replace_relations(sql, local)}\n)"
+                  for relation, sql in compiled.models}
+    # the checks statement carries only the models the tests read (staging) and what those read
+    tested: set[str] = set()
+    for relation, sql in reversed(compiled.models):
+        if relation in tested or any(relation in test.sql for test in compiled.tests):
+            tested |= {relation, *(other for other in names if other in sql)}
+    checked_models = [cte for relation, cte in model_ctes.items() if relation in tested]
+    test_counts = []
+    for test in compiled.tests:
+        test_counts.append(f"(select [count(*)] from (\n{replace_relations(test.sql, local)}\n) as failures)")
+        checks.append(Check("test", test.model, test.column, test.name))
+    # one row per part (union all, not a cross join: joining ~50 one-row parts costs the join-order search)
+    parts = [*check_ctes, *test_counts]
+    select = "\nunion all\n".join(f"select {i} as part, {part} as counts" for i, part in enumerate(parts))
+    mart = _model_cte(compiled.models[-1][0], names)
+    head = ", ".join(typed_ctes)
+    return RequestSql(
+        sources=compiled.sources,
+        checks=", ".join(["", head, *checked_models]) + f"\n{select}",
+        check_list=tuple(checks),
+        mart=", ".join(["", head, *model_ctes.values()]) + f"\nselect * from {mart} "
+             f"where {quote(compiled.as_of_column)} = {_AS_OF_SQL}",
+    )
+
+
+class FeatureConnection:
+    """One in-memory DuckDB running the inlined request statements, used by one request at a time."""
+
+    def __init__(self, compiled: CompiledFeatures, sql: RequestSql) -> None:
         self.compiled = compiled
+        self.sql = sql
         self._stack = ExitStack()
         self.session: Session = self._stack.enter_context(connect(MEMORY))
-        for source in compiled.sources:
-            columns = ", ".join(f"{quote(c)} {_declared_type(t)}" for c, t in source.columns.items())
-            self.session.execute(f"create table {quote(source.raw_table)} ({columns})")
-        self.session.execute(f"set variable {AS_OF_VARIABLE} = ?", [SENTINEL_AS_OF])
-        local = {s.relation: quote(s.raw_table) for s in compiled.sources}
-        for relation, sql in compiled.models:
-            self.session.execute(f"create view {relation} as {replace_relations(sql, local)}")
 
     def close(self) -> None:
         self._stack.close()
 
     def features(self, tables: dict[str, list[dict[str, Any]]], as_of: dt.date, today: dt.date) -> pd.DataFrame:
         """Features of the request's customers at `as_of`, after the nightly's checks on their rows."""
+        frames = []
+        for source in self.sql.sources:
+            if source.name not in tables:
+                raise RequestError(f"table {source.name!r} is missing from the request")
+            frames.append(_text_frame(source, tables[source.name]))
         session = self.session
-        session.execute("begin transaction")
-        try:
-            for source in self.compiled.sources:
-                if source.name not in tables:
-                    raise RequestError(f"table {source.name!r} is missing from the request")
-                rows = tables[source.name]
-                frame = _text_frame(source, rows)
-                with session.registered(frame) as incoming:
-                    _reject_uncastable(session, source, incoming, len(frame))
-                    select_list = ", ".join(
-                        f"cast(nullif(trim({quote(c)}), '') as {_declared_type(t)})" for c, t in source.columns.items()
-                    )
-                    session.execute(f"insert into {quote(source.raw_table)} select {select_list} from {incoming}")
-                _reject_out_of_bounds(session, source, len(frame), today)
-            session.execute(f"set variable {AS_OF_VARIABLE} = ?", [as_of.isoformat()])
-            _reject_failed_tests(session, self.compiled.tests)
-            mart = self.compiled.models[-1][0]
-            return session.frame(f"select * from {mart} where {quote(self.compiled.as_of_column)} = ?", [as_of])
-        finally:
-            session.execute("rollback")
-
-
-def _reject_uncastable(session: Session, source: CompiledSource, incoming: str, rows: int) -> None:
-    """Name the column and row count of values that do not fit the declared type."""
-    typed = [(column, dtype) for column, dtype in source.columns.items() if dtype]
-    if not typed or not rows:
-        return
-    value = "nullif(trim({c}), '')"
-    counts = ", ".join(
-        f"count(*) filter (where {value.format(c=quote(c))} is not null "
-        f"and try_cast({value.format(c=quote(c))} as {t}) is null)"
-        for c, t in typed
-    )
-    [bad_counts] = session.rows(f"select {counts} from {incoming}")
-    for (column, dtype), bad in zip(typed, bad_counts, strict=True):
-        if bad:
-            raise RequestError(f"table {source.name!r}, column {column!r}: {bad} of {rows} value(s) are not {dtype}")
-
-
-def _reject_out_of_bounds(session: Session, source: CompiledSource, rows: int, today: dt.date) -> None:
-    """The landing suite's critical date bands (e.g. no date after today), on the request's rows."""
-    for column, (low, high) in source.date_bounds.items():
-        if column not in source.columns:
-            continue
-        checks = []
-        for bound, op in ((low, "<"), (high, ">")):
-            if bound is not None:
-                literal = today.isoformat() if bound == "today" else bound
-                checks.append(f"cast({quote(column)} as date) {op} {quote_literal(literal)}::date")
-        if not checks:
-            continue
-        bad = session.scalar(f"select count(*) from {quote(source.raw_table)} where {' or '.join(checks)}")
-        if bad:
-            band = f"[{low or '-inf'}, {today if high == 'today' else high or '+inf'}]"
-            raise RequestError(
-                f"table {source.name!r}, column {column!r}: {bad} of {rows} row(s) outside {band} "
-                "(the landing suite's critical date band)"
-            )
-
-
-def _reject_failed_tests(session: Session, tests: tuple[RowTest, ...]) -> None:
-    """The nightly's dbt tests on staging, run over the request's rows: a failure names model, column, rows."""
-    for test in tests:
-        failing = session.scalar(f"select count(*) from ({test.sql}) as failures")
-        if failing:
-            column = f", column {test.column!r}" if test.column else ""
-            raise RequestError(f"table {test.model!r}{column}: {failing} row(s) fail the nightly's {test.name} test")
+        session.execute(f"set variable {AS_OF_VARIABLE} = ?", [as_of.isoformat()])
+        session.execute(f"set variable {TODAY_VARIABLE} = ?", [today.isoformat()])
+        with ExitStack() as registered:
+            names = [registered.enter_context(session.registered(frame)) for frame in frames]
+            texts = "with " + ", ".join(f"{_text_cte(source)} as (select * from {name})"
+                                        for source, name in zip(self.sql.sources, names, strict=True))
+            parts = session.rows(texts + self.sql.checks) if self.sql.check_list else []
+            counts = [count for _, part in sorted(parts) for count in part]
+            rows = {source.name: len(frame) for source, frame in zip(self.sql.sources, frames, strict=True)}
+            for check, failing in zip(self.sql.check_list, counts, strict=True):
+                if failing:
+                    raise RequestError(check.message(failing, rows.get(check.table, 0), today))
+            return session.frame(texts + self.sql.mart)
 
 
 class FeaturePool:
@@ -302,7 +358,8 @@ class FeaturePool:
 
     def __init__(self, compiled: CompiledFeatures, size: int) -> None:
         self.compiled = compiled
-        self._all = [FeatureConnection(compiled) for _ in range(size)]
+        self.sql = inline_request_sql(compiled)
+        self._all = [FeatureConnection(compiled, self.sql) for _ in range(size)]
         self._free: queue.Queue[FeatureConnection] = queue.Queue()
         for connection in self._all:
             self._free.put(connection)

@@ -23,7 +23,14 @@ from ml.logs import get_logger, timed
 from ml.modeling.explain import Explainer, top_k
 from ml.modeling.model import ChurnModel
 from ml.modeling.registry import REGISTRY_TABLE, champion_in, load_model
-from ml.modeling.score import HISTORY_SPEC, SCORES_SPEC, latest_scores_summary, published_scores, scored_dates
+from ml.modeling.score import (
+    HISTORY_SPEC,
+    SCORES_SPEC,
+    latest_scores_summary,
+    published_scores,
+    scored_dates,
+    typical_values,
+)
 from ml.serving.features import CompiledFeatures, RequestError, snapshot_features
 from ml.serving.publish import PublishInfo, published_info
 from ml.warehouse import connect, is_missing, json_value
@@ -53,6 +60,7 @@ class PublishedState:
     # (scoring.reasons_for), so the others' reasons are computed from these on demand.
     features: pd.DataFrame = field(repr=False, default_factory=pd.DataFrame)
     top_reasons: int = 3
+    typical: dict[str, str] = field(default_factory=dict, repr=False)  # the model's typical values, for reasons
 
     def answer(self, customer_id: str) -> dict[str, Any] | None:
         """Tonight's published answer, with exact reasons computed now when the nightly left none."""
@@ -73,15 +81,23 @@ def file_stamp(path: os.PathLike[str]) -> tuple[int, int]:
     return stat.st_ino, stat.st_mtime_ns
 
 
-def _answers(scores: pd.DataFrame, by_key: pd.DataFrame, model: ChurnModel) -> dict[str, dict[str, Any]]:
-    """Tonight's published rows as API answers, keyed by customer id (as text)."""
+def index_answers(scores: pd.DataFrame, features: pd.DataFrame, model: ChurnModel) -> dict[str, dict[str, Any]]:
+    """Tonight's published rows as API answers, keyed by customer id (as text).
+
+    Feature values are converted a column at a time and joined by key in a
+    dict: a row lookup per customer in the frame costs minutes at a million.
+    """
     key, as_of = model.contract.key, model.contract.as_of
     reason_names = [c for c in scores.columns if c.startswith("reason_") and c.removeprefix("reason_").isdigit()]
     names = list(model.contract.feature_names)
+    by_key: dict[str, dict[str, Any]] = {}
+    if len(features):
+        columns = [[answer_value(v) for v in features[f].tolist()] for f in names]
+        for customer, *values in zip(features[key].astype(str).tolist(), *columns, strict=True):
+            by_key.setdefault(customer, dict(zip(names, values, strict=True)))
     out: dict[str, dict[str, Any]] = {}
     for row in scores.to_dict("records"):
         customer = str(row[key])
-        feature_row = by_key.loc[customer] if customer in by_key.index else None
         out[customer] = {
             "customer_id": customer,
             "as_of": answer_value(row[as_of]),
@@ -91,13 +107,27 @@ def _answers(scores: pd.DataFrame, by_key: pd.DataFrame, model: ChurnModel) -> d
             "model_version": row["model_version"],
             "reasons": [{"feature": row[n], "contribution": answer_value(row[f"{n}_contribution"])}
                         for n in reason_names if not is_missing(row[n])],
-            "features": {f: answer_value(feature_row[f]) for f in names} if feature_row is not None else {},
+            "features": by_key.get(customer, {}),
         }
     return out
 
 
-def load_state(config: ChurnConfig, compiled: CompiledFeatures) -> PublishedState:
-    """Read the published database once, read-only, and build everything a request needs."""
+@dataclass(frozen=True)
+class PublishedRows:
+    """What the published database holds for serving: tonight's scores and the dates served."""
+
+    info: PublishInfo | None
+    stamp: tuple[int, int]
+    version: str
+    tonight: dt.date
+    served_dates: tuple[dt.date, ...]
+    scores: pd.DataFrame = field(repr=False)
+
+
+def read_published(config: ChurnConfig, as_of_column: str) -> PublishedRows:
+    """Open the published database read-only just long enough to copy what serving needs.
+
+    `as_of_column` is the mart contract's snapshot column (the dataset's own name)."""
     db = config.warehouse.published_db
     if not db.exists():
         raise RequestError(f"nothing published yet ({db} missing); run `make nightly` first")
@@ -109,18 +139,27 @@ def load_state(config: ChurnConfig, compiled: CompiledFeatures) -> PublishedStat
                 raise RequestError(f"published database {db} has no {table} table; run `make nightly`")
         info = published_info(session)
         version = champion_in(session, config.dataset.name)
-        summary = latest_scores_summary(session, compiled.as_of_column)
+        summary = latest_scores_summary(session, as_of_column)
         if version is None or summary is None or summary.last_as_of is None:
             raise RequestError(f"published database {db} has no champion or scores for {config.dataset.name!r}")
         scores = published_scores(session)
-        history = scored_dates(session, compiled.as_of_column) if session.exists(HISTORY_SPEC) else []
-    with timed(f"loading champion {version} and tonight's features", log):
-        model = load_model(config, version, registry_db=db)
-        features = snapshot_features(compiled, summary.last_as_of)
+        history = scored_dates(session, as_of_column) if session.exists(HISTORY_SPEC) else []
     served = tuple(sorted({*history, summary.last_as_of}))
+    return PublishedRows(info, stamp, version, summary.last_as_of, served, scores)
+
+
+def load_state(config: ChurnConfig, compiled: CompiledFeatures) -> PublishedState:
+    """Read the published database once, read-only, and build everything a request needs."""
+    published = read_published(config, compiled.as_of_column)
+    with timed(f"loading champion {published.version} and tonight's features", log):
+        model = load_model(config, published.version, registry_db=config.warehouse.published_db)
+        features = snapshot_features(compiled, published.tonight)
+    with timed(f"indexing {len(published.scores):,d} published answers", log):
+        answers = index_answers(published.scores, features, model)
+    # kept for the reasons of customers the nightly did not explain (scoring.reasons_for = flagged)
     by_key = features.set_index(features[model.contract.key].astype(str)) if len(features) else features
-    return PublishedState(info, stamp, model, Explainer(model), summary.last_as_of, served,
-                          _answers(scores, by_key, model), by_key, config.scoring.top_reasons)
+    return PublishedState(published.info, published.stamp, model, Explainer(model), published.tonight,
+                          published.served_dates, answers, by_key, config.scoring.top_reasons, typical_values(model))
 
 
 class StateHolder:
