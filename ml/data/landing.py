@@ -122,6 +122,8 @@ class LandingTable:
         columns are never added, so every form has the contract's columns only.
         """
         chosen = list(files) if files is not None else self.files()
+        if not chosen:  # nothing new tonight: the table's columns, no rows (footers only are read)
+            return f"(select * from {self.relation()} limit 0)"
         target = (quote_literal(chosen[0]) if not self.partitioned and len(chosen) == 1
                   else "[" + ", ".join(quote_literal(p) for p in chosen) + "]")
         if self.file_format == "csv":

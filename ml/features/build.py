@@ -16,13 +16,16 @@ from ml.warehouse import connect
 log = get_logger("build")
 
 
-def build_warehouse(config: ChurnConfig, as_of: str | None = None) -> DbtResult:
+def build_warehouse(config: ChurnConfig, as_of: str | None = None, *, full_refresh: bool = False) -> DbtResult:
     """dbt build (models + tests) of the dataset's mart and everything upstream.
 
     The as_of is always explicit (the dataset's clock when not given), so the
-    snapshot date never follows the newest event in the data.
+    snapshot date never follows the newest event in the data. `full_refresh`
+    rebuilds incremental models from scratch: the nightly asks for it when a
+    landing partition already built on was rewritten or removed.
     """
-    return run_dbt(config, "build", as_of=as_of or config.decided_as_of().isoformat())
+    extra = ("--full-refresh",) if full_refresh else ()
+    return run_dbt(config, "build", *extra, as_of=as_of or config.decided_as_of().isoformat())
 
 
 def mart_row_counts(config: ChurnConfig) -> dict[str, int]:
