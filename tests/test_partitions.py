@@ -90,7 +90,8 @@ def test_changes_tell_new_rewritten_touched_and_removed_partitions(tiny: ChurnCo
         assert not landing_changes(tiny, session).history_changed
         # rewritten with one row fewer, and one day removed
         with duckdb.connect() as con:
-            con.execute(f"copy (select * from read_parquet('{files[1]}') limit 1 offset 1) to '{files[1]}.new' (format parquet)")
+            con.execute(f"copy (select * from read_parquet('{files[1]}') limit 1 offset 1) "
+                        f"to '{files[1]}.new' (format parquet)")
         Path(f"{files[1]}.new").replace(files[1])
         files[2].unlink()
         changes = landing_changes(tiny, session)
