@@ -85,6 +85,10 @@ COMMANDS: tuple[Command, ...] = (
                    help="date from which one segment gets a price rise and uses less; "
                         f"'none' disables {_GENERATOR_DEFAULTS}"),
             option("--overwrite", action="store_true", help="replace the landing folder if it holds files"),
+            option("--partitioned", action="store_true",
+                   help="write usage_events as date=YYYY-MM-DD partition folders (default: generator.partitioned)"),
+            option("--append-day", action="store_true",
+                   help="land one more day of usage_events after the newest partition, then stop"),
         ),
     ),
     Command(

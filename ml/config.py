@@ -130,6 +130,7 @@ class GeneratorConfig:
     seed: int
     oracle_dir: Path
     drift_from: dt.date | None
+    partitioned: bool  # usage_events as date=YYYY-MM-DD partition folders (a daily extract) instead of one file
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from ml.config import ChurnConfig
-from ml.data.landing import expected_files_message, validate_landing
+from ml.data.landing import LandingChanges, expected_files_message, landing_changes, record_partitions, validate_landing
 from ml.features.build import build_warehouse
 from ml.logs import get_logger, timed
 from ml.modeling.definitions import check_definitions, current_definitions_sha256
@@ -48,7 +48,7 @@ from ml.reports.profile import profile
 from ml.reports.summary import score_summary
 from ml.serving.predictions import ingest_predictions, logged_predictions
 from ml.serving.publish import pause_point, publish
-from ml.warehouse import LockHolder, RunLock, connect, dead_run_message, declare
+from ml.warehouse import LockHolder, RunLock, connect, dead_run_message, declare, partition_folders
 
 log = get_logger("pipeline")
 
@@ -180,6 +180,7 @@ def ensure_landing(config: ChurnConfig) -> None:
     """Generate the demo data when the dataset allows it and its landing folder is empty."""
     landing = config.dataset.landing_dir
     present = sorted(landing.glob(f"*.{config.dataset.landing_format}")) if landing.exists() else []
+    present += [landing / name for name in partition_folders(landing, config.dataset.landing_format)]
     if present:
         log.info("landing folder %s holds %d file(s)", landing, len(present))
         return
@@ -219,12 +220,16 @@ def _nightly_steps(run: PipelineRun, cutoff: dt.date, replay: bool, force_train:
     with run.step("land"):
         ensure_landing(config)
     with run.step("validate_landing"):
-        validate_landing(config)
-        audit(config, "landing", run.run_id, as_of=run.as_of)
+        # partitioned landings: only tonight's new and rewritten partitions are checked row by row
+        changes = current_landing_changes(config)
+        validate_landing(config, changes)
+        audit(config, "landing", run.run_id, as_of=run.as_of, changes=changes)
     with run.step("gates"):
         check_gates(config, cutoff, replay=replay)
     with run.step("build"):
-        build_warehouse(config, as_of=run.as_of)
+        if changes.history_changed:
+            log.warning("landing history changed (%s): full-refresh build", changes.describe())
+        build_warehouse(config, as_of=run.as_of, full_refresh=changes.history_changed)
     with run.step("audit_mart"):
         audit(config, "mart", run.run_id, as_of=run.as_of)
     with run.step("profile"):
@@ -256,6 +261,8 @@ def _nightly_steps(run: PipelineRun, cutoff: dt.date, replay: bool, force_train:
         check_drift_gate(run, watched, outcome.outcome == OUTCOME_PROMOTED, accept_drift)
     with run.step("publish"):
         published = publish(config, run_id=run.run_id)
+        # only a run that published moves the landing manifest on: a failed night's partitions are re-audited
+        remember_landing(config, changes, run.run_id)
     with run.step("reports"):
         index = write_reports(config)
     print(f"\nnightly {run.run_id} ({config.dataset.name}) finished in {time.perf_counter() - start:.0f}s")
@@ -311,6 +318,18 @@ def warn_if_champion_misses_target(config: ChurnConfig) -> None:
     record = champion_record(config)
     if record is not None and record.misses_success_target:
         log.warning("%s", record.success_warning())
+
+
+def current_landing_changes(config: ChurnConfig) -> LandingChanges:
+    """Partitions new, rewritten or removed since the last successful run (its manifest is in the build database)."""
+    with connect(config.warehouse.build_db, settings=config.warehouse.engine) as session:
+        return landing_changes(config, session)
+
+
+def remember_landing(config: ChurnConfig, changes: LandingChanges, run_id: str) -> None:
+    """Record the partitions this run audited and built on as the next run's baseline."""
+    with connect(config.warehouse.build_db, settings=config.warehouse.engine) as session:
+        record_partitions(config, session, changes, run_id)
 
 
 def check_drift_gate(run: PipelineRun, watched: MonitorResult, promoted: bool, accept_drift: str | None) -> None:

@@ -42,6 +42,10 @@ EXPECTED_OPTIONS: dict[str, list[tuple]] = {
          "date from which one segment gets a price rise and uses less; 'none' disables "
          "(default: churn.yml generator section)"),
         (("--overwrite",), "overwrite", "StoreTrue", None, False, None, "replace the landing folder if it holds files"),
+        (("--partitioned",), "partitioned", "StoreTrue", None, False, None,
+         "write usage_events as date=YYYY-MM-DD partition folders (default: generator.partitioned)"),
+        (("--append-day",), "append_day", "StoreTrue", None, False, None,
+         "land one more day of usage_events after the newest partition, then stop"),
     ],
     "build": [
         (("--as-of",), "as_of", "Store", None, None, None,

@@ -16,6 +16,7 @@ from ml.serving.publish import (
     INFO_TABLE,
     KEYWORD_RENAMES,
     LEGACY_SCHEMA,
+    PUBLISHED_PARTS,
     PublishError,
     is_sql_keyword,
     publish,
@@ -56,7 +57,8 @@ def test_publish_copies_the_bi_tables_and_leaves_no_temp(scored: ChurnConfig) ->
     assert result.tables == {"churn_scores": build_rows(scored, "churn_scores"), "pipeline_runs": 1}
     contract = current_contract(scored)
     dictionary_rows = len(contract.feature_names) + 3  # key, as_of, label and the features
-    assert published_tables(scored) == {**result.tables, INFO_TABLE: 1, FEATURE_DICTIONARY.name: dictionary_rows}
+    assert published_tables(scored) == {**result.tables, INFO_TABLE: 1, FEATURE_DICTIONARY.name: dictionary_rows,
+                                        PUBLISHED_PARTS.name: 1}
     with connect(scored.warehouse.published_db, read_only=True) as con:
         assert con.rows(f"select run_id, dataset from {INFO_TABLE}") == [("r1", "demo")]
     assert leftovers(scored) == []

@@ -11,22 +11,60 @@ anything in the warehouse is touched.
 Key, category and range rules are not repeated here: dbt tests own them on
 staging, and the Great Expectations landing suites (ml/quality.py) add the
 row-count, null-share and date bands.
+
+A table lands as one file (`<table>.parquet`) or as a folder of date
+partitions (`<table>/date=YYYY-MM-DD/*.parquet`, a daily extract). For folders
+this module keeps a manifest of the partitions seen by the last successful run
+(`landing_partitions`), so the file checks read only tonight's new or
+rewritten partitions, and a rewritten or removed one (history changed) is
+reported so the pipeline rebuilds from scratch instead of incrementally.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import yaml
 
 from ml.config import ChurnConfig
 from ml.logs import get_logger
-from ml.warehouse import MEMORY, EngineError, Session, column_list, connect, quote, quote_literal
+from ml.warehouse import (
+    MEMORY,
+    EngineError,
+    Session,
+    column_list,
+    connect,
+    declare,
+    partition_folders,
+    quote,
+    quote_literal,
+)
 
 log = get_logger("landing")
+
+PARTITIONS = declare(
+    name="landing_partitions",
+    owner=__name__,
+    grain="one row per dataset, landing table and partition file seen by the last successful run",
+    description="The manifest of partitioned landing folders: what the last successful nightly audited, "
+                "so the next one reads only new or rewritten partitions and notices removed ones.",
+    columns=[
+        ("dataset", "VARCHAR", "the churn.yml dataset profile"),
+        ("table_name", "VARCHAR", "the landing table (a folder of partitions)"),
+        ("partition_path", "VARCHAR", "the file, relative to the table's folder (e.g. date=2025-12-31/part-0.parquet)"),
+        ("size_bytes", "BIGINT", "file size when recorded"),
+        ("mtime_ns", "BIGINT", "modification time (ns since the epoch) when recorded"),
+        ("sha256", "VARCHAR", "content hash: tells a real rewrite from a touched file"),
+        ("run_id", "VARCHAR", "the nightly run that recorded it"),
+        ("recorded_at", "TIMESTAMP", "when it was recorded"),
+    ],
+)
 
 # DuckDB types a landing column may already have for each declared type.
 _COMPATIBLE = {
@@ -52,20 +90,55 @@ class LandingTable:
     file_format: str  # parquet | csv
     columns: dict[str, str]  # declared column -> declared type ("" when undeclared)
 
-    def relation(self) -> str:
-        """DuckDB table function reading the file as it lands (CSV as text, like dbt's source)."""
-        if self.file_format == "csv":
-            return f"read_csv({quote_literal(self.path)}, header = true, all_varchar = true)"
-        return f"read_parquet({quote_literal(self.path)})"
+    @property
+    def folder(self) -> Path:
+        """Where the table lands when it arrives as date partitions."""
+        return self.path.with_name(self.name)
 
-    def typed_relation(self) -> str:
-        """The file with every declared column cast to its declared type (blank text -> NULL)."""
+    @property
+    def partitioned(self) -> bool:
+        """A folder of partitions and no single file (the rule dbt's var landing_folders follows too)."""
+        return self.name in partition_folders(self.path.parent, self.file_format)
+
+    @property
+    def exists(self) -> bool:
+        return self.path.exists() or self.folder.is_dir()
+
+    @property
+    def label(self) -> str:
+        """How messages name the table's data: the file, or the folder."""
+        return f"{self.name}/" if self.partitioned else self.path.name
+
+    def files(self) -> list[Path]:
+        """Every data file of the table: the one file, or each partition file in path order."""
+        if not self.partitioned:
+            return [self.path]
+        return sorted(p for p in self.folder.rglob(f"*.{self.file_format}") if p.is_file())
+
+    def relation(self, files: Iterable[Path] | None = None) -> str:
+        """DuckDB table function reading the table as it lands (CSV as text, like dbt's source).
+
+        `files` narrows a partitioned table to those partitions (tonight's); hive
+        columns are never added, so every form has the contract's columns only.
+        """
+        chosen = list(files) if files is not None else self.files()
+        if not chosen:  # nothing new tonight: the table's columns, no rows (footers only are read)
+            return f"(select * from {self.relation()} limit 0)"
+        target = (quote_literal(chosen[0]) if not self.partitioned and len(chosen) == 1
+                  else "[" + ", ".join(quote_literal(p) for p in chosen) + "]")
+        if self.file_format == "csv":
+            return f"read_csv({target}, header = true, all_varchar = true)"
+        extra = ", hive_partitioning = false" if self.partitioned else ""
+        return f"read_parquet({target}{extra})"
+
+    def typed_relation(self, files: Iterable[Path] | None = None) -> str:
+        """The table with every declared column cast to its declared type (blank text -> NULL)."""
         parts = []
         for column, dtype in self.columns.items():
             quoted = quote(column)
             value = f"nullif(trim({quoted}), '')" if self.file_format == "csv" else quoted
             parts.append(f"try_cast({value} as {dtype}) as {quoted}" if dtype else quoted)
-        return f"(select {', '.join(parts)} from {self.relation()})"
+        return f"(select {', '.join(parts)} from {self.relation(files)})"
 
 
 def source_files(config: ChurnConfig) -> list[Path]:
@@ -104,7 +177,7 @@ def landing_tables(config: ChurnConfig) -> list[LandingTable]:
     dataset's format and at least one of its tables has a file in the landing folder,
     so a missing table of an otherwise present source is reported by name.
     """
-    return [t for tables in _sources_of_format(config) if any(t.path.exists() for t in tables) for t in tables]
+    return [t for tables in _sources_of_format(config) if any(t.exists for t in tables) for t in tables]
 
 
 def expected_files_message(config: ChurnConfig) -> str:
@@ -120,6 +193,11 @@ def expected_files_message(config: ChurnConfig) -> str:
         return (f"no dbt source in {config.warehouse.dbt_project_dir / 'models'} reads .{fmt} files "
                 f"(external_location with {{name}}.{fmt})")
     return f"expected in {config.dataset.landing_dir}: " + "; or ".join(listed)
+
+
+def landing_folders(config: ChurnConfig) -> list[str]:
+    """Tables of the dataset that landed as partition folders (dbt var `landing_folders`)."""
+    return [t.name for t in landing_tables(config) if t.partitioned]
 
 
 def _check_csv_rows(session: Session, table: LandingTable) -> list[str]:
@@ -140,18 +218,45 @@ def _check_csv_rows(session: Session, table: LandingTable) -> list[str]:
     return []
 
 
-def check_table(session: Session, table: LandingTable) -> tuple[list[str], int]:
-    """Problems of one landing file, and its row count (0 when unreadable)."""
-    name = table.path.name
-    if not table.path.exists():
-        return [f"{name}: file missing from {table.path.parent} (table {table.source}.{table.name})"], 0
+def check_table(session: Session, table: LandingTable, files: list[Path] | None = None) -> tuple[list[str], int]:
+    """Problems of one landing table, and the rows read (0 when unreadable).
+
+    `files` (partitioned tables): check only these partitions, tonight's; the
+    others passed when they landed. An empty list reads nothing.
+    """
+    if table.path.exists() and table.folder.is_dir():
+        return [f"{table.path.name}: both the file and the folder {table.folder} exist; "
+                f"keep one form (table {table.source}.{table.name})"], 0
+    if not table.exists:
+        return [f"{table.path.name}: file missing from {table.path.parent} (table {table.source}.{table.name})"], 0
+    if table.partitioned:
+        every = table.files()
+        if not every:
+            return [f"{table.label}: folder {table.folder} holds no .{table.file_format} partition files"], 0
+        chosen = every if files is None else files
+        if not chosen:
+            return [], 0
+        problems: list[str] = []
+        rows = 0
+        # one partition at a time, so a problem names its file
+        for path in chosen:
+            found, n = _check_files(session, table, [path], f"{table.name}/{path.relative_to(table.folder)}")
+            problems += found
+            rows += n
+        return problems, rows
+    return _check_files(session, table, None, table.path.name)
+
+
+def _check_files(session: Session, table: LandingTable, files: list[Path] | None, name: str) -> tuple[list[str], int]:
+    """The contract checks on one file (or partition): readable, columns present, values of the declared types."""
+    relation = table.relation(files)
     try:
-        if table.file_format == "csv":
+        if table.file_format == "csv" and not table.partitioned:
             problems = _check_csv_rows(session, table)
             if problems:
                 return problems, 0
-        actual = {r[0]: r[1] for r in session.rows(f"describe select * from {table.relation()}")}
-        rows = session.scalar(f"select count(*) from {table.relation()}")
+        actual = {r[0]: r[1] for r in session.rows(f"describe select * from {relation}")}
+        rows = session.scalar(f"select count(*) from {relation}")
     except EngineError as exc:
         return [f"{name}: not readable as {table.file_format}: {str(exc).splitlines()[0]}"], 0
     problems = []
@@ -167,7 +272,7 @@ def check_table(session: Session, table: LandingTable) -> tuple[list[str], int]:
         value = f"nullif(trim({quoted}::varchar), '')"
         try:
             bad, example = session.one(
-                f"select count(*), any_value({quoted}::varchar) from {table.relation()} "
+                f"select count(*), any_value({quoted}::varchar) from {relation} "
                 f"where {value} is not null and try_cast({value} as {dtype}) is null"
             )
         except EngineError as exc:
@@ -182,16 +287,18 @@ def check_table(session: Session, table: LandingTable) -> tuple[list[str], int]:
         # Hashing every value decodes every page (a count or an IS NOT NULL filter is answered
         # from the footer's statistics), so a corrupt page is found here, not inside dbt.
         try:
-            session.rows(f"select bit_xor(hash({column_list(actual)})) from {table.relation()}")
+            session.rows(f"select bit_xor(hash({column_list(actual)})) from {relation}")
         except EngineError as exc:
             problems.append(f"{name}: not readable as parquet: {str(exc).splitlines()[0]}")
     return problems, rows
 
 
-def validate_landing(config: ChurnConfig) -> dict[str, int]:
+def validate_landing(config: ChurnConfig, changes: LandingChanges | None = None) -> dict[str, int]:
     """Check every landing file of the dataset; raise LandingValidationError listing all problems.
 
-    Returns rows per table so the caller can log what landed.
+    With `changes` (from `landing_changes`), a partitioned table's checks read
+    only its new and rewritten partitions. Returns rows read per table so the
+    caller can log what landed.
     """
     tables = landing_tables(config)
     if not tables:
@@ -204,16 +311,134 @@ def validate_landing(config: ChurnConfig) -> dict[str, int]:
     # the files are read in place; no warehouse is opened
     with connect(MEMORY, settings=config.warehouse.engine) as session:
         for table in tables:
-            found, rows = check_table(session, table)
+            files = changes.to_read(table) if changes is not None and table.partitioned else None
+            found, rows = check_table(session, table, files)
             problems += found
             counts[table.name] = rows
-            log.info("landing %-28s %12s rows%s", table.path.name, f"{rows:,d}", "" if not found else "  PROBLEM")
+            read = "" if files is None else f" ({len(files)} new/changed partition(s))"
+            log.info("landing %-28s %12s rows%s%s", table.label, f"{rows:,d}", read, "" if not found else "  PROBLEM")
     if problems:
         raise LandingValidationError(
             f"landing folder {config.dataset.landing_dir} breaks the landing contract "
             f"({len(problems)} problem(s)):\n  " + "\n  ".join(problems)
         )
     return counts
+
+
+# --- the partition manifest ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PartitionFile:
+    """One partition file of a partitioned landing table as found on disk."""
+
+    table: str
+    path: str  # relative to the table's folder
+    size_bytes: int
+    mtime_ns: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class LandingChanges:
+    """Partitions since the last successful run: new, rewritten (content changed) and removed.
+
+    `current` is the listing the comparison was made on; the pipeline records
+    exactly it once the run succeeds, so a partition landing mid-run is new next night.
+    """
+
+    new: tuple[PartitionFile, ...]
+    changed: tuple[PartitionFile, ...]
+    removed: tuple[PartitionFile, ...]
+    current: tuple[PartitionFile, ...]
+    folders: dict[str, Path]  # partitioned table -> its folder
+
+    @property
+    def history_changed(self) -> bool:
+        """A partition already built on was rewritten or removed: an incremental build would be wrong."""
+        return bool(self.changed or self.removed)
+
+    def to_read(self, table: LandingTable) -> list[Path]:
+        """Tonight's partition files of one table (new and rewritten), absolute, in path order."""
+        names = sorted(p.path for p in (*self.new, *self.changed) if p.table == table.name)
+        return [table.folder / name for name in names]
+
+    def describe(self) -> str:
+        def shown(parts: tuple[PartitionFile, ...]) -> str:
+            names = [f"{p.table}/{p.path}" for p in parts[:3]]
+            return ", ".join(names) + (f", ... ({len(parts)} in all)" if len(parts) > 3 else "")
+
+        return (f"{len(self.new)} new, {len(self.changed)} rewritten ({shown(self.changed) or '-'}), "
+                f"{len(self.removed)} removed ({shown(self.removed) or '-'}) partition(s)")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def recorded_partitions(config: ChurnConfig, session: Session) -> dict[tuple[str, str], PartitionFile]:
+    """The manifest of the last successful run for the dataset, by (table, path)."""
+    if not session.exists(PARTITIONS):
+        return {}
+    rows = session.rows(
+        f"select table_name, partition_path, size_bytes, mtime_ns, sha256 from {quote(PARTITIONS.name)} "
+        "where dataset = ?", [config.dataset.name])
+    return {(r[0], r[1]): PartitionFile(*r) for r in rows}
+
+
+def landing_changes(config: ChurnConfig, session: Session) -> LandingChanges:
+    """Compare the partition folders on disk with the manifest `session`'s warehouse holds.
+
+    A file whose size and mtime match the manifest is taken as unchanged
+    without reading it; otherwise its content hash decides (a touched but equal
+    file is not a rewrite). Single-file tables are not tracked: their checks
+    read the whole file every night, as before.
+    """
+    known = recorded_partitions(config, session)
+    tables = [t for t in landing_tables(config) if t.partitioned]
+    current: list[PartitionFile] = []
+    new: list[PartitionFile] = []
+    changed: list[PartitionFile] = []
+    for table in tables:
+        for path in table.files():
+            stat = path.stat()
+            relative = path.relative_to(table.folder).as_posix()
+            before = known.get((table.name, relative))
+            if before is not None and (before.size_bytes, before.mtime_ns) == (stat.st_size, stat.st_mtime_ns):
+                digest = before.sha256
+            else:
+                digest = _sha256(path)
+            found = PartitionFile(table.name, relative, stat.st_size, stat.st_mtime_ns, digest)
+            current.append(found)
+            if before is None:
+                new.append(found)
+            elif before.sha256 != digest:
+                changed.append(found)
+    here = {(p.table, p.path) for p in current}
+    watched = {t.name for t in tables}
+    # a table that went back to one file, or vanished, has its partitions removed as well
+    removed = [p for key, p in sorted(known.items()) if key not in here]
+    changes = LandingChanges(tuple(new), tuple(changed), tuple(removed), tuple(current),
+                             {t.name: t.folder for t in tables})
+    if tables or removed:
+        log.info("landing partitions of %s: %s", ", ".join(sorted(watched)) or "-", changes.describe())
+    return changes
+
+
+def record_partitions(config: ChurnConfig, session: Session, changes: LandingChanges, run_id: str) -> int:
+    """Store `changes.current` as the dataset's manifest (after a successful run); returns the rows written."""
+    frame = pd.DataFrame(
+        [{"dataset": config.dataset.name, "table_name": p.table, "partition_path": p.path,
+          "size_bytes": p.size_bytes, "mtime_ns": p.mtime_ns, "sha256": p.sha256, "run_id": run_id,
+          "recorded_at": dt.datetime.now()} for p in changes.current],
+        columns=PARTITIONS.column_names,
+    )
+    session.append(PARTITIONS, frame, where="dataset = ?", params=[config.dataset.name])
+    return len(frame)
 
 
 @dataclass(frozen=True)

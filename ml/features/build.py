@@ -17,17 +17,20 @@ from ml.warehouse import connect
 log = get_logger("build")
 
 
-def build_warehouse(config: ChurnConfig, as_of: str | None = None) -> DbtResult:
+def build_warehouse(config: ChurnConfig, as_of: str | None = None, *, full_refresh: bool = False) -> DbtResult:
     """dbt build (models + tests) of the dataset's mart and everything upstream.
 
     The as_of is always explicit (the dataset's clock when not given), so the
     snapshot date never follows the newest event in the data. The mart's
     contract is first checked against its compiled SQL (`ml.features.sql_check`),
     so a YAML feature the SQL lacks fails here, naming the model and columns.
+    `full_refresh` rebuilds incremental models from scratch: the nightly asks
+    for it when a landing partition already built on was rewritten or removed.
     """
     as_of = as_of or config.decided_as_of().isoformat()
     check_mart_sql(config, as_of)
-    return run_dbt(config, "build", as_of=as_of)
+    extra = ("--full-refresh",) if full_refresh else ()
+    return run_dbt(config, "build", *extra, as_of=as_of)
 
 
 def mart_row_counts(config: ChurnConfig) -> dict[str, int]:

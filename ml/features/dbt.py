@@ -18,6 +18,7 @@ from typing import Any
 
 from ml.config import ChurnConfig
 from ml.logs import get_logger, timed
+from ml.warehouse import partition_folders
 
 log = get_logger("dbt")
 
@@ -54,6 +55,8 @@ def dbt_target_path(config: ChurnConfig) -> Path:
 def dbt_vars(config: ChurnConfig, as_of: str | None = None) -> dict[str, Any]:
     return {
         "landing_dir": str(config.dataset.landing_dir),
+        # tables landed as date-partition folders: the sources read <table>/**/*.<format> for these
+        "landing_folders": partition_folders(config.dataset.landing_dir, config.dataset.landing_format),
         "horizon_days": config.problem.horizon_days,
         "as_of": as_of,
     }

@@ -13,6 +13,20 @@ reader that already has the old file open keeps reading it (POSIX rename
 leaves the old inode alive until closed). A crash at any point leaves the old
 file untouched and at worst a temp file, which the next publish removes under
 an exclusive lock (`flock`, released by the kernel when a process dies).
+
+History tables (HISTORY_PARTITIONS: scores history, drift, performance, audit
+results, run log, ...) grow every night, so copying them whole would make the
+publish as slow as the history is long. They are published as immutable
+Parquet parts instead, one per run (or log segment) in
+`<published_db without suffix>/<table>/`, named by the part's key and a
+signature of its rows (count and summed row hashes): an unchanged part keeps
+its name and is never written again, tonight's parts and any part whose rows
+changed (a re-run of a night, the run log's later steps) get a new file, and
+the small published file exposes each table as a view over exactly the parts
+of this state. Parts are written to a temp name and renamed, before the small
+file is swapped, so a reader sees the old complete state or the new one. Files
+neither the new nor the previous state references are removed after the swap
+(the previous state's stay one more night for readers still connected to it).
 """
 
 from __future__ import annotations
@@ -20,8 +34,10 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import fcntl
+import hashlib
 import json
 import os
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,7 +51,18 @@ from ml.features.contract import FeatureContract
 from ml.features.dbt import dbt_target_path
 from ml.features.mart import current_contract
 from ml.logs import get_logger, timed
-from ml.warehouse import Session, TableSpec, WarehouseError, catalog, connect, declare, fsync, quote, quote_literal
+from ml.warehouse import (
+    EngineError,
+    Session,
+    TableSpec,
+    WarehouseError,
+    catalog,
+    connect,
+    declare,
+    fsync,
+    quote,
+    quote_literal,
+)
 
 log = get_logger("publish")
 
@@ -71,6 +98,29 @@ PUBLISH_INFO = declare(
     ],
 )
 INFO_TABLE = PUBLISH_INFO.name
+# History tables published as Parquet parts, with the column that names a part (one run, one log segment).
+HISTORY_PARTITIONS: dict[str, str] = {
+    "churn_scores_history": "run_id",
+    "data_quality_results": "run_id",
+    "pipeline_runs": "run_id",
+    "drift_stats": "run_id",
+    "model_performance": "run_id",
+    "retrain_decisions": "run_id",
+    "prediction_log": "segment",
+}
+PUBLISHED_PARTS = declare(
+    name="published_parts",
+    owner=__name__,
+    grain="one row per Parquet part a history view of the published database reads (published database only)",
+    description="Which immutable Parquet part files the history views of this published state read; "
+                "the next publish keeps them one more night and removes files no state references.",
+    columns=[
+        ("table_name", "VARCHAR", "the history table the part belongs to (a view in the published database)"),
+        ("partition_key", "VARCHAR", "the part's value of the table's partition column (run_id, or segment)"),
+        ("part_file", "VARCHAR", "the file, relative to the parts folder (<table>/<key>__<signature>.parquet)"),
+        ("row_count", "BIGINT", "rows in the part"),
+    ],
+)
 FEATURE_DICTIONARY = declare(
     name="feature_dictionary",
     owner=__name__,
@@ -139,6 +189,8 @@ class PublishResult:
     path: Path
     tables: dict[str, int]
     seconds: float
+    parts_written: int = 0  # history parts written tonight (new or changed)
+    parts_kept: int = 0  # history parts reused as they were
 
 
 def _temp_prefix(published: Path) -> str:
@@ -296,19 +348,18 @@ def is_sql_keyword(session: Session, name: str) -> bool:
     return category is not None and category != "unreserved"
 
 
-def _copy_table(session: Session, table: str) -> dict[str, str]:
-    """Copy one table from the attached build database, renaming keyword columns; returns the renames."""
-    source_columns = session.rows(
-        "select column_name from information_schema.columns where table_catalog = 'build' and table_schema = 'main' "
-        "and table_name = ? order by ordinal_position", [table])
-    renames = {old: new for old, new in KEYWORD_RENAMES.get(table, {}).items() if old in {c for c, in source_columns}}
-    rename = f" rename ({', '.join(f'{quote(o)} as {quote(n)}' for o, n in renames.items())})" if renames else ""
-    session.execute(f"create table main.{quote(table)} as select *{rename} from build.main.{quote(table)}")
-    # Session.columns would also see the attached build copy; ask for the new file's table only.
-    copied = session.rows(
-        "select column_name from information_schema.columns where table_catalog = current_database() "
-        "and table_schema = 'main' and table_name = ?", [table])
-    keywords = [c for c, in copied if is_sql_keyword(session, c)]
+def _build_columns(session: Session, table: str) -> list[tuple[str, str]]:
+    """(column, type) of a table of the attached build database, in table order."""
+    return session.rows(
+        "select column_name, data_type from information_schema.columns where table_catalog = 'build' "
+        "and table_schema = 'main' and table_name = ? order by ordinal_position", [table])
+
+
+def _renames(session: Session, table: str) -> dict[str, str]:
+    """The keyword renames that apply to the build table's columns; refuse a keyword left unrenamed."""
+    columns = [c for c, _ in _build_columns(session, table)]
+    renames = {old: new for old, new in KEYWORD_RENAMES.get(table, {}).items() if old in columns}
+    keywords = [renames.get(c, c) for c in columns if is_sql_keyword(session, renames.get(c, c))]
     if keywords:
         raise PublishError(
             f"published table {table!r} would have SQL-keyword column(s) {', '.join(keywords)}; "
@@ -317,9 +368,124 @@ def _copy_table(session: Session, table: str) -> dict[str, str]:
     return renames
 
 
+def _rename_clause(renames: dict[str, str]) -> str:
+    return f" rename ({', '.join(f'{quote(o)} as {quote(n)}' for o, n in renames.items())})" if renames else ""
+
+
+def _copy_table(session: Session, table: str) -> dict[str, str]:
+    """Copy one table from the attached build database, renaming keyword columns; returns the renames."""
+    renames = _renames(session, table)
+    session.execute(f"create table main.{quote(table)} as select *{_rename_clause(renames)} "
+                    f"from build.main.{quote(table)}")
+    return renames
+
+
+# --- history tables as immutable Parquet parts ---------------------------------
+
+
+def parts_folder(published: Path) -> Path:
+    """Where the history tables' Parquet parts live: beside the published file, named after it."""
+    return published.parent / (published.stem if published.suffix else f"{published.name}.parts")
+
+
+@dataclass(frozen=True)
+class _Part:
+    table: str
+    key: str | None
+    file: str  # relative to parts_folder
+    rows: int
+
+
+@dataclass(frozen=True)
+class _PartsWritten:
+    parts: list[_Part]
+    written: int
+    kept: int
+
+
+def _part_name(table: str, key: str | None, rows: int, row_hash: str, schema: str) -> str:
+    """<key>__<signature>.parquet: the same rows under the same columns always get the same name."""
+    safe = re.sub(r"[^A-Za-z0-9_.=-]+", "_", "null" if key is None else key)[:60]
+    signature = hashlib.sha256(f"{table}|{key!r}|{rows}|{row_hash}|{schema}".encode()).hexdigest()[:16]
+    return f"{table}/{safe}__{signature}.parquet"
+
+
+def _write_parts(session: Session, table: str, renames: dict[str, str], folder: Path) -> _PartsWritten:
+    """Each key's rows of a history table as a Parquet part; parts whose name exists are kept as they are.
+
+    The signature scan reads the table once (count and summed row hashes per
+    key); only new or changed parts are written, to a temp name renamed in.
+    """
+    key = HISTORY_PARTITIONS[table]
+    columns = _build_columns(session, table)
+    schema = ",".join(f"{renames.get(c, c)}:{t}" for c, t in columns)
+    signatures = session.rows(
+        f"select {quote(key)}::varchar, count(*), sum(hash(t)::hugeint)::varchar "
+        f"from build.main.{quote(table)} as t group by all order by 1 nulls first")
+    (folder / table).mkdir(parents=True, exist_ok=True)
+    parts, written = [], 0
+    for value, rows, row_hash in signatures:
+        name = _part_name(table, value, int(rows), str(row_hash), schema)
+        target = folder / name
+        if not target.exists():
+            temp = target.with_name(f".tmp-{os.getpid()}-{target.name}")
+            where = f"{quote(key)} is null" if value is None else f"{quote(key)}::varchar = {quote_literal(value)}"
+            session.execute(
+                f"copy (select *{_rename_clause(renames)} from build.main.{quote(table)} where {where}) "
+                f"to {quote_literal(temp)} (format parquet, compression zstd)")
+            fsync(temp)
+            os.replace(temp, target)
+            written += 1
+        parts.append(_Part(table, value, name, int(rows)))
+    fsync(folder / table, directory=True)
+    return _PartsWritten(parts, written, len(parts) - written)
+
+
+def _part_view(session: Session, table: str, renames: dict[str, str], parts: list[_Part], folder: Path) -> None:
+    """The history table as a view over exactly this state's parts, typed as in the build database."""
+    columns = ", ".join(f"cast({quote(renames.get(c, c))} as {t}) as {quote(renames.get(c, c))}"
+                        for c, t in _build_columns(session, table))
+    files = ", ".join(quote_literal((folder / p.file).resolve()) for p in parts)
+    session.execute(f"create view main.{quote(table)} as select {columns} "
+                    f"from read_parquet([{files}], union_by_name = true)")
+
+
+def referenced_parts(published: Path) -> set[str]:
+    """Part files the published state at `published` reads (empty before the first partitioned publish)."""
+    if not published.exists():
+        return set()
+    try:
+        with connect(published, read_only=True) as session:
+            if not session.exists(PUBLISHED_PARTS):
+                return set()
+            return {f for f, in session.rows(f"select part_file from {quote(PUBLISHED_PARTS.name)}")}
+    except EngineError as exc:  # an unreadable old file references nothing we could keep for it
+        log.warning("previous published state %s unreadable (%s): its parts are not kept", published, exc)
+        return set()
+
+
+def remove_unreferenced_parts(published: Path, keep: set[str]) -> list[Path]:
+    """Delete part files (and temps of dead publishes) that no state in `keep` reads; call under the lock."""
+    folder = parts_folder(published)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for path in sorted(folder.glob("*/*")):
+        if path.is_file() and path.relative_to(folder).as_posix() not in keep:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    for table_dir in folder.iterdir():
+        if table_dir.is_dir() and not any(table_dir.iterdir()):
+            table_dir.rmdir()
+    if removed:
+        log.info("removed %d part file(s) no published state reads", len(removed))
+    return removed
+
+
 def _comment(session: Session, table: str, docs: Documentation, renames: dict[str, str]) -> None:
     """Table and column comments, so a BI tool's data dictionary says what each column means."""
-    session.execute(f"comment on table {quote(table)} is {quote_literal(docs.table(table))}")
+    kind = "view" if table not in session.tables() else "table"
+    session.execute(f"comment on {kind} {quote(table)} is {quote_literal(docs.table(table))}")
     old_name = {new: old for old, new in renames.items()}
     for column in session.columns(table):
         text = docs.column(table, old_name.get(column, column))
@@ -340,32 +506,58 @@ def _legacy_views(session: Session, renamed: dict[str, dict[str, str]]) -> None:
                             f"{quote_literal(f'main.{table} under its old column names; removed next release')}")
 
 
-def _write_copy(config: ChurnConfig, target: Path, tables: list[str], run_id: str | None) -> dict[str, int]:
-    """A complete, checkpointed DuckDB file holding the tables, closed before returning."""
+@dataclass(frozen=True)
+class _Written:
+    rows: dict[str, int]
+    parts: list[_Part]
+    parts_written: int
+    parts_kept: int
+
+
+def _write_copy(config: ChurnConfig, target: Path, tables: list[str], run_id: str | None) -> _Written:
+    """A complete, checkpointed DuckDB file holding the tables (history ones as views over parts), closed."""
     rows: dict[str, int] = {}
     docs = documentation(config)
     contract = current_contract(config)
     renamed: dict[str, dict[str, str]] = {}
+    folder = parts_folder(config.warehouse.published_db)
+    parts: list[_Part] = []
+    written = kept = 0
     with connect(target, settings=config.warehouse.engine) as session:
         # ATTACH takes no parameters: the path goes in as a quoted literal.
         session.execute(f"attach {quote_literal(config.warehouse.build_db)} as build (read_only)")
         mart_types = dict(session.rows(
             "select column_name, data_type from information_schema.columns where table_catalog = 'build' "
             "and table_schema = 'main' and table_name = ?", [contract.model]))
+        # every table's names are judged before a single part is written
+        renamed = {table: _renames(session, table) for table in tables}
         for table in tables:
-            renamed[table] = _copy_table(session, table)
-            rows[table] = session.row_count(table)
+            if table in HISTORY_PARTITIONS:
+                done = _write_parts(session, table, renamed[table], folder)
+                written, kept = written + done.written, kept + done.kept
+                if done.parts:
+                    _part_view(session, table, renamed[table], done.parts, folder)
+                    parts += done.parts
+                else:  # nothing to read a part from: an empty table keeps the columns
+                    _copy_table(session, table)
+                rows[table] = sum(p.rows for p in done.parts)
+            else:
+                _copy_table(session, table)
+                rows[table] = session.row_count(table)
             pause_point(f"publish:{table}")
         session.execute("detach build")
         info = pd.DataFrame([{"run_id": run_id, "dataset": config.dataset.name,
                               "published_at": dt.datetime.now(), "published_tables": ",".join(tables)}])
         session.append(PUBLISH_INFO, info)
         session.append(FEATURE_DICTIONARY, feature_dictionary(contract, docs, mart_types))
-        for table in [*tables, PUBLISH_INFO.name, FEATURE_DICTIONARY.name]:
+        session.append(PUBLISHED_PARTS, pd.DataFrame(
+            [{"table_name": p.table, "partition_key": p.key, "part_file": p.file, "row_count": p.rows} for p in parts],
+            columns=PUBLISHED_PARTS.column_names))
+        for table in [*tables, PUBLISH_INFO.name, FEATURE_DICTIONARY.name, PUBLISHED_PARTS.name]:
             _comment(session, table, docs, renamed.get(table, {}))
         _legacy_views(session, renamed)
         session.execute("checkpoint")
-    return rows
+    return _Written(rows, parts, written, kept)
 
 
 def publish(config: ChurnConfig, run_id: str | None = None) -> PublishResult:
@@ -375,9 +567,10 @@ def publish(config: ChurnConfig, run_id: str | None = None) -> PublishResult:
     with timed(f"publish to {published}", log), publish_lock(published):
         remove_stale_temps(published)
         tables = tables_to_publish(config)
+        previous = referenced_parts(published)
         temp = published.parent / f"{_temp_prefix(published)}{os.getpid()}"
         try:
-            rows = _write_copy(config, temp, tables, run_id)
+            written = _write_copy(config, temp, tables, run_id)
             fsync(temp)
             pause_point("publish:before_replace")
             # A WAL beside the published path would be replayed into the new file.
@@ -388,7 +581,11 @@ def publish(config: ChurnConfig, run_id: str | None = None) -> PublishResult:
             temp.unlink(missing_ok=True)
             Path(f"{temp}.wal").unlink(missing_ok=True)
             raise
-    result = PublishResult(path=published, tables=rows, seconds=time.perf_counter() - start)
+        # the previous state's parts stay one more publish, for readers still connected to it
+        remove_unreferenced_parts(published, previous | {p.file for p in written.parts})
+    rows = written.rows
+    result = PublishResult(path=published, tables=rows, seconds=time.perf_counter() - start,
+                           parts_written=written.parts_written, parts_kept=written.parts_kept)
     log.info("published %d tables (%s) to %s", len(rows), ", ".join(f"{t}={n:,d}" for t, n in rows.items()), published)
     return result
 

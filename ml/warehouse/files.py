@@ -34,3 +34,15 @@ def replace_folder(staged: Path, target: Path) -> None:
         target.rename(old)
     staged.rename(target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def partition_folders(landing_dir: Path, file_format: str) -> list[str]:
+    """Landing tables that arrived as a folder of partitions rather than one `<table>.<format>` file.
+
+    The one rule both the landing checks (ml.data.landing) and dbt's sources
+    (var `landing_folders`) follow, so they always read the same form.
+    """
+    if not landing_dir.is_dir():
+        return []
+    return sorted(p.name for p in landing_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
+                  and not (landing_dir / f"{p.name}.{file_format}").exists())
