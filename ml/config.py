@@ -133,11 +133,25 @@ class GeneratorConfig:
     partitioned: bool  # usage_events as date=YYYY-MM-DD partition folders (a daily extract) instead of one file
 
 
+# The candidate algorithms, simplest first: selection prefers the earlier one
+# when it is within noise of the best (ml.modeling.evaluate.select_by_simplicity).
+ALGORITHMS = ("logistic_regression", "random_forest", "xgboost")
+SEARCH_STRATEGIES = ("halving", "random")
+
+# A search space: parameter -> the values drawn from (a tuple per parameter).
+SearchSpace = dict[str, tuple[Any, ...]]
+
+
 @dataclass(frozen=True)
 class TrainingConfig:
     cv_folds: int
     out_of_time_snapshots: int
     search_iterations: int
+    search_strategy: str  # halving (draws culled fold by fold) | random (every draw on every fold)
+    small_table_rows: int  # at or below this many training rows the search widens
+    small_table_iterations: int  # draws per candidate on such a table
+    search_spaces: dict[str, SearchSpace]  # the candidates (keys) and what each draws from
+    small_table_spaces: dict[str, SearchSpace]  # replaces/extends those parameters on a small table
     calibration: str
     random_state: int
     max_training_rows: int
@@ -422,6 +436,9 @@ RANGES: dict[str, Allowed] = {
     "training.cv_folds": _at_least(2),
     "training.out_of_time_snapshots": _at_least(1),
     "training.search_iterations": _at_least(1),
+    "training.search_strategy": _one_of(*SEARCH_STRATEGIES),
+    "training.small_table_rows": _at_least(0),
+    "training.small_table_iterations": _at_least(1),
     "training.calibration": _one_of("isotonic", "sigmoid"),
     "training.random_state": _at_least(0),
     "training.max_training_rows": _at_least(1),
@@ -476,6 +493,8 @@ def _type_name(expected: Any) -> str:
 
 def _has_type(value: Any, expected: Any) -> bool:
     """Whether a loaded value fits a field annotation (bool is not a number here)."""
+    if expected is Any:
+        return True
     if isinstance(expected, types.UnionType):
         return any(_has_type(value, t) for t in typing.get_args(expected))
     if expected is type(None):
@@ -661,8 +680,94 @@ def _generator(raw: dict[str, Any], source: Path) -> GeneratorConfig:
     )
 
 
+def _number(test: Callable[[float], bool], text: str) -> Allowed:
+    return Allowed(lambda v: isinstance(v, int | float) and not isinstance(v, bool) and test(v), text)
+
+
+def _whole(low: int) -> Allowed:
+    return Allowed(lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low, f"a whole number >= {low}")
+
+
+def _either(*rules: Allowed) -> Allowed:
+    return Allowed(lambda v: any(r.test(v) for r in rules), " or ".join(r.text for r in rules))
+
+
+_NULL = Allowed(lambda v: v is None, "null")
+_POSITIVE = _number(lambda v: v > 0, "a number > 0")
+_NON_NEGATIVE = _number(lambda v: v >= 0, "a number >= 0")
+_FRACTION = _number(lambda v: 0 < v <= 1, "a number in (0, 1]")
+
+# The parameters a search space may tune, per candidate, and each one's values.
+# Checked here so a typo or an impossible value fails at start naming its key,
+# not as an estimator error after the mart has been read.
+SEARCHABLE: dict[str, dict[str, Allowed]] = {
+    "logistic_regression": {"C": _POSITIVE},
+    "random_forest": {
+        "n_estimators": _whole(1),
+        "max_depth": _either(_whole(1), _NULL),
+        "min_samples_leaf": _either(_whole(1), _number(lambda v: 0 < v < 1, "a share in (0, 1)")),
+        "min_samples_split": _either(_whole(2), _number(lambda v: 0 < v < 1, "a share in (0, 1)")),
+        "max_features": _either(_one_of("sqrt", "log2"), _whole(1), _FRACTION, _NULL),
+        "max_samples": _either(_FRACTION, _NULL),
+        "criterion": _one_of("gini", "entropy", "log_loss"),
+    },
+    "xgboost": {
+        "n_estimators": _whole(1),
+        "max_depth": _whole(0),
+        "learning_rate": _FRACTION,
+        "subsample": _FRACTION,
+        "colsample_bytree": _FRACTION,
+        "min_child_weight": _NON_NEGATIVE,
+        "gamma": _NON_NEGATIVE,
+        "reg_alpha": _NON_NEGATIVE,
+        "reg_lambda": _NON_NEGATIVE,
+        "max_bin": _whole(2),
+    },
+}
+
+
+def _search_spaces(values: Any, key: str, source: Path, required: bool) -> dict[str, SearchSpace]:
+    """candidate -> parameter -> tuple of values, every name and value checked against SEARCHABLE."""
+    if not isinstance(values, dict) or (required and not values):
+        raise ConfigError(f"{source}: {key} must be a mapping of candidate to its search space "
+                          f"(candidates: {', '.join(ALGORITHMS)})")
+    unknown = [name for name in values if name not in SEARCHABLE]
+    if unknown:
+        raise ConfigError(f"{source}: {key}: unknown candidate(s) {', '.join(map(str, unknown))}; "
+                          f"known: {', '.join(ALGORITHMS)}")
+    spaces: dict[str, SearchSpace] = {}
+    for algorithm in (a for a in ALGORITHMS if a in values):  # simplest first, whatever the file's order
+        space = values[algorithm] if values[algorithm] is not None else {}
+        where = f"{key}.{algorithm}"
+        if not isinstance(space, dict):
+            raise ConfigError(f"{source}: {where} must be a mapping of parameter to a list of values "
+                              "({} tries the estimator's defaults)")
+        rules = SEARCHABLE[algorithm]
+        spaces[algorithm] = {}
+        for param, choices in space.items():
+            if param not in rules:
+                raise ConfigError(f"{source}: {where}.{param}: not a searchable parameter of {algorithm}; "
+                                  f"allowed: {', '.join(rules)}")
+            if not isinstance(choices, list) or not choices:
+                raise ConfigError(f"{source}: {where}.{param} = {choices!r}: expected a non-empty list of values")
+            for i, choice in enumerate(choices):
+                if not rules[param].test(choice):
+                    raise ConfigError(f"{source}: {where}.{param}[{i}] = {choice!r} is out of range; "
+                                      f"allowed: {rules[param].text}")
+            spaces[algorithm][param] = tuple(choices)
+    return spaces
+
+
 def _training(raw: dict[str, Any], source: Path) -> TrainingConfig:
-    training = _build(TrainingConfig, _section(raw, "training", source), "training", source)
+    values = _section(raw, "training", source)
+    spaces = _search_spaces(values.get("search_spaces"), "training.search_spaces", source, required=True)
+    small = _search_spaces(values.get("small_table_spaces", {}), "training.small_table_spaces", source,
+                           required=False)
+    extra = [a for a in small if a not in spaces]
+    if extra:
+        raise ConfigError(f"{source}: training.small_table_spaces names {', '.join(extra)}, "
+                          "which training.search_spaces does not train")
+    training = _build(TrainingConfig, values, "training", source, search_spaces=spaces, small_table_spaces=small)
     # Cost-based thresholds need both costs; one alone would silently weigh the other as zero.
     if (training.cost_missed_churner is None) != (training.cost_wasted_offer is None):
         raise ConfigError(

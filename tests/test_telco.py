@@ -39,7 +39,7 @@ MIN_HELD_OUT_ROC_AUC = 0.84
 RECALL_TOLERANCE = 0.06
 # A lighter search than churn.yml's keeps this test to a minute or two; the
 # quality bar above must hold even so.
-E2E_OVERRIDES = {"training": {"search_iterations": 1, "cv_folds": 3}}
+E2E_OVERRIDES = {"training": {"search_iterations": 1, "small_table_iterations": 3, "cv_folds": 3}}
 
 
 def _raw_rows() -> list[dict[str, str]]:

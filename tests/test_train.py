@@ -23,7 +23,7 @@ from ml.modeling.train import TrainResult, cv_folds, train, validation_split
 from ml.warehouse import connect
 from tests.conftest import make_config, query
 
-QUICK = {"training": {"search_iterations": 1, "cv_folds": 3}}
+QUICK = {"training": {"search_iterations": 1, "small_table_iterations": 1, "cv_folds": 3}}
 
 # A synthetic mart: names are test fixtures, not the project's features.
 SYNTHETIC_CONTRACT = FeatureContract(

@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-ROLES = ("key", "as_of", "label", "feature")
+ROLES = ("key", "as_of", "label", "feature", "split")
+# `split` is optional: a column of train/test the analyst fixed; training holds out its test rows.
 KINDS = ("numeric", "categorical")
 
 
@@ -35,6 +36,7 @@ class FeatureContract:
     as_of: str
     label: str
     features: tuple[Feature, ...]
+    split: str | None = None  # the given train/test column, when the mart declares one
 
     @property
     def feature_names(self) -> list[str]:
@@ -50,7 +52,7 @@ class FeatureContract:
 
     @property
     def columns(self) -> list[str]:
-        return [self.key, self.as_of, self.label, *self.feature_names]
+        return [self.key, self.as_of, self.label, *([self.split] if self.split else []), *self.feature_names]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -63,6 +65,7 @@ class FeatureContract:
             as_of=data["as_of"],
             label=data["label"],
             features=tuple(Feature(**f) for f in data["features"]),
+            split=data.get("split"),
         )
 
     def check_columns(self, table: str, available: dict[str, str] | list[str]) -> None:
@@ -129,6 +132,8 @@ def load_contract(manifest_path: Path, model: str) -> FeatureContract:
     for role in ("key", "as_of", "label"):
         if len(by_role[role]) != 1:
             problems.append(f"exactly one column needs role {role!r}, found {by_role[role] or 'none'}")
+    if len(by_role["split"]) > 1:
+        problems.append(f"at most one column may have role 'split', found {by_role['split']}")
     if not features:
         problems.append("no column has role 'feature'")
     if problems:
@@ -139,4 +144,5 @@ def load_contract(manifest_path: Path, model: str) -> FeatureContract:
         as_of=by_role["as_of"][0],
         label=by_role["label"][0],
         features=tuple(features),
+        split=by_role["split"][0] if by_role["split"] else None,
     )

@@ -24,7 +24,6 @@ from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
 from ml.features.contract import ContractError, FeatureContract
 
-ALGORITHMS = ("logistic_regression", "random_forest", "xgboost")
 CALIBRATION_METHODS = ("isotonic", "sigmoid")
 MISSING_CATEGORY = "__missing__"
 

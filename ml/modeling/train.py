@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.base import clone
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.inspection import permutation_importance
 from sklearn.linear_model import LogisticRegression
@@ -34,7 +33,7 @@ from sklearn.pipeline import Pipeline
 from threadpoolctl import threadpool_limits
 from xgboost import XGBClassifier
 
-from ml.config import ChurnConfig
+from ml.config import ALGORITHMS, ChurnConfig
 from ml.features.contract import FeatureContract
 from ml.features.mart import (
     TrainingError,
@@ -58,7 +57,6 @@ from ml.modeling.evaluate import (
     threshold_curve,
 )
 from ml.modeling.model import (
-    ALGORITHMS,
     ChurnModel,
     ModelMetadata,
     ScoreCalibrator,
@@ -85,30 +83,10 @@ from ml.warehouse import (
 
 log = get_logger("train")
 
-# Fixed, small search spaces: `training.search_iterations` random draws from each.
-# Bounded on purpose so a nightly retrain on millions of rows stays predictable.
-SEARCH_SPACES: dict[str, dict[str, list[Any]]] = {
-    "logistic_regression": {"C": [0.01, 0.03, 0.1, 0.3, 1.0, 3.0]},
-    "random_forest": {
-        "n_estimators": [100, 200],
-        "max_depth": [6, 10, 14],
-        "min_samples_leaf": [10, 50],
-        "max_features": ["sqrt", 0.3],
-        "max_samples": [0.5],
-    },
-    # Churn is rare (a few % per month): shallow, slowly learned trees with a
-    # minimum leaf weight overfit less than deep ones.
-    "xgboost": {
-        "n_estimators": [150, 300],
-        "max_depth": [2, 3, 4],
-        "learning_rate": [0.03, 0.08],
-        "subsample": [0.8],
-        "colsample_bytree": [0.8],
-        "min_child_weight": [5, 20],
-    },
-}
 ESTIMATOR_JOBS = 2
 HOLDOUT_FOLDS = 5  # the single-snapshot fallback holds out one fold of five: 20%
+HALVING_FACTOR = 3  # successive halving keeps the best third of the draws after each fold
+SPLIT_TRAIN, SPLIT_TEST = "train", "test"  # the values a contract's `split` column may hold
 PERMUTATION_REPEATS = 3
 SCORERS = {"pr_auc": "average_precision", "roc_auc": "roc_auc"}
 
@@ -132,7 +110,7 @@ class TrainResult:
 class ValidationSplit:
     """Which rows train/select (positions into the frame) and which judge the final model."""
 
-    strategy: str  # out_of_time | stratified_holdout
+    strategy: str  # out_of_time | stratified_holdout | given_split
     train_index: np.ndarray
     eval_index: np.ndarray
     eval_as_of_dates: list[str]
@@ -140,7 +118,7 @@ class ValidationSplit:
     def describe(self, frame: pd.DataFrame, contract: FeatureContract) -> dict[str, Any]:
         """JSON description the registry uses to re-read the evaluation rows."""
         described: dict[str, Any] = {"strategy": self.strategy, "eval_as_of_dates": self.eval_as_of_dates}
-        if self.strategy == "stratified_holdout":
+        if self.strategy != "out_of_time":
             rows = frame.iloc[self.eval_index]
             described["eval_keys"] = [
                 [json_value(k), str(pd.Timestamp(a).date())]
@@ -181,13 +159,17 @@ def frame_hash(frame: pd.DataFrame) -> str:
 
 def validation_split(
     frame: pd.DataFrame, contract: FeatureContract, labelled_dates: list[pd.Timestamp],
-    out_of_time_snapshots: int, random_state: int,
+    out_of_time_snapshots: int, random_state: int, table: str = "the feature mart",
 ) -> ValidationSplit:
-    """Out-of-time split on the newest fully labelled dates, or a stratified hold-out.
+    """The mart's given split, else out of time on the newest labelled dates, else a stratified hold-out.
 
-    With fewer than two labelled dates (e.g. a single-snapshot dataset) there is no
-    "later" to test on, so one grouped, stratified fold of five (20%) is held out.
+    A given split (a contract column of train/test) wins: the analyst fixed which
+    rows judge the model, e.g. to compare with a published result. With fewer
+    than two labelled dates (e.g. a single-snapshot dataset) there is no "later"
+    to test on, so one grouped, stratified fold of five (20%) is held out.
     """
+    if contract.split:
+        return given_split(frame, contract, table)
     present = set(frame[contract.as_of].unique())
     dates = sorted(d for d in labelled_dates if d in present)
     if len(dates) >= 2 and len(dates) > out_of_time_snapshots:
@@ -200,6 +182,25 @@ def validation_split(
     splitter = StratifiedGroupKFold(n_splits=HOLDOUT_FOLDS, shuffle=True, random_state=random_state)
     train_index, eval_index = next(splitter.split(frame, frame[contract.label], frame[contract.key]))
     return ValidationSplit("stratified_holdout", np.sort(train_index), np.sort(eval_index), [])
+
+
+def given_split(frame: pd.DataFrame, contract: FeatureContract, table: str) -> ValidationSplit:
+    """Hold out exactly the rows whose split column is `test`; refuse any other value, naming it."""
+    values = frame[contract.split]
+    allowed = values.isin([SPLIT_TRAIN, SPLIT_TEST])
+    if not allowed.all():
+        counts = values[~allowed].astype(object).where(values[~allowed].notna(), "NULL").value_counts()
+        shown = ", ".join(f"{value!r}: {n}" for value, n in counts.head(5).items())
+        raise TrainingError(
+            f"{table}: split column {contract.split!r} must be {SPLIT_TRAIN!r} or {SPLIT_TEST!r}; "
+            f"{int((~allowed).sum())} of {len(frame)} labelled row(s) hold other values ({shown})"
+        )
+    is_eval = (values == SPLIT_TEST).to_numpy()
+    for name, rows in ((SPLIT_TEST, int(is_eval.sum())), (SPLIT_TRAIN, int((~is_eval).sum()))):
+        if rows == 0:
+            raise TrainingError(f"{table}: split column {contract.split!r} has no labelled {name!r} rows "
+                                f"({len(frame)} labelled rows)")
+    return ValidationSplit("given_split", np.flatnonzero(~is_eval), np.flatnonzero(is_eval), [])
 
 
 def cv_folds(y: np.ndarray, groups: np.ndarray, n_folds: int, random_state: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -231,9 +232,32 @@ def make_pipeline(contract: FeatureContract, algorithm: str, params: dict[str, A
     return Pipeline([("preprocess", preprocess), ("model", estimator)])
 
 
-def sample_configs(algorithm: str, iterations: int, random_state: int) -> list[dict[str, Any]]:
-    """Up to `iterations` distinct seeded draws from the algorithm's fixed grid."""
-    space = SEARCH_SPACES[algorithm]
+def search_space(config: ChurnConfig, algorithm: str, rows: int) -> dict[str, list[Any]]:
+    """The algorithm's configured space, widened by `small_table_spaces` on a small table.
+
+    Fits on a few thousand rows are cheap and such tables (often high-signal)
+    are where the big-table regularisation costs most: deep, unpruned forests
+    and faster-learning boosting get their chance there.
+    """
+    t = config.training
+    space = dict(t.search_spaces[algorithm])
+    if is_small_table(config, rows):
+        space.update(t.small_table_spaces.get(algorithm, {}))
+    return {name: list(values) for name, values in space.items()}
+
+
+def is_small_table(config: ChurnConfig, rows: int) -> bool:
+    return rows <= config.training.small_table_rows
+
+
+def search_iterations(config: ChurnConfig, rows: int) -> int:
+    """Draws per candidate: more on a small table, where each fit costs little."""
+    t = config.training
+    return max(t.search_iterations, t.small_table_iterations) if is_small_table(config, rows) else t.search_iterations
+
+
+def sample_configs(space: dict[str, list[Any]], iterations: int, random_state: int) -> list[dict[str, Any]]:
+    """Up to `iterations` distinct seeded draws from a grid (one, the defaults, from an empty one)."""
     size = int(np.prod([len(v) for v in space.values()]))
     # Plain Python values: the params are stored as JSON (metadata.json, model_metrics.params).
     return [json_value(p) for p in ParameterSampler(space, n_iter=min(iterations, size), random_state=random_state)]
@@ -247,31 +271,42 @@ def search_algorithm(
     algorithm: str, contract: FeatureContract, X: pd.DataFrame, y: np.ndarray,
     folds: list[tuple[np.ndarray, np.ndarray]], config: ChurnConfig, scale_pos_weight: float,
 ) -> SearchResult:
-    """Bounded random search for one algorithm; every config sees the same folds."""
+    """Seeded random search for one algorithm; every config sees the same folds.
+
+    With `halving`, folds are the resource of successive halving: every draw is
+    fitted on the first fold, the best third (by mean over the folds so far) go
+    on to the next, and the survivors finish all folds. Three draws on three
+    folds cost five fits instead of nine; the winner still has out-of-fold
+    scores on every row, which calibration and the threshold need.
+    """
     metric = config.problem.selection_metric
-    configs = sample_configs(algorithm, config.training.search_iterations, config.training.random_state)
-    best: SearchResult | None = None
-    tried: list[dict[str, Any]] = []
-    start = time.perf_counter()
-    for i, params in enumerate(configs, 1):
-        template = make_pipeline(contract, algorithm, params, config.training.random_state, scale_pos_weight)
-        oof = np.full(len(y), np.nan)
-        fold_scores = []
-        for k, (fit_idx, val_idx) in enumerate(folds, 1):
+    space = search_space(config, algorithm, len(y))
+    configs = sample_configs(space, search_iterations(config, len(y)), config.training.random_state)
+    halving = config.training.search_strategy == "halving"
+    oof = [np.full(len(y), np.nan) for _ in configs]
+    scores: list[list[float]] = [[] for _ in configs]
+    alive = list(range(len(configs)))
+    start, fits = time.perf_counter(), 0
+    for k, (fit_idx, val_idx) in enumerate(folds, 1):
+        for i in alive:
             fold_start = time.perf_counter()
-            fitted = clone(template).fit(X.iloc[fit_idx], y[fit_idx])
-            oof[val_idx] = fitted.predict_proba(X.iloc[val_idx])[:, 1]
-            fold_scores.append(_selection_value(metric, y[val_idx], oof[val_idx]))
-            log.info("%s config %d/%d fold %d/%d: %s=%.4f (%.1fs)", algorithm, i, len(configs), k,
-                     len(folds), metric, fold_scores[-1], time.perf_counter() - fold_start)
-        result = SearchResult(algorithm, params, fold_scores, oof, len(configs), 0.0)
-        tried.append({"params": params, "mean": result.score.mean, "std": result.score.std})
-        log.info("%s config %d/%d %s: mean %s=%.4f (std %.4f)", algorithm, i, len(configs), params,
-                 metric, result.score.mean, result.score.std)
-        if best is None or result.score.mean > best.score.mean:
-            best = result
-    assert best is not None
-    return dataclasses.replace(best, seconds=time.perf_counter() - start, all_configs=tried)
+            template = make_pipeline(contract, algorithm, configs[i], config.training.random_state, scale_pos_weight)
+            fitted = template.fit(X.iloc[fit_idx], y[fit_idx])
+            oof[i][val_idx] = fitted.predict_proba(X.iloc[val_idx])[:, 1]
+            scores[i].append(_selection_value(metric, y[val_idx], oof[i][val_idx]))
+            fits += 1
+            log.info("%s config %d/%d fold %d/%d: %s=%.4f (%.1fs)", algorithm, i + 1, len(configs), k,
+                     len(folds), metric, scores[i][-1], time.perf_counter() - fold_start)
+        if halving and k < len(folds):
+            keep = max(1, -(-len(alive) // HALVING_FACTOR))
+            alive = sorted(alive, key=lambda i: -float(np.mean(scores[i])))[:keep]
+    tried = [{"params": configs[i], "folds": len(scores[i]), "mean": float(np.mean(scores[i])),
+              "std": float(np.std(scores[i], ddof=1)) if len(scores[i]) > 1 else 0.0} for i in range(len(configs))]
+    best = max(alive, key=lambda i: float(np.mean(scores[i])))
+    log.info("%s: %d configs, %d fits (%s); best %s mean %s=%.4f", algorithm, len(configs), fits,
+             config.training.search_strategy, configs[best], metric, tried[best]["mean"])
+    return SearchResult(algorithm, configs[best], scores[best], oof[best], len(configs),
+                        time.perf_counter() - start, tried)
 
 
 def choose_threshold(config: ChurnConfig, y: np.ndarray, p: np.ndarray) -> ThresholdChoice:
@@ -477,14 +512,20 @@ class TrainingOutcome:
 
 
 def load_training_data(config: ChurnConfig) -> TrainingData:
-    """Read the labelled rows and split off the evaluation rows (newest labelled snapshots, or a hold-out)."""
+    """Read the labelled rows and split off the evaluation rows (given split, newest snapshots, or a hold-out)."""
     contract = current_contract(config)
     with timed(f"load labelled rows of {config.dataset.feature_mart}", log):
         with connect(config.warehouse.build_db, settings=config.warehouse.engine) as session:
             frame = load_training_rows(session, config, contract)
             labelled_dates = fully_labelled_dates(session, config, contract)
-        split = validation_split(frame, contract, labelled_dates,
-                                 config.training.out_of_time_snapshots, config.training.random_state)
+    return split_training_data(config, contract, frame, labelled_dates)
+
+
+def split_training_data(config: ChurnConfig, contract: FeatureContract, frame: pd.DataFrame,
+                        labelled_dates: list[pd.Timestamp]) -> TrainingData:
+    """Labelled rows split into training/CV rows and held-out rows (also for frames not read from a mart)."""
+    split = validation_split(frame, contract, labelled_dates, config.training.out_of_time_snapshots,
+                             config.training.random_state, f"feature mart {config.dataset.feature_mart!r}")
     train_frame = frame.iloc[split.train_index].reset_index(drop=True)
     eval_frame = frame.iloc[split.eval_index].reset_index(drop=True)
     log.info("%d labelled rows: %d for training/CV, %d held out (%s %s)", len(frame), len(train_frame),
@@ -508,11 +549,11 @@ def training_matrix(config: ChurnConfig, data: TrainingData) -> TrainingMatrix:
 def select_candidate(config: ChurnConfig, contract: FeatureContract, matrix: TrainingMatrix) -> Selection:
     """Search every algorithm on the same folds and pick the simplest that is as good as the best."""
     searches: dict[str, SearchResult] = {}
-    for algorithm in ALGORITHMS:
+    for algorithm in config.training.search_spaces:
         with timed(f"candidate {algorithm} ({config.training.cv_folds}-fold grouped CV)", log):
             searches[algorithm] = search_algorithm(algorithm, contract, matrix.X, matrix.y, matrix.folds, config,
                                                    matrix.scale_pos_weight)
-    chosen = select_by_simplicity([s.score for s in searches.values()], ALGORITHMS)
+    chosen = select_by_simplicity([s.score for s in searches.values()], tuple(searches))
     selection = Selection(searches, chosen)
     log.info("chosen %s %s: CV %s %.4f +- %.4f", selection.best.algorithm, selection.best.params,
              config.problem.selection_metric, chosen.mean, chosen.std)
@@ -697,13 +738,30 @@ def train(config: ChurnConfig, force: bool = False, run_id: str | None = None) -
     return outcome.result
 
 
-def _train(config: ChurnConfig, run_id: str, data: TrainingData) -> TrainingOutcome:
-    """Search, select, calibrate, refit, evaluate, describe and register a model on `data`."""
+@dataclass(frozen=True)
+class FittedModel:
+    """A model searched, calibrated and refitted on `data`'s training rows, judged once on its held-out rows."""
+
+    matrix: TrainingMatrix
+    selection: Selection
+    calibration: Calibration
+    model: ChurnModel
+    evaluation: HeldOutEvaluation
+
+
+def fit_model(config: ChurnConfig, run_id: str, data: TrainingData) -> FittedModel:
+    """Search, select, calibrate, refit and evaluate: everything but recording (benchmarks use it alone)."""
     matrix = training_matrix(config, data)
     selection = select_candidate(config, data.contract, matrix)
     calibration = calibrate(config, run_id, selection, matrix)
     model = refit(config, data.contract, selection, calibration, matrix)
-    evaluation = evaluate_held_out(config, model, data, matrix)
+    return FittedModel(matrix, selection, calibration, model, evaluate_held_out(config, model, data, matrix))
+
+
+def _train(config: ChurnConfig, run_id: str, data: TrainingData) -> TrainingOutcome:
+    """Search, select, calibrate, refit, evaluate, describe and register a model on `data`."""
+    fitted = fit_model(config, run_id, data)
+    selection, calibration, model, evaluation = fitted.selection, fitted.calibration, fitted.model, fitted.evaluation
     with timed("reference statistics and feature importance", log):
         train_scores = model.predict_proba(data.train_frame)
         reference = compute_reference(data.train_frame, train_scores, data.contract, config.monitoring,

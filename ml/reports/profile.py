@@ -162,7 +162,8 @@ def column_summary(
     session: Session, mart: str, contract: FeatureContract, types: dict[str, str]
 ) -> pd.DataFrame:
     """Rows, missing count and share, and distinct values of every contract column."""
-    roles = {contract.key: "key", contract.as_of: "as_of", contract.label: "label"}
+    roles = {contract.key: "key", contract.as_of: "as_of", contract.label: "label",
+             **({contract.split: "split"} if contract.split else {})}
     kinds = {f.name: f.kind for f in contract.features}
     columns = contract.columns
     expressions = ["count(*)"]
