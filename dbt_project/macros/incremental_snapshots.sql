@@ -56,6 +56,26 @@
     ) }}
 {%- endmacro %}
 
+{#- Post-hook of a mart: the label of every stored snapshot still null whose
+    horizon is observed tonight, from the cancellations known tonight (any
+    cancellation in (as_of_date, as_of_date + horizon]). Features stay as
+    stored; on a full build there is nothing left to fill. -#}
+{% macro fill_matured_labels(label, cancellations, snapshot_dates) -%}
+    update {{ this }} as mart
+    set {{ label }} = case
+        when exists (
+            select 1
+            from {{ cancellations }} as cancellations
+            where cancellations.customer_id = mart.customer_id
+                and cancellations.cancellation_date > mart.as_of_date
+                and cancellations.cancellation_date <= mart.as_of_date + {{ var('horizon_days') }}
+        ) then 1
+        else 0
+    end
+    where {{ label }} is null
+        and as_of_date in (select as_of_date from {{ snapshot_dates }} where is_horizon_observed)
+{%- endmacro %}
+
 {#- Overrides dbt's own: a model named in var `full_refresh_models` (its
     definition changed since the last build, see ml/features/incremental.py)
     is rebuilt from scratch even when the run as a whole is incremental. -#}

@@ -1,16 +1,10 @@
 {{ snapshot_model_config() }}
-{%- set rebuild_from = snapshot_rebuild_from() %}
 {#- Incremental runs build the snapshots from rebuild_from on (see
-    macros/incremental_snapshots.sql) and re-label the stored snapshots whose
-    label is still null, keeping their features as stored. -#}
-{%- set feature_columns = [
-    'plan', 'contract_type', 'region', 'acquisition_channel', 'age_band', 'is_month_to_month',
-    'monthly_spend', 'price_change_90d', 'plan_changes_90d', 'months_as_customer', 'login_days_30d',
-    'usage_sessions_30d', 'usage_sessions_90d', 'usage_minutes_30d', 'usage_minutes_90d',
-    'usage_trend_30_vs_prior_60', 'days_since_last_login', 'days_since_last_login_to_tenure_ratio',
-    'spend_per_login', 'failed_payments_90d', 'tickets_30d', 'support_tickets_90d', 'tickets_per_month',
-    'mean_satisfaction_30d', 'mean_satisfaction_90d'
-] %}
+    macros/incremental_snapshots.sql); the post-hook fills in the labels of
+    stored snapshots whose horizon has been observed since, in the same
+    transaction, leaving their features as stored. -#}
+{{ config(post_hook="{{ fill_matured_labels('churned_within_30d', ref('int_subscriptions_censored'), ref('int_snapshot_dates')) }}") }}
+{%- set rebuild_from = snapshot_rebuild_from() %}
 
 with snapshots as (
     select * from {{ ref('int_customer_snapshots_spined') }}
@@ -105,63 +99,69 @@ derived_features as (
     from base_features
 ),
 
-{%- if rebuild_from is not none %}
-
--- stored snapshots still waiting for their label, features as stored
-unlabelled as (
-    select
-        customer_id,
-        as_of_date,
-        {{ feature_columns | join(',\n        ') }}
-    from {{ this }}
-    where churned_within_30d is null
-        and as_of_date < {{ rebuild_from }}
-),
-{%- endif %}
-
-to_label as (
-    select
-        customer_id,
-        as_of_date,
-        {{ feature_columns | join(',\n        ') }}
-    from derived_features
-    {%- if rebuild_from is not none %}
-    union all
-    select * from unlabelled
-    {%- endif %}
-),
-
--- any cancellation in (as_of_date, as_of_date + horizon]: a customer who
+-- cancellations in (as_of_date, as_of_date + horizon]: a customer who
 -- cancels and returns within the horizon still churned
-labels as (
+horizon_cancellations as (
     select
-        to_label.customer_id,
-        to_label.as_of_date,
+        derived_features.customer_id,
+        derived_features.as_of_date,
+        count(cancellations.cancellation_date) as cancellations_in_horizon
+    from derived_features
+    left join cancellations
+        on cancellations.customer_id = derived_features.customer_id
+        and cancellations.cancellation_date > derived_features.as_of_date
+        and cancellations.cancellation_date <= derived_features.as_of_date + {{ var('horizon_days') }}
+    group by derived_features.customer_id, derived_features.as_of_date
+),
+
+labelled as (
+    select
+        derived_features.*,
+        -- null while the horizon after as_of_date is not fully observed
         case
             when not snapshot_dates.is_horizon_observed then null
-            when count(cancellations.cancellation_date) > 0 then 1
+            when horizon_cancellations.cancellations_in_horizon > 0 then 1
             else 0
         end as churned_within_30d
-    from to_label
+    from derived_features
+    inner join horizon_cancellations
+        on horizon_cancellations.customer_id = derived_features.customer_id
+        and horizon_cancellations.as_of_date = derived_features.as_of_date
     inner join snapshot_dates
-        on snapshot_dates.as_of_date = to_label.as_of_date
-    left join cancellations
-        on cancellations.customer_id = to_label.customer_id
-        and cancellations.cancellation_date > to_label.as_of_date
-        and cancellations.cancellation_date <= to_label.as_of_date + {{ var('horizon_days') }}
-    group by to_label.customer_id, to_label.as_of_date, snapshot_dates.is_horizon_observed
+        on snapshot_dates.as_of_date = derived_features.as_of_date
 ),
 
 final as (
     select
-        to_label.customer_id,
-        to_label.as_of_date,
-        labels.churned_within_30d,
-        {{ feature_columns | join(',\n        ') }}
-    from to_label
-    inner join labels
-        on labels.customer_id = to_label.customer_id
-        and labels.as_of_date = to_label.as_of_date
+        customer_id,
+        as_of_date,
+        churned_within_30d,
+        plan,
+        contract_type,
+        region,
+        acquisition_channel,
+        age_band,
+        is_month_to_month,
+        monthly_spend,
+        price_change_90d,
+        plan_changes_90d,
+        months_as_customer,
+        login_days_30d,
+        usage_sessions_30d,
+        usage_sessions_90d,
+        usage_minutes_30d,
+        usage_minutes_90d,
+        usage_trend_30_vs_prior_60,
+        days_since_last_login,
+        days_since_last_login_to_tenure_ratio,
+        spend_per_login,
+        failed_payments_90d,
+        tickets_30d,
+        support_tickets_90d,
+        tickets_per_month,
+        mean_satisfaction_30d,
+        mean_satisfaction_90d,
+    from labelled
 )
 
 select * from final
