@@ -94,7 +94,11 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "build", "ml.features.build",
         "run dbt build: staging, intermediate and feature marts, with dbt tests",
-        options=(option("--as-of", help="build as if on this date (YYYY-MM-DD): later data is invisible"),),
+        options=(
+            option("--as-of", help="build as if on this date (YYYY-MM-DD): later data is invisible"),
+            option("--full-refresh", action="store_true",
+                   help="rebuild every incremental model from all history instead of adding tonight's snapshots"),
+        ),
     ),
     Command(
         "profile", "ml.reports.profile",

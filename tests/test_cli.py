@@ -50,6 +50,8 @@ EXPECTED_OPTIONS: dict[str, list[tuple]] = {
     "build": [
         (("--as-of",), "as_of", "Store", None, None, None,
          "build as if on this date (YYYY-MM-DD): later data is invisible"),
+        (("--full-refresh",), "full_refresh", "StoreTrue", None, False, None,
+         "rebuild every incremental model from all history instead of adding tonight's snapshots"),
     ],
     "profile": [
         (("--sample-rows",), "sample_rows", "Store", "int", 20000, None,

@@ -66,7 +66,7 @@ def test_a_feature_added_in_sql_and_yaml_reaches_model_and_scores(
     add_probe_feature(project, mart, key)
 
     # Only the mart needs rebuilding: its upstream tables are in the copied database.
-    run_dbt(config, "build", select=mart, project_dir=project)
+    run_dbt(config, "build", "--full-refresh", select=mart, project_dir=project)
     with connect(config.warehouse.build_db, read_only=True) as con:
         assert PROBE in con.columns(mart)
 

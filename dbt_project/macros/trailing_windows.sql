@@ -14,9 +14,21 @@
 
     Output per spine row: <name>_<w>d for each window, <name>_total, and the
     audit column last_event_date_used (latest event day read; must be before
-    as_of_date). -#}
-{% macro trailing_window_totals(events, spine, snapshot_dates, measures, windows) %}
+    as_of_date).
+
+    Incremental runs (`rebuild_from`, a date literal from
+    snapshot_rebuild_from()) carry the all-history totals forward instead: a
+    snapshot's <name>_total is its customer's latest stored snapshot's total
+    (in {{ this }}, before rebuild_from) plus the events since that snapshot;
+    a customer with no stored snapshot sums all their events. Only the
+    snapshots from rebuild_from on are computed, and the windows read only the
+    `longest` days before them. The incremental branch avoids DuckDB-only
+    syntax (no trailing commas, no ASOF or QUALIFY, cast() not ::). -#}
+{% macro trailing_window_totals(events, spine, snapshot_dates, measures, windows, rebuild_from=none) %}
     {%- set longest = windows | max %}
+    {%- if rebuild_from is not none %}
+    {{ carried_window_totals(events, spine, measures, windows, rebuild_from) }}
+    {%- else %}
     with grid as (
         select as_of_date from {{ snapshot_dates }}
     ),
@@ -116,4 +128,95 @@
         {%- endfor %}
     from history
     left join window_totals using (customer_id, as_of_date)
+    {%- endif %}
+{% endmacro %}
+
+{#- The incremental branch of trailing_window_totals (see its notes). -#}
+{% macro carried_window_totals(events, spine, measures, windows, rebuild_from) %}
+    {%- set longest = windows | max %}
+    {%- set since_carried = 'carried_from is null or event_date >= carried_from' %}
+    with rebuilt_snapshots as (
+        select customer_id, as_of_date from {{ spine }}
+        where as_of_date >= {{ rebuild_from }}
+    ),
+
+    stored_snapshots as (
+        select
+            customer_id,
+            as_of_date,
+            last_event_date_used,
+            {%- for name in measures %}
+            {{ name }}_total,
+            {%- endfor %}
+            row_number() over (partition by customer_id order by as_of_date desc) as recency
+        from {{ this }}
+        where as_of_date < {{ rebuild_from }}
+    ),
+
+    -- each customer's latest stored snapshot: the totals carried forward
+    carried as (
+        select * from stored_snapshots where recency = 1
+    ),
+
+    bases as (
+        select
+            rebuilt_snapshots.customer_id,
+            rebuilt_snapshots.as_of_date,
+            carried.as_of_date as carried_from,
+            carried.last_event_date_used as carried_last_event_date
+            {%- for name in measures %},
+            coalesce(carried.{{ name }}_total, 0) as carried_{{ name }}
+            {%- endfor %}
+        from rebuilt_snapshots
+        left join carried
+            on carried.customer_id = rebuilt_snapshots.customer_id
+    ),
+
+    -- events since the carried snapshot, and those in the longest window
+    recent_events as (
+        select
+            events.*,
+            bases.as_of_date,
+            bases.carried_from
+        from {{ events }} as events
+        inner join bases
+            on events.customer_id = bases.customer_id
+            and events.event_date < bases.as_of_date
+            and (
+                bases.carried_from is null
+                or events.event_date >= bases.carried_from
+                or events.event_date >= bases.as_of_date - {{ longest }}
+            )
+    ),
+
+    recent_totals as (
+        select
+            customer_id,
+            as_of_date,
+            max(case when {{ since_carried }} then event_date end) as last_new_event_date
+            {%- for name, (expression, type) in measures.items() %},
+            coalesce(sum(case when {{ since_carried }} then {{ expression }} end), 0) as new_{{ name }}
+            {%- for days in windows %},
+            coalesce(sum(case when event_date >= as_of_date - {{ days }} then {{ expression }} end), 0)
+                as {{ name }}_{{ days }}d
+            {%- endfor %}
+            {%- endfor %}
+        from recent_events
+        group by customer_id, as_of_date
+    )
+
+    select
+        bases.customer_id,
+        bases.as_of_date,
+        greatest(bases.carried_last_event_date, recent_totals.last_new_event_date) as last_event_date_used
+        {%- for name, (expression, type) in measures.items() %},
+        cast(bases.carried_{{ name }} + coalesce(recent_totals.new_{{ name }}, 0) as {{ type }}) as {{ name }}_total
+        {%- for days in windows %},
+        cast(coalesce(recent_totals.{{ name }}_{{ days }}d, 0) as {{ type }}) as {{ name }}_{{ days }}d
+        {%- endfor %}
+        {%- endfor %}
+    from bases
+    left join recent_totals
+        on recent_totals.customer_id = bases.customer_id
+        and recent_totals.as_of_date = bases.as_of_date
 {% endmacro %}

@@ -1,15 +1,19 @@
 """`churn build`: the dbt build of the selected dataset's feature mart.
 
 Landing files are checked before dbt runs so that a missing table is reported
-by file name, not as a DuckDB error deep inside a compiled view.
+by file name, not as a DuckDB error deep inside a compiled view. The snapshot
+models are incremental; ml.features.incremental decides what a night must
+rebuild from scratch (`--full-refresh`, an earlier as_of, a changed definition).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 
 from ml.config import ChurnConfig
-from ml.features.dbt import DbtResult, run_dbt
+from ml.features.dbt import DbtResult, dbt_target_path, dbt_vars, run_dbt
+from ml.features.incremental import definition_checksums, mark_started, plan_build, record_build
 from ml.features.sql_check import check_mart_sql
 from ml.logs import get_logger
 from ml.warehouse import connect
@@ -21,16 +25,37 @@ def build_warehouse(config: ChurnConfig, as_of: str | None = None, *, full_refre
     """dbt build (models + tests) of the dataset's mart and everything upstream.
 
     The as_of is always explicit (the dataset's clock when not given), so the
-    snapshot date never follows the newest event in the data. The mart's
-    contract is first checked against its compiled SQL (`ml.features.sql_check`),
-    so a YAML feature the SQL lacks fails here, naming the model and columns.
-    `full_refresh` rebuilds incremental models from scratch: the nightly asks
-    for it when a landing partition already built on was rewritten or removed.
+    snapshot date never follows the newest event in the data. `full_refresh`
+    rebuilds every incremental model from scratch (the pipeline passes it when
+    the landing history itself changed); otherwise a night builds only its new
+    snapshots unless the stored state says it must not (see
+    ml.features.incremental). The mart's contract is first checked against
+    its compiled SQL (`ml.features.sql_check`), so a YAML feature the SQL
+    lacks fails here, naming the model and columns.
     """
     as_of = as_of or config.decided_as_of().isoformat()
     check_mart_sql(config, as_of)
-    extra = ("--full-refresh",) if full_refresh else ()
-    return run_dbt(config, "build", *extra, as_of=as_of)
+    night = dt.date.fromisoformat(as_of)
+    # parse first: tonight's definitions, to compare with those the stored rows were built by
+    run_dbt(config, "parse", as_of=as_of)
+    checksums = definition_checksums(dbt_target_path(config) / "manifest.json", dbt_vars(config, as_of))
+    plan = plan_build(config, night, checksums, requested=full_refresh)
+    extra: list[str] = []
+    if plan.full_refresh:
+        if plan.reason != "--full-refresh":
+            log.warning("FULL REFRESH of the incremental models: %s", plan.reason)
+        extra.append("--full-refresh")
+    elif plan.refresh_models:
+        log.warning("FULL REFRESH of %s: %s; their stored snapshots are rebuilt from all history",
+                    ", ".join(plan.refresh_models), plan.reason)
+    else:
+        log.info("incremental build as of %s (%s)", as_of, plan.reason)
+    mark_started(config, night)
+    result = run_dbt(config, "build", *extra, as_of=as_of,
+                     extra_vars={"full_refresh_models": list(plan.refresh_models)})
+    if checksums:
+        record_build(config, night, checksums)
+    return result
 
 
 def mart_row_counts(config: ChurnConfig) -> dict[str, int]:
@@ -40,7 +65,7 @@ def mart_row_counts(config: ChurnConfig) -> dict[str, int]:
 
 
 def run_command(config: ChurnConfig, args: argparse.Namespace) -> int:
-    build_warehouse(config, as_of=args.as_of)
+    build_warehouse(config, as_of=args.as_of, full_refresh=args.full_refresh)
     for table, rows in mart_row_counts(config).items():
         print(f"{table:40s} {rows:>12,d} rows")
     return 0

@@ -59,6 +59,8 @@ def dbt_vars(config: ChurnConfig, as_of: str | None = None) -> dict[str, Any]:
         "landing_folders": partition_folders(config.dataset.landing_dir, config.dataset.landing_format),
         "horizon_days": config.problem.horizon_days,
         "as_of": as_of,
+        # the lookback of the incremental staging watermark (macros/incremental_staging.sql)
+        "event_lag_days": {table.table: table.max_lag_days for table in config.dataset.event_tables},
     }
 
 
@@ -86,6 +88,7 @@ def run_dbt(
     project_dir: Path | None = None,
     target_path: Path | None = None,
     database: str | None = None,
+    extra_vars: dict[str, Any] | None = None,
 ) -> DbtResult:
     """Run `dbt <command>` against the build database; raise DbtError on failure.
 
@@ -93,6 +96,7 @@ def run_dbt(
     so building one dataset never needs another's landing files. `target_path` and
     `database` let a reader compile SQL (e.g. against ":memory:") without touching
     the build database, which a nightly may hold locked, or the nightly's manifest.
+    `extra_vars` adds run-specific vars (e.g. `full_refresh_models`) to churn.yml's.
     """
     project = project_dir or config.warehouse.dbt_project_dir
     target_path = target_path or dbt_target_path(config)
@@ -104,7 +108,7 @@ def run_dbt(
         "--project-dir", str(project),
         "--profiles-dir", str(project),
         "--target-path", str(target_path),
-        "--vars", json.dumps(dbt_vars(config, as_of)),
+        "--vars", json.dumps({**dbt_vars(config, as_of), **(extra_vars or {})}),
     ]
     if command in ("build", "run", "test", "compile", "ls", "list"):
         args += ["--select", select or f"+{config.dataset.feature_mart}"]

@@ -1,3 +1,6 @@
+{{ snapshot_model_config() }}
+{%- set rebuild_from = snapshot_rebuild_from() %}
+
 with customers as (
     select * from {{ ref('stg_saas__customers') }}
 ),
@@ -8,6 +11,9 @@ subscriptions as (
 
 snapshot_dates as (
     select * from {{ ref('int_snapshot_dates') }}
+    {%- if rebuild_from is not none %}
+    where as_of_date >= {{ rebuild_from }}
+    {%- endif %}
 ),
 
 first_periods as (
@@ -16,42 +22,48 @@ first_periods as (
     group by customer_id
 ),
 
--- the customer's latest period decides whether the relationship has ended
-latest_periods as (
-    select customer_id, cancellation_date
+-- a period runs from its start until the customer's next period starts
+periods as (
+    select
+        customer_id,
+        start_date,
+        cancellation_date,
+        lead(start_date) over (
+            partition by customer_id order by start_date, subscription_id
+        ) as next_start_date
     from subscriptions
-    qualify row_number() over (partition by customer_id order by start_date desc, subscription_id desc) = 1
 ),
 
-customer_lifecycles as (
+-- the period in force on each as_of_date decides whether the customer is
+-- active then, so a customer who cancelled and came back later is inactive in
+-- between and active again after (and a snapshot never changes afterwards)
+periods_in_force as (
     select
-        customers.customer_id,
-        customers.signup_date,
-        first_periods.first_subscribed_on,
-        latest_periods.cancellation_date,
-    from customers
-    inner join first_periods using (customer_id)
-    inner join latest_periods using (customer_id)
+        periods.customer_id,
+        snapshot_dates.as_of_date,
+        periods.cancellation_date
+    from snapshot_dates
+    inner join periods
+        on periods.start_date < snapshot_dates.as_of_date
+        and (periods.next_start_date is null or periods.next_start_date >= snapshot_dates.as_of_date)
 ),
 
 -- active at as_of: signed up and subscribed before it, not cancelled on or before it
 spined as (
     select
-        customer_lifecycles.customer_id,
-        snapshot_dates.as_of_date,
-        customer_lifecycles.signup_date,
-        customer_lifecycles.first_subscribed_on,
-        customer_lifecycles.cancellation_date,
-        snapshot_dates.last_observed_day,
-        snapshot_dates.is_latest,
-        snapshot_dates.is_horizon_observed,
-    from snapshot_dates
-    inner join customer_lifecycles
-        on customer_lifecycles.signup_date < snapshot_dates.as_of_date
-        and customer_lifecycles.first_subscribed_on < snapshot_dates.as_of_date
+        customers.customer_id,
+        periods_in_force.as_of_date,
+        customers.signup_date,
+        first_periods.first_subscribed_on
+    from periods_in_force
+    inner join customers
+        on customers.customer_id = periods_in_force.customer_id
+    inner join first_periods
+        on first_periods.customer_id = periods_in_force.customer_id
+    where customers.signup_date < periods_in_force.as_of_date
         and (
-            customer_lifecycles.cancellation_date is null
-            or customer_lifecycles.cancellation_date > snapshot_dates.as_of_date
+            periods_in_force.cancellation_date is null
+            or periods_in_force.cancellation_date > periods_in_force.as_of_date
         )
 ),
 

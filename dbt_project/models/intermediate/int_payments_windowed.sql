@@ -1,3 +1,6 @@
+{{ snapshot_model_config() }}
+{%- set rebuild_from = snapshot_rebuild_from() %}
+
 with payments as (
     select
         customer_id,
@@ -9,6 +12,9 @@ with payments as (
 
 snapshots as (
     select customer_id, as_of_date from {{ ref('int_customer_snapshots_spined') }}
+    {%- if rebuild_from is not none %}
+    where as_of_date >= {{ rebuild_from }}
+    {%- endif %}
 ),
 
 snapshot_dates as (
@@ -19,7 +25,7 @@ final as (
     {{ trailing_window_totals('payments', 'snapshots', 'snapshot_dates', {
         'invoices': ['1', 'integer'],
         'failed_payments': ["(payment_status = 'failed')::integer", 'integer'],
-    }, [30, 90]) }}
+    }, [30, 90], rebuild_from) }}
 )
 
 select * from final

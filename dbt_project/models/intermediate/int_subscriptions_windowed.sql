@@ -1,5 +1,11 @@
+{{ snapshot_model_config() }}
+{%- set rebuild_from = snapshot_rebuild_from() %}
+
 with snapshots as (
     select customer_id, as_of_date from {{ ref('int_customer_snapshots_spined') }}
+    {%- if rebuild_from is not none %}
+    where as_of_date >= {{ rebuild_from }}
+    {%- endif %}
 ),
 
 periods as (
@@ -56,7 +62,7 @@ changes as (
     {{ trailing_window_totals('period_starts', 'snapshots', 'snapshot_dates', {
         'plan_changes': ['is_plan_change::integer', 'integer'],
         'price_changes': ['is_price_change::integer', 'integer'],
-    }, [90]) }}
+    }, [90], rebuild_from) }}
 ),
 
 final as (
@@ -72,6 +78,8 @@ final as (
         changes.plan_changes_90d,
         changes.plan_changes_total,
         changes.price_changes_90d,
+        -- stored so an incremental run can carry it forward
+        changes.price_changes_total,
         changes.last_event_date_used,
     from current_periods
     inner join periods_90d_ago using (customer_id, as_of_date)

@@ -1,9 +1,15 @@
+{{ snapshot_model_config() }}
+{%- set rebuild_from = snapshot_rebuild_from() %}
+
 with tickets as (
     select * from {{ ref('stg_saas__support_tickets') }}
 ),
 
 snapshots as (
     select customer_id, as_of_date from {{ ref('int_customer_snapshots_spined') }}
+    {%- if rebuild_from is not none %}
+    where as_of_date >= {{ rebuild_from }}
+    {%- endif %}
 ),
 
 snapshot_dates as (
@@ -39,7 +45,7 @@ final as (
         'tickets': ['opened', 'integer'],
         'rated_tickets': ['rated', 'integer'],
         'satisfaction_points': ['satisfaction_points', 'integer'],
-    }, [30, 90]) }}
+    }, [30, 90], rebuild_from) }}
 )
 
 select * from final

@@ -1,3 +1,6 @@
+{{ snapshot_model_config() }}
+{%- set rebuild_from = snapshot_rebuild_from() %}
+
 with usage_events as (
     select
         customer_id,
@@ -10,6 +13,9 @@ with usage_events as (
 
 snapshots as (
     select customer_id, as_of_date from {{ ref('int_customer_snapshots_spined') }}
+    {%- if rebuild_from is not none %}
+    where as_of_date >= {{ rebuild_from }}
+    {%- endif %}
 ),
 
 snapshot_dates as (
@@ -22,7 +28,7 @@ windowed as (
         'sessions': ['sessions', 'integer'],
         'minutes': ['minutes_used', 'double'],
         'active_days': ['1', 'integer'],
-    }, [30, 90]) }}
+    }, [30, 90], rebuild_from) }}
 ),
 
 final as (

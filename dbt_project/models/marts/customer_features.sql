@@ -1,5 +1,26 @@
+{{ snapshot_model_config() }}
+{#- Incremental runs build the snapshots from rebuild_from on (see
+    macros/incremental_snapshots.sql); the post-hook fills in the labels of
+    stored snapshots whose horizon has been observed since, in the same
+    transaction, leaving their features as stored. -#}
+{{ config(post_hook="{{ fill_matured_labels('churned_within_30d', ref('int_subscriptions_censored'), ref('int_snapshot_dates')) }}") }}
+{%- set rebuild_from = snapshot_rebuild_from() %}
+
 with snapshots as (
     select * from {{ ref('int_customer_snapshots_spined') }}
+    {%- if rebuild_from is not none %}
+    where as_of_date >= {{ rebuild_from }}
+    {%- endif %}
+),
+
+snapshot_dates as (
+    select * from {{ ref('int_snapshot_dates') }}
+),
+
+cancellations as (
+    select customer_id, cancellation_date
+    from {{ ref('int_subscriptions_censored') }}
+    where cancellation_date is not null
 ),
 
 customers as (
@@ -27,8 +48,6 @@ base_features as (
     select
         snapshots.customer_id,
         snapshots.as_of_date,
-        snapshots.cancellation_date,
-        snapshots.is_horizon_observed,
         -- days since signup, >= 1 for an active customer
         snapshots.as_of_date - customers.signup_date as tenure_days,
         subscriptions.plan,
@@ -80,17 +99,36 @@ derived_features as (
     from base_features
 ),
 
+-- cancellations in (as_of_date, as_of_date + horizon]: a customer who
+-- cancels and returns within the horizon still churned
+horizon_cancellations as (
+    select
+        derived_features.customer_id,
+        derived_features.as_of_date,
+        count(cancellations.cancellation_date) as cancellations_in_horizon
+    from derived_features
+    left join cancellations
+        on cancellations.customer_id = derived_features.customer_id
+        and cancellations.cancellation_date > derived_features.as_of_date
+        and cancellations.cancellation_date <= derived_features.as_of_date + {{ var('horizon_days') }}
+    group by derived_features.customer_id, derived_features.as_of_date
+),
+
 labelled as (
     select
-        *,
+        derived_features.*,
         -- null while the horizon after as_of_date is not fully observed
         case
-            when not is_horizon_observed then null
-            when cancellation_date > as_of_date
-                and cancellation_date <= as_of_date + {{ var('horizon_days') }} then 1
+            when not snapshot_dates.is_horizon_observed then null
+            when horizon_cancellations.cancellations_in_horizon > 0 then 1
             else 0
-        end as churned_within_30d,
+        end as churned_within_30d
     from derived_features
+    inner join horizon_cancellations
+        on horizon_cancellations.customer_id = derived_features.customer_id
+        and horizon_cancellations.as_of_date = derived_features.as_of_date
+    inner join snapshot_dates
+        on snapshot_dates.as_of_date = derived_features.as_of_date
 ),
 
 final as (

@@ -1,5 +1,16 @@
+{{ config(
+    materialized='incremental',
+    incremental_strategy='delete+insert',
+    unique_key='payment_id',
+    on_schema_change='fail'
+) }}
+{%- set since = staged_since('invoice_date', 'payments') %}
+
 with source as (
     select * from {{ source('saas', 'payments') }}
+    {%- if since is not none %}
+    where cast(invoice_date as date) >= {{ since }}
+    {%- endif %}
 ),
 
 renamed as (

@@ -1,5 +1,16 @@
+{{ config(
+    materialized='incremental',
+    incremental_strategy='delete+insert',
+    unique_key=['customer_id', 'usage_date'],
+    on_schema_change='fail'
+) }}
+{%- set since = staged_since('usage_date', 'usage_events') %}
+
 with source as (
     select * from {{ source('saas', 'usage_events') }}
+    {%- if since is not none %}
+    where cast(event_date as date) >= {{ since }}
+    {%- endif %}
 ),
 
 renamed as (
