@@ -56,8 +56,9 @@ PARTITIONS = declare(
                 "so the next one reads only new or rewritten partitions and notices removed ones.",
     columns=[
         ("dataset", "VARCHAR", "the churn.yml dataset profile"),
-        ("table_name", "VARCHAR", "the landing table (a folder of partitions)"),
-        ("partition_path", "VARCHAR", "the file, relative to the table's folder (e.g. date=2025-12-31/part-0.parquet)"),
+        ("table_name", "VARCHAR", "the landing table (a folder of partitions, or one file)"),
+        ("partition_path", "VARCHAR", "the file, relative to the table's folder (e.g. date=2025-12-31/part-0.parquet); "
+                                      "a single-file table's file name"),
         ("size_bytes", "BIGINT", "file size when recorded"),
         ("mtime_ns", "BIGINT", "modification time (ns since the epoch) when recorded"),
         ("sha256", "VARCHAR", "content hash: tells a real rewrite from a touched file"),
@@ -352,11 +353,14 @@ class LandingChanges:
     removed: tuple[PartitionFile, ...]
     current: tuple[PartitionFile, ...]
     folders: dict[str, Path]  # partitioned table -> its folder
+    # Whether a manifest of a previous successful run existed: without one nothing says what was built on.
+    baseline: bool = True
 
     @property
     def history_changed(self) -> bool:
-        """A partition already built on was rewritten or removed: an incremental build would be wrong."""
-        return bool(self.changed or self.removed)
+        """A file already built on was rewritten or removed, or nothing was recorded yet (so nothing proves
+        otherwise): an incremental build could keep stale snapshots."""
+        return bool(self.changed or self.removed or (not self.baseline and self.current))
 
     def to_read(self, table: LandingTable) -> list[Path]:
         """Tonight's partition files of one table (new and rewritten), absolute, in path order."""
@@ -395,18 +399,21 @@ def landing_changes(config: ChurnConfig, session: Session) -> LandingChanges:
 
     A file whose size and mtime match the manifest is taken as unchanged
     without reading it; otherwise its content hash decides (a touched but equal
-    file is not a rewrite). Single-file tables are not tracked: their checks
-    read the whole file every night, as before.
+    file is not a rewrite). A single-file table is tracked as one partition: its
+    checks read the whole file every night as before, and since nothing tells an
+    append from a rewrite of its past rows, a changed file counts as changed
+    history (the incremental build then refreshes in full instead of guessing).
     """
     known = recorded_partitions(config, session)
-    tables = [t for t in landing_tables(config) if t.partitioned]
+    tables = [t for t in landing_tables(config) if t.exists]
     current: list[PartitionFile] = []
     new: list[PartitionFile] = []
     changed: list[PartitionFile] = []
     for table in tables:
+        base = table.folder if table.partitioned else table.path.parent
         for path in table.files():
             stat = path.stat()
-            relative = path.relative_to(table.folder).as_posix()
+            relative = path.relative_to(base).as_posix()
             before = known.get((table.name, relative))
             if before is not None and (before.size_bytes, before.mtime_ns) == (stat.st_size, stat.st_mtime_ns):
                 digest = before.sha256
@@ -423,7 +430,7 @@ def landing_changes(config: ChurnConfig, session: Session) -> LandingChanges:
     # a table that went back to one file, or vanished, has its partitions removed as well
     removed = [p for key, p in sorted(known.items()) if key not in here]
     changes = LandingChanges(tuple(new), tuple(changed), tuple(removed), tuple(current),
-                             {t.name: t.folder for t in tables})
+                             {t.name: t.folder for t in tables if t.partitioned}, baseline=bool(known))
     if tables or removed:
         log.info("landing partitions of %s: %s", ", ".join(sorted(watched)) or "-", changes.describe())
     return changes

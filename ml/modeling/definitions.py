@@ -78,7 +78,9 @@ def definitions_of(config: ChurnConfig, contract: FeatureContract, eval_frame: A
     """The fingerprints training records in a model's metadata (`feature_definitions`)."""
     manifest = dbt_target_path(config) / "manifest.json"
     return {
-        SQL: sql_fingerprint(manifest, contract.model),
+        # None: the rows did not come from a dbt build here (a mart written directly, as in tests and
+        # benchmarks); the value fingerprints still tell a redefined feature.
+        SQL: sql_fingerprint(manifest, contract.model) if manifest.is_file() else None,
         CONTRACT: contract_fingerprint(contract),
         VALUES: value_fingerprints(eval_frame, contract),
         "granularity": {SQL: "per mart model (its SQL and every upstream model and macro)",
@@ -110,6 +112,9 @@ def check_definitions(session: Session, config: ChurnConfig, model: ChurnModel) 
     if not recorded:
         return DefinitionCheck(model.version, known=False,
                                notes=("the model predates feature fingerprints; not checked",))
+    if not (dbt_target_path(config) / "manifest.json").is_file():
+        return DefinitionCheck(model.version, known=False,
+                               notes=("no dbt build of this mart to compare with (a mart written directly)",))
     contract = current_contract(config)
     mine = {f.name: f.kind for f in model.contract.features}
     theirs = {f.name: f.kind for f in contract.features}

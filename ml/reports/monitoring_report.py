@@ -25,7 +25,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from ml.config import ChurnConfig
-from ml.features.mart import snapshot_rows
+from ml.features.mart import current_contract, snapshot_rows
 from ml.logs import get_logger
 from ml.modeling.reference import CategoricalReference, DriftReference, NumericReference, bin_shares, level_counts
 from ml.modeling.registry import load_model, registry_frame
@@ -202,7 +202,7 @@ def read_history(config: ChurnConfig) -> History | None:
     with connect(config.warehouse.build_db, read_only=True, settings=settings) as session:
         snapshot = snapshot_rows(session, config, model.contract, tonight["as_of_date"].iloc[0], features=shown)
         performance = performance_history(session)
-        scores = history_by_snapshot(session, config.problem.as_of_column)
+        scores = history_by_snapshot(session, current_contract(config).as_of)  # the dataset's own name
         decisions = decision_history(session)
         audits = audit_history(session, config.dataset.name)
     ours = [frame[frame["model_version"].isin(versions)] for frame in (performance, scores, decisions)]
