@@ -48,7 +48,7 @@ from ml.reports.profile import profile
 from ml.reports.summary import score_summary
 from ml.serving.predictions import ingest_predictions, logged_predictions
 from ml.serving.publish import pause_point, publish
-from ml.warehouse import LockHolder, RunLock, connect, dead_run_message, declare, partition_folders
+from ml.warehouse import LockHolder, RunLock, connect, dead_run_message, declare, partition_folders, quote
 
 log = get_logger("pipeline")
 
@@ -123,6 +123,34 @@ def _append_run_row(config: ChurnConfig, run_id: str, step: str, as_of: str | No
     )
     with connect(config.warehouse.build_db, settings=config.warehouse.engine) as session:
         session.append(PIPELINE_RUNS_SPEC, row)
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One recorded step of a run, as `pipeline_runs` keeps it."""
+
+    step: str
+    status: str
+    seconds: float
+    message: str
+
+
+def run_steps(config: ChurnConfig, run_id: str | None = None) -> tuple[str | None, list[StepRecord]]:
+    """The steps of one run (default: the newest), in the order they started, read-only.
+
+    Where a night's time went is read from here (benchmarks, operators), not by
+    querying the table by name.
+    """
+    with connect(config.warehouse.build_db, read_only=True, settings=config.warehouse.engine) as session:
+        if not session.exists(PIPELINE_RUNS_SPEC):
+            return None, []
+        table = quote(PIPELINE_RUNS_SPEC.name)
+        run_id = run_id or session.scalar(f"select run_id from {table} order by started_at desc limit 1")
+        rows = session.rows(
+            f"select step, status, epoch(ended_at) - epoch(started_at), coalesce(message, '') from {table} "
+            "where run_id = ? order by started_at, ended_at", [run_id],
+        )
+    return run_id, [StepRecord(step, status, float(seconds), message) for step, status, seconds, message in rows]
 
 
 def record_dead_run(config: ChurnConfig, dead: LockHolder, found_by: str) -> None:
