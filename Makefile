@@ -7,10 +7,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATASET ?=
+# e.g. BENCH_NIGHTLY_ARGS='--customers 200000 --months 12' (python -m benchmarks.nightly --help)
+BENCH_NIGHTLY_ARGS ?=
 DATASET_FLAG := $(if $(DATASET),--dataset $(DATASET),)
 
 .DEFAULT_GOAL := help
-.PHONY: help install nightly build train score monitor publish backfill profile generate serve bench-api docs report-screenshots lint test test-slow bench clean
+.PHONY: help install nightly build train score monitor publish backfill profile generate serve bench-api bench-nightly docs report-screenshots lint test test-slow bench clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -71,8 +73,12 @@ test: $(STAMP) ## the test suite (small generated data, a few minutes)
 test-slow: $(STAMP) ## also the large-scale variants
 	$(BIN)/python -m pytest -m "slow or not slow"
 
-bench: $(STAMP) ## speed and memory benchmarks (results printed and saved)
+bench: $(STAMP) ## speed and memory benchmarks, then the 1M nightly figures (an hour or more; results printed and saved)
 	$(BIN)/python -m benchmarks.run
+	$(BIN)/python -m benchmarks.nightly $(BENCH_NIGHTLY_ARGS)
+
+bench-nightly: $(STAMP) ## issue 10's figures at 1M customers x 12 and 24 months in one command (BENCH_NIGHTLY_ARGS=...)
+	$(BIN)/python -m benchmarks.nightly $(BENCH_NIGHTLY_ARGS)
 
 clean: ## remove generated warehouse content (keeps the venv)
 	rm -rf warehouse/*.duckdb warehouse/*.duckdb.wal warehouse/landing warehouse/oracle warehouse/models warehouse/reports warehouse/dbt_target warehouse/generated_suites

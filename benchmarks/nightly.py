@@ -162,7 +162,12 @@ def project_auc(config: ChurnConfig) -> float | None:
     return None if held_out.empty else float(held_out["roc_auc"].iloc[0])
 
 
-def sizes(config: ChurnConfig) -> dict[str, Any]:
+def folder_mb(folder: Path) -> float:
+    return round(sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 1e6, 1)
+
+
+def sizes(config: ChurnConfig, root: Path) -> dict[str, Any]:
+    """Disk the history needed (the whole private warehouse, landing included) and the mart's rows."""
     from ml.features.build import mart_row_counts
 
     counts = mart_row_counts(config)
@@ -170,7 +175,9 @@ def sizes(config: ChurnConfig) -> dict[str, Any]:
     out: dict[str, Any] = {k: round(p.stat().st_size / 1e6, 1) for k, p in files.items() if p.exists()}
     published = config.warehouse.published_db.parent / "published"
     if published.is_dir():
-        out["published_parts_mb"] = round(sum(f.stat().st_size for f in published.rglob("*") if f.is_file()) / 1e6, 1)
+        out["published_parts_mb"] = folder_mb(published)
+    out["landing_mb"] = folder_mb(config.dataset.landing_dir)
+    out["workdir_mb"] = folder_mb(root)
     out["mart_rows"] = counts.get(config.dataset.feature_mart)
     return out
 
@@ -234,7 +241,7 @@ def bench_history(bench: Bench, base: ChurnConfig, customers: int, months: int, 
                                              str(config_file), "--as-of", as_of.isoformat()], logs)
         block["scan_90d"] = json.loads(Path(scan.log).read_text().strip().splitlines()[-1])
         bench.run(block, "retrain", churn(config_file, "train", "--force"), logs)
-        block["sizes"] = sizes(config)
+        block["sizes"] = sizes(config, root)
     except LoadTooHighError:
         raise
     except Exception as exc:  # a failed step (or a reader after it): keep what was measured, go on
@@ -275,6 +282,20 @@ def print_summary(results: dict[str, Any]) -> None:
     print(f"\n{'size':22s} {'step':52s} {'wall s':>9s} {'CPU s':>9s} {'peak MB':>8s}  load before -> after")
     for size, step, wall, cpu, peak, load in figure_rows(results):
         print(f"{size:22s} {step:52s} {wall:>9s} {cpu:>9s} {peak:>8s}  {load}")
+    for history in results["histories"]:
+        print(f"\n{history['customers']:,} x {history['months']} months: {history['status']}")
+        if history.get("landing"):
+            usage = history["landing"]["usage_events"]
+            print(f"  landing usage_events {usage['rows']:,} rows, {usage['mb']} MB in {usage['files']} files")
+        if history.get("sizes"):
+            print("  sizes: " + ", ".join(f"{k} {v:,}" for k, v in history["sizes"].items() if v is not None))
+        if history.get("scored_customers"):
+            print(f"  second nightly scored {history['scored_customers']:,} customers"
+                  f"{' (the retrain policy fired: it trained)' if history.get('second_nightly_retrained') else ''}")
+        slowest = (history.get("second_nightly_dbt") or {}).get("slowest", [])[:5]
+        if slowest:
+            print("  slowest dbt nodes: " + ", ".join(f"{n['node'].split('.')[-1]} {n['seconds']:.1f}s"
+                                                      for n in slowest))
     print("\ntargets (issue 10):")
     for t in results["targets"]:
         mark = "PASS" if t["passed"] else "FAIL"
