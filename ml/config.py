@@ -130,7 +130,7 @@ class GeneratorConfig:
     seed: int
     oracle_dir: Path
     drift_from: dt.date | None
-    partitioned: bool  # usage_events as date=YYYY-MM-DD partition folders (a daily extract) instead of one file
+    partitioned: bool  # dated event tables as date=YYYY-MM-DD partition folders (a daily extract), not one file
 
 
 # The candidate algorithms, simplest first: selection prefers the earlier one
