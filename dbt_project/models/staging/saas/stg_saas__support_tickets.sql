@@ -2,7 +2,8 @@
     materialized='incremental',
     incremental_strategy='delete+insert',
     unique_key='ticket_id',
-    on_schema_change='fail'
+    on_schema_change='fail',
+    meta={'tonight_column': 'opened_at'}
 ) }}
 {%- set since = staged_since('cast(opened_at as date)', 'support_tickets') %}
 
