@@ -271,34 +271,27 @@ def check_table(session: Session, table: LandingTable, files: list[Path] | None 
             found, n = _check_files(session, table, [path], f"{table.name}/{path.relative_to(table.folder)}")
             problems += found
             rows += n
-        if not problems and table.key:
-            problems += _check_keys(session, table, every, None if files is None else chosen)
+        if not problems and table.key and files is not None:
+            problems += _check_keys(session, table, every, chosen)
         return problems, rows
     return _check_files(session, table, None, table.path.name)
 
 
-def _check_keys(session: Session, table: LandingTable, every: list[Path], tonight: list[Path] | None) -> list[str]:
-    """Keys of a partitioned table that land again with different values: one fact told two ways.
+def _check_keys(session: Session, table: LandingTable, every: list[Path], tonight: list[Path]) -> list[str]:
+    """Keys of tonight's partitions that land again with different values: one fact told two ways.
 
-    Exact repeats are fine (staging deduplicates them), but a changed row under
-    an old key would silently replace a fact stored snapshots were built on.
-    On a night (`tonight` given) each new partition's keys are compared with
-    every other partition's by SQL over the key columns only (a date key is
-    narrowed to tonight's dates, so older files are skipped by their
-    statistics); the rows are compared only for the keys found in both. With
-    `tonight` None the whole table is checked in one aggregate.
+    Exact repeats are fine (staging deduplicates them), but on an incremental
+    night staging's delete+insert would let a changed row under an old key
+    silently replace a fact stored snapshots were built on. Each new
+    partition's keys are compared with every other partition's by SQL over the
+    key columns only (a date key is narrowed to tonight's dates, so older files
+    are skipped by their statistics); rows are compared only for the keys found
+    in both. A full night needs no such check: it stages every partition and
+    dbt's unique tests on staging read the whole table.
     """
     keys = column_list(table.key)
     hashed = f"hash({column_list(table.columns)})"
     shown = "concat_ws(', ', " + ", ".join(f"{quote(c)}::varchar" for c in table.key) + ")"
-    if tonight is None:
-        whole = table.typed_relation(every)
-        bad, example = session.one(
-            f"with clash as (select {keys} from {whole} group by {keys} having count(distinct {hashed}) > 1) "
-            f"select count(*), any_value({shown}) from {whole} semi join clash using ({keys})")
-        return [] if not bad else [
-            f"{table.label}: column(s) {', '.join(table.key)}: {bad:,d} rows share a key with a different row "
-            f"(e.g. {example}); the key must identify one fact (table {table.source}.{table.name})"]
     problems = []
     for path in tonight:
         others = [p for p in every if p != path]
