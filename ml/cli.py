@@ -86,9 +86,10 @@ COMMANDS: tuple[Command, ...] = (
                         f"'none' disables {_GENERATOR_DEFAULTS}"),
             option("--overwrite", action="store_true", help="replace the landing folder if it holds files"),
             option("--partitioned", action="store_true",
-                   help="write usage_events as date=YYYY-MM-DD partition folders (default: generator.partitioned)"),
+                   help="write usage_events, payments and support_tickets as date=YYYY-MM-DD partition folders "
+                        "(default: generator.partitioned)"),
             option("--append-day", action="store_true",
-                   help="land one more day of usage_events after the newest partition, then stop"),
+                   help="land one more day into every partition folder after the newest partition, then stop"),
         ),
     ),
     Command(

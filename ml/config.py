@@ -67,6 +67,22 @@ class EventTableConfig:
 
 
 @dataclass(frozen=True)
+class SettledTableConfig:
+    """A single-file landing table re-exported whole each day whose rows before the last build must not change.
+
+    A row is known from `known_from`; a date in `later_dates` (and the columns
+    `filled_with` it, e.g. a cancellation's reason) may be filled in on a later
+    day. The row's state before a date is what the snapshots before it could
+    see: rows known before it, later dates (and their columns) only when earlier.
+    """
+
+    table: str
+    known_from: str
+    later_dates: tuple[str, ...] = ()
+    filled_with: tuple[tuple[str, tuple[str, ...]], ...] = ()  # later date -> columns set together with it
+
+
+@dataclass(frozen=True)
 class DatasetConfig:
     name: str
     description: str
@@ -85,6 +101,9 @@ class DatasetConfig:
     selection_metric: str | None = None
     cost_missed_churner: float | None = None
     cost_wasted_offer: float | None = None
+    # Single-file tables whose daily re-export keeps the build incremental while rows
+    # dated before the last build are unchanged (ml.data.landing compares a signature).
+    settled_history: tuple[SettledTableConfig, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -130,7 +149,7 @@ class GeneratorConfig:
     seed: int
     oracle_dir: Path
     drift_from: dt.date | None
-    partitioned: bool  # usage_events as date=YYYY-MM-DD partition folders (a daily extract) instead of one file
+    partitioned: bool  # dated event tables as date=YYYY-MM-DD partition folders (a daily extract), not one file
 
 
 # The candidate algorithms, simplest first: selection prefers the earlier one
@@ -593,6 +612,25 @@ def _event_tables(values: Any, section: str, source: Path) -> tuple[EventTableCo
     return tuple(tables)
 
 
+def _settled_history(values: Any, section: str, source: Path) -> tuple[SettledTableConfig, ...]:
+    """The dataset's re-exported single-file tables and the dates that settle their rows."""
+    tables = []
+    for table, settings in (values or {}).items():
+        key = f"{section}.settled_history.{table}"
+        if not isinstance(settings, dict) or not isinstance(settings.get("known_from"), str):
+            raise ConfigError(f"{source}: {key} needs known_from: <date column>")
+        later = settings.get("later_dates") or []
+        filled = settings.get("filled_with") or {}
+        if not isinstance(later, list) or not all(isinstance(c, str) for c in later):
+            raise ConfigError(f"{source}: {key}.later_dates must be a list of column names")
+        if not isinstance(filled, dict) or not all(d in later and isinstance(cs, list) for d, cs in filled.items()):
+            raise ConfigError(f"{source}: {key}.filled_with maps a date of later_dates to a list of columns")
+        tables.append(_build(SettledTableConfig, {**settings, "table": table}, key, source,
+                             later_dates=tuple(later),
+                             filled_with=tuple((d, tuple(cs)) for d, cs in filled.items())))
+    return tuple(tables)
+
+
 def _datasets(raw: dict[str, Any], source: Path, warehouse_dir: Path) -> dict[str, DatasetConfig]:
     """Every dataset profile, keyed by its name (which is also its `name` field).
 
@@ -609,6 +647,7 @@ def _datasets(raw: dict[str, Any], source: Path, warehouse_dir: Path) -> dict[st
             landing_dir=_resolve(values.get("landing_dir", ""), source.parent),
             clock=_clock(values.get("clock", ""), section, source),
             event_tables=_event_tables(values.get("event_tables"), section, source),
+            settled_history=_settled_history(values.get("settled_history"), section, source),
             warehouse_dir=_resolve(values["warehouse_dir"], source.parent) if values.get("warehouse_dir")
             else warehouse_dir / name,
             **{key: values.get(key) for key in DATASET_OVERRIDES},

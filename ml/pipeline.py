@@ -290,7 +290,7 @@ def _nightly_steps(run: PipelineRun, cutoff: dt.date, replay: bool, force_train:
     with run.step("publish"):
         published = publish(config, run_id=run.run_id)
         # only a run that published moves the landing manifest on: a failed night's partitions are re-audited
-        remember_landing(config, changes, run.run_id)
+        remember_landing(config, changes, run.run_id, cutoff)
     with run.step("reports"):
         index = write_reports(config)
     print(f"\nnightly {run.run_id} ({config.dataset.name}) finished in {time.perf_counter() - start:.0f}s")
@@ -354,10 +354,12 @@ def current_landing_changes(config: ChurnConfig) -> LandingChanges:
         return landing_changes(config, session)
 
 
-def remember_landing(config: ChurnConfig, changes: LandingChanges, run_id: str) -> None:
-    """Record the partitions this run audited and built on as the next run's baseline."""
+def remember_landing(config: ChurnConfig, changes: LandingChanges, run_id: str,
+                     as_of: dt.date | None = None) -> None:
+    """Record the partitions this run audited and built on (and the settled rows as of its night) as the next
+    run's baseline."""
     with connect(config.warehouse.build_db, settings=config.warehouse.engine) as session:
-        record_partitions(config, session, changes, run_id)
+        record_partitions(config, session, changes, run_id, as_of)
 
 
 def check_drift_gate(run: PipelineRun, watched: MonitorResult, promoted: bool, accept_drift: str | None) -> None:

@@ -43,9 +43,10 @@ EXPECTED_OPTIONS: dict[str, list[tuple]] = {
          "(default: churn.yml generator section)"),
         (("--overwrite",), "overwrite", "StoreTrue", None, False, None, "replace the landing folder if it holds files"),
         (("--partitioned",), "partitioned", "StoreTrue", None, False, None,
-         "write usage_events as date=YYYY-MM-DD partition folders (default: generator.partitioned)"),
+         "write usage_events, payments and support_tickets as date=YYYY-MM-DD partition folders "
+         "(default: generator.partitioned)"),
         (("--append-day",), "append_day", "StoreTrue", None, False, None,
-         "land one more day of usage_events after the newest partition, then stop"),
+         "land one more day into every partition folder after the newest partition, then stop"),
     ],
     "build": [
         (("--as-of",), "as_of", "Store", None, None, None,

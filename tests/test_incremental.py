@@ -31,10 +31,12 @@ from ml.features.dbt import dbt_target_path
 
 from .conftest import REPO_ROOT, make_config, query, rewrite
 
-TINY = {"generator": {"customers": 600, "months": 12, "start_date": "2024-01-01", "seed": 7}}
+# partitioned: usage, payments and tickets land as daily folders, staged incrementally
+TINY = {"generator": {"customers": 600, "months": 12, "start_date": "2024-01-01", "seed": 7, "partitioned": True}}
 SNAPSHOT_TABLES = (
-    "stg_saas__usage_events", "stg_saas__payments", "int_customer_snapshots_spined", "int_usage_windowed",
-    "int_payments_windowed", "int_tickets_windowed", "int_subscriptions_windowed", "customer_features",
+    "stg_saas__usage_events", "stg_saas__payments", "stg_saas__support_tickets", "int_customer_snapshots_spined",
+    "int_usage_windowed", "int_payments_windowed", "int_tickets_windowed", "int_subscriptions_windowed",
+    "customer_features",
 )
 # first night full, then a month start, a mid-month night and the night the 2024-11-01 label matures
 NIGHTS = ("2024-10-20", "2024-11-01", "2024-11-16", "2024-12-02")

@@ -105,19 +105,20 @@ def test_changes_tell_new_rewritten_touched_and_removed_partitions(tiny: ChurnCo
 
 
 def test_a_rewritten_single_file_counts_as_changed_history(tiny: ChurnConfig) -> None:
-    """One file cannot tell an append from a rewrite of rows already built on (e.g. past payments
-    re-extracted): a changed single file makes the build refresh in full instead of keeping stale snapshots."""
-    payments = tiny.dataset.landing_dir / "payments.parquet"
-    assert payments.is_file()
+    """Without a settled-history signature one file cannot tell an append from a rewrite of rows already
+    built on (e.g. past customers re-extracted): a changed single file makes the build refresh in full
+    instead of keeping stale snapshots (tests/test_night_checks.py covers the signature)."""
+    customers = tiny.dataset.landing_dir / "customers.parquet"
+    assert customers.is_file()
     with connect(tiny.warehouse.build_db) as session:
         record_partitions(tiny, session, landing_changes(tiny, session), "run-1")
         assert not landing_changes(tiny, session).history_changed
         with duckdb.connect() as con:
-            con.execute(f"copy (select * replace (-abs(amount) as amount) from read_parquet('{payments}')) "
-                        f"to '{payments}.new' (format parquet)")
-        Path(f"{payments}.new").replace(payments)
+            con.execute(f"copy (select * replace (upper(region) as region) from read_parquet('{customers}')) "
+                        f"to '{customers}.new' (format parquet)")
+        Path(f"{customers}.new").replace(customers)
         changes = landing_changes(tiny, session)
-    assert [(p.table, p.path) for p in changes.changed] == [("payments", "payments.parquet")]
+    assert [(p.table, p.path) for p in changes.changed] == [("customers", "customers.parquet")]
     assert changes.history_changed
 
 

@@ -45,14 +45,16 @@
     {%- endif -%}
 {%- endmacro %}
 
-{#- The shared config of the snapshot models: keyed by (customer_id, as_of_date). -#}
+{#- The shared config of the snapshot models: keyed by (customer_id, as_of_date); row-wise
+    tests read tonight's snapshots by as_of_date (macros/tonight_tests.sql). -#}
 {% macro snapshot_model_config() -%}
     {{ config(
         materialized='incremental',
         incremental_strategy='delete+insert',
         unique_key=['customer_id', 'as_of_date'],
         on_schema_change='fail',
-        pre_hook="{{ delete_rebuilt_snapshots() }}"
+        pre_hook="{{ delete_rebuilt_snapshots() }}",
+        meta={'tonight_column': 'as_of_date'}
     ) }}
 {%- endmacro %}
 

@@ -1,4 +1,4 @@
-{#- Incremental staging of the high-volume event tables (usage, payments).
+{#- Incremental staging of the high-volume event tables (usage, payments, support tickets).
 
     A run cleans and deduplicates only the landing rows dated from the
     watermark on: the latest date staged so far minus the table's late-arrival

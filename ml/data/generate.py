@@ -21,10 +21,11 @@ groups: a million customers over 12 months take about four minutes and half a
 GB (benchmarks/). The same options and seed give
 byte-identical files.
 
-With `partitioned` the daily event table lands the way a daily extract does,
-one folder per day (`usage_events/date=YYYY-MM-DD/part-0.parquet`), and
-`append_day` lands one more day into such a folder: what "a new day of data
-arrived" looks like to an incremental nightly.
+With `partitioned` the dated event tables (usage, payments, support tickets)
+land the way a daily extract does, one folder per day
+(`usage_events/date=YYYY-MM-DD/part-0.parquet`), and `append_days` lands one
+more day into every such folder: what "a new day of data arrived" looks like
+to an incremental nightly.
 """
 
 from __future__ import annotations
@@ -99,7 +100,11 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {
     ]),
 }
 # Tables written as one folder of daily partitions under `partitioned`, with the column that dates them.
-PARTITIONED_TABLES: dict[str, str] = {"usage_events": "event_date"}
+PARTITIONED_TABLES: dict[str, str] = {
+    "usage_events": "event_date",
+    "payments": "invoice_date",
+    "support_tickets": "opened_at",
+}
 PARTITION_FILE = "part-0.parquet"
 ORACLE_FILE = "oracle.parquet"
 ORACLE_SCHEMA = pa.schema([
@@ -1076,13 +1081,54 @@ def newest_partition(folder: Path) -> dt.date | None:
     return max(days, default=None)
 
 
-def append_day(landing_dir: Path, table: str = "usage_events", seed: int = 0) -> AppendedDay:
-    """Land one more day of `table` after its newest partition (the day's activity of the customers active then).
+def _day_sql(table: str, column: str, source: Path, subscriptions: Path, shift_days: int, seed: int,
+             day: dt.date) -> str:
+    """The SELECT drawing `day`'s rows of `table` from an earlier day's partition `source`.
 
-    The day repeats the same weekday a week earlier for the customers whose
-    subscription is still running that day, with minutes and sessions jittered
-    by a seeded hash, so volumes keep the weekly pattern the completeness gate
-    expects. Written beside the folder and renamed in, so a reader never sees half a day.
+    The rows of customers whose subscription still runs that day, shifted by
+    `shift_days`, with values jittered by a seeded hash and, for invoices and
+    tickets, new keys (the day's ordinal appended), so keys stay unique.
+    """
+    jitter = f"((hash(customer_id, {seed}, {day.toordinal()}) % 1000) / 1000.0)"
+    running = (f"customer_id in (select customer_id from read_parquet({quote_literal(subscriptions)}) "
+               f"where start_date <= date '{day}' and (end_date is null or end_date > date '{day}'))")
+    rows = f"read_parquet({quote_literal(source / '*.parquet')})"
+    if table == "usage_events":
+        select = (f"select customer_id, date '{day}' as {column}, "
+                  f"greatest(1, sessions + cast({jitter} * 3 as integer) - 1)::integer as sessions, "
+                  f"round(minutes * (0.8 + 0.4 * {jitter}), 1) as minutes")
+    elif table == "payments":
+        select = (f"select payment_id || '-{day.toordinal()}' as payment_id, customer_id, "
+                  f"date '{day}' as {column}, amount, status")
+    elif table == "support_tickets":
+        select = (f"select ticket_id || '-{day.toordinal()}' as ticket_id, customer_id, "
+                  f"opened_at + interval {shift_days} day as opened_at, closed_at + interval {shift_days} day "
+                  "as closed_at, category, priority, satisfaction_score")
+    else:
+        raise GenerateError(f"--append-day: no rule to draw a day of {table!r}")
+    return f"{select} from {rows} where {running} order by all"
+
+
+# Where a new day's rows are drawn from: the same weekday a week before (usage, tickets) or the same day of
+# the previous month (invoices, billed monthly), so volumes keep the seasonality the completeness gate expects.
+_SOURCE_DAY = {"usage_events": "week", "payments": "month", "support_tickets": "week"}
+
+
+def _source_day(table: str, day: dt.date) -> dt.date:
+    if _SOURCE_DAY[table] == "week":
+        return day - dt.timedelta(days=7)
+    month = (day.replace(day=1) - dt.timedelta(days=1)).replace(day=1)
+    return month.replace(day=min(day.day, 28))
+
+
+def append_day(landing_dir: Path, table: str = "usage_events", seed: int = 0,
+               day: dt.date | None = None) -> AppendedDay | None:
+    """Land one more day of `table` (default: after its newest partition), drawn from an earlier day.
+
+    See `_day_sql` for how the day is drawn. Usage must have its week-earlier
+    partition; invoices and tickets land nothing (None) when their source day
+    had none, as on a quiet day. Written beside the folder and renamed in, so a
+    reader never sees half a day.
     """
     folder = landing_dir / table
     column = PARTITIONED_TABLES.get(table)
@@ -1093,32 +1139,46 @@ def append_day(landing_dir: Path, table: str = "usage_events", seed: int = 0) ->
     if newest is None:
         raise GenerateError(f"--append-day: {folder} holds no date=YYYY-MM-DD partitions; "
                             "generate the landing with --partitioned first")
-    day = newest + dt.timedelta(days=1)
-    week_before = folder / f"date={(day - dt.timedelta(days=7)).isoformat()}"
+    day = day or newest + dt.timedelta(days=1)
+    source = folder / f"date={_source_day(table, day).isoformat()}"
     subscriptions = landing_dir / "subscriptions.parquet"
-    if not week_before.is_dir() or not subscriptions.exists():
-        raise GenerateError(f"--append-day: needs {week_before} and {subscriptions} to draw the new day from")
+    if not subscriptions.exists() or (table == "usage_events" and not source.is_dir()):
+        raise GenerateError(f"--append-day: needs {source} and {subscriptions} to draw the new day from")
+    if not source.is_dir():
+        return None
     target = folder / f"date={day.isoformat()}"
     staged = folder / f".date={day.isoformat()}.partial"
     shutil.rmtree(staged, ignore_errors=True)
     staged.mkdir()
-    jitter = f"((hash(customer_id, {seed}, {day.toordinal()}) % 1000) / 1000.0)"
     with connect(MEMORY) as session:
         session.execute("set threads = 1")
-        session.execute(
-            f"copy (select customer_id, ?::date as {column}, "
-            f"greatest(1, sessions + cast({jitter} * 3 as integer) - 1)::integer as sessions, "
-            f"round(minutes * (0.8 + 0.4 * {jitter}), 1) as minutes "
-            f"from read_parquet({quote_literal(week_before / '*.parquet')}) "
-            f"where customer_id in (select customer_id from read_parquet({quote_literal(subscriptions)}) "
-            f"where start_date <= ?::date and (end_date is null or end_date > ?::date)) "
-            f"order by customer_id) to {quote_literal(staged / PARTITION_FILE)} (format parquet, compression zstd)",
-            [day, day, day],
-        )
-        rows = int(session.scalar(f"select count(*) from read_parquet({quote_literal(staged / PARTITION_FILE)})"))
+        sql = _day_sql(table, column, source, subscriptions, (day - _source_day(table, day)).days, seed, day)
+        rows = int(session.scalar(f"select count(*) from ({sql})"))
+        if rows:
+            session.execute(f"copy ({sql}) to {quote_literal(staged / PARTITION_FILE)} "
+                            "(format parquet, compression zstd)")
+    if not rows:
+        shutil.rmtree(staged, ignore_errors=True)
+        return None
+    shutil.rmtree(target, ignore_errors=True)
     staged.rename(target)
     log.info("appended %s: %s rows of %s dated %s", target, f"{rows:,d}", table, day)
     return AppendedDay(table, day, target / PARTITION_FILE, rows)
+
+
+def append_days(landing_dir: Path, seed: int = 0) -> list[AppendedDay]:
+    """Land the next day into every partitioned folder: the day after the newest partition of any of them.
+
+    One day for all tables, as one night's extract brings it; usage always gets
+    a partition, invoices and tickets only when their source day had rows.
+    """
+    folders = [t for t in PARTITIONED_TABLES if (landing_dir / t).is_dir()]
+    if "usage_events" not in folders:
+        raise GenerateError(f"--append-day: {landing_dir / 'usage_events'} holds no date=YYYY-MM-DD partitions; "
+                            "generate the landing with --partitioned first")
+    day = max(d for t in folders if (d := newest_partition(landing_dir / t)) is not None) + dt.timedelta(days=1)
+    added = [append_day(landing_dir, table, seed, day) for table in folders]
+    return [a for a in added if a is not None]
 
 
 # --------------------------------------------------------------------------- CLI
@@ -1142,9 +1202,10 @@ def run_command(config: ChurnConfig, args: argparse.Namespace) -> int:
         changes["drift_from"] = None
     if args.append_day:
         landing = args.out.resolve() if args.out else config.datasets["demo"].landing_dir
-        added = append_day(landing, seed=args.seed if args.seed is not None else config.generator.seed)
-        print(f"{added.table}: {added.rows:,d} rows dated {added.day} -> {added.path}")
-        print(f"replay the nightly on it with --as-of {added.day + dt.timedelta(days=1)}")
+        days = append_days(landing, seed=args.seed if args.seed is not None else config.generator.seed)
+        for added in days:
+            print(f"{added.table}: {added.rows:,d} rows dated {added.day} -> {added.path}")
+        print(f"replay the nightly on it with --as-of {days[0].day + dt.timedelta(days=1)}")
         return 0
     if args.partitioned:
         changes["partitioned"] = True

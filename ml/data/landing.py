@@ -18,6 +18,13 @@ this module keeps a manifest of the partitions seen by the last successful run
 (`landing_partitions`), so the file checks read only tonight's new or
 rewritten partitions, and a rewritten or removed one (history changed) is
 reported so the pipeline rebuilds from scratch instead of incrementally.
+
+A single file re-exported whole each day (subscriptions) changes every night
+although only its recent rows do. For the tables churn.yml lists under
+`settled_history`, the manifest also keeps a signature of the rows as the last
+build could see them (`landing_settled_history`); a changed file whose
+signature of those rows is unchanged only added facts from the last build on,
+and the night stays incremental. A changed past row still changes history.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from ml.config import ChurnConfig
+from ml.config import ChurnConfig, SettledTableConfig
 from ml.logs import get_logger
 from ml.warehouse import (
     MEMORY,
@@ -67,6 +74,23 @@ PARTITIONS = declare(
     ],
 )
 
+SETTLED = declare(
+    name="landing_settled_history",
+    owner=__name__,
+    grain="one row per dataset and settled single-file landing table",
+    description="Signature of the rows of a re-exported single-file table as the last successful build saw them, "
+                "so a new export that only adds later facts keeps the next build incremental.",
+    columns=[
+        ("dataset", "VARCHAR", "the churn.yml dataset profile"),
+        ("table_name", "VARCHAR", "the landing table (churn.yml settled_history)"),
+        ("settled_before", "DATE", "the as_of of the build recorded: rows are taken as they were known before it"),
+        ("settled_rows", "BIGINT", "rows known before settled_before"),
+        ("signature", "VARCHAR", "order-independent hash sum of those rows, later dates censored at settled_before"),
+        ("run_id", "VARCHAR", "the nightly run that recorded it"),
+        ("recorded_at", "TIMESTAMP", "when it was recorded"),
+    ],
+)
+
 # DuckDB types a landing column may already have for each declared type.
 _COMPATIBLE = {
     "varchar": ("VARCHAR",),
@@ -90,6 +114,8 @@ class LandingTable:
     path: Path
     file_format: str  # parquet | csv
     columns: dict[str, str]  # declared column -> declared type ("" when undeclared)
+    # the source's meta.unique_key: a key landing again (another partition, a re-extract) must repeat its row
+    key: tuple[str, ...] = ()
 
     @property
     def folder(self) -> Path:
@@ -165,6 +191,7 @@ def _sources_of_format(config: ChurnConfig) -> list[list[LandingTable]]:
                     path=landing / f"{table['name']}.{fmt}",
                     file_format=fmt,
                     columns={c["name"]: str(c.get("data_type") or "").lower() for c in table.get("columns", [])},
+                    key=tuple(((table.get("config") or {}).get("meta") or {}).get("unique_key") or ()),
                 )
                 for table in source.get("tables", [])
             ])
@@ -244,8 +271,54 @@ def check_table(session: Session, table: LandingTable, files: list[Path] | None 
             found, n = _check_files(session, table, [path], f"{table.name}/{path.relative_to(table.folder)}")
             problems += found
             rows += n
+        if not problems and table.key and files is not None:
+            problems += _check_keys(session, table, every, chosen)
         return problems, rows
     return _check_files(session, table, None, table.path.name)
+
+
+def _check_keys(session: Session, table: LandingTable, every: list[Path], tonight: list[Path]) -> list[str]:
+    """Keys of tonight's partitions that land again with different values: one fact told two ways.
+
+    Exact repeats are fine (staging deduplicates them), but on an incremental
+    night staging's delete+insert would let a changed row under an old key
+    silently replace a fact stored snapshots were built on. Each new
+    partition's keys are compared with every other partition's by SQL over the
+    key columns only (a date key is narrowed to tonight's dates, so older files
+    are skipped by their statistics); rows are compared only for the keys found
+    in both. A full night needs no such check: it stages every partition and
+    dbt's unique tests on staging read the whole table.
+    """
+    keys = column_list(table.key)
+    hashed = f"hash({column_list(table.columns)})"
+    shown = "concat_ws(', ', " + ", ".join(f"{quote(c)}::varchar" for c in table.key) + ")"
+    problems = []
+    for path in tonight:
+        others = [p for p in every if p != path]
+        night = table.typed_relation([path])
+        dates = [c for c in table.key if table.columns.get(c) in ("date", "timestamp")]
+        narrow = " and ".join(
+            f"{quote(c)} between (select min({quote(c)}) from {night}) and (select max({quote(c)}) from {night})"
+            for c in dates) or "true"
+        earlier = table.typed_relation(others) if others else f"(select * from {night} limit 0)"
+        clash = (f"(select {keys} from {night} group by {keys} having count(distinct {hashed}) > 1 "
+                 f"union select {keys} from (select {keys} from {night} intersect "
+                 f"select {keys} from {earlier} where {narrow}))")
+        candidates = session.scalar(f"select count(*) from {clash}")
+        if not candidates:
+            continue
+        rows, bad, example = session.one(
+            f"with n as (select *, {hashed} as h from {night}), "
+            f"c as {clash}, e as (select *, {hashed} as h from {earlier} semi join c using ({keys})), "
+            f"differs as (select {keys} from n group by {keys} having count(distinct h) > 1 "
+            f"union select {keys} from n join e using ({keys}) where n.h <> e.h) "
+            f"select (select count(*) from n), count(*), any_value({shown}) from n semi join differs using ({keys})")
+        if bad:
+            problems.append(
+                f"{table.name}/{path.relative_to(table.folder)}: column(s) {', '.join(table.key)}: {bad:,d} of "
+                f"{rows:,d} rows reuse a key of another row with different values (e.g. {example}); a correction "
+                f"of an earlier day belongs in a rewrite of its partition (the nightly then refreshes in full)")
+    return problems
 
 
 def _check_files(session: Session, table: LandingTable, files: list[Path] | None, name: str) -> tuple[list[str], int]:
@@ -355,6 +428,8 @@ class LandingChanges:
     folders: dict[str, Path]  # partitioned table -> its folder
     # Whether a manifest of a previous successful run existed: without one nothing says what was built on.
     baseline: bool = True
+    # Re-exported single files whose rows before the last build are unchanged (only later facts were added).
+    appended: tuple[PartitionFile, ...] = ()
 
     @property
     def history_changed(self) -> bool:
@@ -372,8 +447,10 @@ class LandingChanges:
             names = [f"{p.table}/{p.path}" for p in parts[:3]]
             return ", ".join(names) + (f", ... ({len(parts)} in all)" if len(parts) > 3 else "")
 
+        appended = f", {len(self.appended)} re-exported with settled history unchanged ({shown(self.appended)})"
         return (f"{len(self.new)} new, {len(self.changed)} rewritten ({shown(self.changed) or '-'}), "
-                f"{len(self.removed)} removed ({shown(self.removed) or '-'}) partition(s)")
+                f"{len(self.removed)} removed ({shown(self.removed) or '-'}) partition(s)"
+                + (appended if self.appended else ""))
 
 
 def _sha256(path: Path) -> str:
@@ -394,6 +471,45 @@ def recorded_partitions(config: ChurnConfig, session: Session) -> dict[tuple[str
     return {(r[0], r[1]): PartitionFile(*r) for r in rows}
 
 
+def settled_signature(session: Session, table: LandingTable, spec: SettledTableConfig,
+                      before: dt.date) -> tuple[int, str]:
+    """Rows of `table` known before `before`, and an order-independent signature of them as known then.
+
+    A later date on or after `before` (and the columns filled with it) counts
+    as not known yet, so a cancellation recorded tonight on an old period does
+    not change the signature, while any change to what a stored snapshot read does.
+    A sum of row hashes, unlike a xor, also tells a duplicated row.
+    """
+    limit = f"cast({quote_literal(before.isoformat())} as date)"
+    later = dict(spec.filled_with)
+    known: dict[str, str] = {}
+    for date in spec.later_dates:
+        known[date] = f"case when {quote(date)} < {limit} then {quote(date)} end"
+        for column in later.get(date, ()):
+            known[column] = f"case when {quote(date)} < {limit} then {quote(column)} end"
+    values = ", ".join(known.get(c, quote(c)) for c in table.columns)
+    rows, total = session.one(
+        f"select count(*), coalesce(sum(hash({values})::hugeint), 0)::varchar from {table.typed_relation()} "
+        f"where {quote(spec.known_from)} < {limit}")
+    return int(rows), str(total)
+
+
+def _settled_specs(config: ChurnConfig,
+                   tables: list[LandingTable]) -> dict[str, tuple[LandingTable, SettledTableConfig]]:
+    """Settled-history tables of the dataset that landed as one file."""
+    by_name = {t.name: t for t in tables if not t.partitioned and t.path.exists()}
+    return {s.table: (by_name[s.table], s) for s in config.dataset.settled_history if s.table in by_name}
+
+
+def recorded_settled(config: ChurnConfig, session: Session) -> dict[str, tuple[dt.date, int, str]]:
+    """table -> (settled_before, rows, signature) as the last successful run recorded them."""
+    if not session.exists(SETTLED):
+        return {}
+    rows = session.rows(f"select table_name, settled_before, settled_rows, signature from {quote(SETTLED.name)} "
+                        "where dataset = ?", [config.dataset.name])
+    return {r[0]: (r[1], int(r[2]), r[3]) for r in rows}
+
+
 def landing_changes(config: ChurnConfig, session: Session) -> LandingChanges:
     """Compare the partition folders on disk with the manifest `session`'s warehouse holds.
 
@@ -406,9 +522,12 @@ def landing_changes(config: ChurnConfig, session: Session) -> LandingChanges:
     """
     known = recorded_partitions(config, session)
     tables = [t for t in landing_tables(config) if t.exists]
+    settled = _settled_specs(config, tables)
+    signatures = recorded_settled(config, session)
     current: list[PartitionFile] = []
     new: list[PartitionFile] = []
     changed: list[PartitionFile] = []
+    appended: list[PartitionFile] = []
     for table in tables:
         base = table.folder if table.partitioned else table.path.parent
         for path in table.files():
@@ -423,21 +542,45 @@ def landing_changes(config: ChurnConfig, session: Session) -> LandingChanges:
             current.append(found)
             if before is None:
                 new.append(found)
-            elif before.sha256 != digest:
+            elif before.sha256 == digest:
+                continue
+            elif table.name in settled and table.name in signatures and _settled_unchanged(
+                    session, *settled[table.name], signatures[table.name]):
+                appended.append(found)
+            else:
                 changed.append(found)
     here = {(p.table, p.path) for p in current}
     watched = {t.name for t in tables}
     # a table that went back to one file, or vanished, has its partitions removed as well
     removed = [p for key, p in sorted(known.items()) if key not in here]
     changes = LandingChanges(tuple(new), tuple(changed), tuple(removed), tuple(current),
-                             {t.name: t.folder for t in tables if t.partitioned}, baseline=bool(known))
+                             {t.name: t.folder for t in tables if t.partitioned}, baseline=bool(known),
+                             appended=tuple(appended))
     if tables or removed:
         log.info("landing partitions of %s: %s", ", ".join(sorted(watched)) or "-", changes.describe())
     return changes
 
 
-def record_partitions(config: ChurnConfig, session: Session, changes: LandingChanges, run_id: str) -> int:
-    """Store `changes.current` as the dataset's manifest (after a successful run); returns the rows written."""
+def _settled_unchanged(session: Session, table: LandingTable, spec: SettledTableConfig,
+                       recorded: tuple[dt.date, int, str]) -> bool:
+    """Whether the file's rows known before the recorded build are exactly those it recorded."""
+    before, rows, signature = recorded
+    now = settled_signature(session, table, spec, before)
+    if now != (rows, signature):
+        log.warning("landing %s: rows known before %s changed (%s rows recorded, %s now): history changed",
+                    table.label, before, f"{rows:,d}", f"{now[0]:,d}")
+        return False
+    log.info("landing %s re-exported: rows before %s unchanged, only later facts added", table.label, before)
+    return True
+
+
+def record_partitions(config: ChurnConfig, session: Session, changes: LandingChanges, run_id: str,
+                      as_of: dt.date | None = None) -> int:
+    """Store `changes.current` as the dataset's manifest (after a successful run); returns the rows written.
+
+    With `as_of` (the night just built) the settled-history signatures are
+    recorded at it too: what the next night's re-exports are compared with.
+    """
     frame = pd.DataFrame(
         [{"dataset": config.dataset.name, "table_name": p.table, "partition_path": p.path,
           "size_bytes": p.size_bytes, "mtime_ns": p.mtime_ns, "sha256": p.sha256, "run_id": run_id,
@@ -445,7 +588,22 @@ def record_partitions(config: ChurnConfig, session: Session, changes: LandingCha
         columns=PARTITIONS.column_names,
     )
     session.append(PARTITIONS, frame, where="dataset = ?", params=[config.dataset.name])
+    if as_of is not None:
+        record_settled(config, session, as_of, run_id)
     return len(frame)
+
+
+def record_settled(config: ChurnConfig, session: Session, as_of: dt.date, run_id: str) -> None:
+    """Store each settled-history table's signature of the rows known before `as_of`."""
+    specs = _settled_specs(config, [t for t in landing_tables(config) if t.exists])
+    recorded = []
+    for name, (table, spec) in sorted(specs.items()):
+        rows, signature = settled_signature(session, table, spec, as_of)
+        recorded.append({"dataset": config.dataset.name, "table_name": name, "settled_before": as_of,
+                         "settled_rows": rows, "signature": signature, "run_id": run_id,
+                         "recorded_at": dt.datetime.now()})
+    session.append(SETTLED, pd.DataFrame(recorded, columns=SETTLED.column_names),
+                   where="dataset = ?", params=[config.dataset.name])
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import datetime as dt
 
 from ml.config import ChurnConfig
 from ml.features.dbt import DbtResult, dbt_target_path, dbt_vars, run_dbt
-from ml.features.incremental import definition_checksums, mark_started, plan_build, record_build
+from ml.features.incremental import definition_checksums, mark_started, plan_build, record_build, tests_since
 from ml.features.sql_check import check_mart_sql
 from ml.logs import get_logger
 from ml.warehouse import connect
@@ -50,9 +50,14 @@ def build_warehouse(config: ChurnConfig, as_of: str | None = None, *, full_refre
                     ", ".join(plan.refresh_models), plan.reason)
     else:
         log.info("incremental build as of %s (%s)", as_of, plan.reason)
+    # read before dbt runs: the stored high-water marks tell tonight's rows from the stored ones
+    since = tests_since(config, dbt_target_path(config) / "manifest.json", plan)
+    if since:
+        log.info("row-wise dbt tests read tonight's rows of %d incremental model(s); table-level tests the whole",
+                 len(since))
     mark_started(config, night)
     result = run_dbt(config, "build", *extra, as_of=as_of,
-                     extra_vars={"full_refresh_models": list(plan.refresh_models)})
+                     extra_vars={"full_refresh_models": list(plan.refresh_models), "tests_since": since})
     if checksums:
         record_build(config, night, checksums)
     return result

@@ -140,6 +140,39 @@ def plan_build(config: ChurnConfig, as_of: dt.date, checksums: dict[str, str], r
     return BuildPlan(False, (), "incremental")
 
 
+def tests_since(config: ChurnConfig, manifest_path: Path, plan: BuildPlan) -> dict[str, dict[str, str]]:
+    """dbt var `tests_since`: per incremental model, the rows tonight's row-wise dbt tests read.
+
+    Tonight's rows of a model are those from its stored high-water mark minus
+    the lookback it re-writes (macros/tonight_tests.sql): a staged event table
+    re-stages its late-arrival lag (`max_lag_days` of its landing table); a
+    snapshot model rebuilds from its latest as_of_date and fills labels of
+    snapshots up to a horizon (and the cutoff day) back. A full refresh, a
+    refreshed model or a model not built yet gets no entry: all its rows are tested.
+    """
+    if plan.full_refresh or not config.warehouse.build_db.exists():
+        return {}
+    nodes = json.loads(manifest_path.read_text())["nodes"]
+    lags = {t.table: t.max_lag_days for t in config.dataset.event_tables}
+    wanted: dict[str, tuple[str, int]] = {}
+    for node in nodes.values():
+        column = (node["config"].get("meta") or {}).get("tonight_column")
+        if node["resource_type"] != "model" or column is None or node["name"] in plan.refresh_models:
+            continue
+        sources = [d.rsplit(".", 1)[-1] for d in node["depends_on"]["nodes"] if d.startswith("source.")]
+        staged = [lags[name] for name in sources if name in lags]
+        wanted[node["name"]] = (column, max(staged) if staged else config.problem.horizon_days + 1)
+    since: dict[str, dict[str, str]] = {}
+    with connect(config.warehouse.build_db, read_only=True, settings=config.warehouse.engine) as session:
+        for model, (column, lookback) in sorted(wanted.items()):
+            if not session.exists(model):
+                continue
+            latest = session.scalar(f"select cast(max({column}) as date) from {model}")
+            if latest is not None:
+                since[model] = {"column": column, "since": (latest - dt.timedelta(days=lookback)).isoformat()}
+    return since
+
+
 def mark_started(config: ChurnConfig, as_of: dt.date) -> None:
     """Raise every stored latest_as_of to tonight's before dbt runs.
 

@@ -2,7 +2,8 @@
     materialized='incremental',
     incremental_strategy='delete+insert',
     unique_key='payment_id',
-    on_schema_change='fail'
+    on_schema_change='fail',
+    meta={'tonight_column': 'invoice_date'}
 ) }}
 {%- set since = staged_since('invoice_date', 'payments') %}
 

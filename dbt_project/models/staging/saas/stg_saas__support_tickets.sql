@@ -1,5 +1,17 @@
+{{ config(
+    materialized='incremental',
+    incremental_strategy='delete+insert',
+    unique_key='ticket_id',
+    on_schema_change='fail',
+    meta={'tonight_column': 'opened_at'}
+) }}
+{%- set since = staged_since('cast(opened_at as date)', 'support_tickets') %}
+
 with source as (
     select * from {{ source('saas', 'support_tickets') }}
+    {%- if since is not none %}
+    where cast(opened_at as date) >= {{ since }}
+    {%- endif %}
 ),
 
 renamed as (

@@ -2,7 +2,8 @@
     materialized='incremental',
     incremental_strategy='delete+insert',
     unique_key=['customer_id', 'usage_date'],
-    on_schema_change='fail'
+    on_schema_change='fail',
+    meta={'tonight_column': 'usage_date'}
 ) }}
 {%- set since = staged_since('usage_date', 'usage_events') %}
 
