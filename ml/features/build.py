@@ -12,7 +12,7 @@ import argparse
 import datetime as dt
 
 from ml.config import ChurnConfig
-from ml.features.dbt import DbtResult, dbt_target_path, dbt_vars, run_dbt
+from ml.features.dbt import DbtResult, dbt_vars, run_dbt
 from ml.features.incremental import definition_checksums, mark_started, plan_build, record_build, tests_since
 from ml.features.sql_check import check_mart_sql
 from ml.logs import get_logger
@@ -34,11 +34,11 @@ def build_warehouse(config: ChurnConfig, as_of: str | None = None, *, full_refre
     lacks fails here, naming the model and columns.
     """
     as_of = as_of or config.decided_as_of().isoformat()
-    check_mart_sql(config, as_of)
+    # the check's compile parsed tonight's definitions (same project and vars): they are compared with
+    # those the stored rows were built by, without a `dbt parse` of their own (a full parse per night)
+    check = check_mart_sql(config, as_of)
     night = dt.date.fromisoformat(as_of)
-    # parse first: tonight's definitions, to compare with those the stored rows were built by
-    run_dbt(config, "parse", as_of=as_of)
-    checksums = definition_checksums(dbt_target_path(config) / "manifest.json", dbt_vars(config, as_of))
+    checksums = definition_checksums(check.manifest_path, dbt_vars(config, as_of))
     plan = plan_build(config, night, checksums, requested=full_refresh)
     extra: list[str] = []
     if plan.full_refresh:
@@ -51,7 +51,7 @@ def build_warehouse(config: ChurnConfig, as_of: str | None = None, *, full_refre
     else:
         log.info("incremental build as of %s (%s)", as_of, plan.reason)
     # read before dbt runs: the stored high-water marks tell tonight's rows from the stored ones
-    since = tests_since(config, dbt_target_path(config) / "manifest.json", plan)
+    since = tests_since(config, check.manifest_path, plan)
     if since:
         log.info("row-wise dbt tests read tonight's rows of %d incremental model(s); table-level tests the whole",
                  len(since))

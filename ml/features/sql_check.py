@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ml.config import ChurnConfig
@@ -37,6 +38,8 @@ class SqlCheck:
     sql_columns: tuple[str, ...]
     undocumented: tuple[str, ...]  # selected by the SQL, no YAML entry: a warning
     missing: tuple[str, ...]  # in the YAML contract (roles), not selected by the SQL: an error
+    # the compile's manifest: tonight's definitions, which the build fingerprints without a second parse
+    manifest_path: Path
 
 
 def _upstream_models(nodes: dict[str, Any], target: str) -> list[str]:
@@ -95,6 +98,7 @@ def check_mart_sql(config: ChurnConfig, as_of: str) -> SqlCheck:
         sql_columns=tuple(columns),
         undocumented=tuple(c for c in columns if c not in documented),
         missing=tuple(c for c in contract.columns if c not in columns),
+        manifest_path=target / "manifest.json",
     )
     if check.undocumented:
         log.warning("model %r (%s): column(s) %s are selected by the SQL but have no YAML entry, so they are no "
