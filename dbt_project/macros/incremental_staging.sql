@@ -20,3 +20,22 @@
     {%- endif -%}
     {{ return("cast('" ~ latest ~ "' as date) - " ~ (lags[table] | int)) }}
 {%- endmacro %}
+
+{#- The config of an incrementally staged event table. Spark without Delta
+    cannot delete by key, so there the table is restaged in full each run. -#}
+{% macro event_staging_config(unique_key) -%}
+    {{ return(adapter.dispatch('event_staging_config')(unique_key)) }}
+{%- endmacro %}
+
+{% macro default__event_staging_config(unique_key) -%}
+    {{ config(materialized='table') }}
+{%- endmacro %}
+
+{% macro duckdb__event_staging_config(unique_key) -%}
+    {{ config(
+        materialized='incremental',
+        incremental_strategy='delete+insert',
+        unique_key=unique_key,
+        on_schema_change='fail'
+    ) }}
+{%- endmacro %}

@@ -4,14 +4,14 @@ with source as (
 
 renamed as (
     select
-        trim(ticket_id)::varchar as ticket_id,
-        trim(customer_id)::varchar as customer_id,
+        cast(trim(ticket_id) as {{ dbt.type_string() }}) as ticket_id,
+        cast(trim(customer_id) as {{ dbt.type_string() }}) as customer_id,
         opened_at::timestamp as opened_at,
         closed_at::timestamp as closed_at,
         {{ clean_category('category') }} as ticket_category,
         {{ clean_category('priority') }} as ticket_priority,
         -- 1 (worst) to 5 (best)
-        satisfaction_score::integer as satisfaction_score,
+        satisfaction_score::integer as satisfaction_score
     from source
 ),
 
