@@ -26,7 +26,7 @@ from pathlib import Path
 RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
     (re.compile(pattern, re.IGNORECASE), message)
     for pattern, message in (
-        (r"::\s*(varchar|text|string)\b", "`::varchar`: Spark needs a length; write cast(x as {{ dbt.type_string() }})"),
+        (r"::\s*(varchar|text|string)\b", "`::varchar`: Spark needs a length; cast(x as {{ dbt.type_string() }})"),
         (r"\basof\s+(left\s+)?join\b", "ASOF join is DuckDB-only; use {{ latest_before(...) }}"),
         (r",(\s*)(from\b|\))", "trailing comma before `from`/`)`: Spark refuses it"),
         (r"\barg_(max|min)\s*\(", "arg_max/arg_min are DuckDB names; write max_by/min_by (both engines)"),
