@@ -6,13 +6,14 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+SPARK_STAMP := $(VENV)/.installed-spark
 DATASET ?=
 # e.g. BENCH_NIGHTLY_ARGS='--customers 200000 --months 12' (python -m benchmarks.nightly --help)
 BENCH_NIGHTLY_ARGS ?=
 DATASET_FLAG := $(if $(DATASET),--dataset $(DATASET),)
 
 .DEFAULT_GOAL := help
-.PHONY: help install nightly build train score monitor publish backfill profile generate serve bench-api bench-nightly docs report-screenshots lint test test-slow bench clean
+.PHONY: help install nightly build train score monitor publish backfill profile generate serve bench-api bench-nightly docs report-screenshots lint test test-slow test-spark bench clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -64,14 +65,22 @@ docs: $(STAMP) ## dbt docs (lineage to the exposures, every column): generate, t
 report-screenshots: $(STAMP) ## PNG of every report page (after make nightly) under warehouse/reports/screenshots/
 	$(BIN)/python -m ml.reports.screenshots
 
-lint: $(STAMP) ## ruff: style, bug-prone patterns and import order (rules in pyproject.toml)
+lint: $(STAMP) ## ruff (style, bug-prone patterns, import order) and the dbt dialect lint (no DuckDB-only SQL)
 	$(BIN)/ruff check ml tests benchmarks
+	$(BIN)/python -m ml.features.dialect_lint dbt_project
 
 test: $(STAMP) ## the test suite (small generated data, a few minutes)
 	$(BIN)/python -m pytest
 
 test-slow: $(STAMP) ## also the large-scale variants
-	$(BIN)/python -m pytest -m "slow or not slow"
+	$(BIN)/python -m pytest -m "not spark"
+
+$(SPARK_STAMP): pyproject.toml $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[test,spark]'
+	touch $(SPARK_STAMP)
+
+test-spark: $(SPARK_STAMP) ## the demo built on Spark local mode equals DuckDB's (installs .[spark]; needs Java 17)
+	PYSPARK_PYTHON=$(abspath $(BIN)/python) $(BIN)/python -m pytest -m spark
 
 bench: $(STAMP) ## speed and memory benchmarks, then the 1M nightly figures (an hour or more; results printed and saved)
 	$(BIN)/python -m benchmarks.run

@@ -56,9 +56,9 @@ def test_new_feature_needs_only_sql_and_yaml(private_warehouse: ChurnConfig, tmp
     project = copy_project(private_warehouse, tmp_path)
     edit(
         project / MART_SQL,
-        "        mean_satisfaction_90d,\n    from labelled",
+        "        mean_satisfaction_90d\n    from labelled",
         "        mean_satisfaction_90d,\n"
-        "        usage_minutes_30d / greatest(login_days_30d, 1) as minutes_per_login_day,\n"
+        "        usage_minutes_30d / greatest(login_days_30d, 1) as minutes_per_login_day\n"
         "    from labelled",
     )
     yaml_file = project / MART_YAML

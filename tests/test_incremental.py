@@ -149,7 +149,7 @@ def test_a_changed_feature_definition_rebuilds_its_history(replayed, tmp_path: P
     project = tmp_path / "dbt_project"
     shutil.copytree(REPO_ROOT / "dbt_project", project, ignore=shutil.ignore_patterns("target", "logs"))
     mart_sql = project / "models" / "marts" / "customer_features.sql"
-    old = "tenure_days / 30.4375 as months_as_customer"
+    old = "tenure_days / cast(30.4375 as double) as months_as_customer"
     assert old in mart_sql.read_text()
     mart_sql.write_text(mart_sql.read_text().replace(old, "tenure_days / 7.0 as months_as_customer"))
     config = copy_build(replayed["config"], tmp_path / "wh", {"warehouse": {"dbt_project_dir": str(project)}})

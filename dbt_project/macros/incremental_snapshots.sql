@@ -48,6 +48,17 @@
 {#- The shared config of the snapshot models: keyed by (customer_id, as_of_date); row-wise
     tests read tonight's snapshots by as_of_date (macros/tonight_tests.sql). -#}
 {% macro snapshot_model_config() -%}
+    {{ return(adapter.dispatch('snapshot_model_config')()) }}
+{%- endmacro %}
+
+{#- Spark without Delta has neither DELETE nor UPDATE on a table, which
+    delete+insert and the label fill need, so there the snapshot models are
+    rebuilt in full each run (same rows; the incremental path is DuckDB's). -#}
+{% macro default__snapshot_model_config() -%}
+    {{ config(materialized='table') }}
+{%- endmacro %}
+
+{% macro duckdb__snapshot_model_config() -%}
     {{ config(
         materialized='incremental',
         incremental_strategy='delete+insert',
@@ -63,6 +74,7 @@
     cancellation in (as_of_date, as_of_date + horizon]). Features stay as
     stored; on a full build there is nothing left to fill. -#}
 {% macro fill_matured_labels(label, cancellations, snapshot_dates) -%}
+    {%- if is_incremental() %}
     update {{ this }} as mart
     set {{ label }} = case
         when exists (
@@ -76,6 +88,7 @@
     end
     where {{ label }} is null
         and as_of_date in (select as_of_date from {{ snapshot_dates }} where is_horizon_observed)
+    {%- endif %}
 {%- endmacro %}
 
 {#- Overrides dbt's own: a model named in var `full_refresh_models` (its

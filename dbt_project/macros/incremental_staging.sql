@@ -20,3 +20,24 @@
     {%- endif -%}
     {{ return("cast('" ~ latest ~ "' as date) - " ~ (lags[table] | int)) }}
 {%- endmacro %}
+
+{#- The config of an incrementally staged event table. Spark without Delta
+    cannot delete by key, so there the table is restaged in full each run. -#}
+{% macro event_staging_config(unique_key, tonight_column) -%}
+    {{ return(adapter.dispatch('event_staging_config')(unique_key, tonight_column)) }}
+{%- endmacro %}
+
+{% macro default__event_staging_config(unique_key, tonight_column) -%}
+    {{ config(materialized='table') }}
+{%- endmacro %}
+
+{% macro duckdb__event_staging_config(unique_key, tonight_column) -%}
+    {#- tonight_column: the date row-wise dbt tests filter on (macros/tonight_tests.sql) -#}
+    {{ config(
+        materialized='incremental',
+        incremental_strategy='delete+insert',
+        unique_key=unique_key,
+        on_schema_change='fail',
+        meta={'tonight_column': tonight_column}
+    ) }}
+{%- endmacro %}

@@ -10,7 +10,8 @@
       ~20-row grid; sums per (customer, as_of_date) for each window;
     - all history: each event is put in the bucket of the first grid date after
       it, buckets are summed per customer, running totals over the buckets are
-      looked up for each snapshot with an ASOF join (bucket date <= as_of_date).
+      looked up for each snapshot (bucket date <= as_of_date; latest_before in
+      macros/cross_engine.sql, an ASOF join on DuckDB).
 
     Output per spine row: <name>_<w>d for each window, <name>_total, and the
     audit column last_event_date_used (latest event day read; must be before
@@ -22,13 +23,17 @@
     (in {{ this }}, before rebuild_from) plus the events since that snapshot;
     a customer with no stored snapshot sums all their events. Only the
     snapshots from rebuild_from on are computed, and the windows read only the
-    `longest` days before them. The incremental branch avoids DuckDB-only
-    syntax (no trailing commas, no ASOF or QUALIFY, cast() not ::). -#}
+    `longest` days before them. Both branches are written in the SQL DuckDB
+    and Spark share (ml/features/dialect_lint.py checks). -#}
 {% macro trailing_window_totals(events, spine, snapshot_dates, measures, windows, rebuild_from=none) %}
     {%- set longest = windows | max %}
     {%- if rebuild_from is not none %}
     {{ carried_window_totals(events, spine, measures, windows, rebuild_from) }}
     {%- else %}
+    {%- set bucket_columns = ['last_event_date'] %}
+    {%- for name in measures %}
+    {%- do bucket_columns.append('running_' ~ name) %}
+    {%- endfor %}
     with grid as (
         select as_of_date from {{ snapshot_dates }}
     ),
@@ -36,7 +41,7 @@
     events_in_windows as (
         select
             events.*,
-            grid.as_of_date,
+            grid.as_of_date
         from {{ events }} as events
         inner join grid
             on events.event_date >= grid.as_of_date - {{ longest }}
@@ -47,39 +52,46 @@
         select
             customer_id,
             as_of_date,
-            max(event_date) as last_window_event_date,
+            max(event_date) as last_window_event_date
             {%- for name, (expression, type) in measures.items() %}
-            {%- for days in windows %}
-            coalesce(sum({{ expression }}) filter (where event_date >= as_of_date - {{ days }}), 0)::{{ type }}
-                as {{ name }}_{{ days }}d,
+            {%- for days in windows %},
+            cast(coalesce(sum({{ expression }}) filter (where event_date >= as_of_date - {{ days }}), 0) as {{ type }})
+                as {{ name }}_{{ days }}d
             {%- endfor %}
             {%- endfor %}
         from events_in_windows
         group by customer_id, as_of_date
     ),
 
+    day_range as (
+        select
+            (select min(event_date) from {{ events }}) as first_day,
+            (select max(as_of_date) from grid) as last_day
+    ),
+
+    days as (
+        select {{ date_series('first_day', 'last_day', 'day') }} as event_date
+        from day_range
+    ),
+
     -- every day from the first event to the last grid date, with the first grid date after it
     day_buckets as (
         select
-            days.day::date as event_date,
-            min(grid.as_of_date) as bucket_date,
-        from range(
-            (select min(event_date) from {{ events }})::timestamp,
-            (select max(as_of_date) from grid)::timestamp,
-            interval 1 day
-        ) as days(day)
+            days.event_date,
+            min(grid.as_of_date) as bucket_date
+        from days
         inner join grid
-            on grid.as_of_date > days.day::date
-        group by days.day
+            on grid.as_of_date > days.event_date
+        group by days.event_date
     ),
 
     bucket_totals as (
         select
             events.customer_id,
             day_buckets.bucket_date,
-            max(events.event_date) as last_event_date,
-            {%- for name, (expression, type) in measures.items() %}
-            sum({{ expression }}) as {{ name }},
+            max(events.event_date) as last_event_date
+            {%- for name, (expression, type) in measures.items() %},
+            sum({{ expression }}) as {{ name }}
             {%- endfor %}
         from {{ events }} as events
         inner join day_buckets using (event_date)
@@ -90,9 +102,9 @@
         select
             customer_id,
             bucket_date,
-            max(last_event_date) over customer_buckets as last_event_date,
-            {%- for name in measures %}
-            (sum({{ name }}) over customer_buckets)::{{ measures[name][1] }} as running_{{ name }},
+            max(last_event_date) over customer_buckets as last_event_date
+            {%- for name in measures %},
+            cast(sum({{ name }}) over customer_buckets as {{ measures[name][1] }}) as running_{{ name }}
             {%- endfor %}
         from bucket_totals
         window customer_buckets as (
@@ -102,28 +114,30 @@
         )
     ),
 
+    -- the running totals of each snapshot's latest bucket dated on or before it
+    snapshot_buckets as (
+        {{ latest_before(spine, 'running_buckets', 'bucket_date', bucket_columns, inclusive=true) }}
+    ),
+
     history as (
         select
-            snapshot.customer_id,
-            snapshot.as_of_date,
-            running_buckets.last_event_date,
-            {%- for name in measures %}
-            coalesce(running_buckets.running_{{ name }}, 0) as {{ name }}_total,
+            customer_id,
+            as_of_date,
+            last_event_date
+            {%- for name in measures %},
+            coalesce(running_{{ name }}, 0) as {{ name }}_total
             {%- endfor %}
-        from {{ spine }} as snapshot
-        asof left join running_buckets
-            on running_buckets.customer_id = snapshot.customer_id
-            and running_buckets.bucket_date <= snapshot.as_of_date
+        from snapshot_buckets
     )
 
     select
         history.customer_id,
         history.as_of_date,
-        greatest(history.last_event_date, window_totals.last_window_event_date) as last_event_date_used,
-        {%- for name, (expression, type) in measures.items() %}
-        history.{{ name }}_total,
-        {%- for days in windows %}
-        coalesce(window_totals.{{ name }}_{{ days }}d, 0)::{{ type }} as {{ name }}_{{ days }}d,
+        greatest(history.last_event_date, window_totals.last_window_event_date) as last_event_date_used
+        {%- for name, (expression, type) in measures.items() %},
+        history.{{ name }}_total
+        {%- for days in windows %},
+        cast(coalesce(window_totals.{{ name }}_{{ days }}d, 0) as {{ type }}) as {{ name }}_{{ days }}d
         {%- endfor %}
         {%- endfor %}
     from history

@@ -50,17 +50,17 @@ future_reads as (
     select
         customer_id,
         as_of_date,
-        model || ' read an event dated ' || last_event_date_used::varchar as problem,
+        model || ' read an event dated ' || cast(last_event_date_used as {{ dbt.type_string() }}) as problem
     from audit_dates
     where last_event_date_used >= as_of_date
 ),
 
--- a fixed-size, scale-independent sample
+-- a fixed-size, scale-independent sample (md5: the same customers on every engine)
 sampled_rows as (
     select mart.*
     from mart
     where customer_id in (
-        select customer_id from customers order by hash(customer_id), customer_id limit 500
+        select customer_id from customers order by md5(customer_id), customer_id limit 500
     )
 ),
 
@@ -71,7 +71,7 @@ usage_recomputed as (
         count(*) filter (where usage_events.usage_date >= sampled_rows.as_of_date - 30) as login_days_30d,
         coalesce(sum(usage_events.minutes_used) filter (
             where usage_events.usage_date >= sampled_rows.as_of_date - 90), 0) as usage_minutes_90d,
-        max(usage_events.usage_date) as last_usage_date,
+        max(usage_events.usage_date) as last_usage_date
     from sampled_rows
     left join usage_events
         on usage_events.customer_id = sampled_rows.customer_id
@@ -83,7 +83,7 @@ payments_recomputed as (
     select
         sampled_rows.customer_id,
         sampled_rows.as_of_date,
-        count(payments.payment_id) filter (where payments.payment_status = 'failed') as failed_payments_90d,
+        count(payments.payment_id) filter (where payments.payment_status = 'failed') as failed_payments_90d
     from sampled_rows
     left join payments
         on payments.customer_id = sampled_rows.customer_id
@@ -102,7 +102,7 @@ tickets_recomputed as (
         avg(tickets.satisfaction_score) filter (
             where tickets.closed_at < sampled_rows.as_of_date
             and tickets.closed_at >= sampled_rows.as_of_date - 90
-            and {{ visible_before_cutoff('tickets.closed_at') }}) as mean_satisfaction_90d,
+            and {{ visible_before_cutoff('tickets.closed_at') }}) as mean_satisfaction_90d
     from sampled_rows
     left join tickets
         on tickets.customer_id = sampled_rows.customer_id
@@ -114,7 +114,7 @@ prices_recomputed as (
     select
         sampled_rows.customer_id,
         sampled_rows.as_of_date,
-        arg_max(subscriptions.monthly_price, subscriptions.start_date) as monthly_spend,
+        max_by(subscriptions.monthly_price, subscriptions.start_date) as monthly_spend
     from sampled_rows
     left join subscriptions
         on subscriptions.customer_id = sampled_rows.customer_id
@@ -131,7 +131,7 @@ recomputed as (
         sampled_rows.usage_minutes_90d as mart_usage_minutes_90d,
         usage_recomputed.usage_minutes_90d,
         sampled_rows.days_since_last_login as mart_days_since_last_login,
-        sampled_rows.as_of_date - coalesce(usage_recomputed.last_usage_date, customers.signup_date)
+        {{ day_diff('coalesce(usage_recomputed.last_usage_date, customers.signup_date)', 'sampled_rows.as_of_date') }}
             as days_since_last_login,
         sampled_rows.failed_payments_90d as mart_failed_payments_90d,
         payments_recomputed.failed_payments_90d,
@@ -140,7 +140,7 @@ recomputed as (
         sampled_rows.mean_satisfaction_90d as mart_mean_satisfaction_90d,
         tickets_recomputed.mean_satisfaction_90d,
         sampled_rows.monthly_spend as mart_monthly_spend,
-        prices_recomputed.monthly_spend,
+        prices_recomputed.monthly_spend
     from sampled_rows
     inner join customers using (customer_id)
     inner join usage_recomputed using (customer_id, as_of_date)
@@ -164,7 +164,7 @@ mismatches as (
                     (mart_mean_satisfaction_90d is null) <> (mean_satisfaction_90d is null))
                     then 'mean_satisfaction_90d' end,
                 case when mart_monthly_spend is distinct from monthly_spend then 'monthly_spend' end
-            ) as problem,
+            ) as problem
     from recomputed
     where mart_login_days_30d is distinct from login_days_30d
         or abs(mart_usage_minutes_90d - usage_minutes_90d) > 1e-6

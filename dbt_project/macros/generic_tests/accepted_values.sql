@@ -15,8 +15,8 @@ unexpected as (
     from all_values
     where value_field not in (
         {% for value in values -%}
+            {%- if not loop.first %}, {% endif -%}
             {% if quote -%}'{{ value }}'{%- else -%}{{ value }}{%- endif -%}
-            {%- if not loop.last %}, {% endif %}
         {%- endfor %}
     )
 ),

@@ -5,7 +5,7 @@ with payments as (
     select
         customer_id,
         invoice_date as event_date,
-        payment_status,
+        payment_status
     from {{ ref('stg_saas__payments') }}
     where {{ visible_before_cutoff('invoice_date') }}
 ),

@@ -36,7 +36,7 @@ observation_window as (
         coalesce(
             {{ as_of_cutoff() }} - 1,
             (select max(event_date) from observed_event_dates)
-        ) as last_observed_day,
+        ) as last_observed_day
 ),
 
 bounds as (
@@ -48,15 +48,13 @@ bounds as (
         case
             when day(first_usage_date + 90) = 1 then first_usage_date + 90
             else (date_trunc('month', first_usage_date + 90) + interval 1 month)::date
-        end as first_as_of_date,
+        end as first_as_of_date
     from observation_window
 ),
 
 monthly_dates as (
     select
-        unnest(generate_series(
-            first_as_of_date::timestamp, latest_as_of_date::timestamp, interval 1 month
-        ))::date as as_of_date,
+        {{ date_series('first_as_of_date', 'latest_as_of_date', 'month') }} as as_of_date
     from bounds
 ),
 
@@ -72,7 +70,7 @@ final as (
         bounds.last_observed_day,
         all_dates.as_of_date = bounds.latest_as_of_date as is_latest,
         all_dates.as_of_date + {{ var('horizon_days') }} <= bounds.last_observed_day
-            as is_horizon_observed,
+            as is_horizon_observed
     from all_dates
     cross join bounds
 )

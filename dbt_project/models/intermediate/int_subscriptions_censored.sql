@@ -16,7 +16,7 @@ censored as (
         {{ known_at_cutoff('cancellation_date') }} as cancellation_date,
         case
             when {{ visible_before_cutoff('cancellation_date') }} then cancellation_reason
-        end as cancellation_reason,
+        end as cancellation_reason
     from subscriptions
     where {{ visible_before_cutoff('start_date') }}
 ),
@@ -26,7 +26,7 @@ sequenced as (
         *,
         row_number() over customer_periods as period_number,
         lag(plan) over customer_periods as previous_plan,
-        lag(monthly_price) over customer_periods as previous_monthly_price,
+        lag(monthly_price) over customer_periods as previous_monthly_price
     from censored
     window customer_periods as (partition by customer_id order by start_date, subscription_id)
 ),
@@ -35,7 +35,7 @@ final as (
     select
         *,
         coalesce(plan <> previous_plan, false) as is_plan_change,
-        coalesce(monthly_price <> previous_monthly_price, false) as is_price_change,
+        coalesce(monthly_price <> previous_monthly_price, false) as is_price_change
     from sequenced
 )
 

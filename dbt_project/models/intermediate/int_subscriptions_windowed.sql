@@ -24,29 +24,20 @@ first_periods as (
 
 -- the period in force on the day before as_of_date: the latest one started before it
 current_periods as (
-    select
-        snapshots.customer_id,
-        snapshots.as_of_date,
-        periods.plan,
-        periods.contract_type,
-        periods.monthly_price,
-        periods.start_date as current_period_started_on,
-    from snapshots
-    asof left join periods
-        on periods.customer_id = snapshots.customer_id
-        and periods.start_date < snapshots.as_of_date
+    {{ latest_before('snapshots', 'periods', 'start_date', ['plan', 'contract_type', 'monthly_price']) }}
 ),
 
 -- the period in force 90 days before as_of_date
+periods_in_force_90d_ago as (
+    {{ latest_before('snapshots', 'periods', 'start_date', ['monthly_price'], inclusive=true, offset_days=90) }}
+),
+
 periods_90d_ago as (
     select
-        snapshots.customer_id,
-        snapshots.as_of_date,
-        periods.monthly_price as monthly_price_90d_ago,
-    from snapshots
-    asof left join periods
-        on periods.customer_id = snapshots.customer_id
-        and periods.start_date <= snapshots.as_of_date - 90
+        customer_id,
+        as_of_date,
+        monthly_price as monthly_price_90d_ago
+    from periods_in_force_90d_ago
 ),
 
 period_starts as (
@@ -54,7 +45,7 @@ period_starts as (
         customer_id,
         start_date as event_date,
         is_plan_change,
-        is_price_change,
+        is_price_change
     from periods
 ),
 
@@ -80,7 +71,7 @@ final as (
         changes.price_changes_90d,
         -- stored so an incremental run can carry it forward
         changes.price_changes_total,
-        changes.last_event_date_used,
+        changes.last_event_date_used
     from current_periods
     inner join periods_90d_ago using (customer_id, as_of_date)
     inner join changes using (customer_id, as_of_date)

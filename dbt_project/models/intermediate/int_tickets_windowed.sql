@@ -24,7 +24,7 @@ ticket_facts as (
         opened_at::date as event_date,
         1 as opened,
         0 as rated,
-        0 as satisfaction_points,
+        0 as satisfaction_points
     from tickets
     where {{ visible_before_cutoff('opened_at') }}
     union all
@@ -33,7 +33,7 @@ ticket_facts as (
         closed_at::date as event_date,
         0 as opened,
         1 as rated,
-        satisfaction_score as satisfaction_points,
+        satisfaction_score as satisfaction_points
     from tickets
     where satisfaction_score is not null
         and closed_at is not null

@@ -6,7 +6,7 @@ with usage_events as (
         customer_id,
         usage_date as event_date,
         sessions,
-        minutes_used,
+        minutes_used
     from {{ ref('stg_saas__usage_events') }}
     where {{ visible_before_cutoff('usage_date') }}
 ),
@@ -34,7 +34,7 @@ windowed as (
 final as (
     select
         *,
-        last_event_date_used as last_usage_date,
+        last_event_date_used as last_usage_date
     from windowed
 )
 

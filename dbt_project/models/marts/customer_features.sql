@@ -49,7 +49,7 @@ base_features as (
         snapshots.customer_id,
         snapshots.as_of_date,
         -- days since signup, >= 1 for an active customer
-        snapshots.as_of_date - customers.signup_date as tenure_days,
+        {{ day_diff('customers.signup_date', 'snapshots.as_of_date') }} as tenure_days,
         subscriptions.plan,
         subscriptions.contract_type,
         customers.region,
@@ -64,7 +64,7 @@ base_features as (
         usage.minutes_30d as usage_minutes_30d,
         usage.minutes_90d as usage_minutes_90d,
         -- never logged in: counted from signup
-        snapshots.as_of_date - coalesce(usage.last_usage_date, customers.signup_date)
+        {{ day_diff('coalesce(usage.last_usage_date, customers.signup_date)', 'snapshots.as_of_date') }}
             as days_since_last_login,
         payments.failed_payments_90d,
         tickets.tickets_30d,
@@ -72,7 +72,7 @@ base_features as (
         tickets.tickets_total,
         -- null when no rated ticket closed in the window
         tickets.satisfaction_points_30d / nullif(tickets.rated_tickets_30d, 0) as mean_satisfaction_30d,
-        tickets.satisfaction_points_90d / nullif(tickets.rated_tickets_90d, 0) as mean_satisfaction_90d,
+        tickets.satisfaction_points_90d / nullif(tickets.rated_tickets_90d, 0) as mean_satisfaction_90d
     from snapshots
     inner join customers using (customer_id)
     inner join subscriptions using (customer_id, as_of_date)
@@ -86,16 +86,16 @@ derived_features as (
     select
         *,
         -- average month length in days
-        tenure_days / 30.4375 as months_as_customer,
+        tenure_days / cast(30.4375 as double) as months_as_customer,
         (contract_type = 'month-to-month')::integer as is_month_to_month,
         -- USD per active day; no active day counts as one
         monthly_spend / greatest(login_days_30d, 1) as spend_per_login,
         -- lifetime tickets per month of tenure; tenure under a month counts as one
-        tickets_total / greatest(tenure_days / 30.4375, 1) as tickets_per_month,
+        tickets_total / greatest(tenure_days / cast(30.4375 as double), 1) as tickets_per_month,
         days_since_last_login / greatest(tenure_days, 1) as days_since_last_login_to_tenure_ratio,
         -- minutes per day in the last 30 days minus minutes per day in the 60 days before
         usage_minutes_30d / 30 - (usage_minutes_90d - usage_minutes_30d) / 60
-            as usage_trend_30_vs_prior_60,
+            as usage_trend_30_vs_prior_60
     from base_features
 ),
 
@@ -160,7 +160,7 @@ final as (
         support_tickets_90d,
         tickets_per_month,
         mean_satisfaction_30d,
-        mean_satisfaction_90d,
+        mean_satisfaction_90d
     from labelled
 )
 

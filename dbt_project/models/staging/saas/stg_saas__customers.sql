@@ -4,11 +4,11 @@ with source as (
 
 renamed as (
     select
-        trim(customer_id)::varchar as customer_id,
+        cast(trim(customer_id) as {{ dbt.type_string() }}) as customer_id,
         signup_date::date as signup_date,
         {{ clean_category('region') }} as region,
         {{ clean_category('acquisition_channel') }} as acquisition_channel,
-        {{ clean_category('age_band') }} as age_band,
+        {{ clean_category('age_band') }} as age_band
     from source
 ),
 

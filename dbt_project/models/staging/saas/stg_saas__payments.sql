@@ -1,10 +1,4 @@
-{{ config(
-    materialized='incremental',
-    incremental_strategy='delete+insert',
-    unique_key='payment_id',
-    on_schema_change='fail',
-    meta={'tonight_column': 'invoice_date'}
-) }}
+{{ event_staging_config(unique_key='payment_id', tonight_column='invoice_date') }}
 {%- set since = staged_since('invoice_date', 'payments') %}
 
 with source as (
@@ -16,12 +10,12 @@ with source as (
 
 renamed as (
     select
-        trim(payment_id)::varchar as payment_id,
-        trim(customer_id)::varchar as customer_id,
+        cast(trim(payment_id) as {{ dbt.type_string() }}) as payment_id,
+        cast(trim(customer_id) as {{ dbt.type_string() }}) as customer_id,
         invoice_date::date as invoice_date,
         -- USD
         amount::double as amount,
-        {{ clean_category('status') }} as payment_status,
+        {{ clean_category('status') }} as payment_status
     from source
 ),
 

@@ -4,8 +4,8 @@ with source as (
 
 renamed as (
     select
-        trim(subscription_id)::varchar as subscription_id,
-        trim(customer_id)::varchar as customer_id,
+        cast(trim(subscription_id) as {{ dbt.type_string() }}) as subscription_id,
+        cast(trim(customer_id) as {{ dbt.type_string() }}) as customer_id,
         {{ clean_category('plan') }} as plan,
         {{ clean_category('contract_type') }} as contract_type,
         -- USD per month
@@ -14,7 +14,7 @@ renamed as (
         -- exclusive: the first day the period no longer runs
         end_date::date as end_date,
         cancellation_date::date as cancellation_date,
-        {{ clean_category('cancellation_reason') }} as cancellation_reason,
+        {{ clean_category('cancellation_reason') }} as cancellation_reason
     from source
 ),
 

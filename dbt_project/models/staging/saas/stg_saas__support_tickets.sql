@@ -1,10 +1,4 @@
-{{ config(
-    materialized='incremental',
-    incremental_strategy='delete+insert',
-    unique_key='ticket_id',
-    on_schema_change='fail',
-    meta={'tonight_column': 'opened_at'}
-) }}
+{{ event_staging_config(unique_key='ticket_id', tonight_column='opened_at') }}
 {%- set since = staged_since('cast(opened_at as date)', 'support_tickets') %}
 
 with source as (
@@ -16,14 +10,14 @@ with source as (
 
 renamed as (
     select
-        trim(ticket_id)::varchar as ticket_id,
-        trim(customer_id)::varchar as customer_id,
+        cast(trim(ticket_id) as {{ dbt.type_string() }}) as ticket_id,
+        cast(trim(customer_id) as {{ dbt.type_string() }}) as customer_id,
         opened_at::timestamp as opened_at,
         closed_at::timestamp as closed_at,
         {{ clean_category('category') }} as ticket_category,
         {{ clean_category('priority') }} as ticket_priority,
         -- 1 (worst) to 5 (best)
-        satisfaction_score::integer as satisfaction_score,
+        satisfaction_score::integer as satisfaction_score
     from source
 ),
 

@@ -1,10 +1,4 @@
-{{ config(
-    materialized='incremental',
-    incremental_strategy='delete+insert',
-    unique_key=['customer_id', 'usage_date'],
-    on_schema_change='fail',
-    meta={'tonight_column': 'usage_date'}
-) }}
+{{ event_staging_config(unique_key=['customer_id', 'usage_date'], tonight_column='usage_date') }}
 {%- set since = staged_since('usage_date', 'usage_events') %}
 
 with source as (
@@ -16,11 +10,11 @@ with source as (
 
 renamed as (
     select
-        trim(customer_id)::varchar as customer_id,
+        cast(trim(customer_id) as {{ dbt.type_string() }}) as customer_id,
         event_date::date as usage_date,
         sessions::integer as sessions,
         -- minutes of use that day
-        minutes::double as minutes_used,
+        minutes::double as minutes_used
     from source
 ),
 
