@@ -277,7 +277,8 @@ def test_a_night_hashes_only_its_own_rows_not_the_history(published: ChurnConfig
         con.execute("delete from pipeline_runs where run_id = ? and step = (select min(step) from pipeline_runs "
                     "where run_id = ?)", [old_run, old_run])
         resized = con.scalar("select count(*) from pipeline_runs where run_id = ?", [old_run])
-        history = con.scalar("select (select count(*) from pipeline_runs) + (select count(*) from churn_scores_history)")
+        history = con.scalar("select (select count(*) from pipeline_runs) "
+                             "+ (select count(*) from churn_scores_history)")
     tonight = publish(published, run_id="tonight")
     assert tonight.rows_hashed == tonight_rows + resized < history
     assert all(n == 0 for n in history_differences(published).values())
