@@ -31,6 +31,8 @@ SUITE = {
          "meta": {"severity": "critical"}},
         {"type": "expect_column_mean_to_be_between",
          "kwargs": {"column": "$target", "min_value": 0.0, "max_value": 1.0}, "meta": {"severity": "critical"}},
+        {"type": "expect_column_values_to_not_be_null", "kwargs": {"column": "$target", "mostly": 0.01},
+         "meta": {"severity": "critical"}},  # a share of the table: tonight's labels are null by design
         {"type": "expect_compound_columns_to_be_unique", "kwargs": {"column_list": ["$entity_key", "$as_of_column"]},
          "meta": {"severity": "critical"}},
     ],
@@ -78,6 +80,7 @@ def test_the_mart_audit_reads_tonight_and_names_a_bad_value_there(night: ChurnCo
     assert checks["expect_table_row_count_to_be_between"] == (all_rows, "all", True)
     assert checks["expect_column_mean_to_be_between"] == (all_rows, "all", True)
     assert checks["expect_compound_columns_to_be_unique"] == (all_rows, "all", True)
+    assert checks["expect_column_values_to_not_be_null"] == (all_rows, "all", True)  # mostly < 1: whole mart
 
     # a full refresh: every snapshot is read again, the old bad rows too
     record_mart_build(night, latest, MartBefore(True, latest, ()), full_refresh=True)

@@ -35,7 +35,8 @@ expectation, and DuckDB feeds it only what that expectation needs:
 The mart is audited on the night, not the history: its row-wise checks read
 only the snapshots the builds since the last passed mart audit rebuilt or
 relabelled (`ml.features.night`; everything after a full refresh), and its
-table-level checks (row counts, key uniqueness, freshness, label share) stay
+table-level checks (row counts, key uniqueness, freshness, label share, and
+row-wise checks with `mostly` below 1, which judge a share of the table) stay
 SQL aggregates or bounded batches over the whole mart. Each stored verdict
 says which rows it read (`rows_checked`, `scope` = `tonight` or `all`).
 
@@ -651,8 +652,13 @@ def _suite_validation(suite: Suite, results: list[Any], checks: list[CheckResult
     )
 
 
+def _mostly(expectation: Any) -> float:
+    return float(expectation.configuration.kwargs.get("mostly", 1.0))
+
+
 def run_suite(session: Session, relation: str, suite: Suite, parameters: dict[str, Any],
-              chunk_rows: int, judge: Judge, night: str | None = None) -> tuple[list[CheckResult], Any]:
+              chunk_rows: int, judge: Judge, night: str | None = None,
+              shares_whole: bool = False) -> tuple[list[CheckResult], Any]:
     """Validate one suite against a relation; returns stored rows and the GX suite result (for docs).
 
     Plan the batches, feed each plan's batches through GX, judge the totals,
@@ -660,7 +666,9 @@ def run_suite(session: Session, relation: str, suite: Suite, parameters: dict[st
     new and rewritten landing partitions, or the mart's rebuilt and relabelled
     snapshots): the rows the row-wise checks read instead of the whole history
     that passed them before; table checks (row counts, uniqueness, aggregates)
-    still read `relation`, the whole.
+    still read `relation`, the whole. `shares_whole` (the mart): a row-wise
+    check with `mostly` below 1 judges a share of the table, not each row (the
+    label is null on tonight's snapshot by design), so it reads the whole too.
     """
     facts = _relation_facts(session, relation)
     night_facts = _relation_facts(session, night) if night is not None else facts
@@ -672,10 +680,14 @@ def run_suite(session: Session, relation: str, suite: Suite, parameters: dict[st
             verdicts.update(_missing_column_results(group, missing, suite.table))
             continue
         nightly = night is not None and plan[0] == "stream"
-        read, rows = (night, night_facts.rows) if nightly else (relation, facts.rows)
-        fed = feed_batches(session, read, suite, plan, group, rows, chunk_rows, judge, parameters)
-        verdicts.update(judge_group(plan[0], group, fed, parameters))
-        read_rows.update({_index(e): (rows, "tonight" if nightly else "all") for e in group})
+        parts = ([[e for e in group if _mostly(e) >= 1.0], [e for e in group if _mostly(e) < 1.0]]
+                 if nightly and shares_whole else [group])
+        for part in (p for p in parts if p):
+            tonight = nightly and (not shares_whole or _mostly(part[0]) >= 1.0)
+            read, rows = (night, night_facts.rows) if tonight else (relation, facts.rows)
+            fed = feed_batches(session, read, suite, plan, part, rows, chunk_rows, judge, parameters)
+            verdicts.update(judge_group(plan[0], part, fed, parameters))
+            read_rows.update({_index(e): (rows, "tonight" if tonight else "all") for e in part})
     results = _plain_results([verdicts[_index(e)] for e in suite.expectations])
     checks = check_results(suite, results, facts.rows, read_rows)
     return checks, _suite_validation(suite, results, checks, parameters, facts.rows)
@@ -858,7 +870,8 @@ def audit(config: ChurnConfig, stage: str, run_id: str, as_of: str | None = None
                         f"{suite.name}: table {suite.table} does not exist in {config.warehouse.build_db}", report)
                 with timed(f"suite {suite.name}", log):
                     checks, validation = run_suite(session, relation, suite, parameters,
-                                                   config.quality.chunk_rows, judge, night)
+                                                   config.quality.chunk_rows, judge, night,
+                                                   shares_whole=stage == "mart")
             report.results += checks
             runs.append(suite_run(suite, checks, int(validation.meta["rows"]), parameters))
             rows[suite.name] = (suite.table, validation.meta["rows"])
