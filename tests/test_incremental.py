@@ -117,6 +117,14 @@ def test_a_label_left_open_is_filled_in_when_its_horizon_matures(replayed) -> No
     assert len(matured) == len(replayed["pending"]) and matured.notna().all() and matured.sum() > 0
 
 
+def test_each_night_records_the_snapshots_it_changed(replayed) -> None:
+    """mart_builds: what the night's audits and profile read (ml.features.night)."""
+    builds = query(replayed["config"], "select full_refresh, rebuilt_from, matured from mart_builds order by built_at")
+    assert builds["full_refresh"].tolist() == [True, False, False, False]
+    last = builds.iloc[-1]  # 2024-12-02: rebuilt from the previous night, the 2024-11-01 labels matured
+    assert str(last["rebuilt_from"].date()) == "2024-11-16" and last["matured"] == "2024-11-01"
+
+
 def test_a_customer_who_cancels_and_returns(landing, replayed) -> None:
     customer = landing[1]
     rows = query(replayed["config"], "select as_of_date, churned_within_30d from customer_features "

@@ -262,6 +262,29 @@ def test_a_night_writes_only_its_own_parts_and_a_rerun_replaces_its_part(publish
     assert superseded[0] not in part_files(published)
 
 
+def test_a_night_hashes_only_its_own_rows_not_the_history(published: ChurnConfig) -> None:
+    """Signatures of past parts come from the manifest: the publish reads whole rows of tonight's keys only."""
+    again = publish(published, run_id="same-build")
+    assert again.rows_hashed == 0  # nothing new, nothing resized: no row is hashed
+    with connect(published.warehouse.build_db) as con:
+        con.execute("insert into pipeline_runs select 'tonight', step, as_of, started_at, ended_at, status, message "
+                    "from pipeline_runs limit 3")
+        con.execute("insert into churn_scores_history select * replace ('tonight' as run_id) "
+                    "from churn_scores_history where run_id = (select max(run_id) from churn_scores_history)")
+        tonight_rows = con.scalar("select (select count(*) from pipeline_runs where run_id = 'tonight') "
+                                  "+ (select count(*) from churn_scores_history where run_id = 'tonight')")
+        # a past run's part loses rows (a re-scored snapshot leaves its old run): its count moved, it is re-hashed
+        old_run = con.scalar("select min(run_id) from pipeline_runs")
+        con.execute("delete from pipeline_runs where run_id = ? and step = (select min(step) from pipeline_runs "
+                    "where run_id = ?)", [old_run, old_run])
+        resized = con.scalar("select count(*) from pipeline_runs where run_id = ?", [old_run])
+        history = con.scalar("select (select count(*) from pipeline_runs) "
+                             "+ (select count(*) from churn_scores_history)")
+    tonight = publish(published, run_id="tonight")
+    assert tonight.rows_hashed == tonight_rows + resized < history
+    assert all(n == 0 for n in history_differences(published).values())
+
+
 def test_readme_bi_queries_run_on_the_published_file(published: ChurnConfig) -> None:
     readme = (REPO_ROOT / "README.md").read_text()
     section = readme.split("<!-- bi -->", 1)[1].split("\n## ", 1)[0]

@@ -10,12 +10,14 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from ml.config import ChurnConfig
 from ml.features.contract import FeatureContract, load_contract
 from ml.features.dbt import dbt_target_path
-from ml.reports.profile import PLOTS, TABLES, ProfileError, profile
+from ml.features.night import MartBefore, record_mart_build
+from ml.reports.profile import PLOTS, PROFILE_SNAPSHOTS, TABLES, ProfileError, profile, stored_snapshot_stats
 from ml.warehouse import connect
 from tests.conftest import REPO_ROOT, copy_warehouse
 
@@ -189,6 +191,39 @@ def test_rerun_replaces_rows_instead_of_appending(private_warehouse: ChurnConfig
                            "where feature_mart = 'other_mart'")
     assert second.run_id != first.run_id
     assert kept == (first.columns, [first.run_id])
+
+
+def test_an_incremental_nights_aggregates_equal_a_full_recompute(private_warehouse: ChurnConfig) -> None:
+    """The per-snapshot aggregates kept across runs: a night recomputes only what its build changed."""
+    config, mart = private_warehouse, private_warehouse.dataset.feature_mart
+    profile(config, run_id="first", sample_rows=500)
+    with connect(config.warehouse.build_db) as con:
+        dates = [d for d, in con.rows("select distinct as_of_date from customer_features order by 1")]
+        latest, matured = dates[-1], dates[-3]
+        # tonight's build: the latest snapshot rebuilt (rows gone, values moved), an older one's labels filled
+        con.execute("delete from customer_features where as_of_date = ? and customer_id in (select customer_id "
+                    "from customer_features where as_of_date = ? order by customer_id limit 5)", [latest, latest])
+        con.execute("update customer_features set usage_minutes_30d = usage_minutes_30d + 1.5 "
+                    "where as_of_date = ?", [latest])
+        con.execute("update customer_features set churned_within_30d = 1 - churned_within_30d "
+                    "where as_of_date = ? and hash(customer_id) % 7 = 0", [matured])
+    record_mart_build(config, latest, MartBefore(True, latest, (matured,)), full_refresh=False)
+    profile(config, run_id="incremental", sample_rows=500)
+    with connect(config.warehouse.build_db) as con:
+        incremental = stored_snapshot_stats(con, mart)
+        runs = dict(con.rows(f"select snapshot_date, list(distinct run_id) from {PROFILE_SNAPSHOTS.name} "
+                             "group by 1"))
+        balance_incremental = con.frame("select * exclude (run_id, profiled_at) from profile_class_balance "
+                                        "order by scope, snapshot_date")
+        con.execute(f"delete from {PROFILE_SNAPSHOTS.name}")  # nothing stored: the next run computes every snapshot
+    assert runs[latest] == ["incremental"] and runs[matured] == ["incremental"] and runs[dates[0]] == ["first"]
+    profile(config, run_id="full", sample_rows=500)
+    with connect(config.warehouse.build_db, read_only=True) as con:
+        full = stored_snapshot_stats(con, mart)
+        balance_full = con.frame("select * exclude (run_id, profiled_at) from profile_class_balance "
+                                 "order by scope, snapshot_date")
+    pd.testing.assert_frame_equal(incremental, full, rtol=1e-9, atol=0)
+    pd.testing.assert_frame_equal(balance_incremental, balance_full, rtol=1e-9, atol=0)
 
 
 def test_missing_mart_is_a_clear_error(private_warehouse: ChurnConfig) -> None:

@@ -28,7 +28,17 @@ expectation, and DuckDB feeds it only what that expectation needs:
 * column min/max on a two-row frame DuckDB reduces the column to (exact for
   both metrics), row counts on index-only batches of `chunk_rows` rows whose
   lengths are summed and judged by the same between/equal rule;
-* other aggregates (mean, stdev: label share, score mean) on the full column.
+* column means (label share, score mean) on a one-row frame holding the
+  column's SQL average (GX's mean of it is that average);
+* other aggregates (stdev, ...) on the full column.
+
+The mart is audited on the night, not the history: its row-wise checks read
+only the snapshots the builds since the last passed mart audit rebuilt or
+relabelled (`ml.features.night`; everything after a full refresh), and its
+table-level checks (row counts, key uniqueness, freshness, label share, and
+row-wise checks with `mostly` below 1, which judge a share of the table) stay
+SQL aggregates or bounded batches over the whole mart. Each stored verdict
+says which rows it read (`rows_checked`, `scope` = `tonight` or `all`).
 
 The pandas engine hashes every batch it is given (about 0.1 us per value), so
 batches are per column and shared by every expectation on that column. An
@@ -54,6 +64,7 @@ import pandas as pd
 from ml.config import ChurnConfig
 from ml.data.landing import LandingChanges, LandingTable, landing_tables
 from ml.features.mart import current_contract, latest_snapshot_date, snapshot_size
+from ml.features.night import NightScope, scope_since, scoped_relation
 from ml.logs import get_logger, timed
 from ml.quality.data_docs import SuiteRun, write_data_docs
 from ml.quality.default_suites import write_default_suites
@@ -76,6 +87,8 @@ RESULTS = declare(
         ("severity", "VARCHAR"), ("success", "BOOLEAN"), ("observed_value", "VARCHAR"),
         ("unexpected_count", "BIGINT"), ("element_count", "BIGINT"), ("details", "VARCHAR"),
         ("checked_at", "TIMESTAMP"),
+        ("rows_checked", "BIGINT"),  # rows the check read: tonight's for row-wise checks of a night's scope
+        ("scope", "VARCHAR"),  # tonight (new and rebuilt snapshots or partitions only) or all
     ],
 )
 ROW_COUNTS = declare(
@@ -91,7 +104,8 @@ ROW_COUNTS = declare(
 RESULTS_TABLE = RESULTS.name
 COUNTS_TABLE = ROW_COUNTS.name
 MINMAX = ("expect_column_min_to_be_between", "expect_column_max_to_be_between")
-UNIQUE = "expect_column_values_to_be_unique"
+UNIQUE = ("expect_column_values_to_be_unique", "expect_compound_columns_to_be_unique")
+MEAN = "expect_column_mean_to_be_between"
 
 
 class SuiteError(ValueError):
@@ -135,10 +149,13 @@ class CheckResult:
     unexpected_count: int | None
     element_count: int | None
     details: str
+    rows_checked: int | None = None
+    scope: str = "all"
 
     def describe(self) -> str:
         if self.unexpected_count is not None and self.element_count is not None:
-            facts = [f"{self.unexpected_count:,d} of {self.element_count:,d} rows"]
+            tonight = " of tonight's" if self.scope == "tonight" else ""
+            facts = [f"{self.unexpected_count:,d} of {self.element_count:,d}{tonight} rows"]
         else:
             facts = [f"observed {self.observed_value}"] if self.observed_value is not None else []
         facts += [self.details] if self.details else []
@@ -288,12 +305,14 @@ def _plan(expectation: Any) -> tuple[str, tuple[str, ...]]:
     kind = expectation.expectation_type
     if not columns:
         return ("rows" if kind.startswith("expect_table_row_count") else "schema"), ()
-    if kind == UNIQUE:
+    if kind in UNIQUE:  # a duplicate falls in one hash partition, compound keys included
         return "partitions", columns
     if len(columns) == 1 and _is_map(expectation):
         return "stream", columns
     if kind in MINMAX:
         return "minmax", columns
+    if kind == MEAN:
+        return "mean", columns
     return "whole", columns
 
 
@@ -331,6 +350,9 @@ def _frames(session: Session, relation: str, strategy: str, columns: tuple[str, 
         c = quote(columns[0])
         yield _vectorizable(session.frame(f"select min({c}) as {c} from {relation} "
                                           f"union all select max({c}) from {relation}"))
+    elif strategy == "mean":
+        c = quote(columns[0])
+        yield _vectorizable(session.frame(f"select avg(try_cast({c} as double)) as {c} from {relation}"))
     elif strategy == "partitions":
         parts = max(1, math.ceil(rows / chunk_rows))
         for part in range(parts):
@@ -580,10 +602,15 @@ def _plain_results(results: list[Any]) -> list[Any]:
     return results
 
 
-def check_results(suite: Suite, results: list[Any], rows: int) -> list[CheckResult]:
-    """The rows data_quality_results stores, one per expectation in suite order."""
+def check_results(suite: Suite, results: list[Any], rows: int,
+                  read_rows: dict[int, tuple[int, str]] | None = None) -> list[CheckResult]:
+    """The rows data_quality_results stores, one per expectation in suite order.
+
+    `read_rows`: expectation index -> (rows it read, scope); unlisted ones read all `rows`.
+    """
     checks = []
     for e, result in zip(suite.expectations, results, strict=True):
+        rows_checked, scope = (read_rows or {}).get(_index(e), (rows, "all"))
         error = exception_message(result)
         r = result.result or {}
         columns = _columns_of(e)
@@ -598,6 +625,8 @@ def check_results(suite: Suite, results: list[Any], rows: int) -> list[CheckResu
             unexpected_count=None if error or "unexpected_count" not in r else int(r["unexpected_count"]),
             element_count=None if error else int(r.get("element_count", rows)),
             details=_details(r, error),
+            rows_checked=rows_checked,
+            scope=scope,
         ))
     return checks
 
@@ -623,30 +652,44 @@ def _suite_validation(suite: Suite, results: list[Any], checks: list[CheckResult
     )
 
 
+def _mostly(expectation: Any) -> float:
+    return float(expectation.configuration.kwargs.get("mostly", 1.0))
+
+
 def run_suite(session: Session, relation: str, suite: Suite, parameters: dict[str, Any],
-              chunk_rows: int, judge: Judge, night: str | None = None) -> tuple[list[CheckResult], Any]:
+              chunk_rows: int, judge: Judge, night: str | None = None,
+              shares_whole: bool = False) -> tuple[list[CheckResult], Any]:
     """Validate one suite against a relation; returns stored rows and the GX suite result (for docs).
 
     Plan the batches, feed each plan's batches through GX, judge the totals,
-    then build the stored rows and the Data Docs result. `night` (a partitioned
-    landing table): tonight's new and rewritten partitions, which the row-wise
-    checks read instead of the whole history that passed them before; table
-    checks (row counts, uniqueness, aggregates) still read `relation`, the whole.
+    then build the stored rows and the Data Docs result. `night` (tonight's
+    new and rewritten landing partitions, or the mart's rebuilt and relabelled
+    snapshots): the rows the row-wise checks read instead of the whole history
+    that passed them before; table checks (row counts, uniqueness, aggregates)
+    still read `relation`, the whole. `shares_whole` (the mart): a row-wise
+    check with `mostly` below 1 judges a share of the table, not each row (the
+    label is null on tonight's snapshot by design), so it reads the whole too.
     """
     facts = _relation_facts(session, relation)
     night_facts = _relation_facts(session, night) if night is not None else facts
     verdicts: dict[int, Any] = {}
+    read_rows: dict[int, tuple[int, str]] = {}
     for plan, group in plan_batches(suite).items():
         missing = [c for c in plan[1] if c not in facts.columns]
         if missing:
             verdicts.update(_missing_column_results(group, missing, suite.table))
             continue
         nightly = night is not None and plan[0] == "stream"
-        read, rows = (night, night_facts.rows) if nightly else (relation, facts.rows)
-        fed = feed_batches(session, read, suite, plan, group, rows, chunk_rows, judge, parameters)
-        verdicts.update(judge_group(plan[0], group, fed, parameters))
+        parts = ([[e for e in group if _mostly(e) >= 1.0], [e for e in group if _mostly(e) < 1.0]]
+                 if nightly and shares_whole else [group])
+        for part in (p for p in parts if p):
+            tonight = nightly and (not shares_whole or _mostly(part[0]) >= 1.0)
+            read, rows = (night, night_facts.rows) if tonight else (relation, facts.rows)
+            fed = feed_batches(session, read, suite, plan, part, rows, chunk_rows, judge, parameters)
+            verdicts.update(judge_group(plan[0], part, fed, parameters))
+            read_rows.update({_index(e): (rows, "tonight" if tonight else "all") for e in part})
     results = _plain_results([verdicts[_index(e)] for e in suite.expectations])
-    checks = check_results(suite, results, facts.rows)
+    checks = check_results(suite, results, facts.rows, read_rows)
     return checks, _suite_validation(suite, results, checks, parameters, facts.rows)
 
 
@@ -715,6 +758,23 @@ def _night_relation(suite: Suite, tables: dict[str, LandingTable], changes: Land
     return table.typed_relation(changes.to_read(table))
 
 
+def _last_passed(session: Session, config: ChurnConfig, suite: Suite) -> dt.datetime | None:
+    """When the suite last passed (its row counts are recorded only then); None before."""
+    if not session.exists(ROW_COUNTS):
+        return None
+    value = session.scalar(f"select max(recorded_at) from {quote(ROW_COUNTS.name)} where dataset = ? and suite = ?",
+                           [config.dataset.name, suite.name])
+    return None if value is None else pd.Timestamp(value).to_pydatetime()
+
+
+def mart_night_scope(config: ChurnConfig, suite: Suite) -> NightScope | None:
+    """The mart snapshots changed since the suite last passed; None for suites on other tables."""
+    if suite.stage != "mart" or suite.table != config.dataset.feature_mart:
+        return None
+    with connect(config.warehouse.build_db, read_only=True, settings=config.warehouse.engine) as session:
+        return scope_since(session, config, _last_passed(session, config, suite))
+
+
 # --- the audit ------------------------------------------------------------------
 
 
@@ -744,7 +804,8 @@ def _results_frame(config: ChurnConfig, report: AuditReport, checked_at: dt.date
          "checked_at": checked_at}
         for r in report.results
     ], columns=RESULTS.column_names)
-    return frame.astype({"unexpected_count": "Int64", "element_count": "Int64", "success": "bool"})
+    return frame.astype({"unexpected_count": "Int64", "element_count": "Int64", "rows_checked": "Int64",
+                         "success": "bool"})
 
 
 def _row_counts_frame(config: ChurnConfig, report: AuditReport, rows: dict[str, tuple[str, int]],
@@ -764,6 +825,8 @@ def _store(config: ChurnConfig, report: AuditReport, rows: dict[str, tuple[str, 
     """
     checked_at = dt.datetime.now()
     with connect(config.warehouse.build_db, settings=config.warehouse.engine) as session, session.transaction():
+        if session.exists(RESULTS):  # a table from before rows_checked/scope: add them, older rows read NULL
+            session.add_missing_columns(RESULTS, RESULTS.column_types)
         session.append(RESULTS, _results_frame(config, report, checked_at),
                        where="run_id = ? and dataset = ? and stage = ?",
                        params=[report.run_id, config.dataset.name, report.stage])
@@ -794,6 +857,11 @@ def audit(config: ChurnConfig, stage: str, run_id: str, as_of: str | None = None
             parameters = suite_parameters(config, suite, as_of)
             relation = _relation(suite, tables)
             night = _night_relation(suite, tables, changes)
+            scope = mart_night_scope(config, suite) if stage == "mart" else None
+            if scope is not None and not scope.full:
+                night = scoped_relation(config, current_contract(config), scope)
+                log.info("%s: row-wise checks on %s (changed since its last passed audit)", suite.name,
+                         scope.describe())
             # Landing suites read the files through an in-memory database: the build database is not touched.
             database = MEMORY if stage == "landing" else config.warehouse.build_db
             with connect(database, read_only=stage != "landing", settings=config.warehouse.engine) as session:
@@ -802,7 +870,8 @@ def audit(config: ChurnConfig, stage: str, run_id: str, as_of: str | None = None
                         f"{suite.name}: table {suite.table} does not exist in {config.warehouse.build_db}", report)
                 with timed(f"suite {suite.name}", log):
                     checks, validation = run_suite(session, relation, suite, parameters,
-                                                   config.quality.chunk_rows, judge, night)
+                                                   config.quality.chunk_rows, judge, night,
+                                                   shares_whole=stage == "mart")
             report.results += checks
             runs.append(suite_run(suite, checks, int(validation.meta["rows"]), parameters))
             rows[suite.name] = (suite.table, validation.meta["rows"])

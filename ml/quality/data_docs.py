@@ -53,6 +53,8 @@ class CheckResult(Protocol):
     unexpected_count: int | None
     element_count: int | None
     details: str
+    rows_checked: int | None
+    scope: str  # tonight (the night's new snapshots or partitions) or all
 
 
 @dataclass(frozen=True)
@@ -92,12 +94,13 @@ def _page(dataset: str, stage: str, run_id: str, as_of: str | None, run: SuiteRu
         kwargs = {k: v for k, v in arguments.items() if k != "batch_id"}
         counts = ("" if check.unexpected_count is None or check.element_count is None
                   else f"{check.unexpected_count:,d} of {check.element_count:,d}")
+        read = "" if check.rows_checked is None else f"{check.rows_checked:,d} ({check.scope})"
         mark = _check_status(check)
         rows.append(
             f'<tr class="{mark}"><td class="{mark}">{"✓" if check.success else "✗"} {mark}</td>'
             f"<td>{html.escape(check.expectation_type)}</td><td>{html.escape(check.column_name or '')}</td>"
             f"<td>{html.escape(check.severity)}</td><td class=json>{html.escape(_json(kwargs))}</td>"
-            f"<td>{html.escape(check.observed_value or '')}</td><td>{counts}</td>"
+            f"<td>{html.escape(check.observed_value or '')}</td><td>{counts}</td><td>{read}</td>"
             f"<td>{html.escape(check.details or '')}</td></tr>"
         )
     failed = sum(not c.success for c in run.checks)
@@ -124,7 +127,7 @@ def _page(dataset: str, stage: str, run_id: str, as_of: str | None, run: SuiteRu
 <h1>Suite <code>{html.escape(run.suite)}</code> on <code>{html.escape(run.table)}</code></h1>
 <dl class=facts>{facts_html}</dl>
 <table class=expectations><tr><th>status</th><th>expectation</th><th>column</th><th>severity</th><th>arguments</th>
-<th>observed value</th><th>unexpected rows</th><th>details</th></tr>
+<th>observed value</th><th>unexpected rows</th><th>rows checked (scope)</th><th>details</th></tr>
 {''.join(rows)}
 </table>
 <h2>Suite parameters</h2>

@@ -9,7 +9,11 @@ come from the mart's contract, so the same code profiles any dataset.
 
 Results are warehouse tables (replaced per feature mart on each run, in one
 transaction) and a self-contained report folder: PNG plots and an index.html
-that references them.
+that references them. The per-snapshot figures the profile shows over time
+(`profile_snapshot_stats`: rows, label share, null shares, sums, quantiles per
+snapshot) are kept across runs instead: a night recomputes only the snapshots
+its build rebuilt or relabelled (`ml.features.night`), and the class balance
+is read from them.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from matplotlib.ticker import PercentFormatter
 from ml.config import ChurnConfig
 from ml.features.contract import FeatureContract
 from ml.features.mart import MartError, current_contract, mart_columns
+from ml.features.night import FULL as FULL_SCOPE
+from ml.features.night import scope_since, scoped_relation
 from ml.logs import get_logger, timed
 from ml.warehouse import Session, TableSpec, column_list, connect, declare, quote, replace_folder, staging_path
 
@@ -104,6 +110,21 @@ PROFILE_CORRELATIONS = declare(
         *_STAMP,
         ("column_a", "VARCHAR"), ("column_b", "VARCHAR"), ("method", "VARCHAR"), ("scope", "VARCHAR"),
         ("correlation", "DOUBLE"),
+    ],
+)
+PROFILE_SNAPSHOTS = declare(
+    name="profile_snapshot_stats",
+    owner=__name__,
+    grain="one row per (feature_mart, snapshot_date, column): the label and each numeric feature",
+    description="Per-snapshot aggregates the profile shows over time (rows, label share, null share, sums, "
+                "min/max, quantiles), kept across runs: a night recomputes only the snapshots its build changed.",
+    columns=[
+        ("feature_mart", "VARCHAR"), ("snapshot_date", "DATE"), ("column_name", "VARCHAR"),
+        ("rows", "BIGINT"), ("labelled_rows", "BIGINT"), ("positives", "BIGINT"),
+        ("missing_count", "BIGINT"), ("value_sum", "DOUBLE"), ("value_sum_squares", "DOUBLE"),
+        ("min_value", "DOUBLE"), ("max_value", "DOUBLE"), ("p01", "DOUBLE"), ("p25", "DOUBLE"),
+        ("median", "DOUBLE"), ("p75", "DOUBLE"), ("p99", "DOUBLE"),
+        ("run_id", "VARCHAR"), ("computed_at", "TIMESTAMP"),
     ],
 )
 SPECS: tuple[TableSpec, ...] = (PROFILE_COLUMNS, PROFILE_CATEGORIES, PROFILE_CLASS_BALANCE, PROFILE_CORRELATIONS)
@@ -328,26 +349,94 @@ def category_summary(session: Session, mart: str, contract: FeatureContract) -> 
     return categories, association
 
 
-def class_balance(session: Session, mart: str, contract: FeatureContract) -> pd.DataFrame:
-    """Rows, labelled rows and positive rate overall and per snapshot date."""
+def _snapshot_stats(session: Session, relation: str, contract: FeatureContract) -> pd.DataFrame:
+    """PROFILE_SNAPSHOTS rows (without the stamp) of every snapshot in `relation`, one grouped scan."""
     label, as_of = quote(contract.label), quote(contract.as_of)
-    measures = (
-        f"count(*) as rows, count({label}) as labelled_rows, "
-        f"cast(coalesce(sum({label}), 0) as bigint) as positives, avg({label}) as positive_rate"
-    )
-    frame = session.frame(f"""
-        select 'overall' as scope, cast(null as date) as snapshot_date, {measures} from {quote(mart)}
-        union all
-        select 'snapshot' as scope, cast({as_of} as date) as snapshot_date, {measures}
-        from {quote(mart)}
+    columns = [contract.label, *[c for c in contract.numeric if c != contract.label]]
+    quantiles = "[" + ", ".join(str(q) for q in QUANTILES) + "]"
+    expressions = []
+    for i, column in enumerate(columns):
+        c = f"cast({quote(column)} as double)"
+        expressions += [f"count({c}) as n{i}", f"sum({c}) as s{i}", f"sum({c} * {c}) as ss{i}",
+                        f"min({c}) as lo{i}", f"max({c}) as hi{i}", f"quantile_cont({c}, {quantiles}) as q{i}"]
+    grouped = session.frame(f"""
+        select cast({as_of} as date) as snapshot_date, count(*) as rows, count({label}) as labelled_rows,
+            cast(coalesce(sum({label}), 0) as bigint) as positives, {', '.join(expressions)}
+        from {relation}
         group by all
-        order by scope, snapshot_date
+        order by snapshot_date
     """)
-    # pandas turns DATE into datetime64; Python dates keep the warehouse column a DATE.
-    frame["snapshot_date"] = pd.Series(
-        [d.date() if pd.notna(d) else None for d in frame["snapshot_date"]], dtype=object
-    )
-    return frame
+    records = []
+    for row in grouped.itertuples(index=False):
+        values = row._asdict()
+        for i, column in enumerate(columns):
+            q = values[f"q{i}"]
+            q = [None] * len(QUANTILES) if q is None or (not isinstance(q, (list, np.ndarray)) and pd.isna(q)) else q
+            records.append({
+                "snapshot_date": pd.Timestamp(values["snapshot_date"]).date(), "column_name": column,
+                "rows": int(values["rows"]), "labelled_rows": int(values["labelled_rows"]),
+                "positives": int(values["positives"]), "missing_count": int(values["rows"]) - int(values[f"n{i}"]),
+                "value_sum": values[f"s{i}"], "value_sum_squares": values[f"ss{i}"],
+                "min_value": values[f"lo{i}"], "max_value": values[f"hi{i}"],
+                **{name: q[k] for k, name in enumerate(("p01", "p25", "median", "p75", "p99"))},
+            })
+    frame = pd.DataFrame(records, columns=[c for c in PROFILE_SNAPSHOTS.column_names
+                                           if c not in ("feature_mart", "run_id", "computed_at")])
+    floats = ["value_sum", "value_sum_squares", "min_value", "max_value", "p01", "p25", "median", "p75", "p99"]
+    return frame.astype({c: "float64" for c in floats})
+
+
+def update_snapshot_stats(session: Session, config: ChurnConfig, contract: FeatureContract, run_id: str,
+                          computed_at: dt.datetime) -> str:
+    """Recompute the stored per-snapshot aggregates of the snapshots changed since the last run; returns the scope.
+
+    The snapshots come from `ml.features.night` (the builds since these rows
+    were computed); everything when that is unknown, after a full refresh, or
+    when the mart's label or numeric features are not the ones stored. The
+    delete and insert are one transaction; the rows are facts of the mart, so
+    they stand even if the rest of the profile then fails.
+    """
+    mart = config.dataset.feature_mart
+    columns = {contract.label, *contract.numeric}
+    stored, since = set(), None
+    if session.exists(PROFILE_SNAPSHOTS):
+        stored = {c for c, in session.rows(f"select distinct column_name from {quote(PROFILE_SNAPSHOTS.name)} "
+                                           "where feature_mart = ?", [mart])}
+        value = session.scalar(f"select max(computed_at) from {quote(PROFILE_SNAPSHOTS.name)} "
+                               "where feature_mart = ?", [mart])
+        since = None if value is None else pd.Timestamp(value).to_pydatetime()
+    scope = scope_since(session, config, since) if stored == columns else FULL_SCOPE
+    predicate = scope.predicate("snapshot_date")
+    fresh = _snapshot_stats(session, scoped_relation(config, contract, scope), contract)
+    fresh = fresh.assign(feature_mart=mart, run_id=run_id, computed_at=computed_at)[PROFILE_SNAPSHOTS.column_names]
+    where = "feature_mart = ?" + ("" if predicate is None else f" and ({predicate})")
+    session.append(PROFILE_SNAPSHOTS, fresh, where=where, params=[mart])
+    return scope.describe()
+
+
+def stored_snapshot_stats(session: Session, mart: str) -> pd.DataFrame:
+    """The stored per-snapshot aggregates of one mart, by snapshot and column."""
+    return session.frame(f"select * exclude (run_id, computed_at) from {quote(PROFILE_SNAPSHOTS.name)} "
+                         "where feature_mart = ? order by snapshot_date, column_name", [mart])
+
+
+def class_balance_from_snapshots(stats: pd.DataFrame, contract: FeatureContract) -> pd.DataFrame:
+    """class_balance's frame from the stored aggregates: the same counts, no scan of the mart."""
+    per_date = stats[stats["column_name"] == contract.label].sort_values("snapshot_date")
+    snapshot = pd.DataFrame({
+        "scope": "snapshot",
+        "snapshot_date": pd.Series([pd.Timestamp(d).date() for d in per_date["snapshot_date"]], dtype=object),
+        "rows": per_date["rows"].to_numpy(), "labelled_rows": per_date["labelled_rows"].to_numpy(),
+        "positives": per_date["positives"].to_numpy(),
+    })
+    overall = pd.DataFrame([{"scope": "overall", "snapshot_date": None, "rows": int(snapshot["rows"].sum()),
+                             "labelled_rows": int(snapshot["labelled_rows"].sum()),
+                             "positives": int(snapshot["positives"].sum())}])
+    frame = pd.concat([overall, snapshot], ignore_index=True)
+    frame["snapshot_date"] = frame["snapshot_date"].astype(object)
+    labelled = frame["labelled_rows"].astype(float)
+    frame["positive_rate"] = (frame["positives"] / labelled.where(labelled > 0)).astype(float)
+    return frame.astype({"rows": "int64", "labelled_rows": "int64", "positives": "int64"})
 
 
 def correlations(
@@ -627,7 +716,9 @@ def profile(config: ChurnConfig, run_id: str | None = None, sample_rows: int = P
             columns = column_summary(session, mart, contract, types)
             numeric = numeric_summary(session, mart, contract)
             categories, cramers_v = category_summary(session, mart, contract)
-            balance = class_balance(session, mart, contract)
+            scope = update_snapshot_stats(session, config, contract, run_id, profiled_at)
+            log.info("profile snapshot aggregates recomputed for %s", scope)
+            balance = class_balance_from_snapshots(stored_snapshot_stats(session, mart), contract)
             corr = correlations(session, mart, contract, cramers_v)
         association = label_association(corr)
         columns = columns.merge(numeric, on="column_name", how="left")

@@ -27,6 +27,14 @@ of this state. Parts are written to a temp name and renamed, before the small
 file is swapped, so a reader sees the old complete state or the new one. Files
 neither the new nor the previous state references are removed after the swap
 (the previous state's stay one more night for readers still connected to it).
+
+Deciding what changed costs the night, not the history: the manifest
+(`published_parts`) keeps each part's row count and row hash, and a publish
+counts rows per key (the key column only) and hashes just the parts that are
+new, whose count moved, or that belong to tonight's run. Every history writer
+replaces a key's rows by deleting and appending them (a re-run, the run log's
+later steps, a re-scored snapshot leaving its old run), so an untouched count
+of a past run's key means untouched rows.
 """
 
 from __future__ import annotations
@@ -119,6 +127,7 @@ PUBLISHED_PARTS = declare(
         ("partition_key", "VARCHAR", "the part's value of the table's partition column (run_id, or segment)"),
         ("part_file", "VARCHAR", "the file, relative to the parts folder (<table>/<key>__<signature>.parquet)"),
         ("row_count", "BIGINT", "rows in the part"),
+        ("row_hash", "VARCHAR", "summed hashes of the part's rows: its signature, reused while its count stands"),
     ],
 )
 FEATURE_DICTIONARY = declare(
@@ -191,6 +200,7 @@ class PublishResult:
     seconds: float
     parts_written: int = 0  # history parts written tonight (new or changed)
     parts_kept: int = 0  # history parts reused as they were
+    rows_hashed: int = 0  # history rows whose signature was computed tonight (the rest came from the manifest)
 
 
 def _temp_prefix(published: Path) -> str:
@@ -394,6 +404,7 @@ class _Part:
     key: str | None
     file: str  # relative to parts_folder
     rows: int
+    row_hash: str
 
 
 @dataclass(frozen=True)
@@ -401,6 +412,42 @@ class _PartsWritten:
     parts: list[_Part]
     written: int
     kept: int
+    rows_hashed: int
+
+
+# (table, partition key) -> (row_count, row_hash) of the previous published state's parts
+Signatures = dict[tuple[str, str | None], tuple[int, str]]
+
+
+def _is_tonight(key: str | None, run_id: str | None) -> bool:
+    """Keys tonight's run writes: its own id and the runs it starts (`<run_id>-retrain`, ...)."""
+    return run_id is not None and key is not None and (key == run_id or key.startswith(f"{run_id}-"))
+
+
+def _signatures(session: Session, table: str, key: str, previous: Signatures,
+                run_id: str | None) -> tuple[list[tuple[str | None, int, str]], int]:
+    """(key, rows, row_hash) per key; only new, resized and tonight's keys are hashed.
+
+    The count per key reads the key column alone; the hash reads whole rows,
+    so it is confined to the keys that may have changed (see the module docstring).
+    """
+    counts = session.rows(f"select {quote(key)}::varchar, count(*) from build.main.{quote(table)} "
+                          "group by all order by 1 nulls first")
+    known = {value: previous[(table, value)][1] for value, rows in counts
+             if (table, value) in previous and previous[(table, value)][0] == int(rows)
+             and not _is_tonight(value, run_id)}
+    stale = [value for value, _ in counts if value not in known]
+    hashed: dict[str | None, str] = {}
+    if stale:
+        keys = [v for v in stale if v is not None]
+        where = " or ".join(([f"{quote(key)}::varchar in (select unnest(?::varchar[]))"] if keys else [])
+                            + ([f"{quote(key)} is null"] if None in stale else []))
+        hashed = dict(session.rows(
+            f"select {quote(key)}::varchar, sum(hash(t)::hugeint)::varchar from build.main.{quote(table)} as t "
+            f"where {where} group by all", [keys] if keys else []))
+    rows_hashed = sum(int(rows) for value, rows in counts if value not in known)
+    return [(value, int(rows), known[value] if value in known else str(hashed[value]))
+            for value, rows in counts], rows_hashed
 
 
 def _part_name(table: str, key: str | None, rows: int, row_hash: str, schema: str) -> str:
@@ -410,18 +457,18 @@ def _part_name(table: str, key: str | None, rows: int, row_hash: str, schema: st
     return f"{table}/{safe}__{signature}.parquet"
 
 
-def _write_parts(session: Session, table: str, renames: dict[str, str], folder: Path) -> _PartsWritten:
+def _write_parts(session: Session, table: str, renames: dict[str, str], folder: Path,
+                 previous: Signatures, run_id: str | None) -> _PartsWritten:
     """Each key's rows of a history table as a Parquet part; parts whose name exists are kept as they are.
 
-    The signature scan reads the table once (count and summed row hashes per
-    key); only new or changed parts are written, to a temp name renamed in.
+    Signatures come from the previous manifest where a key's count is
+    unchanged (`_signatures`); only new or changed parts are written, to a temp
+    name renamed in.
     """
     key = HISTORY_PARTITIONS[table]
     columns = _build_columns(session, table)
     schema = ",".join(f"{renames.get(c, c)}:{t}" for c, t in columns)
-    signatures = session.rows(
-        f"select {quote(key)}::varchar, count(*), sum(hash(t)::hugeint)::varchar "
-        f"from build.main.{quote(table)} as t group by all order by 1 nulls first")
+    signatures, hashed_rows = _signatures(session, table, key, previous, run_id)
     (folder / table).mkdir(parents=True, exist_ok=True)
     parts, written = [], 0
     for value, rows, row_hash in signatures:
@@ -436,9 +483,9 @@ def _write_parts(session: Session, table: str, renames: dict[str, str], folder: 
             fsync(temp)
             os.replace(temp, target)
             written += 1
-        parts.append(_Part(table, value, name, int(rows)))
+        parts.append(_Part(table, value, name, int(rows), str(row_hash)))
     fsync(folder / table, directory=True)
-    return _PartsWritten(parts, written, len(parts) - written)
+    return _PartsWritten(parts, written, len(parts) - written, hashed_rows)
 
 
 def _part_view(session: Session, table: str, renames: dict[str, str], parts: list[_Part], folder: Path) -> None:
@@ -462,6 +509,26 @@ def referenced_parts(published: Path) -> set[str]:
     except EngineError as exc:  # an unreadable old file references nothing we could keep for it
         log.warning("previous published state %s unreadable (%s): its parts are not kept", published, exc)
         return set()
+
+
+def previous_signatures(published: Path) -> Signatures:
+    """(table, key) -> (rows, row_hash) of the parts the published state reads; empty when unknown.
+
+    A state published before the manifest kept row hashes (or an unreadable
+    one) yields nothing, so that publish hashes every part once.
+    """
+    if not published.exists():
+        return {}
+    try:
+        with connect(published, read_only=True) as session:
+            if not session.exists(PUBLISHED_PARTS) or "row_hash" not in session.columns(PUBLISHED_PARTS.name):
+                return {}
+            rows = session.rows(f"select table_name, partition_key, row_count, row_hash "
+                                f"from {quote(PUBLISHED_PARTS.name)} where row_hash is not null")
+    except EngineError as exc:
+        log.warning("previous published state %s unreadable (%s): every part is hashed", published, exc)
+        return {}
+    return {(table, key): (int(count), str(row_hash)) for table, key, count, row_hash in rows}
 
 
 def remove_unreferenced_parts(published: Path, keep: set[str]) -> list[Path]:
@@ -512,9 +579,11 @@ class _Written:
     parts: list[_Part]
     parts_written: int
     parts_kept: int
+    rows_hashed: int
 
 
-def _write_copy(config: ChurnConfig, target: Path, tables: list[str], run_id: str | None) -> _Written:
+def _write_copy(config: ChurnConfig, target: Path, tables: list[str], run_id: str | None,
+                previous: Signatures) -> _Written:
     """A complete, checkpointed DuckDB file holding the tables (history ones as views over parts), closed."""
     rows: dict[str, int] = {}
     docs = documentation(config)
@@ -522,7 +591,7 @@ def _write_copy(config: ChurnConfig, target: Path, tables: list[str], run_id: st
     renamed: dict[str, dict[str, str]] = {}
     folder = parts_folder(config.warehouse.published_db)
     parts: list[_Part] = []
-    written = kept = 0
+    written = kept = hashed = 0
     with connect(target, settings=config.warehouse.engine) as session:
         # ATTACH takes no parameters: the path goes in as a quoted literal.
         session.execute(f"attach {quote_literal(config.warehouse.build_db)} as build (read_only)")
@@ -533,8 +602,8 @@ def _write_copy(config: ChurnConfig, target: Path, tables: list[str], run_id: st
         renamed = {table: _renames(session, table) for table in tables}
         for table in tables:
             if table in HISTORY_PARTITIONS:
-                done = _write_parts(session, table, renamed[table], folder)
-                written, kept = written + done.written, kept + done.kept
+                done = _write_parts(session, table, renamed[table], folder, previous, run_id)
+                written, kept, hashed = written + done.written, kept + done.kept, hashed + done.rows_hashed
                 if done.parts:
                     _part_view(session, table, renamed[table], done.parts, folder)
                     parts += done.parts
@@ -551,13 +620,14 @@ def _write_copy(config: ChurnConfig, target: Path, tables: list[str], run_id: st
         session.append(PUBLISH_INFO, info)
         session.append(FEATURE_DICTIONARY, feature_dictionary(contract, docs, mart_types))
         session.append(PUBLISHED_PARTS, pd.DataFrame(
-            [{"table_name": p.table, "partition_key": p.key, "part_file": p.file, "row_count": p.rows} for p in parts],
+            [{"table_name": p.table, "partition_key": p.key, "part_file": p.file, "row_count": p.rows,
+              "row_hash": p.row_hash} for p in parts],
             columns=PUBLISHED_PARTS.column_names))
         for table in [*tables, PUBLISH_INFO.name, FEATURE_DICTIONARY.name, PUBLISHED_PARTS.name]:
             _comment(session, table, docs, renamed.get(table, {}))
         _legacy_views(session, renamed)
         session.execute("checkpoint")
-    return _Written(rows, parts, written, kept)
+    return _Written(rows, parts, written, kept, hashed)
 
 
 def publish(config: ChurnConfig, run_id: str | None = None) -> PublishResult:
@@ -570,7 +640,7 @@ def publish(config: ChurnConfig, run_id: str | None = None) -> PublishResult:
         previous = referenced_parts(published)
         temp = published.parent / f"{_temp_prefix(published)}{os.getpid()}"
         try:
-            written = _write_copy(config, temp, tables, run_id)
+            written = _write_copy(config, temp, tables, run_id, previous_signatures(published))
             fsync(temp)
             pause_point("publish:before_replace")
             # A WAL beside the published path would be replayed into the new file.
@@ -585,7 +655,8 @@ def publish(config: ChurnConfig, run_id: str | None = None) -> PublishResult:
         remove_unreferenced_parts(published, previous | {p.file for p in written.parts})
     rows = written.rows
     result = PublishResult(path=published, tables=rows, seconds=time.perf_counter() - start,
-                           parts_written=written.parts_written, parts_kept=written.parts_kept)
+                           parts_written=written.parts_written, parts_kept=written.parts_kept,
+                           rows_hashed=written.rows_hashed)
     log.info("published %d tables (%s) to %s", len(rows), ", ".join(f"{t}={n:,d}" for t, n in rows.items()), published)
     return result
 
