@@ -23,6 +23,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from ml.features.contract import ContractError, FeatureContract
@@ -30,6 +31,7 @@ from ml.features.contract import ContractError, FeatureContract
 # Coarse on purpose: a parallel sum's last-bit noise must not straddle a rounding
 # boundary on any of thousands of values, while a real redefinition moves values far more.
 SIGNIFICANT_DIGITS = 6
+NOISE_FLOOR = 1e-9  # relative to the column's largest magnitude
 
 
 def sql_fingerprint(manifest_path: Path, model: str) -> str:
@@ -68,6 +70,9 @@ def value_fingerprints(frame: pd.DataFrame, contract: FeatureContract) -> dict[s
     with the same numbers is the same definition; missing values hash as one
     token. Numbers are rounded to SIGNIFICANT_DIGITS first: DuckDB sums
     doubles in parallel, so two builds of the same SQL differ in the last bits.
+    Values within NOISE_FLOOR of the column's largest magnitude hash as 0: a
+    difference of two near-equal sums (a trend) is 1e-15 in one build and
+    -2e-15 in the next, which no significant-digit rounding makes equal.
     """
     ordered = frame.sort_values([contract.key, contract.as_of], kind="mergesort")
     out: dict[str, str] = {}
@@ -77,7 +82,11 @@ def value_fingerprints(frame: pd.DataFrame, contract: FeatureContract) -> dict[s
         column = ordered[name]
         numeric = pd.to_numeric(column, errors="coerce") if name in contract.numeric else None
         if numeric is not None and not (numeric.isna() & column.notna()).any():
-            text = numeric.map(lambda v: "\\N" if pd.isna(v) else f"{float(v):.{SIGNIFICANT_DIGITS}g}")
+            values = numeric.to_numpy(dtype=float)
+            finite = np.abs(values[np.isfinite(values)])
+            floor = (float(finite.max()) if finite.size else 0.0) * NOISE_FLOOR
+            values = np.where(np.abs(values) <= floor, 0.0, values)
+            text = pd.Series(["\\N" if np.isnan(v) else f"{float(v):.{SIGNIFICANT_DIGITS}g}" for v in values])
         else:
             text = column.map(lambda v: "\\N" if pd.isna(v) else str(v))
         out[name] = hashlib.sha256("\x1f".join(text.tolist()).encode()).hexdigest()
