@@ -412,10 +412,15 @@ class FeaturePool:
             connection.close()
 
 
-def read_landing_rows(compiled: CompiledFeatures, customer_ids: list[str]) -> dict[str, list[dict[str, Any]]]:
-    """The raw rows of `customer_ids` in every source, read from the landing files, as request rows."""
+def read_landing_rows(compiled: CompiledFeatures, customer_ids: list[str],
+                      session: Session | None = None) -> dict[str, list[dict[str, Any]]]:
+    """The raw rows of `customer_ids` in every source, read from the landing files, as request rows.
+
+    `session`: an open connection to read with (the API passes a pooled one: a new DuckDB costs ~20 ms)."""
     tables: dict[str, list[dict[str, Any]]] = {}
-    with connect(MEMORY) as session:
+    with ExitStack() as stack:
+        if session is None:
+            session = stack.enter_context(connect(MEMORY))
         for source in compiled.sources:
             if source.key_column is None:
                 raise RequestError(
