@@ -293,3 +293,34 @@ def test_what_if_runs_two_statements_not_one_per_model_and_test(client: TestClie
     assert response.status_code == 200, response.text
     queries = [c for c in calls if not c.startswith("set variable")]
     assert len(queries) == 2, calls
+
+
+def _optimised_on_execute(session: object, statement: str, profile: Path) -> float:
+    """Seconds DuckDB spent optimising when executing a prepared `statement` (0: the prepared plan ran)."""
+    import json
+
+    session.execute(f"execute {statement}(request := getvariable('{features_module.REQUEST_VARIABLE}'))")
+    return float(json.loads(profile.read_text()).get("optimizer", {}).get("total_time", 0))
+
+
+def test_prepared_request_statements_are_not_replanned(service: ScoringService, batch_scores: pd.DataFrame,
+                                                       tmp_path: Path) -> None:
+    """Both request statements run their plan from PREPARE time; a parameter read twice would re-plan each time."""
+    tables = read_landing_rows(service.compiled, [batch_scores.iloc[0]["customer_id"]])
+    profile = tmp_path / "profile.json"
+    with service.pool.connection() as connection:
+        session = connection.session
+        connection.features(tables, service.state.tonight, dt.date.today())  # sets the request variable
+        session.execute("pragma enable_profiling = 'json'")
+        session.execute(f"pragma profiling_output = '{profile}'")
+        try:
+            for statement in (features_module._CHECKS_STATEMENT, features_module._MART_STATEMENT):
+                assert _optimised_on_execute(session, statement, profile) == 0, statement
+            # the planted failure: the same request read through the parameter twice is re-planned per execution
+            sql = connection.sql
+            twice = sql.mart.replace("select * from", f"select *, $request::{sql.request_type} is null as x from", 1)
+            session.execute(f"prepare replanned as {twice}")
+            assert _optimised_on_execute(session, "replanned", profile) > 0
+        finally:
+            session.execute("pragma disable_profiling")
+            session.execute("deallocate replanned")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime as dt
 import hmac
 import json
@@ -181,7 +182,9 @@ class ScoringService:
         self.config = config
         self.compiled = compile_features(config, workdir)
         self.holder = StateHolder(config, self.compiled)
-        self.pool = FeaturePool(self.compiled, config.serving.pool_size)
+        # one thread per connection: a request's rows are few, and the pool gives the concurrency
+        self.pool = FeaturePool(self.compiled, config.serving.pool_size,
+                                dataclasses.replace(config.warehouse.engine, threads=1))
         self.log = PredictionLog(log_dir(config), config.serving.log_segment_bytes)
 
     @property
@@ -242,7 +245,9 @@ class ScoringService:
                 raise LookupError(f"customer {customer_id!r} is not active on {state.tonight} (or unknown)")
             return answer
         self.check_date(state, as_of)
-        answers = self.score_tables(read_landing_rows(self.compiled, [customer_id]), as_of, state)
+        with self.pool.connection() as connection:
+            tables = read_landing_rows(self.compiled, [customer_id], connection.session)
+        answers = self.score_tables(tables, as_of, state)
         if not answers:
             raise LookupError(f"customer {customer_id!r} is not active on {as_of} (or unknown)")
         return answers[0]
