@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import socket
 import threading
@@ -80,6 +81,24 @@ def test_published_route_matches_churn_scores(client: TestClient, batch_scores: 
             assert [r["contribution"] for r in answer["reasons"]] == pytest.approx(
                 [want[f"reason_{i}_contribution"] for i in range(1, k + 1)], abs=1e-9)
         assert set(answer["features"]) == set(service.state.model.contract.feature_names)
+
+
+def test_background_reasons_equal_the_on_demand_ones(service: ScoringService) -> None:
+    """The reasons filled in batches after a state goes live are the single-row ones, for every customer."""
+    state = dataclasses.replace(service.state, explained={})  # a fresh cache, not the shared service's
+    waiting = state.unexplained()
+    assert waiting, "the nightly explains flagged customers only, so some answers need reasons here"
+    sample = waiting[:: max(1, len(waiting) // 7)]
+    on_demand = {c: state.answer(c) for c in sample}
+    assert state.explain_all(lambda: True, batch_rows=97) == len(waiting)  # odd batches: the edges too
+    assert not state.unexplained()
+    for customer in sample:
+        cached = state.answer(customer)
+        assert [r["feature"] for r in cached["reasons"]] == [r["feature"] for r in on_demand[customer]["reasons"]]
+        assert [r["contribution"] for r in cached["reasons"]] == pytest.approx(
+            [r["contribution"] for r in on_demand[customer]["reasons"]], abs=1e-12)
+    stopped = dataclasses.replace(service.state, explained={})
+    assert stopped.explain_all(lambda: False) == 0  # a newer publish or a stop ends the fill
 
 
 def test_sql_route_matches_churn_scores(client: TestClient, service: ScoringService,

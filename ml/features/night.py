@@ -88,12 +88,12 @@ def _dates(values: list[tuple]) -> tuple[dt.date, ...]:
     return tuple(sorted(pd.Timestamp(v).date() for v, in values if v is not None))
 
 
-def mart_before_build(config: ChurnConfig) -> MartBefore:
+def mart_before_build(config: ChurnConfig, contract: FeatureContract | None = None) -> MartBefore:
     """Read before dbt runs (two aggregates of the mart's date and label columns, no feature is read)."""
     mart = config.dataset.feature_mart
     if not config.warehouse.build_db.exists():
         return MartBefore(False, None, ())
-    contract = current_contract(config)
+    contract = contract or current_contract(config)
     with connect(config.warehouse.build_db, read_only=True, settings=config.warehouse.engine) as session:
         if not session.exists(mart) or not {contract.as_of, contract.label} <= set(session.columns(mart)):
             return MartBefore(False, None, ())
@@ -104,12 +104,13 @@ def mart_before_build(config: ChurnConfig) -> MartBefore:
 
 
 def record_mart_build(config: ChurnConfig, as_of: dt.date, before: MartBefore, full_refresh: bool,
-                      replacing: dt.datetime | None = None) -> dt.datetime:
+                      replacing: dt.datetime | None = None, contract: FeatureContract | None = None) -> dt.datetime:
     """Store a build's scope (replacing the row stamped `replacing`); returns the row's stamp.
 
-    The labels a build filled are the dates unlabelled before it that have labels now.
+    The labels a build filled are the dates unlabelled before it that have labels now. `contract`
+    defaults to the last build's; a build passes tonight's (a first build has no manifest yet).
     """
-    contract = current_contract(config)
+    contract = contract or current_contract(config)
     mart = quote(config.dataset.feature_mart)
     built_at = dt.datetime.now()
     with connect(config.warehouse.build_db, settings=config.warehouse.engine) as session:
