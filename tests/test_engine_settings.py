@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import duckdb
+import pytest
 
 from ml.features.dbt import engine_env
 from ml.modeling.registry import registry_frame
@@ -53,3 +54,25 @@ def test_dbt_gets_the_same_settings(tmp_path: Path) -> None:
     profile = (config.warehouse.dbt_project_dir / "profiles.yml").read_text()
     for name in engine_env(config):
         assert f"env_var('{name}'" in profile
+
+
+def test_dbt_sets_the_spill_folder_once_at_open(tmp_path: Path) -> None:
+    """dbt-duckdb re-applies a profile's `settings` on every new cursor; once a query has spilled,
+    DuckDB refuses to set temp_directory again, which failed a 200k-customer build mid-run.
+    So the spill folder goes in `config_options` (applied once, when the database opens)."""
+    import yaml
+
+    profile = yaml.safe_load((Path(__file__).parents[1] / "dbt_project" / "profiles.yml").read_text())
+    output = profile["churn"]["outputs"]["build"]
+    assert "temp_directory" in output["config_options"] and "temp_directory" not in output["settings"]
+    # the engine behaviour behind it, planted: spill, then set the folder again as a new cursor would
+    spill = tmp_path / "spill"
+    con = duckdb.connect(str(tmp_path / "b.duckdb"), config={"temp_directory": str(spill)})
+    con.execute("set memory_limit = '64MB'; set threads = 1; set preserve_insertion_order = false")
+    con.execute("create table t as select range as i, md5(range::varchar) as s from range(2000000)")
+    con.execute("select s, count(*) from t group by s order by s").fetchall()  # a sort/aggregate larger than 64MB
+    cursor = con.cursor()
+    cursor.execute("select 1").fetchall()  # a new cursor without re-setting the folder works
+    with pytest.raises(duckdb.Error, match="temporary directory"):
+        cursor.execute(f"set temp_directory = '{spill}'")
+    con.close()
