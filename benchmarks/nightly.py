@@ -216,6 +216,13 @@ def new_block(into: list[dict[str, Any]], root: Path, customers: int, months: in
     return block
 
 
+def start_history(base: ChurnConfig, root: Path, customers: int, months: int,
+                  into: list[dict[str, Any]]) -> tuple[Path, ChurnConfig, Path, dict[str, Any]]:
+    """A fresh private warehouse at `root`, its logs folder and its registered results block."""
+    config_file, config = private_config(base, root, customers, months)
+    return config_file, config, root / "logs", new_block(into, root, customers, months, config)
+
+
 def failed(block: dict[str, Any], exc: Exception) -> None:
     block["status"] = f"failed: {type(exc).__name__}: {exc}"
     print(f"    FAILED: {exc}", flush=True)
@@ -224,10 +231,8 @@ def failed(block: dict[str, Any], exc: Exception) -> None:
 def bench_history(bench: Bench, base: ChurnConfig, customers: int, months: int, workdir: Path,
                   with_pandas: bool, into: list[dict[str, Any]]) -> dict[str, Any]:
     """Every figure of one history length (and the pandas comparison when it is the same data)."""
-    root = workdir / f"customers-{customers}-months-{months}"
-    config_file, config = private_config(base, root, customers, months)
-    logs = root / "logs"
-    block = new_block(into, root, customers, months, config)
+    config_file, config, logs, block = start_history(base, workdir / f"customers-{customers}-months-{months}",
+                                                     customers, months, into)
     try:
         bench.run(block, "generate", churn(config_file, "generate"), logs)
         block["landing"] = landing_sizes(config.dataset.landing_dir)
@@ -241,7 +246,7 @@ def bench_history(bench: Bench, base: ChurnConfig, customers: int, months: int, 
                                              str(config_file), "--as-of", as_of.isoformat()], logs)
         block["scan_90d"] = json.loads(Path(scan.log).read_text().strip().splitlines()[-1])
         bench.run(block, "retrain", churn(config_file, "train", "--force"), logs)
-        block["sizes"] = sizes(config, root)
+        block["sizes"] = sizes(config, Path(block["workdir"]))
     except LoadTooHighError:
         raise
     except Exception as exc:  # a failed step (or a reader after it): keep what was measured, go on
@@ -252,10 +257,8 @@ def bench_history(bench: Bench, base: ChurnConfig, customers: int, months: int, 
 def bench_pandas(bench: Bench, base: ChurnConfig, customers: int, months: int, workdir: Path,
                  into: list[dict[str, Any]]) -> dict[str, Any]:
     """The seed-style pandas pipeline beside the project's first and second nightly on the same data."""
-    root = workdir / f"pandas-{customers}-months-{months}"
-    config_file, config = private_config(base, root, customers, months)
-    logs = root / "logs"
-    block = new_block(into, root, customers, months, config)
+    config_file, config, logs, block = start_history(base, workdir / f"pandas-{customers}-months-{months}",
+                                                     customers, months, into)
     try:
         bench.run(block, "generate", churn(config_file, "generate"), logs)
         bench.run(block, "first_nightly", churn(config_file, "nightly"), logs)
