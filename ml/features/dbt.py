@@ -47,6 +47,27 @@ class DbtResult:
         return self.target_path / "manifest.json"
 
 
+def model_lineage(nodes: dict[str, Any], target: str) -> list[str]:
+    """Model ids of a manifest upstream of (and including) `target`, parents before children.
+
+    The order compiled SQL can be created in: each model's relations exist before a child reads them.
+    """
+    ordered: list[str] = []
+    seen: set[str] = set()
+
+    def visit(node_id: str) -> None:
+        if node_id in seen:
+            return
+        seen.add(node_id)
+        for parent in nodes[node_id]["depends_on"]["nodes"]:
+            if parent in nodes and nodes[parent]["resource_type"] == "model":
+                visit(parent)
+        ordered.append(node_id)
+
+    visit(target)
+    return ordered
+
+
 def dbt_target_path(config: ChurnConfig) -> Path:
     """dbt's artifacts live beside the build database they describe."""
     return config.warehouse.build_db.parent / "dbt_target" / config.dataset.name

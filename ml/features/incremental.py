@@ -60,27 +60,16 @@ class BuildPlan:
     reason: str
 
 
-def _macro_closure(manifest: dict[str, Any], macro_ids: list[str]) -> set[str]:
+def _reachable(graph: dict[str, Any], start: list[str], kind: str) -> set[str]:
+    """Ids in `graph` (a manifest's nodes or macros) reachable from `start` along its `kind` dependencies."""
     seen: set[str] = set()
-    todo = list(macro_ids)
-    while todo:
-        macro_id = todo.pop()
-        if macro_id in seen or macro_id not in manifest["macros"]:
-            continue
-        seen.add(macro_id)
-        todo.extend(manifest["macros"][macro_id]["depends_on"]["macros"])
-    return seen
-
-
-def _upstream_models(manifest: dict[str, Any], node_id: str) -> set[str]:
-    seen: set[str] = set()
-    todo = [node_id]
+    todo = list(start)
     while todo:
         current = todo.pop()
-        if current in seen or current not in manifest["nodes"]:
+        if current in seen or current not in graph:
             continue
         seen.add(current)
-        todo.extend(manifest["nodes"][current]["depends_on"]["nodes"])
+        todo.extend(graph[current]["depends_on"][kind])
     return seen
 
 
@@ -98,11 +87,11 @@ def definition_checksums(manifest_path: Path, dbt_vars: dict[str, Any]) -> dict[
         if node["resource_type"] != "model" or node["config"].get("materialized") != "incremental":
             continue
         digest = hashlib.sha256()
-        upstream = sorted(_upstream_models(manifest, node_id))
+        upstream = sorted(_reachable(nodes, [node_id], "nodes"))
         macros: set[str] = set()
         for upstream_id in upstream:
             digest.update(f"{upstream_id}\n{nodes[upstream_id].get('raw_code', '')}\n".encode())
-            macros |= _macro_closure(manifest, nodes[upstream_id]["depends_on"]["macros"])
+            macros |= _reachable(manifest["macros"], nodes[upstream_id]["depends_on"]["macros"], "macros")
         for macro_id in sorted(macros):
             digest.update(f"{macro_id}\n{manifest['macros'][macro_id]['macro_sql']}\n".encode())
         digest.update(json.dumps({k: dbt_vars.get(k) for k in DEFINING_VARS}, sort_keys=True).encode())

@@ -20,7 +20,7 @@ from typing import Any
 
 from ml.config import ChurnConfig
 from ml.features.contract import ContractError, load_contract
-from ml.features.dbt import dbt_target_path, run_dbt
+from ml.features.dbt import dbt_target_path, model_lineage, run_dbt
 from ml.logs import get_logger, timed
 from ml.warehouse import MEMORY, EngineError, connect
 
@@ -42,27 +42,11 @@ class SqlCheck:
     manifest_path: Path
 
 
-def _upstream_models(nodes: dict[str, Any], target: str) -> list[str]:
-    """Model ids upstream of (and including) `target`, parents first."""
-    ordered: list[str] = []
-
-    def visit(node_id: str) -> None:
-        if node_id in ordered:
-            return
-        for parent in nodes[node_id]["depends_on"]["nodes"]:
-            if parent in nodes and nodes[parent]["resource_type"] == "model":
-                visit(parent)
-        ordered.append(node_id)
-
-    visit(target)
-    return ordered
-
-
 def mart_sql_columns(manifest: dict[str, Any], mart_id: str) -> list[str]:
     """The mart's output columns as DuckDB binds its compiled SQL (views over the landing files)."""
     nodes = manifest["nodes"]
     with connect(MEMORY) as session:
-        for node_id in _upstream_models(nodes, mart_id):
+        for node_id in model_lineage(nodes, mart_id):
             node = nodes[node_id]
             try:
                 session.execute(f"create view {node['relation_name']} as {node['compiled_code']}")

@@ -37,7 +37,7 @@ import pandas as pd
 
 from ml.config import ChurnConfig, EngineSettings
 from ml.features.contract import load_contract
-from ml.features.dbt import run_dbt
+from ml.features.dbt import model_lineage, run_dbt
 from ml.logs import get_logger, timed
 from ml.warehouse import MEMORY, Session, connect, quote, quote_literal
 
@@ -106,24 +106,6 @@ class CompiledFeatures:
     tests: tuple[RowTest, ...]
 
 
-def _dependency_order(nodes: dict[str, Any], target: str) -> list[str]:
-    """Model ids upstream of (and including) `target`, parents before children."""
-    ordered: list[str] = []
-    seen: set[str] = set()
-
-    def visit(node_id: str) -> None:
-        if node_id in seen:
-            return
-        seen.add(node_id)
-        for parent in nodes[node_id]["depends_on"]["nodes"]:
-            if parent in nodes and nodes[parent]["resource_type"] == "model":
-                visit(parent)
-        ordered.append(node_id)
-
-    visit(target)
-    return ordered
-
-
 def parametrise(sql: str, where: str) -> str:
     """`sql` with the sentinel as_of literal replaced by the session variable; refuse any other trace of it."""
     out = sql.replace(_SENTINEL_SQL, _AS_OF_SQL)
@@ -171,7 +153,7 @@ def compile_features(config: ChurnConfig, workdir: Path | None = None) -> Compil
     if mart_id is None:
         raise RequestError(f"dbt project has no model {config.dataset.feature_mart!r}")
     contract = load_contract(target / "manifest.json", config.dataset.feature_mart)
-    order = _dependency_order(nodes, mart_id)
+    order = model_lineage(nodes, mart_id)
     used_sources = {p for n in order for p in nodes[n]["depends_on"]["nodes"] if p.startswith("source.")}
     sources = []
     for source_id in sorted(used_sources):
