@@ -68,6 +68,7 @@ from ml.features.night import NightScope, scope_since, scoped_relation
 from ml.logs import get_logger, timed
 from ml.quality.data_docs import SuiteRun, write_data_docs
 from ml.quality.default_suites import write_default_suites
+from ml.quality.verdicts import CheckResult
 from ml.warehouse import MEMORY, Session, column_list, connect, declare, is_missing, json_value, quote
 from ml.warehouse.connection import VECTOR_ROWS
 
@@ -133,35 +134,6 @@ class Suite:
     @property
     def dataset(self) -> str:
         return self.path.parent.name
-
-
-@dataclass
-class CheckResult:
-    """The verdict on one expectation, as stored in data_quality_results."""
-
-    suite: str
-    table_name: str
-    expectation_type: str
-    column_name: str | None
-    severity: str
-    success: bool
-    observed_value: str | None
-    unexpected_count: int | None
-    element_count: int | None
-    details: str
-    rows_checked: int | None = None
-    scope: str = "all"
-
-    def describe(self) -> str:
-        if self.unexpected_count is not None and self.element_count is not None:
-            tonight = " of tonight's" if self.scope == "tonight" else ""
-            facts = [f"{self.unexpected_count:,d} of {self.element_count:,d}{tonight} rows"]
-        else:
-            facts = [f"observed {self.observed_value}"] if self.observed_value is not None else []
-        facts += [self.details] if self.details else []
-        column = f", column {self.column_name}" if self.column_name else ""
-        return (f"{self.suite} (table {self.table_name}{column}): "
-                f"{self.expectation_type} failed [{self.severity}]: {'; '.join(facts)}")
 
 
 @dataclass

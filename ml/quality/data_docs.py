@@ -22,9 +22,10 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from ml.logs import get_logger
+from ml.quality.verdicts import CheckResult
 
 log = get_logger("quality")
 
@@ -40,21 +41,6 @@ overflow-wrap: anywhere; } td:first-child { white-space: nowrap; }
 nav a { margin-right: 1em; } dl.facts { display: grid; grid-template-columns: max-content auto; gap: 2px 1em; }
 dl.facts dt { font-weight: bold; }
 """
-
-
-class CheckResult(Protocol):
-    """What a page shows of one verdict (audit.CheckResult; a protocol, since audit imports this module)."""
-
-    expectation_type: str
-    column_name: str | None
-    severity: str
-    success: bool
-    observed_value: str | None
-    unexpected_count: int | None
-    element_count: int | None
-    details: str
-    rows_checked: int | None
-    scope: str  # tonight (the night's new snapshots or partitions) or all
 
 
 @dataclass(frozen=True)
