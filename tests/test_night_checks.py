@@ -18,7 +18,7 @@ import duckdb
 import pytest
 
 from ml.config import ChurnConfig
-from ml.data.generate import GenerateOptions, append_days, generate
+from ml.data.generate import PARTITIONED_TABLES, GenerateOptions, append_days, generate
 from ml.data.landing import LandingValidationError, landing_changes, landing_tables, record_partitions, validate_landing
 from ml.features.build import build_warehouse
 from ml.features.dbt import DbtError, dbt_target_path
@@ -69,12 +69,16 @@ def test_payments_and_tickets_land_partitioned_and_a_day_lands_in_each(tiny: Chu
     for name in ("usage_events", "payments", "support_tickets"):
         assert table(tiny, name).partitioned and not (tiny.dataset.landing_dir / f"{name}.parquet").exists()
     record(tiny)
-    added = append_days(tiny.dataset.landing_dir)
-    assert {a.table for a in added} >= {"usage_events", "payments"} and len({a.day for a in added}) == 1
+    landed = append_days(tiny.dataset.landing_dir)
+    added = [a for a in landed if a.table in PARTITIONED_TABLES]
+    assert {a.table for a in added} >= {"usage_events", "payments"} and len({a.day for a in landed}) == 1
     changes = changes_now(tiny)
     assert sorted((p.table, p.path) for p in changes.new) == sorted(
         (a.table, a.path.relative_to(tiny.dataset.landing_dir / a.table).as_posix()) for a in added)
-    assert not changes.history_changed
+    # the single files are re-exported with the day's sign-ups and plan changes: only later facts
+    assert {a.table for a in landed} - set(PARTITIONED_TABLES) == {"customers", "subscriptions"}
+    assert {p.path for p in changes.appended} == {"customers.parquet", "subscriptions.parquet"}
+    assert not changes.changed and not changes.history_changed
     read = validate_landing(tiny, changes)
     assert read["payments"] == next(a.rows for a in added if a.table == "payments")
 

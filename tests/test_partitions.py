@@ -183,6 +183,34 @@ def test_a_partition_that_breaks_the_contract_is_named(tiny: ChurnConfig) -> Non
         validate_landing(tiny, changes)
 
 
+def test_a_full_check_reads_every_partition_at_once_and_still_names_each_bad_one(tiny: ChurnConfig) -> None:
+    """A first night checks a year of partitions in a few statements; planted faults are still named by file."""
+    table = usage(tiny)
+    files = table.files()
+    with duckdb.connect() as con:
+        whole = con.execute(f"select count(*) from {table.relation()}").fetchall()[0][0]
+    assert validate_landing(tiny)["usage_events"] == whole  # all partitions, one schema group
+    empty, retyped, corrupt = files[3], files[10], files[20]
+    with duckdb.connect() as con:
+        for path, select in ((empty, "select * from read_parquet('{p}') limit 0"),
+                             (retyped, "select customer_id, event_date, 'many' as sessions, minutes "
+                                       "from read_parquet('{p}')")):
+            con.execute(f"copy ({select.format(p=path)}) to '{path}.new' (format parquet)")
+            Path(f"{path}.new").replace(path)
+        corrupt_rows = con.execute(f"select count(*) from read_parquet('{corrupt}')").fetchall()[0][0]
+    data = bytearray(corrupt.read_bytes())  # garble the first data page, keep the footer readable
+    data[4:64] = b"\xff" * 60
+    corrupt.write_bytes(bytes(data))
+    with pytest.raises(Exception) as raised:
+        validate_landing(tiny)
+    message = str(raised.value)
+    name = lambda path: f"usage_events/{path.relative_to(table.folder)}"  # noqa: E731
+    assert f"{name(empty)}: empty (0 rows)" in message
+    assert re.search(rf"{re.escape(name(retyped))}: column sessions: [\d,]+ of [\d,]+ rows are not integer", message)
+    assert f"{name(corrupt)}: not readable as parquet" in message
+    assert corrupt_rows > 0 and message.count("usage_events/") == 3  # the good partitions are not blamed
+
+
 # --- publishing ------------------------------------------------------------------
 
 

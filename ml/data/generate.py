@@ -1170,7 +1170,9 @@ def append_days(landing_dir: Path, seed: int = 0) -> list[AppendedDay]:
     """Land the next day into every partitioned folder: the day after the newest partition of any of them.
 
     One day for all tables, as one night's extract brings it; usage always gets
-    a partition, invoices and tickets only when their source day had rows.
+    a partition, invoices and tickets only when their source day had rows, and
+    the single-file customers and subscriptions are re-exported with the day's
+    new rows (`reexport_day`).
     """
     folders = [t for t in PARTITIONED_TABLES if (landing_dir / t).is_dir()]
     if "usage_events" not in folders:
@@ -1178,7 +1180,56 @@ def append_days(landing_dir: Path, seed: int = 0) -> list[AppendedDay]:
                             "generate the landing with --partitioned first")
     day = max(d for t in folders if (d := newest_partition(landing_dir / t)) is not None) + dt.timedelta(days=1)
     added = [append_day(landing_dir, table, seed, day) for table in folders]
-    return [a for a in added if a is not None]
+    return [a for a in added if a is not None] + reexport_day(landing_dir, day)
+
+
+def reexport_day(landing_dir: Path, day: dt.date) -> list[AppendedDay]:
+    """Re-export customers and subscriptions whole with `day`'s sign-ups and plan changes, as a daily extract would.
+
+    Drawn from the same weekday a week before, so the volume of new periods
+    keeps the seasonality the completeness gate expects: each sign-up of that
+    day signs up again as a new customer (the day's ordinal appended to its
+    ids), and each customer who changed plan that day and still runs it
+    changes again: the running period ends on `day` and a new one starts.
+    Only facts dated `day` are added, so the settled history stays unchanged
+    and the next night stays incremental. Each file is written beside itself
+    and renamed in.
+    """
+    customers, subscriptions = landing_dir / "customers.parquet", landing_dir / "subscriptions.parquet"
+    if not (customers.exists() and subscriptions.exists()):
+        return []
+    source, suffix = day - dt.timedelta(days=7), f"-{day.toordinal()}"
+    drawn = (f"select s.*, c.signup_date = s.start_date as signed_up "
+             f"from read_parquet({quote_literal(subscriptions)}) s "
+             f"join read_parquet({quote_literal(customers)}) c using (customer_id) "
+             f"where s.start_date = date '{source}' and s.end_date is null and s.cancellation_date is null")
+    new_periods = (f"select subscription_id || '{suffix}' as subscription_id, "
+                   f"case when signed_up then customer_id || '{suffix}' else customer_id end as customer_id, "
+                   f"plan, contract_type, monthly_price, date '{day}' as start_date, "
+                   "null::date as end_date, null::date as cancellation_date, null::varchar as cancellation_reason "
+                   "from drawn")
+    changed = "select customer_id from drawn where not signed_up"
+    periods = (f"with drawn as ({drawn}) "
+               f"select * replace (case when customer_id in ({changed}) and end_date is null "
+               f"and start_date < date '{day}' then date '{day}' else end_date end as end_date) "
+               f"from read_parquet({quote_literal(subscriptions)}) "
+               f"union all ({new_periods}) order by customer_id, start_date, subscription_id")
+    people = (f"with drawn as ({drawn}) select * from read_parquet({quote_literal(customers)}) "
+              f"union all (select c.customer_id || '{suffix}' as customer_id, date '{day}' as signup_date, "
+              f"c.* exclude (customer_id, signup_date) from read_parquet({quote_literal(customers)}) c "
+              f"semi join (select customer_id from drawn where signed_up) using (customer_id)) order by customer_id")
+    added = []
+    with connect(MEMORY) as session:
+        session.execute("set threads = 1")
+        new_subscriptions = int(session.scalar(f"with drawn as ({drawn}) select count(*) from drawn"))
+        new_customers = int(session.scalar(f"with drawn as ({drawn}) select count(*) from drawn where signed_up"))
+        for path, sql, rows in ((subscriptions, periods, new_subscriptions), (customers, people, new_customers)):
+            staged = path.with_name(f".{path.name}.partial")
+            session.execute(f"copy ({sql}) to {quote_literal(staged)} (format parquet, compression zstd)")
+            staged.replace(path)
+            log.info("re-exported %s with %s new row(s) dated %s", path, f"{rows:,d}", day)
+            added.append(AppendedDay(path.stem, day, path, rows))
+    return added
 
 
 # --------------------------------------------------------------------------- CLI

@@ -264,17 +264,61 @@ def check_table(session: Session, table: LandingTable, files: list[Path] | None 
         chosen = every if files is None else files
         if not chosen:
             return [], 0
-        problems: list[str] = []
-        rows = 0
-        # one partition at a time, so a problem names its file
-        for path in chosen:
-            found, n = _check_files(session, table, [path], f"{table.name}/{path.relative_to(table.folder)}")
-            problems += found
-            rows += n
+        checked = _check_partitions if table.file_format == "parquet" else _check_each_partition
+        problems, rows = checked(session, table, chosen)
         if not problems and table.key and files is not None:
             problems += _check_keys(session, table, every, chosen)
         return problems, rows
     return _check_files(session, table, None, table.path.name)
+
+
+def _partition_name(table: LandingTable, path: Path) -> str:
+    return f"{table.name}/{path.relative_to(table.folder)}"
+
+
+def _check_each_partition(session: Session, table: LandingTable, chosen: list[Path]) -> tuple[list[str], int]:
+    """The contract checks one partition at a time, so a problem names its file."""
+    problems: list[str] = []
+    rows = 0
+    for path in chosen:
+        found, n = _check_files(session, table, [path], _partition_name(table, path))
+        problems += found
+        rows += n
+    return problems, rows
+
+
+def _check_partitions(session: Session, table: LandingTable, chosen: list[Path]) -> tuple[list[str], int]:
+    """The contract checks on many Parquet partitions in a few statements, each problem still naming its file.
+
+    Checking partition by partition costs three statements per file (schema,
+    count, page scan), ~160 ms each night a year of daily partitions is new
+    (a first or a full night: 2 minutes at 200,000 customers). Here the
+    footers of every partition are read in one statement, partitions are
+    grouped by identical schema, and each group's types and pages are checked
+    in one statement over all of its files. A group with any problem, or that
+    cannot be read at all, is re-checked file by file to say which file.
+    """
+    listing = "[" + ", ".join(quote_literal(p) for p in chosen) + "]"
+    try:
+        footers = session.rows(
+            f"select file_name, list(struct_pack(name, type, logical_type, duckdb_type) order by column_id) "
+            f"from parquet_schema({listing}) group by file_name")
+        counts = dict(session.rows(f"select file_name, num_rows from parquet_file_metadata({listing})"))
+    except EngineError:  # some footer is unreadable: find which, one file at a time
+        return _check_each_partition(session, table, chosen)
+    schema_of = {name: repr(schema) for name, schema in footers}
+    groups: dict[str, list[Path]] = {}
+    for path in chosen:
+        groups.setdefault(schema_of.get(str(path), ""), []).append(path)
+    problems: list[str] = []
+    rows = 0
+    for files in groups.values():
+        found, n = _check_files(session, table, files, _partition_name(table, files[0]))
+        if len(files) > 1 and (found or any(not counts.get(str(p)) for p in files)):
+            found, n = _check_each_partition(session, table, files)  # name the file(s) at fault
+        problems += found
+        rows += n
+    return problems, rows
 
 
 def _check_keys(session: Session, table: LandingTable, every: list[Path], tonight: list[Path]) -> list[str]:
