@@ -142,30 +142,32 @@ class LandingTable:
             return [self.path]
         return sorted(p for p in self.folder.rglob(f"*.{self.file_format}") if p.is_file())
 
-    def relation(self, files: Iterable[Path] | None = None) -> str:
+    def relation(self, files: Iterable[Path] | None = None, with_file: bool = False) -> str:
         """DuckDB table function reading the table as it lands (CSV as text, like dbt's source).
 
         `files` narrows a partitioned table to those partitions (tonight's); hive
-        columns are never added, so every form has the contract's columns only.
+        columns are never added, so every form has the contract's columns only
+        (and, `with_file`, a `filename` column: the path each row was read from).
         """
         chosen = list(files) if files is not None else self.files()
         if not chosen:  # nothing new tonight: the table's columns, no rows (footers only are read)
-            return f"(select * from {self.relation()} limit 0)"
+            return f"(select * from {self.relation(with_file=with_file)} limit 0)"
         target = (quote_literal(chosen[0]) if not self.partitioned and len(chosen) == 1
                   else "[" + ", ".join(quote_literal(p) for p in chosen) + "]")
+        named = ", filename = true" if with_file else ""
         if self.file_format == "csv":
-            return f"read_csv({target}, header = true, all_varchar = true)"
+            return f"read_csv({target}, header = true, all_varchar = true{named})"
         extra = ", hive_partitioning = false" if self.partitioned else ""
-        return f"read_parquet({target}{extra})"
+        return f"read_parquet({target}{extra}{named})"
 
-    def typed_relation(self, files: Iterable[Path] | None = None) -> str:
+    def typed_relation(self, files: Iterable[Path] | None = None, with_file: bool = False) -> str:
         """The table with every declared column cast to its declared type (blank text -> NULL)."""
-        parts = []
+        parts = ["filename"] if with_file else []
         for column, dtype in self.columns.items():
             quoted = quote(column)
             value = f"nullif(trim({quoted}), '')" if self.file_format == "csv" else quoted
             parts.append(f"try_cast({value} as {dtype}) as {quoted}" if dtype else quoted)
-        return f"(select {', '.join(parts)} from {self.relation(files)})"
+        return f"(select {', '.join(parts)} from {self.relation(files, with_file)})"
 
 
 def source_files(config: ChurnConfig) -> list[Path]:
@@ -326,43 +328,42 @@ def _check_keys(session: Session, table: LandingTable, every: list[Path], tonigh
 
     Exact repeats are fine (staging deduplicates them), but on an incremental
     night staging's delete+insert would let a changed row under an old key
-    silently replace a fact stored snapshots were built on. Each new
-    partition's keys are compared with every other partition's by SQL over the
-    key columns only (a date key is narrowed to tonight's dates, so older files
-    are skipped by their statistics); rows are compared only for the keys found
-    in both. A full night needs no such check: it stages every partition and
-    dbt's unique tests on staging read the whole table.
+    silently replace a fact stored snapshots were built on. One statement over
+    the key columns of every partition finds the keys that land more than once
+    with a row tonight (a date key is narrowed to tonight's dates, so older
+    files are skipped by their statistics); only for those are whole rows
+    hashed, and a key told two ways is reported per tonight's partition. A
+    full night needs no such check: it stages every partition and dbt's unique
+    tests on staging read the whole table.
     """
     keys = column_list(table.key)
     hashed = f"hash({column_list(table.columns)})"
     shown = "concat_ws(', ', " + ", ".join(f"{quote(c)}::varchar" for c in table.key) + ")"
-    problems = []
-    for path in tonight:
-        others = [p for p in every if p != path]
-        night = table.typed_relation([path])
-        dates = [c for c in table.key if table.columns.get(c) in ("date", "timestamp")]
-        narrow = " and ".join(
-            f"{quote(c)} between (select min({quote(c)}) from {night}) and (select max({quote(c)}) from {night})"
-            for c in dates) or "true"
-        earlier = table.typed_relation(others) if others else f"(select * from {night} limit 0)"
-        clash = (f"(select {keys} from {night} group by {keys} having count(distinct {hashed}) > 1 "
-                 f"union select {keys} from (select {keys} from {night} intersect "
-                 f"select {keys} from {earlier} where {narrow}))")
-        candidates = session.scalar(f"select count(*) from {clash}")
-        if not candidates:
-            continue
-        rows, bad, example = session.one(
-            f"with n as (select *, {hashed} as h from {night}), "
-            f"c as {clash}, e as (select *, {hashed} as h from {earlier} semi join c using ({keys})), "
-            f"differs as (select {keys} from n group by {keys} having count(distinct h) > 1 "
-            f"union select {keys} from n join e using ({keys}) where n.h <> e.h) "
-            f"select (select count(*) from n), count(*), any_value({shown}) from n semi join differs using ({keys})")
-        if bad:
-            problems.append(
-                f"{table.name}/{path.relative_to(table.folder)}: column(s) {', '.join(table.key)}: {bad:,d} of "
-                f"{rows:,d} rows reuse a key of another row with different values (e.g. {example}); a correction "
-                f"of an earlier day belongs in a rewrite of its partition (the nightly then refreshes in full)")
-    return problems
+    night = table.typed_relation(tonight)
+    landed_tonight = "filename in (" + ", ".join(quote_literal(p) for p in tonight) + ")"
+    dates = [c for c in table.key if table.columns.get(c) in ("date", "timestamp")]
+    narrow = " and ".join(
+        f"{quote(c)} between (select min({quote(c)}) from {night}) and (select max({quote(c)}) from {night})"
+        for c in dates) or "true"
+    landed = f"(select * from {table.typed_relation(every, with_file=True)} where {narrow})"
+    repeated = (f"(select {keys} from {landed} group by {keys} "
+                f"having count(*) > 1 and bool_or({landed_tonight}))")
+    if not session.scalar(f"select count(*) from {repeated}"):
+        return []
+    found = session.rows(
+        f"with landed as (select *, {hashed} as h from {landed} semi join {repeated} using ({keys})), "
+        f"differs as (select {keys} from landed group by {keys} having count(distinct h) > 1) "
+        f"select filename, count(*), any_value({shown}) from landed semi join differs using ({keys}) "
+        f"where {landed_tonight} group by filename order by filename")
+    if not found:
+        return []
+    rows = dict(session.rows(
+        f"select filename, count(*) from {table.relation([Path(f) for f, _, _ in found], with_file=True)} "
+        "group by filename"))
+    return [f"{table.name}/{Path(name).relative_to(table.folder)}: column(s) {', '.join(table.key)}: {bad:,d} of "
+            f"{rows[name]:,d} rows reuse a key of another row with different values (e.g. {example}); a correction "
+            f"of an earlier day belongs in a rewrite of its partition (the nightly then refreshes in full)"
+            for name, bad, example in found]
 
 
 def _check_files(session: Session, table: LandingTable, files: list[Path] | None, name: str) -> tuple[list[str], int]:
