@@ -17,7 +17,16 @@ from ml.config import ChurnConfig
 from ml.features.contract import FeatureContract, load_contract
 from ml.features.dbt import dbt_target_path
 from ml.features.night import MartBefore, record_mart_build
-from ml.reports.profile import PLOTS, PROFILE_SNAPSHOTS, TABLES, ProfileError, profile, stored_snapshot_stats
+from ml.reports.profile import (
+    PLOTS,
+    PROFILE_SNAPSHOTS,
+    TABLES,
+    ProfileError,
+    numeric_summary,
+    order_statistics_source,
+    profile,
+    stored_snapshot_stats,
+)
 from ml.warehouse import connect
 from tests.conftest import REPO_ROOT, copy_warehouse
 
@@ -113,6 +122,30 @@ def test_outliers_follow_the_iqr_rule_on_the_full_mart(profiled) -> None:
             assert (row[4], row[5]) == (pytest.approx(values.min()), pytest.approx(values.max())), feature
             checked += row[2] + row[3] > 0
     assert checked > 0, "no numeric feature of the demo mart has outliers: the check would be vacuous"
+
+
+def test_a_long_history_reads_quantiles_from_a_seeded_sample_and_counts_from_every_row(profiled) -> None:
+    """Past the bound, quantiles come from the same sample on every run; counts and means stay exact."""
+    config, _ = profiled
+    contract = _contract(config)
+    mart = contract.model
+    feature = contract.numeric[0]
+    with connect(config.warehouse.build_db, read_only=True) as con:
+        total = con.scalar(f'select count(*) from "{mart}"')
+        ordered, rows = order_statistics_source(con, mart, contract, seed=7, rows=total // 10)
+        assert ordered != f'"{mart}"' and 0.7 * total // 10 < rows < 1.3 * total // 10
+        assert order_statistics_source(con, mart, contract, seed=7, rows=total // 10) == (ordered, rows)
+        assert order_statistics_source(con, mart, contract, seed=7, rows=total) == (f'"{mart}"', total)
+        sampled = np.array([r[0] for r in con.rows(
+            f'select cast("{feature}" as double) from {ordered} where "{feature}" is not null')])
+        every = np.array([r[0] for r in con.rows(
+            f'select cast("{feature}" as double) from "{mart}" where "{feature}" is not null')])
+        summary = numeric_summary(con, mart, contract, ordered).set_index("column_name").loc[feature]
+    assert summary["p25"] == pytest.approx(np.quantile(sampled, 0.25))
+    assert summary["p99"] == pytest.approx(np.quantile(sampled, 0.99))
+    assert summary["mean"] == pytest.approx(every.mean()) and summary["max_value"] == pytest.approx(every.max())
+    fences = (summary["low_fence"], summary["high_fence"])
+    assert summary["outliers_high"] == int((every > fences[1]).sum())  # outliers counted on every row
 
 
 def test_distributions_by_label_and_correlations(profiled) -> None:
