@@ -168,6 +168,18 @@ def test_a_key_relanded_with_other_values_is_caught_across_partitions(tiny: Chur
 # --- dbt tests on tonight's rows --------------------------------------------------
 
 
+def test_a_duplicate_key_landed_tonight_fails_the_narrowed_key_test(tiny: ChurnConfig) -> None:
+    """The usage key test reads only tonight's dates, and still catches a key staged twice tonight."""
+    build_warehouse(tiny, as_of="2024-06-20")
+    added = {a.table: a for a in append_days(tiny.dataset.landing_dir)}
+    # plant: tonight's partition tells one (customer, day) twice with different minutes (staging keeps both)
+    replace_file(added["usage_events"].path, "select * from t union all "
+                                             "(select * replace (minutes + 1 as minutes) from t order by all limit 1)")
+    night = (added["usage_events"].day + dt.timedelta(days=1)).isoformat()
+    with pytest.raises(DbtError, match=r"unique_combination_of_columns_stg_saas__usage_events.*failures: 1"):
+        build_warehouse(tiny, as_of=night)
+
+
 def test_row_wise_dbt_tests_read_tonights_rows_and_a_full_refresh_reads_all(tiny: ChurnConfig) -> None:
     build_warehouse(tiny, as_of="2024-06-20")
     # an old invoice gone negative, stored and in its landing partition: an incremental night keeps it unread
@@ -190,5 +202,9 @@ def test_row_wise_dbt_tests_read_tonights_rows_and_a_full_refresh_reads_all(tiny
     assert verdicts["accepted_range_stg_saas__payments_amount__0"] == "pass"
     assert verdicts["unique_stg_saas__payments_payment_id"] == "pass"  # table-level: read whole, as always
     assert stored_bad > 0
+    compiled = {r["unique_id"].split(".")[2]: r.get("compiled_code") or "" for r in results}
+    usage_key = next(k for k in compiled if k.startswith("unique_combination_of_columns_stg_saas__usage_events"))
+    assert "usage_date >= cast(" in compiled[usage_key]  # its key holds the date: tonight's rows suffice
+    assert ">= cast(" not in compiled["unique_stg_saas__payments_payment_id"]
     with pytest.raises(DbtError, match=rf"accepted_range_stg_saas__payments_amount.*failures: {stored_bad}"):
         build_warehouse(tiny, as_of=night, full_refresh=True)
