@@ -66,7 +66,7 @@ def duckdb_training_rows(config: ChurnConfig) -> pd.DataFrame:
 def test_ml_session_settings_are_the_dbt_spark_targets(tmp_path: Path, small_config: ChurnConfig) -> None:
     """profiles.yml's spark target, rendered with dbt_env's variables, sets exactly target_conf."""
     env = dbt_env(tmp_path, small_config.spark)
-    rendered = ENV_VAR.sub(lambda m: env[m.group(1)], PROFILES.read_text())
+    rendered = ENV_VAR.sub(lambda m: env.get(m.group(1), m.group(0)), PROFILES.read_text())
     spark_target = yaml.safe_load(rendered)["churn"]["outputs"]["spark"]
     assert spark_target["method"] == "session" and spark_target["schema"] == SCHEMA
     assert spark_target["server_side_parameters"] == target_conf(tmp_path, small_config.spark)
@@ -114,11 +114,11 @@ def scored(trained_warehouse: ChurnConfig, tmp_path_factory: pytest.TempPathFact
 def spark(scored, tmp_path_factory: pytest.TempPathFactory):
     """The module's one Spark session, holding the DuckDB mart as table churn.<mart> in 4 files."""
     pytest.importorskip("pyspark", reason="needs the .[spark] extra (make test-spark)")
-    from ml.warehouse.spark import spark_session
+    from ml.warehouse.spark import spark_folder, spark_session
 
     config = scored[0]
-    folder = tmp_path_factory.mktemp("spark_ml")
-    export = folder / "mart.parquet"
+    folder = spark_folder(config)  # inside the test's private warehouse: its own Derby and tables
+    export = tmp_path_factory.mktemp("export") / "mart.parquet"
     with connect(config.warehouse.build_db, read_only=True) as session:
         session.execute(f"copy {config.dataset.feature_mart} to '{export}' (format parquet)")
     with spark_session(folder, config.spark) as warehouse:

@@ -237,7 +237,7 @@ class SparkWarehouse:
         return row[0] if row else None
 
     def exists(self, table: str | TableSpec) -> bool:
-        return bool(self._sql.catalog.tableExists(_name(table), SCHEMA))
+        return bool(self._sql.catalog.tableExists(f"{SCHEMA}.{spark_quote(_name(table))}"))
 
     def columns(self, table: str | TableSpec) -> dict[str, str]:
         """Column name -> type in DuckDB's spelling, in table order; empty when the table is absent."""
