@@ -121,10 +121,13 @@ def spark(scored, tmp_path_factory: pytest.TempPathFactory):
     export = tmp_path_factory.mktemp("export") / "mart.parquet"
     with connect(config.warehouse.build_db, read_only=True) as session:
         session.execute(f"copy {config.dataset.feature_mart} to '{export}' (format parquet)")
-    with spark_session(folder, config.spark) as warehouse:
-        (warehouse.spark.read.parquet(str(export)).repartition(4)
-         .write.saveAsTable(f"{SCHEMA}.{config.dataset.feature_mart}"))
-        yield warehouse
+    with pytest.MonkeyPatch.context() as env:
+        # the factory must point the workers at this interpreter itself (make test-spark sets it for dbt)
+        env.delenv("PYSPARK_PYTHON", raising=False)
+        with spark_session(folder, config.spark) as warehouse:
+            (warehouse.spark.read.parquet(str(export)).repartition(4)
+             .write.saveAsTable(f"{SCHEMA}.{config.dataset.feature_mart}"))
+            yield warehouse
 
 
 @pytest.mark.spark

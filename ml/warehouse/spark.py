@@ -30,6 +30,7 @@ datetime64[us], decimals as float64), so a stage sees the same dtypes on both.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -99,12 +100,15 @@ def session_conf(folder: Path, settings: SparkConfig) -> dict[str, str]:
     """The dbt target's settings plus what the ML layer's Python workers need."""
     return {
         **target_conf(folder, settings),
-        # Workers run this interpreter and import this checkout's `ml` (on a cluster: ship the environment).
+        # Workers run this interpreter (spark-submit reads this; start_spark sets PYSPARK_PYTHON too)
+        # and import this checkout's `ml`. On a cluster: ship the environment.
         "spark.pyspark.python": sys.executable,
         "spark.executorEnv.PYTHONPATH": str(Path(ml.__file__).resolve().parent.parent),
         "spark.sql.execution.arrow.pyspark.enabled": "true",
         # a silent fallback to row-by-row conversion would also change dtypes
         "spark.sql.execution.arrow.pyspark.fallback.enabled": "false",
+        # the console progress bar would interleave with the nightly's log lines
+        "spark.ui.showConsoleProgress": "false",
     }
 
 
@@ -133,6 +137,9 @@ def start_spark(folder: Path, settings: SparkConfig) -> SparkSession:
     if running is not None:
         check_folder(running, folder)
     (folder / "derby").mkdir(parents=True, exist_ok=True)
+    # pyspark's driver reads the workers' interpreter from the environment only (spark.pyspark.python
+    # serves spark-submit); without it workers run the system python3, which has no pandas.
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     builder = SparkSession.builder.appName("churn-ml").enableHiveSupport()
     for key, value in session_conf(folder, settings).items():
         builder = builder.config(key, value)
