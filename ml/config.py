@@ -142,6 +142,19 @@ class WarehouseConfig:
 
 
 @dataclass(frozen=True)
+class SparkConfig:
+    """Spark local mode for the ML layer (ml.warehouse.spark), set like dbt's `spark` target.
+
+    The table and metastore folders are not set here: they live in each
+    dataset's `<warehouse_dir>/spark`, like its dbt_target, so datasets never share them.
+    """
+
+    master: str              # local[N]: driver and executors in one JVM (what CI proves)
+    shuffle_partitions: int  # spark.sql.shuffle.partitions; Spark's 200 is far too many for one machine
+    driver_memory: str       # spark.driver.memory (JVM heap), e.g. 2g; read once, when the JVM starts
+
+
+@dataclass(frozen=True)
 class GeneratorConfig:
     customers: int
     start_date: dt.date
@@ -337,6 +350,7 @@ class ChurnConfig:
     serving: ServingConfig
     operating_point: OperatingPointConfig
     promotion: PromotionConfig
+    spark: SparkConfig
     raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
     # The file's own problem, training and warehouse sections, before the dataset's
     # overrides and folder were applied (what `with_dataset` starts from).
@@ -440,6 +454,9 @@ def _one_of(*choices: str) -> Allowed:
 
 SHARE = _between(0, 1, low_open=True)
 MEMORY_PATTERN = re.compile(r"^\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$", re.IGNORECASE)
+# JVM sizes as spark.driver.memory takes them: a whole number and a unit (k, m, g, t).
+JVM_MEMORY_PATTERN = re.compile(r"^[1-9]\d*[kmgt]$")
+SPARK_MASTER_PATTERN = re.compile(r"^local(\[(\*|[1-9]\d*)\])?$")
 EVERY_PATTERN = re.compile(r"^\s*[1-9]\d*\s*[dwm]\s*$")
 
 # Ranges of the settings whose type alone admits nonsense ("section.key" -> rule).
@@ -489,6 +506,9 @@ RANGES: dict[str, Allowed] = {
     "datasets.cost_wasted_offer": Allowed(lambda v: v is None or v > 0, "> 0 (or null)"),
     "quality.row_count_tolerance": _at_least(0),
     "quality.chunk_rows": _at_least(1000),
+    "spark.master": Allowed(lambda v: bool(SPARK_MASTER_PATTERN.match(v)), "local, local[N] or local[*]"),
+    "spark.shuffle_partitions": _at_least(1),
+    "spark.driver_memory": Allowed(lambda v: bool(JVM_MEMORY_PATTERN.match(v)), "a JVM size such as 2g or 512m"),
 }
 
 
@@ -879,6 +899,10 @@ def _promotion(raw: dict[str, Any], source: Path) -> PromotionConfig:
     return _build(PromotionConfig, _section(raw, "promotion", source), "promotion", source)
 
 
+def _spark(raw: dict[str, Any], source: Path) -> SparkConfig:
+    return _build(SparkConfig, _section(raw, "spark", source), "spark", source)
+
+
 def _assemble(raw: dict[str, Any], source: Path, dataset: str | None) -> ChurnConfig:
     """Build and check every section, in file order so the first problem is reported first."""
     problem = _problem(raw, source)
@@ -903,6 +927,7 @@ def _assemble(raw: dict[str, Any], source: Path, dataset: str | None) -> ChurnCo
         serving=_serving(raw, source),
         operating_point=_operating_point(raw, source),
         promotion=_promotion(raw, source),
+        spark=_spark(raw, source),
         raw=raw,
     )
 

@@ -130,6 +130,9 @@ BAD_VALUES = [
     ("warehouse", "threads", 0, "allowed: >= 1"),
     ("warehouse", "build_db", 5, "expected a path"),
     ("datasets", "generate_if_empty", "yes", "expected true or false"),
+    ("spark", "master", "yarn", "allowed: local, local"),
+    ("spark", "shuffle_partitions", 0, "allowed: >= 1"),
+    ("spark", "driver_memory", "2GB", "allowed: a JVM size such as 2g"),
 ]
 
 

@@ -21,6 +21,15 @@ from ml.features.contract import ContractError, FeatureContract, load_contract
 from ml.features.dbt import dbt_target_path
 from ml.logs import get_logger
 from ml.warehouse import Session, column_list, is_numeric_type, quote
+from ml.warehouse.spark import SparkWarehouse
+
+# What the engine-independent reads below accept: a DuckDB session or Spark's read-only one.
+Reads = Session | SparkWarehouse
+
+# The capped training sample compares a hex prefix of md5(key || ':' || seed) with a cut: md5,
+# substr, || and string comparison compute the same on DuckDB and Spark (hash() differs by
+# engine), so both select the same customers. 8 hex digits: shares in steps of 2^-32.
+SAMPLE_HEX_DIGITS = 8
 
 log = get_logger("mart")
 
@@ -39,7 +48,7 @@ def current_contract(config: ChurnConfig) -> FeatureContract:
 
 
 def mart_columns(
-    session: Session, config: ChurnConfig, contract: FeatureContract,
+    session: Reads, config: ChurnConfig, contract: FeatureContract,
     require_label: bool = False, numeric_label: bool = False,
 ) -> dict[str, str]:
     """The mart's column types, after refusing a mart that is absent or lacks contract columns.
@@ -98,14 +107,27 @@ def _labelled_select(config: ChurnConfig, contract: FeatureContract) -> str:
             f"where {quote(contract.label)} is not null")
 
 
-def load_training_rows(session: Session, config: ChurnConfig, contract: FeatureContract) -> pd.DataFrame:
+def sample_cut(share: float) -> str:
+    """The hex prefix below which about `share` of md5 digests fall."""
+    buckets = 16 ** SAMPLE_HEX_DIGITS
+    return f"{min(max(int(share * buckets), 0), buckets - 1):0{SAMPLE_HEX_DIGITS}x}"
+
+
+def sample_predicate(key: str, seed: int, share: float) -> str:
+    """SQL true for about `share` of the keys: the same keys on DuckDB and Spark, run after run."""
+    digest = f"md5(cast({quote(key)} as string) || ':{int(seed)}')"
+    return f"substr({digest}, 1, {SAMPLE_HEX_DIGITS}) < '{sample_cut(share)}'"
+
+
+def load_training_rows(session: Reads, config: ChurnConfig, contract: FeatureContract) -> pd.DataFrame:
     """Labelled mart rows, capped at about training.max_training_rows.
 
-    Above the cap a seeded hash of the customer key picks a share of customers
+    Above the cap a seeded md5 of the customer key picks a share of customers
     with all their snapshots: every as_of_date stays represented (the
     out-of-time split needs the newest ones, the model the older ones) and a
     customer is never split, which grouped cross-validation relies on. Keeping
-    the newest rows instead would shrink to a single snapshot at scale.
+    the newest rows instead would shrink to a single snapshot at scale. The
+    SQL is the same on DuckDB and Spark, and so are the rows it returns.
     """
     mart_columns(session, config, contract, require_label=True)
     mart = config.dataset.feature_mart
@@ -114,11 +136,10 @@ def load_training_rows(session: Session, config: ChurnConfig, contract: FeatureC
     total = session.scalar(f"select count(*) from {quote(mart)} where {labelled}")
     sample = ""
     if total > cap:
-        per_million = int(1_000_000 * cap / total)
-        sample = (f"and hash({quote(contract.key)}::varchar || ':{int(config.training.random_state)}') "
-                  f"% 1000000 < {per_million}")
+        share = cap / total
+        sample = f"and {sample_predicate(contract.key, config.training.random_state, share)}"
         log.info("%s has %d labelled rows, above training.max_training_rows=%d: "
-                 "training on %.1f%% of customers, all snapshots", mart, total, cap, per_million / 1e4)
+                 "training on %.1f%% of customers, all snapshots", mart, total, cap, 100 * share)
     frame = session.frame(
         f"{_labelled_select(config, contract)} {sample} order by {quote(contract.as_of)} desc, {quote(contract.key)}"
     )
@@ -188,7 +209,7 @@ def load_evaluation_rows(
     return frame
 
 
-def latest_snapshot_date(session: Session, config: ChurnConfig, contract: FeatureContract) -> dt.date | None:
+def latest_snapshot_date(session: Reads, config: ChurnConfig, contract: FeatureContract) -> dt.date | None:
     """The mart's newest as_of_date (tonight's scoring snapshot), or None for an empty mart."""
     value = session.scalar(f"select max({quote(contract.as_of)}) from {quote(config.dataset.feature_mart)}")
     return None if value is None else pd.Timestamp(value).date()
@@ -207,19 +228,22 @@ def snapshot_rows(
     )
 
 
+def snapshot_select(config: ChurnConfig, contract: FeatureContract) -> str:
+    """Key, as_of and features of the snapshot given as the one parameter: what scoring reads, on either engine."""
+    columns = [contract.key, contract.as_of, *contract.feature_names]
+    return (f"select {column_list(columns)} from {quote(config.dataset.feature_mart)} "
+            f"where {quote(contract.as_of)} = ?")
+
+
 def snapshot_chunks(
     session: Session, config: ChurnConfig, contract: FeatureContract, as_of_date: dt.date, chunk_rows: int,
 ):
     """One snapshot's key, as_of and features in chunks ordered by key (bounded memory for scoring)."""
-    columns = [contract.key, contract.as_of, *contract.feature_names]
-    return session.chunks(
-        f"select {column_list(columns)} from {quote(config.dataset.feature_mart)} "
-        f"where {quote(contract.as_of)} = ? order by {quote(contract.key)}",
-        [as_of_date], chunk_rows,
-    )
+    return session.chunks(f"{snapshot_select(config, contract)} order by {quote(contract.key)}",
+                          [as_of_date], chunk_rows)
 
 
-def snapshot_size(session: Session, config: ChurnConfig, contract: FeatureContract, as_of_date: dt.date) -> int:
+def snapshot_size(session: Reads, config: ChurnConfig, contract: FeatureContract, as_of_date: dt.date) -> int:
     return int(session.scalar(
         f"select count(*) from {quote(config.dataset.feature_mart)} where {quote(contract.as_of)} = ?", [as_of_date]
     ))

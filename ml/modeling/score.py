@@ -43,7 +43,8 @@ log = get_logger("score")
 
 __all__ = ["HISTORY_SPEC", "HISTORY_TABLE", "SCORES_SPEC", "SCORES_TABLE", "ScoreError", "ScoreResult",
            "ScoresSummary", "check_mart", "history_by_snapshot", "latest_scores_summary", "published_scores",
-           "risk_bands", "score", "score_frame", "scored_dates", "scored_rows", "scored_snapshots", "tonight_scores"]
+           "risk_bands", "score", "score_frame", "scored_dates", "scored_reason_columns", "scored_rows",
+           "scored_snapshots", "scores_layout", "tonight_scores"]
 
 # Columns after the contract's key and as_of; reason_<i> / reason_<i>_contribution
 # (scoring.top_reasons of them) sit between rank and model_version.
@@ -208,9 +209,18 @@ def score_frame(
                          typical_values(model) if typical is None else typical)
     if not explained.all():
         reasons, texts = _all_rows(reasons, frame.index), _all_rows(texts, frame.index)
-    ordered = [c for i in range(1, n_reasons + 1)
-               for c in (f"reason_{i}", f"reason_{i}_contribution", f"reason_{i}_text")]
-    return pd.concat([out, reasons, texts], axis=1)[[*out.columns, *ordered]]
+    return pd.concat([out, reasons, texts], axis=1)[[*out.columns, *scored_reason_columns(n_reasons)]]
+
+
+def scored_reason_columns(n_reasons: int) -> list[str]:
+    """reason_<i>, reason_<i>_contribution, reason_<i>_text for each reason, in table order."""
+    return [c for i in range(1, n_reasons + 1) for c in (f"reason_{i}", f"reason_{i}_contribution", f"reason_{i}_text")]
+
+
+def scores_layout(contract: FeatureContract, reason_columns: list[str]) -> list[str]:
+    """churn_scores' columns in table order (whichever engine scored)."""
+    layout = [contract.key, contract.as_of, PROBABILITY_COLUMN, DECISION_COLUMN, "risk_band", "rank"]
+    return [*layout, *reason_columns, "contribution_unit", "model_version", "scored_at", "run_id"]
 
 
 def _all_rows(explained: pd.DataFrame, index: pd.Index) -> pd.DataFrame:
@@ -298,9 +308,7 @@ def _ranked_layout(scores: pd.DataFrame, config: ChurnConfig, contract: FeatureC
     out["model_version"] = version
     out["scored_at"] = pd.Timestamp(dt.datetime.now())
     out["run_id"] = run_id
-    layout = [contract.key, contract.as_of, PROBABILITY_COLUMN, DECISION_COLUMN, "risk_band", "rank"]
-    reasons = [c for c in out.columns if c.startswith("reason_")]
-    return out[[*layout, *reasons, "contribution_unit", "model_version", "scored_at", "run_id"]]
+    return out[scores_layout(contract, [c for c in out.columns if c.startswith("reason_")])]
 
 
 def write_scores(session: Session, scores: pd.DataFrame, as_of_column: str, as_of_type: str,
