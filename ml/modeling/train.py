@@ -884,7 +884,8 @@ class FittedModel:
 
 def fit_model(config: ChurnConfig, run_id: str, data: TrainingData) -> FittedModel:
     """Search, select, calibrate, refit and evaluate: everything but recording (benchmarks use it alone)."""
-    matrix = training_matrix(config, data)
+    with timed(f"features, search sample and folds of {len(data.train_frame)} training rows", log):
+        matrix = training_matrix(config, data)
     selection = select_candidate(config, data.contract, matrix)
     calibration = calibrate(config, run_id, selection, matrix)
     model = refit(config, data.contract, selection, calibration, matrix)
