@@ -187,6 +187,11 @@ class TrainingConfig:
     calibration: str
     random_state: int
     max_training_rows: int
+    # Above this many training rows the candidate search (CV, halving, calibration) runs on a
+    # seeded sample of whole customers of at most this many rows; only the winner sees them all.
+    search_rows: int
+    early_stopping_rounds: int | None  # boosting stops after this many rounds without gain (null: never)
+    importance_rows: int  # permutation importance on a seeded sample of at most this many held-out rows
     cost_missed_churner: float | None
     cost_wasted_offer: float | None
 
@@ -478,6 +483,9 @@ RANGES: dict[str, Allowed] = {
     "training.calibration": _one_of("isotonic", "sigmoid"),
     "training.random_state": _at_least(0),
     "training.max_training_rows": _at_least(1),
+    "training.search_rows": _at_least(1000),
+    "training.early_stopping_rounds": _at_least(1, ">= 1 (or null)"),
+    "training.importance_rows": _at_least(100),
     "training.cost_missed_churner": Allowed(lambda v: v is None or v > 0, "> 0 (or null)"),
     "training.cost_wasted_offer": Allowed(lambda v: v is None or v > 0, "> 0 (or null)"),
     "scoring.top_reasons": _between(1, 50),

@@ -89,6 +89,9 @@ HALVING_FACTOR = 3  # successive halving keeps the best third of the draws after
 SPLIT_TRAIN, SPLIT_TEST = "train", "test"  # the values a contract's `split` column may hold
 PERMUTATION_REPEATS = 3
 SCORERS = {"pr_auc": "average_precision", "roc_auc": "roc_auc"}
+# XGBoost's own name of each selection metric: early stopping watches what selection judges.
+XGB_METRICS = {"pr_auc": "aucpr", "roc_auc": "auc"}
+STOPPING_SHARE = 0.2  # customers of a fold's training part set aside for boosting's early stopping
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,15 @@ class SearchResult:
     configs_tried: int
     seconds: float
     all_configs: list[dict[str, Any]] = field(default_factory=list)
+    # Boosting rounds early stopping kept on each of the winner's folds (empty without early stopping).
+    fold_rounds: list[int] = field(default_factory=list)
+
+    @property
+    def refit_params(self) -> dict[str, Any]:
+        """The winner's parameters for the refit: with early stopping, the rounds CV found replace the bound."""
+        if not self.fold_rounds:
+            return dict(self.params)
+        return {**self.params, "n_estimators": int(round(float(np.mean(self.fold_rounds))))}
 
     @property
     def score(self) -> CandidateScore:
@@ -212,6 +224,41 @@ def cv_folds(y: np.ndarray, groups: np.ndarray, n_folds: int, random_state: int)
     return list(splitter.split(np.zeros(len(y)), y, groups))
 
 
+def customer_sample(groups: np.ndarray, max_rows: int, random_state: int) -> np.ndarray:
+    """Positions of the rows of a seeded share of customers, each with all its rows, at most `max_rows` in all.
+
+    Customers are ranked by a seeded hash of their key, so a customer's place does
+    not depend on who else is in the table (mostly the same customers night after
+    night), and taken while their rows fit. Whole customers keep grouped CV honest.
+    """
+    if len(groups) <= max_rows:
+        return np.arange(len(groups))
+    codes, customers = pd.factorize(groups)
+    seed = hashlib.sha256(f"search:{random_state}".encode()).hexdigest()[:16]
+    rank = np.argsort(pd.util.hash_array(np.asarray(customers.astype(str), dtype=object), hash_key=seed),
+                      kind="stable")
+    fits = np.cumsum(np.bincount(codes)[rank]) <= max_rows
+    return np.flatnonzero(np.isin(codes, rank[fits]))
+
+
+def stopping_split(fit_idx: np.ndarray, y: np.ndarray, groups: np.ndarray,
+                   random_state: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """A fold's training rows split by customer into rows boosting fits on and rows early stopping watches.
+
+    The watched customers come from the fold's training part, never its validation
+    part: the fold's score then judges a model whose size was not tuned on it.
+    None when the watched rows would hold a single class (nothing to stop on).
+    """
+    customers = np.unique(groups[fit_idx])
+    rng = np.random.default_rng(random_state)
+    watched = rng.choice(customers, size=max(1, int(round(STOPPING_SHARE * len(customers)))), replace=False)
+    is_watched = np.isin(groups[fit_idx], watched)
+    stop_idx = fit_idx[is_watched]
+    if len(np.unique(y[stop_idx])) < 2 or is_watched.all():
+        return None
+    return fit_idx[~is_watched], stop_idx
+
+
 # ---------------------------------------------------------------- candidates
 
 def make_pipeline(contract: FeatureContract, algorithm: str, params: dict[str, Any],
@@ -267,9 +314,26 @@ def _selection_value(metric: str, y: np.ndarray, scores: np.ndarray) -> float:
     return float(classification_metrics(y, scores, threshold=0.5)[metric])
 
 
+def fit_early_stopped(pipeline: Pipeline, X: pd.DataFrame, y: np.ndarray, fit_idx: np.ndarray,
+                      stop_idx: np.ndarray, rounds: int, metric: str) -> int:
+    """Fit preprocessing on the fit rows, then boosting until `rounds` rounds bring no gain on the stop rows.
+
+    The Pipeline does not pass an eval_set through its preprocessing, so the two
+    steps are fitted here in turn; the fitted Pipeline predicts with the best
+    round (XGBoost's default after early stopping). Returns the rounds kept.
+    """
+    preprocess = pipeline.named_steps["preprocess"].fit(X.iloc[fit_idx])
+    model = pipeline.named_steps["model"]
+    model.set_params(early_stopping_rounds=rounds, eval_metric=XGB_METRICS[metric])
+    model.fit(preprocess.transform(X.iloc[fit_idx]), y[fit_idx],
+              eval_set=[(preprocess.transform(X.iloc[stop_idx]), y[stop_idx])], verbose=False)
+    return int(model.best_iteration) + 1
+
+
 def search_algorithm(
     algorithm: str, contract: FeatureContract, X: pd.DataFrame, y: np.ndarray,
     folds: list[tuple[np.ndarray, np.ndarray]], config: ChurnConfig, scale_pos_weight: float,
+    stopping: list[tuple[np.ndarray, np.ndarray] | None] | None = None, table_rows: int | None = None,
 ) -> SearchResult:
     """Seeded random search for one algorithm; every config sees the same folds.
 
@@ -278,35 +342,52 @@ def search_algorithm(
     on to the next, and the survivors finish all folds. Three draws on three
     folds cost five fits instead of nine; the winner still has out-of-fold
     scores on every row, which calibration and the threshold need.
+
+    `stopping` (one split of each fold's training rows, see `stopping_split`)
+    lets boosting stop early; `n_estimators` is then only the upper bound. The
+    space follows the size of the whole table (`table_rows`), not of the
+    search's sample: the winner is refitted on the whole table.
     """
     metric = config.problem.selection_metric
-    space = search_space(config, algorithm, len(y))
-    configs = sample_configs(space, search_iterations(config, len(y)), config.training.random_state)
+    rows = len(y) if table_rows is None else table_rows
+    space = search_space(config, algorithm, rows)
+    configs = sample_configs(space, search_iterations(config, rows), config.training.random_state)
     halving = config.training.search_strategy == "halving"
+    early = config.training.early_stopping_rounds if algorithm == "xgboost" and stopping else None
     oof = [np.full(len(y), np.nan) for _ in configs]
     scores: list[list[float]] = [[] for _ in configs]
+    rounds: list[list[int]] = [[] for _ in configs]
     alive = list(range(len(configs)))
     start, fits = time.perf_counter(), 0
     for k, (fit_idx, val_idx) in enumerate(folds, 1):
         for i in alive:
             fold_start = time.perf_counter()
-            template = make_pipeline(contract, algorithm, configs[i], config.training.random_state, scale_pos_weight)
-            fitted = template.fit(X.iloc[fit_idx], y[fit_idx])
+            fitted = make_pipeline(contract, algorithm, configs[i], config.training.random_state, scale_pos_weight)
+            split = stopping[k - 1] if early is not None else None
+            if split is not None:
+                rounds[i].append(fit_early_stopped(fitted, X, y, *split, early, metric))
+            else:
+                fitted.fit(X.iloc[fit_idx], y[fit_idx])
+                if early is not None:  # this fold had nothing to stop on: every round was kept
+                    rounds[i].append(int(fitted.named_steps["model"].get_booster().num_boosted_rounds()))
             oof[i][val_idx] = fitted.predict_proba(X.iloc[val_idx])[:, 1]
             scores[i].append(_selection_value(metric, y[val_idx], oof[i][val_idx]))
             fits += 1
-            log.info("%s config %d/%d fold %d/%d: %s=%.4f (%.1fs)", algorithm, i + 1, len(configs), k,
-                     len(folds), metric, scores[i][-1], time.perf_counter() - fold_start)
+            log.info("%s config %d/%d fold %d/%d: %s=%.4f%s (%.1fs)", algorithm, i + 1, len(configs), k,
+                     len(folds), metric, scores[i][-1], f", {rounds[i][-1]} rounds" if rounds[i] else "",
+                     time.perf_counter() - fold_start)
         if halving and k < len(folds):
             keep = max(1, -(-len(alive) // HALVING_FACTOR))
             alive = sorted(alive, key=lambda i: -float(np.mean(scores[i])))[:keep]
     tried = [{"params": configs[i], "folds": len(scores[i]), "mean": float(np.mean(scores[i])),
-              "std": float(np.std(scores[i], ddof=1)) if len(scores[i]) > 1 else 0.0} for i in range(len(configs))]
+              "std": float(np.std(scores[i], ddof=1)) if len(scores[i]) > 1 else 0.0,
+              **({"rounds": rounds[i]} if rounds[i] else {})} for i in range(len(configs))]
     best = max(alive, key=lambda i: float(np.mean(scores[i])))
-    log.info("%s: %d configs, %d fits (%s); best %s mean %s=%.4f", algorithm, len(configs), fits,
-             config.training.search_strategy, configs[best], metric, tried[best]["mean"])
+    log.info("%s: %d configs, %d fits (%s); best %s mean %s=%.4f%s", algorithm, len(configs), fits,
+             config.training.search_strategy, configs[best], metric, tried[best]["mean"],
+             f", rounds per fold {rounds[best]}" if rounds[best] else "")
     return SearchResult(algorithm, configs[best], scores[best], oof[best], len(configs),
-                        time.perf_counter() - start, tried)
+                        time.perf_counter() - start, tried, rounds[best])
 
 
 def choose_threshold(config: ChurnConfig, y: np.ndarray, p: np.ndarray) -> ThresholdChoice:
@@ -321,7 +402,7 @@ def choose_threshold(config: ChurnConfig, y: np.ndarray, p: np.ndarray) -> Thres
 
 def feature_importances(model: ChurnModel, eval_frame: pd.DataFrame, config: ChurnConfig) -> pd.DataFrame:
     """Model-native importance (gain / |coef|) summed back to contract features,
-    plus permutation importance of the selection metric on the evaluation rows."""
+    plus permutation importance of the selection metric on (a seeded sample of) the evaluation rows."""
     sources = model.transformed_feature_sources()
     estimator = model.pipeline.named_steps["model"]
     if model.algorithm == "logistic_regression":
@@ -330,6 +411,12 @@ def feature_importances(model: ChurnModel, eval_frame: pd.DataFrame, config: Chu
         native_type, native = "gain", np.asarray(estimator.feature_importances_, dtype=float)
     parts = [_ranked(aggregate_importance(native, sources).reindex(model.contract.feature_names, fill_value=0.0),
                      native_type)]
+    rows = config.training.importance_rows
+    if len(eval_frame) > rows:
+        # A seeded sample: each of the (features x repeats) re-scorings reads only these rows.
+        log.info("permutation importance on %d of %d held-out rows (training.importance_rows)", rows,
+                 len(eval_frame))
+        eval_frame = eval_frame.sample(n=rows, random_state=config.training.random_state)
     y = eval_frame[model.contract.label].to_numpy(dtype=int)
     if 0 < y.sum() < len(y):
         result = permutation_importance(
@@ -461,13 +548,34 @@ class TrainingData:
 
 
 @dataclass(frozen=True)
-class TrainingMatrix:
-    """The training rows as the estimators see them, and the grouped CV folds over them."""
+class SearchRows:
+    """The training rows the candidate search runs on (all, or a sample of whole customers), with its folds.
 
+    CV, halving, calibration, the threshold and the stored out-of-fold
+    predictions all use these rows; only the chosen candidate's refit sees every
+    training row.
+    """
+
+    rows: np.ndarray  # positions into the training rows
     X: pd.DataFrame
     y: np.ndarray
     folds: list[tuple[np.ndarray, np.ndarray]]
+    # Per fold, its training rows split for boosting's early stopping (None: not split).
+    stopping: list[tuple[np.ndarray, np.ndarray] | None]
+
+
+@dataclass(frozen=True)
+class TrainingMatrix:
+    """The training rows as the estimators see them, and the rows and grouped CV folds of the search."""
+
+    X: pd.DataFrame
+    y: np.ndarray
+    search: SearchRows
     scale_pos_weight: float
+
+    @property
+    def folds(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        return self.search.folds
 
 
 @dataclass(frozen=True)
@@ -534,25 +642,48 @@ def split_training_data(config: ChurnConfig, contract: FeatureContract, frame: p
 
 
 def training_matrix(config: ChurnConfig, data: TrainingData) -> TrainingMatrix:
-    """Contract features, labels and grouped folds of the training rows; refuses a single class."""
-    contract = data.contract
+    """Contract features and labels of the training rows, and the search's rows and grouped folds.
+
+    Refuses a single class, in the training rows and in the search's sample.
+    """
+    contract, t = data.contract, config.training
     X = contract_feature_frame(contract, data.train_frame, f"feature mart {config.dataset.feature_mart!r}")
     y = data.train_frame[contract.label].to_numpy(dtype=int)
     positives = int(y.sum())
     if positives == 0 or positives == len(y):
         raise TrainingError(f"training rows of {config.dataset.feature_mart!r} hold a single class ({len(y)} rows)")
-    folds = cv_folds(y, data.train_frame[contract.key].to_numpy(), config.training.cv_folds,
-                     config.training.random_state)
-    return TrainingMatrix(X, y, folds, (len(y) - positives) / positives)
+    keys = data.train_frame[contract.key].to_numpy()
+    rows = customer_sample(keys, t.search_rows, t.random_state)
+    # Integer codes per customer: numpy's set operations on text keys (np.isin) took ~35 s at 100k rows.
+    groups = pd.factorize(keys)[0]
+    if len(rows) < len(y):
+        log.info("search on %d of %d training rows (%d of %d customers, training.search_rows=%d); "
+                 "the chosen candidate is refitted on all %d", len(rows), len(y), len(np.unique(groups[rows])),
+                 len(np.unique(groups)), t.search_rows, len(y))
+        if len(np.unique(y[rows])) < 2:
+            raise TrainingError(f"the search's sample of {len(rows)} training rows of "
+                                f"{config.dataset.feature_mart!r} holds a single class; raise training.search_rows")
+    sampled = len(rows) < len(y)
+    search_X = X.iloc[rows].reset_index(drop=True) if sampled else X
+    search_y, search_groups = y[rows], groups[rows]
+    folds = cv_folds(search_y, search_groups, t.cv_folds, t.random_state)
+    stopping = [stopping_split(fit_idx, search_y, search_groups, t.random_state + k)
+                if t.early_stopping_rounds is not None and "xgboost" in t.search_spaces else None
+                for k, (fit_idx, _) in enumerate(folds)]
+    return TrainingMatrix(X, y, SearchRows(rows, search_X, search_y, folds, stopping),
+                          (len(y) - positives) / positives)
 
 
 def select_candidate(config: ChurnConfig, contract: FeatureContract, matrix: TrainingMatrix) -> Selection:
     """Search every algorithm on the same folds and pick the simplest that is as good as the best."""
     searches: dict[str, SearchResult] = {}
+    search = matrix.search
     for algorithm in config.training.search_spaces:
-        with timed(f"candidate {algorithm} ({config.training.cv_folds}-fold grouped CV)", log):
-            searches[algorithm] = search_algorithm(algorithm, contract, matrix.X, matrix.y, matrix.folds, config,
-                                                   matrix.scale_pos_weight)
+        with timed(f"candidate {algorithm} ({config.training.cv_folds}-fold grouped CV on {len(search.y)} rows)",
+                   log):
+            searches[algorithm] = search_algorithm(algorithm, contract, search.X, search.y, search.folds, config,
+                                                   matrix.scale_pos_weight, stopping=search.stopping,
+                                                   table_rows=len(matrix.y))
     chosen = select_by_simplicity([s.score for s in searches.values()], tuple(searches))
     selection = Selection(searches, chosen)
     log.info("chosen %s %s: CV %s %.4f +- %.4f", selection.best.algorithm, selection.best.params,
@@ -567,8 +698,8 @@ def calibrate(config: ChurnConfig, run_id: str, selection: Selection, matrix: Tr
     for algorithm, search in selection.searches.items():
         chosen = algorithm == selection.best.algorithm
         base = {"run_id": run_id, "candidate": algorithm, "params": json.dumps(search.params), "chosen": chosen}
-        rows, candidate_calibrator, candidate_choice = candidate_metric_rows(search, matrix.y, matrix.folds,
-                                                                             config, base)
+        rows, candidate_calibrator, candidate_choice = candidate_metric_rows(search, matrix.search.y,
+                                                                             matrix.search.folds, config, base)
         metric_rows += rows
         if chosen:
             calibrator, choice = candidate_calibrator, candidate_choice
@@ -581,11 +712,12 @@ def refit(config: ChurnConfig, contract: FeatureContract, selection: Selection, 
           matrix: TrainingMatrix) -> ChurnModel:
     """The chosen configuration fitted on all training rows, with the out-of-fold calibrator and threshold."""
     best = selection.best
-    with timed(f"refit {best.algorithm} on {len(matrix.y)} rows", log):
-        pipeline = make_pipeline(contract, best.algorithm, best.params, config.training.random_state,
+    params = best.refit_params  # with early stopping: the rounds CV kept, not the search's upper bound
+    with timed(f"refit {best.algorithm} {params} on {len(matrix.y)} rows", log):
+        pipeline = make_pipeline(contract, best.algorithm, params, config.training.random_state,
                                  matrix.scale_pos_weight).fit(matrix.X, matrix.y)
     return ChurnModel(pipeline=pipeline, calibrator=calibration.calibrator, contract=contract,
-                      algorithm=best.algorithm, params=best.params, threshold=calibration.choice.threshold)
+                      algorithm=best.algorithm, params=params, threshold=calibration.choice.threshold)
 
 
 def evaluate_held_out(config: ChurnConfig, model: ChurnModel, data: TrainingData,
@@ -602,8 +734,8 @@ def evaluate_held_out(config: ChurnConfig, model: ChurnModel, data: TrainingData
     return HeldOutEvaluation(y, p, metrics, baseline)
 
 
-def stored_predictions(data: TrainingData, calibration: Calibration, selection: Selection,
-                       evaluation: HeldOutEvaluation) -> pd.DataFrame:
+def stored_predictions(data: TrainingData, matrix: TrainingMatrix, calibration: Calibration,
+                       selection: Selection, evaluation: HeldOutEvaluation) -> pd.DataFrame:
     """The calibrated out-of-fold predictions of the training rows and the held-out predictions, with labels.
 
     Stored with the model: the threshold is re-chosen on the out-of-fold rows
@@ -613,8 +745,9 @@ def stored_predictions(data: TrainingData, calibration: Calibration, selection: 
     """
     c = data.contract
     oof = calibration.calibrator.predict(selection.best.oof_raw)
+    searched = data.train_frame.iloc[matrix.search.rows]  # out-of-fold scores exist for the search's rows
     parts = []
-    for split, frame, p in ((SPLIT_OUT_OF_FOLD, data.train_frame, oof),
+    for split, frame, p in ((SPLIT_OUT_OF_FOLD, searched, oof),
                             (SPLIT_OUT_OF_TIME, data.eval_frame, evaluation.p)):
         parts.append(pd.DataFrame({
             "split": split, "key": frame[c.key].to_numpy(),
@@ -650,7 +783,9 @@ def model_metadata(config: ChurnConfig, run_id: str, data: TrainingData, selecti
         metrics={"cv_mean": {"mean": selection.chosen.mean, "std": selection.chosen.std},
                  "out_of_time": evaluation.metrics, "baseline": evaluation.baseline},
         candidates={a: {"params": s.params, "cv_mean": s.score.mean, "cv_std": s.score.std,
-                        "configs": s.all_configs} for a, s in selection.searches.items()},
+                        "search_rows": len(s.oof_raw), "configs": s.all_configs,
+                        **({"fold_rounds": s.fold_rounds} if s.fold_rounds else {})}
+                    for a, s in selection.searches.items()},
         reference=reference,
         feature_definitions=feature_definitions(config, data),
     )
@@ -751,7 +886,8 @@ class FittedModel:
 
 def fit_model(config: ChurnConfig, run_id: str, data: TrainingData) -> FittedModel:
     """Search, select, calibrate, refit and evaluate: everything but recording (benchmarks use it alone)."""
-    matrix = training_matrix(config, data)
+    with timed(f"features, search sample and folds of {len(data.train_frame)} training rows", log):
+        matrix = training_matrix(config, data)
     selection = select_candidate(config, data.contract, matrix)
     calibration = calibrate(config, run_id, selection, matrix)
     model = refit(config, data.contract, selection, calibration, matrix)
@@ -762,15 +898,17 @@ def _train(config: ChurnConfig, run_id: str, data: TrainingData) -> TrainingOutc
     """Search, select, calibrate, refit, evaluate, describe and register a model on `data`."""
     fitted = fit_model(config, run_id, data)
     selection, calibration, model, evaluation = fitted.selection, fitted.calibration, fitted.model, fitted.evaluation
-    with timed("reference statistics and feature importance", log):
+    with timed(f"reference statistics of {len(data.train_frame)} training rows", log):
         train_scores = model.predict_proba(data.train_frame)
         reference = compute_reference(data.train_frame, train_scores, data.contract, config.monitoring,
                                       threshold=model.threshold)
+    with timed("feature importance", log):
         importance = feature_importances(model, data.eval_frame, config)
     metadata = model_metadata(config, run_id, data, selection, calibration, evaluation, reference)
     registration = register(config, dataclasses.replace(model, metadata=metadata), run_id, evaluation.metrics,
                             evaluation_frame=data.eval_frame,
-                            predictions=stored_predictions(data, calibration, selection, evaluation))
+                            predictions=stored_predictions(data, fitted.matrix, calibration, selection,
+                                                           evaluation))
     algorithm, version = selection.best.algorithm, registration.version
     result = TrainResult(
         version, algorithm, evaluation.metrics, registration.promoted, run_id, data.split.strategy,
