@@ -99,7 +99,8 @@ def profile_statements(service: ScoringService, tables: dict[str, list[dict[str,
             session.execute("pragma enable_profiling = 'json'")
             session.execute(f"pragma profiling_output = '{path}'")
             try:
-                session.rows(f"execute {name}(request := getvariable('{features_module.REQUEST_VARIABLE}'))")
+                session.rows(getattr(connection.sql, "execute", None)
+                             or f"execute {name}(request := getvariable('{features_module.REQUEST_VARIABLE}'))")
             finally:
                 session.execute("pragma disable_profiling")
             document = json.loads(path.read_text())

@@ -314,11 +314,11 @@ def test_what_if_runs_one_statement_not_one_per_model_and_test(client: TestClien
     assert len(queries) == 1, calls
 
 
-def _optimised_on_execute(session: object, statement: str, profile: Path) -> float:
-    """Seconds DuckDB spent optimising when executing a prepared `statement` (0: the prepared plan ran)."""
+def _optimised_on_execute(session: object, execute: str, profile: Path) -> float:
+    """Seconds DuckDB spent optimising on an `execute` of a prepared statement (0: the prepared plan ran)."""
     import json
 
-    session.execute(f"execute {statement}(request := getvariable('{features_module.REQUEST_VARIABLE}'))")
+    session.execute(execute)
     return float(json.loads(profile.read_text()).get("optimizer", {}).get("total_time", 0))
 
 
@@ -333,13 +333,13 @@ def test_prepared_request_statements_are_not_replanned(service: ScoringService, 
         session.execute("pragma enable_profiling = 'json'")
         session.execute(f"pragma profiling_output = '{profile}'")
         try:
-            assert _optimised_on_execute(session, features_module._STATEMENT, profile) == 0
-            # the planted failure: the same request read through the parameter twice is re-planned per execution
             sql = connection.sql
-            twice = sql.statement.replace("select * from", f"select *, $request::{sql.request_type} is null as x from",
-                                          1)
+            assert _optimised_on_execute(session, sql.execute, profile) == 0
+            # the planted failure: the same request read through a parameter twice is re-planned per execution
+            twice = sql.statement.replace("select * from", "select *, $as_of::date is null as x from", 1)
             session.execute(f"prepare replanned as {twice}")
-            assert _optimised_on_execute(session, "replanned", profile) > 0
+            replanned = sql.execute.replace(f"execute {features_module._STATEMENT}(", "execute replanned(", 1)
+            assert _optimised_on_execute(session, replanned, profile) > 0
         finally:
             session.execute("pragma disable_profiling")
             session.execute("deallocate replanned")

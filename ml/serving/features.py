@@ -55,9 +55,10 @@ _SENTINEL_SQL = f"'{SENTINEL_AS_OF}'::date"
 _AS_OF_SQL = f"getvariable('{AS_OF_VARIABLE}')::date"
 _REQUEST_CTE = '"__request"'
 # The request's dates as the prepared statements read them (one reference to the parameter, in __request).
-_REQUEST_AS_OF = f'(select r.as_of from {_REQUEST_CTE})'
-_REQUEST_TODAY = f'(select r.today from {_REQUEST_CTE})'
+_REQUEST_AS_OF = f'(select as_of from {_REQUEST_CTE})'
+_REQUEST_TODAY = f'(select today from {_REQUEST_CTE})'
 _STATEMENT = "churn_request"
+_PARAMETER = "source_"  # $source_<i>: the i-th source's text rows
 # dbt tests of the staging models that judge single values or rows, so they hold for any subset of
 # customers (uniqueness and relationships need the whole table and stay with the nightly).
 ROW_TESTS = ("accepted_values", "accepted_range", "expression_is_true", "not_null")
@@ -272,9 +273,10 @@ class RequestSql:
     request_type: str  # STRUCT(as_of DATE, today DATE, <source> STRUCT(<column> VARCHAR[], ...), ...)
     check_list: tuple[Check, ...]  # one count per Check, in this order, in column CHECK_COUNTS
     statement: str
+    execute: str  # runs the prepared statement on the request variable
 
 
-CHECK_COUNTS = "__check_counts"  # the request's failing counts, one list per check part, in part order
+CHECK_COUNTS = "__check_counts"  # the request's failing counts: one list per check part, its number first
 MART_ROW = "__mart_row"  # true on a mart row; null on the one row of a request the mart has no row for
 
 
@@ -283,18 +285,33 @@ def _bound_sql(bound: str) -> str:
 
 
 def _request_type(sources: tuple[CompiledSource, ...]) -> str:
-    tables = ", ".join(f"{quote(s.name)} STRUCT({', '.join(f'{quote(c)} VARCHAR[]' for c in s.columns)})"
-                       for s in sources)
+    tables = ", ".join(f"{quote(s.name)} {_source_type(s)}" for s in sources)
     return f"STRUCT(as_of DATE, today DATE, {tables})"
 
 
-def _request_ctes(sources: tuple[CompiledSource, ...], request_type: str) -> list[str]:
-    """The parameter, read once (a second reference would re-plan every execution), and each source's text rows."""
-    ctes = [f"{_REQUEST_CTE} as (select $request::{request_type} as r)"]
-    for source in sources:
-        columns = ", ".join(f"unnest(r.{quote(source.name)}.{quote(c)}) as {quote(c)}" for c in source.columns)
-        ctes.append(f"{_text_cte(source)} as (select {columns} from {_REQUEST_CTE})")
+def _source_type(source: CompiledSource) -> str:
+    return f"STRUCT({', '.join(f'{quote(c)} VARCHAR[]' for c in source.columns)})"
+
+
+def _request_ctes(sources: tuple[CompiledSource, ...]) -> list[str]:
+    """The dates, and each source's text rows, each parameter read once (a second reference re-plans).
+
+    The dates have a CTE of their own that every as_of reference reads: a CTE
+    holding the whole request copied all its rows at each of those ~20 reads."""
+    ctes = [f"{_REQUEST_CTE} as (select $as_of::date as as_of, $today::date as today)"]
+    for i, source in enumerate(sources):
+        columns = ", ".join(f"unnest(t.{quote(c)}) as {quote(c)}" for c in source.columns)
+        ctes.append(f"{_text_cte(source)} as (select {columns} from (select ${_PARAMETER}{i}::{_source_type(source)} "
+                    "as t) as request)")
     return ctes
+
+
+def _execute_sql(sources: tuple[CompiledSource, ...]) -> str:
+    """EXECUTE of the prepared statement with the request variable's fields as its parameters."""
+    request = f"getvariable('{REQUEST_VARIABLE}')"
+    arguments = [f"as_of := {request}.as_of", f"today := {request}.today",
+                 *(f"{_PARAMETER}{i} := {request}.{quote(s.name)}" for i, s in enumerate(sources))]
+    return f"execute {_STATEMENT}({', '.join(arguments)})"
 
 
 def _text_cte(source: CompiledSource) -> str:
@@ -362,10 +379,11 @@ def inline_request_sql(compiled: CompiledFeatures) -> RequestSql:
     tested = _parts(test_parts, len(cheap_parts))
     gate = f"{_GATE_CTE} as (select coalesce(max(list_max(counts)), 0) = 0 as ok from {_CHEAP_CTE})"
     every = f"select * from {_CHEAP_CTE}" + (f"\nunion all\n{tested}" if tested else "")
-    checked = f"{_CHECKS_CTE} as (select list(counts order by part) as counts from (\n{every}\n) as parts)"
+    # each part's number leads its counts: ordering in Python costs less than an ordered aggregate
+    checked = f"{_CHECKS_CTE} as (select list([part] || counts) as counts from (\n{every}\n) as parts)"
     mart = _model_cte(compiled.models[-1][0], names)
     request_type = _request_type(compiled.sources)
-    ctes = [*_request_ctes(compiled.sources, request_type), *typed_ctes, f"{_CHEAP_CTE} as (\n{cheap}\n)", gate,
+    ctes = [*_request_ctes(compiled.sources), *typed_ctes, f"{_CHEAP_CTE} as (\n{cheap}\n)", gate,
             *raw_ctes, *model_ctes, checked]
     statement = (
         f"with {', '.join(ctes)}\n"
@@ -374,7 +392,7 @@ def inline_request_sql(compiled: CompiledFeatures) -> RequestSql:
         f"where {quote(compiled.as_of_column)} = {_REQUEST_AS_OF}) as {_MART_CTE} on true"
     )
     return RequestSql(sources=compiled.sources, request_type=request_type, check_list=tuple(checks),
-                      statement=statement)
+                      statement=statement, execute=_execute_sql(compiled.sources))
 
 
 def _parts(parts: list[str], first: int) -> str:
@@ -413,8 +431,8 @@ class FeatureConnection:
         session = self.session
         # cast to the prepared type: a list of only nulls (or none) would otherwise re-plan the statement
         session.execute(f"set variable {REQUEST_VARIABLE} = ?::{self.sql.request_type}", [request])
-        frame = session.frame(f"execute {_STATEMENT}(request := getvariable('{REQUEST_VARIABLE}'))")
-        counts = [count for part in frame[CHECK_COUNTS].iloc[0] for count in part]
+        frame = session.frame(self.sql.execute)
+        counts = [count for part in sorted(frame[CHECK_COUNTS].iloc[0], key=lambda p: p[0]) for count in part[1:]]
         for check, failing in zip(self.sql.check_list, counts, strict=True):
             if failing:
                 raise RequestError(check.message(failing, rows.get(check.table, 0), today))
