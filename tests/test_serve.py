@@ -291,10 +291,10 @@ def test_readme_post_example_works_as_written(client: TestClient) -> None:
     assert answer["customer_id"] == "NEW1" and 0 <= answer["churn_probability"] <= 1
 
 
-def test_what_if_runs_two_statements_not_one_per_model_and_test(client: TestClient, service: ScoringService,
-                                                                 batch_scores: pd.DataFrame,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """The inlined path plans the checks and the mart once each (the views-and-tests path ran ~60 queries)."""
+def test_what_if_runs_one_statement_not_one_per_model_and_test(client: TestClient, service: ScoringService,
+                                                               batch_scores: pd.DataFrame,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checks and the mart are one prepared statement (the views-and-tests path ran ~60 queries, then two)."""
     from ml.warehouse.connection import Session
 
     calls: list[str] = []
@@ -311,20 +311,20 @@ def test_what_if_runs_two_statements_not_one_per_model_and_test(client: TestClie
     response = client.post("/score", json={"tables": tables})
     assert response.status_code == 200, response.text
     queries = [c for c in calls if not c.startswith("set variable")]
-    assert len(queries) == 2, calls
+    assert len(queries) == 1, calls
 
 
-def _optimised_on_execute(session: object, statement: str, profile: Path) -> float:
-    """Seconds DuckDB spent optimising when executing a prepared `statement` (0: the prepared plan ran)."""
+def _optimised_on_execute(session: object, execute: str, profile: Path) -> float:
+    """Seconds DuckDB spent optimising on an `execute` of a prepared statement (0: the prepared plan ran)."""
     import json
 
-    session.execute(f"execute {statement}(request := getvariable('{features_module.REQUEST_VARIABLE}'))")
+    session.execute(execute)
     return float(json.loads(profile.read_text()).get("optimizer", {}).get("total_time", 0))
 
 
 def test_prepared_request_statements_are_not_replanned(service: ScoringService, batch_scores: pd.DataFrame,
                                                        tmp_path: Path) -> None:
-    """Both request statements run their plan from PREPARE time; a parameter read twice would re-plan each time."""
+    """The request statement runs its plan from PREPARE time; a parameter read twice would re-plan each time."""
     tables = read_landing_rows(service.compiled, [batch_scores.iloc[0]["customer_id"]])
     profile = tmp_path / "profile.json"
     with service.pool.connection() as connection:
@@ -333,13 +333,40 @@ def test_prepared_request_statements_are_not_replanned(service: ScoringService, 
         session.execute("pragma enable_profiling = 'json'")
         session.execute(f"pragma profiling_output = '{profile}'")
         try:
-            for statement in (features_module._CHECKS_STATEMENT, features_module._MART_STATEMENT):
-                assert _optimised_on_execute(session, statement, profile) == 0, statement
-            # the planted failure: the same request read through the parameter twice is re-planned per execution
             sql = connection.sql
-            twice = sql.mart.replace("select * from", f"select *, $request::{sql.request_type} is null as x from", 1)
+            assert _optimised_on_execute(session, sql.execute, profile) == 0
+            # the planted failure: the same request read through a parameter twice is re-planned per execution
+            twice = sql.statement.replace("select * from", "select *, $as_of::date is null as x from", 1)
             session.execute(f"prepare replanned as {twice}")
-            assert _optimised_on_execute(session, "replanned", profile) > 0
+            replanned = sql.execute.replace(f"execute {features_module._STATEMENT}(", "execute replanned(", 1)
+            assert _optimised_on_execute(session, replanned, profile) > 0
         finally:
             session.execute("pragma disable_profiling")
             session.execute("deallocate replanned")
+
+
+def test_as_of_read_leaves_out_only_rows_the_snapshot_cannot_see(service: ScoringService,
+                                                                  batch_scores: pd.DataFrame) -> None:
+    """The ?as_of read skips event rows dated on or after as_of, and the features stay those of every row."""
+    reads = {c: read_landing_rows(service.compiled, [c]) for c in batch_scores["customer_id"].iloc[:20]}
+    customer_id = max(reads, key=lambda c: len(reads[c]["usage_events"]))
+    everything = reads[customer_id]
+    dated = {s.name: s.date_column for s in service.compiled.sources if s.date_column}
+    assert {"usage_events", "payments"} <= set(dated)
+    usage_day = dated["usage_events"]
+    days = sorted({row[usage_day][:10] for row in everything["usage_events"]})
+    day_before = days[len(days) // 2]  # mid-history: later rows exist
+    as_of = dt.date.fromisoformat(day_before) + dt.timedelta(days=1)
+    pruned = read_landing_rows(service.compiled, [customer_id], as_of=as_of)
+    for name, rows in everything.items():
+        column = dated.get(name)
+        kept = [r for r in rows if column is None or r[column] is None or r[column][:10] < as_of.isoformat()]
+        assert sorted(map(str, pruned[name])) == sorted(map(str, kept)), name
+    assert len(pruned["usage_events"]) < len(everything["usage_events"])
+    with service.pool.connection() as connection:
+        full = connection.features(everything, as_of, dt.date.today())
+        assert len(full) == 1
+        pd.testing.assert_frame_equal(connection.features(pruned, as_of, dt.date.today()), full)
+        # the planted failure: leaving out the day before as_of too (the snapshot sees it) changes the features
+        cut = {**pruned, "usage_events": [r for r in pruned["usage_events"] if r[usage_day][:10] != day_before]}
+        assert not connection.features(cut, as_of, dt.date.today()).equals(full)
