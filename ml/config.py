@@ -281,6 +281,8 @@ class QualityConfig:
     label_share_band: tuple[float, float]
     row_count_tolerance: float
     chunk_rows: int
+    # no business date lies before it: the landing suites' lower date band ({"$PARAMETER": "earliest_date"})
+    earliest_date: dt.date
 
 
 FUTURE_ROWS_HOLD_BACK = "hold_back"
@@ -849,6 +851,8 @@ def _quality(raw: dict[str, Any], source: Path) -> QualityConfig:
         QualityConfig, values, "quality", source,
         label_share_band=tuple(values["label_share_band"]) if isinstance(values.get("label_share_band"), list)
         else values.get("label_share_band"),
+        **({"earliest_date": _date(values["earliest_date"], "quality.earliest_date", source)}
+           if "earliest_date" in values else {}),
     )
     band = quality.label_share_band
     if len(band) != 2 or not 0 <= band[0] < band[1] <= 1:

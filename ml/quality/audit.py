@@ -702,6 +702,7 @@ def suite_parameters(config: ChurnConfig, suite: Suite, as_of: str | None) -> di
     tolerance = config.quality.row_count_tolerance
     params: dict[str, Any] = {
         "today": pd.Timestamp(today),
+        "earliest_date": pd.Timestamp(config.quality.earliest_date),
         "latest_as_of_date": pd.Timestamp(latest),
         "label_share_min": low,
         "label_share_max": high,

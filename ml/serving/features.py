@@ -138,7 +138,8 @@ def _date_bounds(config: ChurnConfig, table: str) -> dict[str, tuple[str | None,
 
         def literal(value: Any) -> str | None:
             if isinstance(value, dict):
-                return "today" if value.get("$PARAMETER") == "today" else None
+                named = {"today": "today", "earliest_date": config.quality.earliest_date.isoformat()}
+                return named.get(value.get("$PARAMETER"))
             return None if value is None else str(value)
 
         bounds[kwargs["column"]] = (literal(kwargs.get("min_value")), literal(kwargs.get("max_value")))
