@@ -84,17 +84,36 @@ def landing(tmp_path_factory: pytest.TempPathFactory) -> tuple[ChurnConfig, str]
     return config, plant_returning_customer(config)
 
 
+def dbt_logs(config: ChurnConfig) -> dict[str, Path]:
+    """The dbt.log of each dbt target a build uses: the SQL check's compile and the build itself."""
+    build = dbt_target_path(config)
+    return {"compile": build.with_name(f"{build.name}__sql_check") / "logs" / "dbt.log",
+            "build": build / "logs" / "dbt.log"}
+
+
+def parse_kind(log_text: str) -> str:
+    """How a dbt run parsed the project, from its debug log: skipped, partial or full."""
+    if "Unable to do partial parsing" in log_text or "Partial parsing enabled" not in log_text:
+        return "full"
+    return "skipped" if "no changes found, skipping parsing" in log_text else "partial"
+
+
 @pytest.fixture(scope="module")
 def replayed(landing, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """NIGHTS built one after another, with the 2024-11-01 labels seen on the 2024-11-16 night."""
     config = config_with_landing(landing[0], tmp_path_factory.mktemp("incremental-replay"))
     pending = None
+    parses: dict[str, dict[str, str]] = {}
     for night in NIGHTS:
+        for log_file in dbt_logs(config).values():
+            log_file.unlink(missing_ok=True)  # each night's own log: dbt appends (and rotates)
         build_warehouse(config, as_of=night)
+        parses[night] = {step: parse_kind(log_file.read_text(errors="replace"))
+                         for step, log_file in dbt_logs(config).items()}
         if night == "2024-11-16":
             pending = query(config, "select churned_within_30d from customer_features "
                                     "where as_of_date = date '2024-11-01'")
-    return {"config": config, "pending": pending}
+    return {"config": config, "pending": pending, "parses": parses}
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +127,30 @@ def test_replayed_nights_equal_a_full_refresh_row_for_row(replayed, full_refresh
     assert_same_tables(snapshot_tables(replayed["config"]), full_refresh)
     mart = full_refresh["customer_features"]
     assert sorted(mart["as_of_date"].dt.strftime("%Y-%m-%d").unique())[-2:] == ["2024-12-01", "2024-12-02"]
+
+
+def test_later_nights_reuse_dbts_parse(replayed) -> None:
+    """The night's values reach dbt outside --vars (macros/night_values.sql), so a new as_of,
+    tests_since or full_refresh_models does not make dbt parse the whole project again."""
+    first, *later = NIGHTS
+    assert replayed["parses"][first] == {"compile": "full", "build": "full"}  # nothing stored yet
+    assert {night: replayed["parses"][night] for night in later} == {
+        night: {"compile": "skipped", "build": "skipped"} for night in later}
+
+
+def test_a_changed_var_is_seen_as_a_full_parse(replayed, tmp_path: Path, monkeypatch) -> None:
+    """The planted failure: a value of the night put back into --vars costs a full parse."""
+    from ml.features import dbt
+
+    config = copy_build(replayed["config"], tmp_path)
+    log_file = dbt_logs(config)["build"]
+    plain = dbt.dbt_vars
+    for night in ("2024-12-03", "2024-12-04"):
+        monkeypatch.setattr(dbt, "dbt_vars", lambda c, night=night: {**plain(c), "as_of": night})
+        log_file.unlink(missing_ok=True)
+        dbt.run_dbt(config, "parse", as_of=night)
+        kind = parse_kind(log_file.read_text(errors="replace"))
+    assert kind == "full"
 
 
 def test_a_label_left_open_is_filled_in_when_its_horizon_matures(replayed) -> None:

@@ -40,7 +40,7 @@ def build_warehouse(config: ChurnConfig, as_of: str | None = None, *, full_refre
     # those the stored rows were built by, without a `dbt parse` of their own (a full parse per night)
     check = check_mart_sql(config, as_of)
     night = dt.date.fromisoformat(as_of)
-    checksums = definition_checksums(check.manifest_path, dbt_vars(config, as_of))
+    checksums = definition_checksums(check.manifest_path, dbt_vars(config))
     plan = plan_build(config, night, checksums, requested=full_refresh)
     extra: list[str] = []
     if plan.full_refresh:
@@ -67,7 +67,7 @@ def build_warehouse(config: ChurnConfig, as_of: str | None = None, *, full_refre
     # unknown, so the next audit and profile read the whole mart
     started = record_mart_build(config, night, before, full_refresh=True, contract=contract)
     result = run_dbt(config, "build", *extra, as_of=as_of,
-                     extra_vars={"full_refresh_models": list(plan.refresh_models), "tests_since": since})
+                     night={"full_refresh_models": list(plan.refresh_models), "tests_since": since})
     record_mart_build(config, night, before, full_refresh=rebuilt, replacing=started, contract=contract)
     if checksums:
         record_build(config, night, checksums)
