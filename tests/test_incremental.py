@@ -13,6 +13,7 @@ repaired by the next run.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import shutil
 import signal
@@ -26,8 +27,11 @@ import pandas as pd
 import pytest
 
 from ml.config import ChurnConfig
+from ml.features import night as night_module
 from ml.features.build import build_warehouse
 from ml.features.dbt import dbt_target_path
+from ml.features.night import MartBefore, mart_before_build, record_mart_build
+from ml.warehouse import connect
 
 from .conftest import REPO_ROOT, make_config, query, rewrite
 
@@ -168,6 +172,42 @@ def test_each_night_records_the_snapshots_it_changed(replayed) -> None:
     assert str(last["rebuilt_from"].date()) == "2024-11-16" and last["matured"] == "2024-11-01"
 
 
+def mart_truth(config: ChurnConfig) -> MartBefore:
+    """What the mart holds, read from it (what mart_before_build must answer)."""
+    dates = query(config, "select as_of_date, count(churned_within_30d) < count(*) as open "
+                          "from customer_features group by 1 order by 1")
+    return MartBefore(True, dates["as_of_date"].max().date(),
+                      tuple(d.date() for d in dates.loc[dates["open"], "as_of_date"]))
+
+
+def test_the_mart_before_a_build_comes_from_the_stored_state(replayed, monkeypatch) -> None:
+    """After a finished build the next build's starting point is read from mart_builds, not the mart."""
+    config = replayed["config"]
+    truth = mart_truth(config)
+    assert truth.latest == dt.date(2024, 12, 2)
+    assert truth.unlabelled == (dt.date(2024, 12, 1), dt.date(2024, 12, 2))  # horizon not observed yet
+    monkeypatch.setattr(night_module, "_read_before", lambda *a: pytest.fail("the mart was read"))
+    assert mart_before_build(config) == truth
+
+
+def test_stored_state_the_mart_disagrees_with_is_not_trusted(replayed, tmp_path: Path) -> None:
+    """A build that did not finish, or a mart changed outside a build: the mart itself is read."""
+    killed = copy_build(replayed["config"], tmp_path / "killed")
+    stale = mart_before_build(killed)
+    # a build killed after its mart committed: the unfinished row, and labels the build filled
+    record_mart_build(killed, dt.date(2024, 12, 3), stale, full_refresh=True, finished=False)
+    with connect(killed.warehouse.build_db) as session:
+        session.execute("update customer_features set churned_within_30d = 0 where as_of_date = '2024-12-01'")
+    assert mart_before_build(killed) == mart_truth(killed) != stale
+    assert mart_before_build(killed).unlabelled == (dt.date(2024, 12, 2),)
+
+    edited = copy_build(replayed["config"], tmp_path / "edited")
+    with connect(edited.warehouse.build_db) as session:  # by hand: tonight's snapshot deleted
+        session.execute("delete from customer_features where as_of_date = '2024-12-02'")
+    assert mart_before_build(edited) == mart_truth(edited)
+    assert mart_before_build(edited).latest == dt.date(2024, 12, 1)
+
+
 def test_a_customer_who_cancels_and_returns(landing, replayed) -> None:
     customer = landing[1]
     rows = query(replayed["config"], "select as_of_date, churned_within_30d from customer_features "
@@ -235,3 +275,5 @@ def test_a_build_killed_mid_dbt_is_repaired_by_the_next_run(replayed, full_refre
 
     build_warehouse(config, as_of=NIGHTS[-1])
     assert_same_tables(snapshot_tables(config), full_refresh)
+    # the repair read the mart (the killed build left no state to trust) and stored it again
+    assert mart_before_build(config) == mart_truth(config)
