@@ -284,10 +284,13 @@ def _check_keys(session: Session, table: LandingTable, every: list[Path], tonigh
     night staging's delete+insert would let a changed row under an old key
     silently replace a fact stored snapshots were built on. Each new
     partition's keys are compared with every other partition's by SQL over the
-    key columns only (a date key is narrowed to tonight's dates, so older files
-    are skipped by their statistics); rows are compared only for the keys found
-    in both. A full night needs no such check: it stages every partition and
-    dbt's unique tests on staging read the whole table.
+    key columns only, narrowed to tonight's range of every key column (a key
+    found in both lies inside it), so older files and row groups whose Parquet
+    min/max fall outside it, e.g. the days before tonight's first new invoice
+    id, are skipped by their statistics (null keys fail staging's not_null
+    tests); rows are compared only for the keys found in both. A full night
+    needs no such check: it stages every partition and dbt's unique tests on
+    staging read the whole table.
     """
     keys = column_list(table.key)
     hashed = f"hash({column_list(table.columns)})"
@@ -296,10 +299,9 @@ def _check_keys(session: Session, table: LandingTable, every: list[Path], tonigh
     for path in tonight:
         others = [p for p in every if p != path]
         night = table.typed_relation([path])
-        dates = [c for c in table.key if table.columns.get(c) in ("date", "timestamp")]
         narrow = " and ".join(
             f"{quote(c)} between (select min({quote(c)}) from {night}) and (select max({quote(c)}) from {night})"
-            for c in dates) or "true"
+            for c in table.key) or "true"
         earlier = table.typed_relation(others) if others else f"(select * from {night} limit 0)"
         clash = (f"(select {keys} from {night} group by {keys} having count(distinct {hashed}) > 1 "
                  f"union select {keys} from (select {keys} from {night} intersect "
