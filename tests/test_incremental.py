@@ -143,18 +143,18 @@ def test_later_nights_reuse_dbts_parse(replayed) -> None:
 
 
 def test_a_changed_var_is_seen_as_a_full_parse(replayed, tmp_path: Path, monkeypatch) -> None:
-    """The planted failure: a value of the night put back into --vars costs a full parse."""
+    """The planted failure: a value of the night put back into --vars costs a full parse (the same vars do not)."""
     from ml.features import dbt
 
-    config = copy_build(replayed["config"], tmp_path)
-    log_file = dbt_logs(config)["build"]
-    plain = dbt.dbt_vars
-    for night in ("2024-12-03", "2024-12-04"):
-        monkeypatch.setattr(dbt, "dbt_vars", lambda c, night=night: {**plain(c), "as_of": night})
-        log_file.unlink(missing_ok=True)
-        dbt.run_dbt(config, "parse", as_of=night)
-        kind = parse_kind(log_file.read_text(errors="replace"))
-    assert kind == "full"
+    config, plain = replayed["config"], dbt.dbt_vars
+    kinds = []
+    for name, vars_of in (("same", plain), ("planted", lambda c: {**plain(c), "as_of": "2024-12-03"})):
+        target = tmp_path / name  # the last night's parse state, in a folder of its own
+        shutil.copytree(dbt_target_path(config), target, ignore=shutil.ignore_patterns("logs"))
+        monkeypatch.setattr(dbt, "dbt_vars", vars_of)
+        dbt.run_dbt(config, "parse", as_of="2024-12-03", target_path=target)
+        kinds.append(parse_kind((target / "logs" / "dbt.log").read_text(errors="replace")))
+    assert kinds == ["skipped", "full"]
 
 
 def test_a_label_left_open_is_filled_in_when_its_horizon_matures(replayed) -> None:
