@@ -13,6 +13,7 @@ repaired by the next run.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import shutil
 import signal
@@ -26,8 +27,11 @@ import pandas as pd
 import pytest
 
 from ml.config import ChurnConfig
+from ml.features import night as night_module
 from ml.features.build import build_warehouse
 from ml.features.dbt import dbt_target_path
+from ml.features.night import MartBefore, mart_before_build, record_mart_build
+from ml.warehouse import connect
 
 from .conftest import REPO_ROOT, make_config, query, rewrite
 
@@ -84,17 +88,36 @@ def landing(tmp_path_factory: pytest.TempPathFactory) -> tuple[ChurnConfig, str]
     return config, plant_returning_customer(config)
 
 
+def dbt_logs(config: ChurnConfig) -> dict[str, Path]:
+    """The dbt.log of each dbt target a build uses: the SQL check's compile and the build itself."""
+    build = dbt_target_path(config)
+    return {"compile": build.with_name(f"{build.name}__sql_check") / "logs" / "dbt.log",
+            "build": build / "logs" / "dbt.log"}
+
+
+def parse_kind(log_text: str) -> str:
+    """How a dbt run parsed the project, from its debug log: skipped, partial or full."""
+    if "Unable to do partial parsing" in log_text or "Partial parsing enabled" not in log_text:
+        return "full"
+    return "skipped" if "no changes found, skipping parsing" in log_text else "partial"
+
+
 @pytest.fixture(scope="module")
 def replayed(landing, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """NIGHTS built one after another, with the 2024-11-01 labels seen on the 2024-11-16 night."""
     config = config_with_landing(landing[0], tmp_path_factory.mktemp("incremental-replay"))
     pending = None
+    parses: dict[str, dict[str, str]] = {}
     for night in NIGHTS:
+        for log_file in dbt_logs(config).values():
+            log_file.unlink(missing_ok=True)  # each night's own log: dbt appends (and rotates)
         build_warehouse(config, as_of=night)
+        parses[night] = {step: parse_kind(log_file.read_text(errors="replace"))
+                         for step, log_file in dbt_logs(config).items()}
         if night == "2024-11-16":
             pending = query(config, "select churned_within_30d from customer_features "
                                     "where as_of_date = date '2024-11-01'")
-    return {"config": config, "pending": pending}
+    return {"config": config, "pending": pending, "parses": parses}
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +133,30 @@ def test_replayed_nights_equal_a_full_refresh_row_for_row(replayed, full_refresh
     assert sorted(mart["as_of_date"].dt.strftime("%Y-%m-%d").unique())[-2:] == ["2024-12-01", "2024-12-02"]
 
 
+def test_later_nights_reuse_dbts_parse(replayed) -> None:
+    """The night's values reach dbt outside --vars (macros/night_values.sql), so a new as_of,
+    tests_since or full_refresh_models does not make dbt parse the whole project again."""
+    first, *later = NIGHTS
+    assert replayed["parses"][first] == {"compile": "full", "build": "full"}  # nothing stored yet
+    assert {night: replayed["parses"][night] for night in later} == {
+        night: {"compile": "skipped", "build": "skipped"} for night in later}
+
+
+def test_a_changed_var_is_seen_as_a_full_parse(replayed, tmp_path: Path, monkeypatch) -> None:
+    """The planted failure: a value of the night put back into --vars costs a full parse (the same vars do not)."""
+    from ml.features import dbt
+
+    config, plain = replayed["config"], dbt.dbt_vars
+    kinds = []
+    for name, vars_of in (("same", plain), ("planted", lambda c: {**plain(c), "as_of": "2024-12-03"})):
+        target = tmp_path / name  # the last night's parse state, in a folder of its own
+        shutil.copytree(dbt_target_path(config), target, ignore=shutil.ignore_patterns("logs"))
+        monkeypatch.setattr(dbt, "dbt_vars", vars_of)
+        dbt.run_dbt(config, "parse", as_of="2024-12-03", target_path=target)
+        kinds.append(parse_kind((target / "logs" / "dbt.log").read_text(errors="replace")))
+    assert kinds == ["skipped", "full"]
+
+
 def test_a_label_left_open_is_filled_in_when_its_horizon_matures(replayed) -> None:
     assert len(replayed["pending"]) > 100 and replayed["pending"]["churned_within_30d"].isna().all()
     matured = query(replayed["config"], "select churned_within_30d from customer_features "
@@ -123,6 +170,42 @@ def test_each_night_records_the_snapshots_it_changed(replayed) -> None:
     assert builds["full_refresh"].tolist() == [True, False, False, False]
     last = builds.iloc[-1]  # 2024-12-02: rebuilt from the previous night, the 2024-11-01 labels matured
     assert str(last["rebuilt_from"].date()) == "2024-11-16" and last["matured"] == "2024-11-01"
+
+
+def mart_truth(config: ChurnConfig) -> MartBefore:
+    """What the mart holds, read from it (what mart_before_build must answer)."""
+    dates = query(config, "select as_of_date, count(churned_within_30d) < count(*) as open "
+                          "from customer_features group by 1 order by 1")
+    return MartBefore(True, dates["as_of_date"].max().date(),
+                      tuple(d.date() for d in dates.loc[dates["open"], "as_of_date"]))
+
+
+def test_the_mart_before_a_build_comes_from_the_stored_state(replayed, monkeypatch) -> None:
+    """After a finished build the next build's starting point is read from mart_builds, not the mart."""
+    config = replayed["config"]
+    truth = mart_truth(config)
+    assert truth.latest == dt.date(2024, 12, 2)
+    assert truth.unlabelled == (dt.date(2024, 12, 1), dt.date(2024, 12, 2))  # horizon not observed yet
+    monkeypatch.setattr(night_module, "_read_before", lambda *a: pytest.fail("the mart was read"))
+    assert mart_before_build(config) == truth
+
+
+def test_stored_state_the_mart_disagrees_with_is_not_trusted(replayed, tmp_path: Path) -> None:
+    """A build that did not finish, or a mart changed outside a build: the mart itself is read."""
+    killed = copy_build(replayed["config"], tmp_path / "killed")
+    stale = mart_before_build(killed)
+    # a build killed after its mart committed: the unfinished row, and labels the build filled
+    record_mart_build(killed, dt.date(2024, 12, 3), stale, full_refresh=True, finished=False)
+    with connect(killed.warehouse.build_db) as session:
+        session.execute("update customer_features set churned_within_30d = 0 where as_of_date = '2024-12-01'")
+    assert mart_before_build(killed) == mart_truth(killed) != stale
+    assert mart_before_build(killed).unlabelled == (dt.date(2024, 12, 2),)
+
+    edited = copy_build(replayed["config"], tmp_path / "edited")
+    with connect(edited.warehouse.build_db) as session:  # by hand: tonight's snapshot deleted
+        session.execute("delete from customer_features where as_of_date = '2024-12-02'")
+    assert mart_before_build(edited) == mart_truth(edited)
+    assert mart_before_build(edited).latest == dt.date(2024, 12, 1)
 
 
 def test_a_customer_who_cancels_and_returns(landing, replayed) -> None:
@@ -192,3 +275,5 @@ def test_a_build_killed_mid_dbt_is_repaired_by_the_next_run(replayed, full_refre
 
     build_warehouse(config, as_of=NIGHTS[-1])
     assert_same_tables(snapshot_tables(config), full_refresh)
+    # the repair read the mart (the killed build left no state to trust) and stored it again
+    assert mart_before_build(config) == mart_truth(config)

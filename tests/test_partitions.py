@@ -313,6 +313,40 @@ def test_a_night_hashes_only_its_own_rows_not_the_history(published: ChurnConfig
     assert all(n == 0 for n in history_differences(published).values())
 
 
+def history_rows(config: ChurnConfig) -> int:
+    with connect(config.warehouse.build_db, read_only=True) as con:
+        return sum(con.row_count(t) for t in HISTORY_PARTITIONS if con.exists(t))
+
+
+def test_a_night_counts_only_the_keys_from_the_newest_published_on(published: ChurnConfig) -> None:
+    """Older keys' counts come from the manifest while the table's total agrees; any other change is recounted."""
+    copy = ("insert into churn_scores_history select * replace (? as run_id) from churn_scores_history "
+            "where run_id = (select min(run_id) from churn_scores_history)")
+    with connect(published.warehouse.build_db) as con:
+        con.execute(copy, ["night-1"])  # sorts after every timestamped run id, as tomorrow's would
+    publish(published, run_id="night-1")
+    with connect(published.warehouse.build_db) as con:
+        con.execute(copy, ["night-2"])
+        older = con.scalar("select count(*) from churn_scores_history where run_id < 'night-1'")
+    second = publish(published, run_id="night-2")
+    # the older scores' key column was not read
+    assert second.rows_counted <= history_rows(published) - older < history_rows(published)
+    assert all(n == 0 for n in history_differences(published).values())
+
+    # planted: rows removed from an old key, rows added under a key sorting before the newest
+    with connect(published.warehouse.build_db) as con:
+        con.execute("delete from churn_scores_history where run_id = (select min(run_id) from churn_scores_history) "
+                    "and customer_id = (select min(customer_id) from churn_scores_history)")
+    assert publish(published, run_id="night-3").rows_counted == history_rows(published)
+    assert all(n == 0 for n in history_differences(published).values())
+    with connect(published.warehouse.build_db) as con:
+        con.execute("insert into pipeline_runs select '0-early', step, as_of, started_at, ended_at, status, message "
+                    "from pipeline_runs limit 2")
+    publish(published, run_id="night-4")
+    assert all(n == 0 for n in history_differences(published).values())
+    assert publish(published, run_id="0-early").rows_counted > second.rows_counted  # sorts first: all counted
+
+
 def test_readme_bi_queries_run_on_the_published_file(published: ChurnConfig) -> None:
     readme = (REPO_ROOT / "README.md").read_text()
     section = readme.split("<!-- bi -->", 1)[1].split("\n## ", 1)[0]

@@ -19,7 +19,7 @@
 
 {#- The first as_of_date this run rebuilds, as a date literal; none when the
     model is built from scratch (first build, --full-refresh, or a changed
-    definition named in var `full_refresh_models`). -#}
+    definition named in `full_refresh_models`, macros/night_values.sql). -#}
 {% macro snapshot_rebuild_from() -%}
     {%- if not execute or not is_incremental() -%}
         {{ return(none) }}
@@ -28,7 +28,7 @@
     {%- if latest is none -%}
         {{ return(none) }}
     {%- endif -%}
-    {%- set as_of = var('as_of', none) -%}
+    {%- set as_of = night_value('as_of') -%}
     {%- if as_of and as_of | string < latest | string -%}
         {{ exceptions.raise_compiler_error(
             this.identifier ~ ' holds snapshots up to ' ~ latest ~ ', later than as_of ' ~ as_of
@@ -91,11 +91,11 @@
     {%- endif %}
 {%- endmacro %}
 
-{#- Overrides dbt's own: a model named in var `full_refresh_models` (its
+{#- Overrides dbt's own: a model named in `full_refresh_models` (its
     definition changed since the last build, see ml/features/incremental.py)
     is rebuilt from scratch even when the run as a whole is incremental. -#}
 {% macro should_full_refresh() -%}
-    {%- if model is defined and model.name in var('full_refresh_models', []) -%}
+    {%- if model is defined and model.name in night_value('full_refresh_models', []) -%}
         {{ return(true) }}
     {%- endif -%}
     {%- set config_full_refresh = config.get('full_refresh') -%}

@@ -1,8 +1,8 @@
-{#- Time travel (var `as_of`): a build "as if run on that date". Anything dated
+{#- Time travel (`as_of`, see night_values.sql): a build "as if run on that date". Anything dated
     on or after it has not happened yet, so it must be invisible downstream. -#}
 
 {% macro as_of_cutoff() -%}
-    {%- set as_of = var('as_of', none) -%}
+    {%- set as_of = night_value('as_of') -%}
     {%- if as_of is none or as_of == '' -%}
         null::date
     {%- else -%}
@@ -12,7 +12,7 @@
 
 {#- True when the event dated `column` is visible at the build's as_of. -#}
 {% macro visible_before_cutoff(column) -%}
-    {%- set as_of = var('as_of', none) -%}
+    {%- set as_of = night_value('as_of') -%}
     {%- if as_of is none or as_of == '' -%}
         true
     {%- else -%}

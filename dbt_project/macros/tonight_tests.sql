@@ -2,13 +2,14 @@
 
     An incremental night adds a few rows to large tables. A row-wise test
     (one verdict per row) needs to read only the rows this night wrote:
-    the stored ones passed when they were written. So for the models in var
+    the stored ones passed when they were written. So for the models in
     `tests_since` ({model: {column, since}}; the pipeline passes it on
-    incremental nights, ml/features/incremental.py `tests_since`) these tests
+    incremental nights, ml/features/incremental.py `tests_since`, through
+    macros/night_values.sql) these tests
     read the rows whose `column` is on or after `since`. Table-level tests
     (unique, unique_combination_of_columns, row counts, label share) and the
     singular leakage test are not in the list, so they keep reading the whole
-    table; a full refresh passes no var, so everything is tested. A `where`
+    table; a full refresh passes none, so everything is tested. A `where`
     configured on a test is kept and combined with tonight's filter.
 
     One table-level test is narrowed too: a unique combination of columns
@@ -38,7 +39,7 @@
 
 {#- The condition selecting tonight's rows of `relation` for this test, or '' to test every row. -#}
 {% macro tonight_condition(relation) -%}
-    {%- set entry = var('tests_since', {}).get(relation.identifier) if relation.identifier is defined else none -%}
+    {%- set entry = night_value('tests_since', {}).get(relation.identifier) if relation.identifier is defined else none -%}
     {%- set test = model.get('test_metadata') if model is mapping else none -%}
     {%- if entry is none or test is none -%}
         {{ return('') }}

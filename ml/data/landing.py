@@ -330,21 +330,23 @@ def _check_keys(session: Session, table: LandingTable, every: list[Path], tonigh
     night staging's delete+insert would let a changed row under an old key
     silently replace a fact stored snapshots were built on. One statement over
     the key columns of every partition finds the keys that land more than once
-    with a row tonight (a date key is narrowed to tonight's dates, so older
-    files are skipped by their statistics); only for those are whole rows
-    hashed, and a key told two ways is reported per tonight's partition. A
-    full night needs no such check: it stages every partition and dbt's unique
-    tests on staging read the whole table.
+    with a row tonight, narrowed to tonight's range of every key column (a key
+    found twice lies inside it), so older files and row groups whose Parquet
+    min/max fall outside it, e.g. the days before tonight's first new invoice
+    id, are skipped by their statistics (null keys fail staging's not_null
+    tests); only for those keys are whole rows hashed, and a key told two ways
+    is reported per tonight's partition. A full night needs no such check: it
+    stages every partition and dbt's unique tests on staging read the whole
+    table.
     """
     keys = column_list(table.key)
     hashed = f"hash({column_list(table.columns)})"
     shown = "concat_ws(', ', " + ", ".join(f"{quote(c)}::varchar" for c in table.key) + ")"
     night = table.typed_relation(tonight)
     landed_tonight = "filename in (" + ", ".join(quote_literal(p) for p in tonight) + ")"
-    dates = [c for c in table.key if table.columns.get(c) in ("date", "timestamp")]
     narrow = " and ".join(
         f"{quote(c)} between (select min({quote(c)}) from {night}) and (select max({quote(c)}) from {night})"
-        for c in dates) or "true"
+        for c in table.key) or "true"
     landed = f"(select * from {table.typed_relation(every, with_file=True)} where {narrow})"
     repeated = (f"(select {keys} from {landed} group by {keys} "
                 f"having count(*) > 1 and bool_or({landed_tonight}))")

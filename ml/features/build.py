@@ -15,7 +15,7 @@ from ml.config import ChurnConfig
 from ml.features.contract import load_contract
 from ml.features.dbt import DbtResult, dbt_vars, run_dbt
 from ml.features.incremental import definition_checksums, mark_started, plan_build, record_build, tests_since
-from ml.features.night import mart_before_build, record_mart_build
+from ml.features.night import MartBefore, mart_before_build, record_mart_build
 from ml.features.sql_check import check_mart_sql
 from ml.logs import get_logger
 from ml.warehouse import connect
@@ -40,7 +40,7 @@ def build_warehouse(config: ChurnConfig, as_of: str | None = None, *, full_refre
     # those the stored rows were built by, without a `dbt parse` of their own (a full parse per night)
     check = check_mart_sql(config, as_of)
     night = dt.date.fromisoformat(as_of)
-    checksums = definition_checksums(check.manifest_path, dbt_vars(config, as_of))
+    checksums = definition_checksums(check.manifest_path, dbt_vars(config))
     plan = plan_build(config, night, checksums, requested=full_refresh)
     extra: list[str] = []
     if plan.full_refresh:
@@ -57,17 +57,18 @@ def build_warehouse(config: ChurnConfig, as_of: str | None = None, *, full_refre
     if since:
         log.info("row-wise dbt tests read tonight's rows of %d incremental model(s); table-level tests the whole",
                  len(since))
-    # which mart rows tonight changes, for the audits and the profile (ml.features.night)
+    # which mart rows tonight changes, for the audits and the profile (ml.features.night); a mart
+    # rebuilt whole needs nothing of what it held
     contract = load_contract(check.manifest_path, config.dataset.feature_mart)
-    before = mart_before_build(config, contract)
     rebuilt = (plan.full_refresh or config.dataset.feature_mart in plan.refresh_models
                or config.dataset.feature_mart not in checksums)
+    before = MartBefore(False, None, ()) if rebuilt else mart_before_build(config, contract)
     mark_started(config, night)
     # recorded as a full rebuild until it succeeds: after a killed or failed build, what changed is
     # unknown, so the next audit and profile read the whole mart
-    started = record_mart_build(config, night, before, full_refresh=True, contract=contract)
+    started = record_mart_build(config, night, before, full_refresh=True, contract=contract, finished=False)
     result = run_dbt(config, "build", *extra, as_of=as_of,
-                     extra_vars={"full_refresh_models": list(plan.refresh_models), "tests_since": since})
+                     night={"full_refresh_models": list(plan.refresh_models), "tests_since": since})
     record_mart_build(config, night, before, full_refresh=rebuilt, replacing=started, contract=contract)
     if checksums:
         record_build(config, night, checksums)

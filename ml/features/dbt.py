@@ -2,7 +2,12 @@
 
 dbt runs as a subprocess of the venv's own `dbt`, pointed at the build database
 and given churn.yml's values as --vars, so the SQL never repeats a setting and
-parallel runs (tests, backfills) never share a target folder.
+parallel runs (tests, backfills) never share a target folder. The values that
+change every night (as_of, and the build's full_refresh_models / tests_since)
+go in the environment instead (NIGHT_ENV, read by macros/night_values.sql):
+dbt re-parses the whole project whenever --vars change, so with them in
+--vars every night paid two full parses (the SQL check's compile and the
+build); with fixed --vars both reuse their partial parse.
 """
 
 from __future__ import annotations
@@ -73,16 +78,25 @@ def dbt_target_path(config: ChurnConfig) -> Path:
     return config.warehouse.build_db.parent / "dbt_target" / config.dataset.name
 
 
-def dbt_vars(config: ChurnConfig, as_of: str | None = None) -> dict[str, Any]:
+# JSON of the night's values, read by macros/night_values.sql only while dbt executes (never at parse time)
+NIGHT_ENV = "CHURN_DBT_NIGHT"
+
+
+def dbt_vars(config: ChurnConfig) -> dict[str, Any]:
+    """churn.yml's values for dbt: the same every night, so dbt's partial parse stays valid."""
     return {
         "landing_dir": str(config.dataset.landing_dir),
         # tables landed as date-partition folders: the sources read <table>/**/*.<format> for these
         "landing_folders": partition_folders(config.dataset.landing_dir, config.dataset.landing_format),
         "horizon_days": config.problem.horizon_days,
-        "as_of": as_of,
         # the lookback of the incremental staging watermark (macros/incremental_staging.sql)
         "event_lag_days": {table.table: table.max_lag_days for table in config.dataset.event_tables},
     }
+
+
+def night_env(as_of: str | None, night: dict[str, Any] | None = None) -> dict[str, str]:
+    """The night's values for dbt (as_of and e.g. `tests_since`), as the environment variable NIGHT_ENV."""
+    return {NIGHT_ENV: json.dumps({"as_of": as_of, **(night or {})}, sort_keys=True)}
 
 
 def engine_env(config: ChurnConfig) -> dict[str, str]:
@@ -109,7 +123,7 @@ def run_dbt(
     project_dir: Path | None = None,
     target_path: Path | None = None,
     database: str | None = None,
-    extra_vars: dict[str, Any] | None = None,
+    night: dict[str, Any] | None = None,
 ) -> DbtResult:
     """Run `dbt <command>` against the build database; raise DbtError on failure.
 
@@ -117,7 +131,8 @@ def run_dbt(
     so building one dataset never needs another's landing files. `target_path` and
     `database` let a reader compile SQL (e.g. against ":memory:") without touching
     the build database, which a nightly may hold locked, or the nightly's manifest.
-    `extra_vars` adds run-specific vars (e.g. `full_refresh_models`) to churn.yml's.
+    `night` adds the build's own values of the night (e.g. `full_refresh_models`)
+    to `as_of`; both reach dbt through NIGHT_ENV, not --vars (see the module docstring).
     """
     project = project_dir or config.warehouse.dbt_project_dir
     target_path = target_path or dbt_target_path(config)
@@ -129,7 +144,7 @@ def run_dbt(
         "--project-dir", str(project),
         "--profiles-dir", str(project),
         "--target-path", str(target_path),
-        "--vars", json.dumps({**dbt_vars(config, as_of), **(extra_vars or {})}),
+        "--vars", json.dumps(dbt_vars(config), sort_keys=True),
     ]
     if command in ("build", "run", "test", "compile", "ls", "list"):
         args += ["--select", select or f"+{config.dataset.feature_mart}"]
@@ -143,6 +158,7 @@ def run_dbt(
         "NO_COLOR": "1",
         "DO_NOT_TRACK": "1",
         **engine_env(config),
+        **night_env(as_of, night),
     }
     results_file = target_path / "run_results.json"
     results_file.unlink(missing_ok=True)  # never report a previous run's results

@@ -30,11 +30,18 @@ neither the new nor the previous state references are removed after the swap
 
 Deciding what changed costs the night, not the history: the manifest
 (`published_parts`) keeps each part's row count and row hash, and a publish
-counts rows per key (the key column only) and hashes just the parts that are
-new, whose count moved, or that belong to tonight's run. Every history writer
-replaces a key's rows by deleting and appending them (a re-run, the run log's
-later steps, a re-scored snapshot leaving its old run), so an untouched count
-of a past run's key means untouched rows.
+hashes just the parts that are new, whose count moved, or that belong to
+tonight's run. Every history writer replaces a key's rows by deleting and
+appending them (a re-run, the run log's later steps, a re-scored snapshot
+leaving its old run), so an untouched count of a past run's key means
+untouched rows. Counting per key reads only the keys from the newest
+published one on (`_key_counts`): keys are run ids and log segments named by
+their start time, and new rows are appended under tonight's keys, so the rows
+of older keys sit in row groups DuckDB skips by their min/max. The older
+keys' counts come from the manifest, trusted only while the table's total
+(a metadata read) says no row was removed or added under them; otherwise,
+and whenever tonight's run id sorts before the newest key, every key is
+counted again.
 """
 
 from __future__ import annotations
@@ -201,6 +208,7 @@ class PublishResult:
     parts_written: int = 0  # history parts written tonight (new or changed)
     parts_kept: int = 0  # history parts reused as they were
     rows_hashed: int = 0  # history rows whose signature was computed tonight (the rest came from the manifest)
+    rows_counted: int = 0  # history rows whose key was read to count them (the rest came from the manifest)
 
 
 def _temp_prefix(published: Path) -> str:
@@ -413,6 +421,7 @@ class _PartsWritten:
     written: int
     kept: int
     rows_hashed: int
+    rows_counted: int
 
 
 # (table, partition key) -> (row_count, row_hash) of the previous published state's parts
@@ -424,15 +433,44 @@ def _is_tonight(key: str | None, run_id: str | None) -> bool:
     return run_id is not None and key is not None and (key == run_id or key.startswith(f"{run_id}-"))
 
 
-def _signatures(session: Session, table: str, key: str, previous: Signatures,
-                run_id: str | None) -> tuple[list[tuple[str | None, int, str]], int]:
-    """(key, rows, row_hash) per key; only new, resized and tonight's keys are hashed.
+def _key_counts(session: Session, table: str, key: str, previous: Signatures,
+                run_id: str | None) -> tuple[list[tuple[str | None, int]], int]:
+    """(key, rows) per key of a history table, nulls first, and how many rows were read to count them.
 
-    The count per key reads the key column alone; the hash reads whole rows,
-    so it is confined to the keys that may have changed (see the module docstring).
+    Only the keys from the previous state's newest on are counted (a range
+    DuckDB prunes by row-group min/max); the older ones keep the manifest's
+    counts when the table's total agrees. Otherwise every key is counted.
     """
-    counts = session.rows(f"select {quote(key)}::varchar, count(*) from build.main.{quote(table)} "
-                          "group by all order by 1 nulls first")
+    source = f"build.main.{quote(table)}"
+    published = {value: rows for (name, value), (rows, _) in previous.items() if name == table}
+    newest = max((value for value in published if value is not None), default=None)
+    if newest is not None and (run_id is None or run_id >= newest):
+        recent = {value: int(rows) for value, rows in session.rows(
+            f"select {quote(key)}::varchar, count(*) from {source} where {quote(key)} >= ? group by all", [newest])}
+        nulls = int(session.scalar(f"select count(*) from {source} where {quote(key)} is null"))
+        counts = {value: rows for value, rows in published.items() if value is not None and value < newest}
+        counts.update(recent)
+        if nulls:
+            counts[None] = nulls
+        total = int(session.scalar(f"select count(*) from {source}"))  # metadata, no column is read
+        if sum(counts.values()) == total:
+            ordered = sorted(counts.items(), key=lambda item: (item[0] is not None, item[0] or ""))
+            return ordered, sum(recent.values()) + nulls
+        log.info("%s: %s rows, the published counts and tonight's keys account for %s: counting every key",
+                 table, f"{total:,d}", f"{sum(counts.values()):,d}")
+    counts = [(value, int(rows)) for value, rows in session.rows(
+        f"select {quote(key)}::varchar, count(*) from {source} group by all order by 1 nulls first")]
+    return counts, sum(rows for _, rows in counts)
+
+
+def _signatures(session: Session, table: str, key: str, previous: Signatures,
+                run_id: str | None) -> tuple[list[tuple[str | None, int, str]], int, int]:
+    """(key, rows, row_hash) per key, rows hashed and rows counted; only new, resized and tonight's keys are hashed.
+
+    The hash reads whole rows, so it is confined to the keys that may have
+    changed (see the module docstring); so is the count (`_key_counts`).
+    """
+    counts, counted = _key_counts(session, table, key, previous, run_id)
     known = {value: previous[(table, value)][1] for value, rows in counts
              if (table, value) in previous and previous[(table, value)][0] == int(rows)
              and not _is_tonight(value, run_id)}
@@ -447,7 +485,7 @@ def _signatures(session: Session, table: str, key: str, previous: Signatures,
             f"where {where} group by all", [keys] if keys else []))
     rows_hashed = sum(int(rows) for value, rows in counts if value not in known)
     return [(value, int(rows), known[value] if value in known else str(hashed[value]))
-            for value, rows in counts], rows_hashed
+            for value, rows in counts], rows_hashed, counted
 
 
 def _part_name(table: str, key: str | None, rows: int, row_hash: str, schema: str) -> str:
@@ -468,7 +506,7 @@ def _write_parts(session: Session, table: str, renames: dict[str, str], folder: 
     key = HISTORY_PARTITIONS[table]
     columns = _build_columns(session, table)
     schema = ",".join(f"{renames.get(c, c)}:{t}" for c, t in columns)
-    signatures, hashed_rows = _signatures(session, table, key, previous, run_id)
+    signatures, hashed_rows, counted_rows = _signatures(session, table, key, previous, run_id)
     (folder / table).mkdir(parents=True, exist_ok=True)
     parts, written = [], 0
     for value, rows, row_hash in signatures:
@@ -485,7 +523,7 @@ def _write_parts(session: Session, table: str, renames: dict[str, str], folder: 
             written += 1
         parts.append(_Part(table, value, name, int(rows), str(row_hash)))
     fsync(folder / table, directory=True)
-    return _PartsWritten(parts, written, len(parts) - written, hashed_rows)
+    return _PartsWritten(parts, written, len(parts) - written, hashed_rows, counted_rows)
 
 
 def _part_view(session: Session, table: str, renames: dict[str, str], parts: list[_Part], folder: Path) -> None:
@@ -580,6 +618,7 @@ class _Written:
     parts_written: int
     parts_kept: int
     rows_hashed: int
+    rows_counted: int
 
 
 def _write_copy(config: ChurnConfig, target: Path, tables: list[str], run_id: str | None,
@@ -591,7 +630,7 @@ def _write_copy(config: ChurnConfig, target: Path, tables: list[str], run_id: st
     renamed: dict[str, dict[str, str]] = {}
     folder = parts_folder(config.warehouse.published_db)
     parts: list[_Part] = []
-    written = kept = hashed = 0
+    written = kept = hashed = counted = 0
     with connect(target, settings=config.warehouse.engine) as session:
         # ATTACH takes no parameters: the path goes in as a quoted literal.
         session.execute(f"attach {quote_literal(config.warehouse.build_db)} as build (read_only)")
@@ -604,6 +643,7 @@ def _write_copy(config: ChurnConfig, target: Path, tables: list[str], run_id: st
             if table in HISTORY_PARTITIONS:
                 done = _write_parts(session, table, renamed[table], folder, previous, run_id)
                 written, kept, hashed = written + done.written, kept + done.kept, hashed + done.rows_hashed
+                counted += done.rows_counted
                 if done.parts:
                     _part_view(session, table, renamed[table], done.parts, folder)
                     parts += done.parts
@@ -627,7 +667,7 @@ def _write_copy(config: ChurnConfig, target: Path, tables: list[str], run_id: st
             _comment(session, table, docs, renamed.get(table, {}))
         _legacy_views(session, renamed)
         session.execute("checkpoint")
-    return _Written(rows, parts, written, kept, hashed)
+    return _Written(rows, parts, written, kept, hashed, counted)
 
 
 def publish(config: ChurnConfig, run_id: str | None = None) -> PublishResult:
@@ -656,7 +696,7 @@ def publish(config: ChurnConfig, run_id: str | None = None) -> PublishResult:
     rows = written.rows
     result = PublishResult(path=published, tables=rows, seconds=time.perf_counter() - start,
                            parts_written=written.parts_written, parts_kept=written.parts_kept,
-                           rows_hashed=written.rows_hashed)
+                           rows_hashed=written.rows_hashed, rows_counted=written.rows_counted)
     log.info("published %d tables (%s) to %s", len(rows), ", ".join(f"{t}={n:,d}" for t, n in rows.items()), published)
     return result
 
