@@ -268,11 +268,12 @@ def test_warning_is_recorded_and_the_run_goes_on(private_warehouse: ChurnConfig)
     assert row == [(False, warning.unexpected_count)]
 
 
-def test_landing_suite_finds_future_dates_in_the_file(private_warehouse: ChurnConfig) -> None:
+@pytest.mark.parametrize("planted", ["2999-01-01", "0001-01-01"], ids=["after-today", "before-earliest"])
+def test_landing_suite_finds_future_dates_in_the_file(private_warehouse: ChurnConfig, planted: str) -> None:
     config = private_warehouse
     path = config.dataset.landing_dir / "payments.parquet"
     with duckdb.connect() as con:
-        con.execute(f"copy (select * replace (case when row_number() over () <= 4 then date '2999-01-01' "
+        con.execute(f"copy (select * replace (case when row_number() over () <= 4 then date '{planted}' "
                     f"else invoice_date end as invoice_date) from read_parquet('{path}')) "
                     f"to '{path}.new' (format parquet)")
     Path(f"{path}.new").replace(path)
