@@ -135,21 +135,66 @@ def drive(port: int, route: str, method: str, paths: list[str], body: bytes | No
                        round(float(values.max()), 2), round(seconds, 2))
 
 
-def _what_if_body(customer: str, as_of: str) -> bytes:
-    """A real customer's raw rows (read from the landing files by the server's own reader)."""
+@dataclass(frozen=True)
+class WhatIfRequest:
+    """The POST body and what it holds: the sampled customer with the longest event history."""
+
+    customer: str
+    body: bytes
+    rows: dict[str, int]  # request rows per source table
+    first_event: str | None
+    last_event: str | None
+
+
+def what_if_request(customers: list[str], as_of: str) -> WhatIfRequest:
+    """A real customer's raw rows (read from the landing files by the server's own reader).
+
+    Of the sampled customers, the one whose dated events span the most days: the
+    issue's target is for a customer with a year of events, not a newcomer's few rows.
+    """
     from ml.config import load_config
     from ml.serving.features import compile_features, read_landing_rows
 
     config = load_config(os.environ.get("CHURN_CONFIG"))
     compiled = compile_features(config)
-    return json.dumps({"as_of": as_of, "tables": read_landing_rows(compiled, [customer])}).encode()
+    tables = read_landing_rows(compiled, customers)
+    spans: dict[str, list[str]] = {c: [] for c in customers}
+    for source in compiled.sources:
+        if source.date_column is None:
+            continue
+        for row in tables[source.name]:
+            if row[source.date_column] is not None:
+                spans[str(row[source.key_column])].append(str(row[source.date_column])[:10])
+    customer = max(customers, key=lambda c: (dt.date.fromisoformat(max(spans[c])) - dt.date.fromisoformat(min(spans[c]))
+                                             if spans[c] else dt.timedelta(0)))
+    mine = {source.name: [r for r in tables[source.name] if str(r[source.key_column]) == customer]
+            for source in compiled.sources}
+    return WhatIfRequest(customer, json.dumps({"as_of": as_of, "tables": mine}).encode(),
+                         {name: len(rows) for name, rows in mine.items()},
+                         min(spans[customer], default=None), max(spans[customer], default=None))
+
+
+def served_customers(port: int, limit: int, as_of: str | None = None) -> list[str]:
+    """Real customer ids answered on `as_of` (tonight when None), found by probing the API."""
+    suffix = f"?as_of={as_of}" if as_of else ""
+    customers: list[str] = []
+    for attempt in range(2000):
+        candidate = f"C{attempt:07d}"
+        if _get(port, f"/customers/{candidate}/score{suffix}")[0] == 200:
+            customers.append(candidate)
+        if len(customers) >= limit:
+            break
+    if not customers:
+        raise SystemExit(f"no customer ids C0000000..C0001999 are answered{' on ' + as_of if as_of else ''}")
+    return customers
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.api", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="churn.yml of the published warehouse to serve (default ./churn.yml)")
     parser.add_argument("--rates", default="50,100,200", help="req/s for GET /customers/{id}/score")
-    parser.add_argument("--what-if-rates", default="5,10,20", help="req/s for POST /score")
+    parser.add_argument("--what-if-rates", default="5,10,20",
+                        help="req/s for POST /score and GET /customers/{id}/score?as_of=<an earlier night>")
     parser.add_argument("--seconds", type=float, default=5.0, help="duration of each rate (count = rate x seconds)")
     parser.add_argument("--workers", type=int, default=32, help="client threads")
     parser.add_argument("--startup-seconds", type=float, default=300.0, help="give up if /health is not up by then")
@@ -165,34 +210,40 @@ def main(argv: list[str] | None = None) -> int:
     results: list[RouteResult] = []
     try:
         health = json.loads(_get(port, "/health")[1])
-        customers: list[str] = []
-        for attempt in range(2000):  # sample real customer ids by probing the published answers
-            candidate = f"C{attempt:07d}"
-            if _get(port, f"/customers/{candidate}/score")[0] == 200:
-                customers.append(candidate)
-            if len(customers) >= 50:
-                break
-        if not customers:
-            raise SystemExit("no customer ids C0000000..C0001999 are scored in the published warehouse")
-        paths = [f"/customers/{c}/score" for c in customers]
+        paths = [f"/customers/{c}/score" for c in served_customers(port, 50)]
         for rate in (float(r) for r in args.rates.split(",")):
             results.append(drive(port, "GET published", "GET", paths, None, rate, int(rate * args.seconds),
                                  args.workers))
-        body = _what_if_body(customers[0], health["tonight"])
+        what_if = what_if_request([p.split("/")[2] for p in paths], health["tonight"])
+        print(f"what-if customer {what_if.customer}: events {what_if.first_event} .. {what_if.last_event}, "
+              f"request rows {what_if.rows}")
         for rate in (float(r) for r in args.what_if_rates.split(",")):
-            results.append(drive(port, "POST what-if", "POST", ["/score"], body, rate, int(rate * args.seconds),
-                                 min(args.workers, 8)))
+            results.append(drive(port, "POST what-if", "POST", ["/score"], what_if.body, rate,
+                                 int(rate * args.seconds), min(args.workers, 8)))
+        earlier = sorted(d for d in health["served_dates"] if d != health["tonight"])
+        if earlier:
+            as_of = earlier[-1]
+            as_of_paths = [f"/customers/{c}/score?as_of={as_of}" for c in served_customers(port, 20, as_of)]
+            for rate in (float(r) for r in args.what_if_rates.split(",")):
+                results.append(drive(port, f"GET as_of {as_of}", "GET", as_of_paths, None, rate,
+                                     int(rate * args.seconds), min(args.workers, 8)))
+        else:
+            print("GET ?as_of= not measured: only tonight is served (publish two nights, e.g. "
+                  "`churn nightly --as-of <an earlier date>` then `churn nightly`)")
     finally:
         stop_server(server)
     load = os.getloadavg()
     print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} cores (shared machine)")
-    print(f"{'route':16s} {'req/s':>6s} {'n':>6s} {'errors':>6s} {'p50 ms':>8s} {'p95 ms':>8s} {'p99 ms':>8s}")
+    print(f"{'route':22s} {'req/s':>6s} {'n':>6s} {'errors':>6s} {'p50 ms':>8s} {'p95 ms':>8s} {'p99 ms':>8s}")
     for r in results:
-        print(f"{r.route:16s} {r.rate:6.0f} {r.requests:6d} {r.errors:6d} {r.p50_ms:8.1f} {r.p95_ms:8.1f} "
+        print(f"{r.route:22s} {r.rate:6.0f} {r.requests:6d} {r.errors:6d} {r.p50_ms:8.1f} {r.p95_ms:8.1f} "
               f"{r.p99_ms:8.1f}")
     RESULTS_DIR.mkdir(exist_ok=True)
     out = RESULTS_DIR / f"api-{dt.datetime.now():%Y%m%dT%H%M%S}.json"
     out.write_text(json.dumps({"load_average": load, "cpus": os.cpu_count(), "model": health.get("model_version"),
+                               "served_dates": health["served_dates"], "what_if": {
+                                   "customer": what_if.customer, "rows": what_if.rows,
+                                   "first_event": what_if.first_event, "last_event": what_if.last_event},
                                "results": [asdict(r) for r in results]}, indent=2))
     print(f"saved {out}")
     return 0

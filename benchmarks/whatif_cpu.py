@@ -10,9 +10,11 @@ so a thread pool's spinning counts) beside the wall time:
   what-if          ScoringService.score_tables: what POST /score runs
   features SQL     FeatureConnection.features: the prepared mart SQL alone
   scoring          score_frame on those features: the champion, its reasons
-  landing read     read_landing_rows of the customer at --as-of, pooled: what GET ?as_of reads
+  landing files    read_landing_rows of the customer at --as-of from the landing files, pooled
+  landing index    the same rows from the state's by-customer copy (what GET ?as_of reads, when built)
   as_of path       that read, then the features SQL and scoring at --as-of: GET ?as_of's work
                    (default date: the earliest served night before tonight, else 6 months back)
+  GET ?as_of       ScoringService.score_customer at --as-of, when it is a served date: the whole route
 
 Then it profiles one execution of each prepared request statement with
 DuckDB's profiler (the operator tree `EXPLAIN ANALYZE` prints): operators by
@@ -165,8 +167,12 @@ def main(argv: list[str] | None = None) -> int:
             top = config.scoring.top_reasons
             phases["scoring"] = timed(args.requests, lambda: score_frame(state.model, state.explainer, frame, top,
                                                                          typical=state.typical))
-            read = landing_read(service, customer, as_of, connection.session)
-            phases["landing read"] = timed(args.requests, read)
+            files = landing_read(service, customer, as_of, connection.session)
+            phases["landing files"] = timed(args.requests, files)
+            # what the route reads: the state's by-customer copy when it has one (ml.serving.features.LandingIndex)
+            read = (files if state.landing is None else lambda: state.landing.rows([customer], as_of))
+            if state.landing is not None:
+                phases["landing index"] = timed(args.requests, read)
 
             def as_of_path() -> object:
                 features = connection.features(read(), as_of, dt.date.today())
@@ -175,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
                 return score_frame(state.model, state.explainer, features, top, typical=state.typical)
 
             phases["as_of path"] = timed(args.requests, as_of_path)
+        if as_of in state.served_dates:
+            phases["GET ?as_of"] = timed(args.requests, lambda: service.score_customer(customer, as_of))
         profile = profile_statements(service, tables, state.tonight, workdir, args.top)
     finally:
         service.close()

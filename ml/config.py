@@ -248,6 +248,7 @@ class ServingConfig:
     reload_seconds: float         # how often the published database is checked for a new publish
     api_key_env: str              # when this environment variable is set, scoring routes need its value
     log_segment_bytes: int        # prediction-log files rotate past this size
+    landing_index_max_rows: int   # GET ?as_of= copies landing rows sorted by customer up to this many (0: off)
 
 
 @dataclass(frozen=True)
@@ -889,6 +890,8 @@ def _serving(raw: dict[str, Any], source: Path) -> ServingConfig:
     serving = _build(ServingConfig, _section(raw, "serving", source), "serving", source)
     if serving.pool_size < 1 or serving.max_body_bytes < 1 or serving.max_rows_per_table < 1:
         raise ConfigError(f"{source}: serving.pool_size, max_body_bytes and max_rows_per_table must be >= 1")
+    if serving.landing_index_max_rows < 0:
+        raise ConfigError(f"{source}: serving.landing_index_max_rows must be >= 0 (0 turns the index off)")
     return serving
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Iterator
 
@@ -12,6 +13,7 @@ from fastapi.testclient import TestClient
 from ml.config import ChurnConfig
 from ml.modeling.score import score
 from ml.serving.api import ScoringService, asgi_app
+from ml.serving.features import read_landing_rows
 from ml.serving.publish import publish
 from ml.serving.state import answer_value
 from ml.warehouse import connect, quote
@@ -87,3 +89,42 @@ def test_past_night_matches_its_scored_rows(with_history: tuple[ChurnConfig, dt.
             tonight = state.answers.get(customer_id)
             changed += tonight is None or tonight["churn_probability"] != answer["churn_probability"]
     assert changed, "the past night's answers equal tonight's: the as_of route served tonight's state"
+
+
+def test_the_by_customer_copy_holds_what_the_files_hold_before_the_served_nights(
+        with_history: tuple[ChurnConfig, dt.date], history_service: ScoringService) -> None:
+    """GET ?as_of= reads a sorted copy of the landing rows: the files' rows, none a served night cannot see."""
+    config, past = with_history
+    state = history_service.state
+    assert state.landing is not None, "an earlier served night and a small landing: the copy should be built"
+    compiled = history_service.compiled
+    customers = sorted(state.answers)[:5]
+    for as_of in (past, past - dt.timedelta(days=40)):
+        from_files = read_landing_rows(compiled, customers, as_of=as_of)
+        from_copy = state.landing.rows(customers, as_of)
+        for source in compiled.sources:
+            def key(row: dict) -> tuple:
+                return tuple(str(v) for v in row.values())
+            assert sorted(from_copy[source.name], key=key) == sorted(from_files[source.name], key=key), source.name
+    # the copy leaves out the rows dated on or after the newest night before tonight: none of them can see those
+    dated = next(s for s in compiled.sources if s.date_column is not None)
+    with state.landing.session.cursor() as cursor:
+        newest = cursor.scalar(f"select max({quote(dated.date_column)}) from {state.landing.relations[dated.name]}")
+    assert pd.Timestamp(newest).date() < past
+
+
+def test_a_landing_too_big_to_copy_is_read_from_the_files(with_history: tuple[ChurnConfig, dt.date],
+                                                            history_service: ScoringService,
+                                                            tmp_path_factory: pytest.TempPathFactory) -> None:
+    config, past = with_history
+    small = dataclasses.replace(config, serving=dataclasses.replace(config.serving, landing_index_max_rows=10))
+    service = ScoringService(small, workdir=tmp_path_factory.mktemp("serve-no-index"))
+    try:
+        assert service.state.landing is None
+        a = quote(config.problem.as_of_column)
+        with connect(config.warehouse.published_db, read_only=True) as session:
+            customer = session.scalar(f"select min(customer_id) from churn_scores_history where {a} = ?", [past])
+        from_files = service.score_customer(customer, past)
+        assert from_files == history_service.score_customer(customer, past)
+    finally:
+        service.close()

@@ -245,8 +245,11 @@ class ScoringService:
                 raise LookupError(f"customer {customer_id!r} is not active on {state.tonight} (or unknown)")
             return answer
         self.check_date(state, as_of)
-        with self.pool.connection() as connection:
-            tables = read_landing_rows(self.compiled, [customer_id], connection.session, as_of=as_of)
+        if state.landing is not None:
+            tables = state.landing.rows([customer_id], as_of)
+        else:
+            with self.pool.connection() as connection:
+                tables = read_landing_rows(self.compiled, [customer_id], connection.session, as_of=as_of)
         answers = self.score_tables(tables, as_of, state)
         if not answers:
             raise LookupError(f"customer {customer_id!r} is not active on {as_of} (or unknown)")

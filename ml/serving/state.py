@@ -32,7 +32,7 @@ from ml.modeling.score import (
     scored_dates,
     typical_values,
 )
-from ml.serving.features import CompiledFeatures, RequestError, snapshot_features
+from ml.serving.features import CompiledFeatures, LandingIndex, RequestError, snapshot_features
 from ml.serving.publish import PublishInfo, published_info
 from ml.warehouse import connect, is_missing, json_value
 
@@ -64,6 +64,8 @@ class PublishedState:
     features: pd.DataFrame = field(repr=False, default_factory=pd.DataFrame)
     top_reasons: int = 3
     typical: dict[str, str] = field(default_factory=dict, repr=False)  # the model's typical values, for reasons
+    # GET ?as_of=: the landing rows earlier served dates read, sorted by customer (None: read the files)
+    landing: LandingIndex | None = field(default=None, repr=False)
 
     # Reasons of customers the nightly left unexplained, filled in batches by `explain_all` after
     # the state goes live (a single row's TreeSHAP costs ~10 ms, a row in a batch ~30 us).
@@ -187,8 +189,11 @@ def load_state(config: ChurnConfig, compiled: CompiledFeatures) -> PublishedStat
         answers = index_answers(published.scores, features, model)
     # kept for the reasons of customers the nightly did not explain (scoring.reasons_for = flagged)
     by_key = features.set_index(features[model.contract.key].astype(str)) if len(features) else features
+    landing = LandingIndex.build(compiled, published.served_dates, published.tonight, config.warehouse.engine,
+                                 config.serving.landing_index_max_rows)
     return PublishedState(published.info, published.stamp, model, Explainer(model), published.tonight,
-                          published.served_dates, answers, by_key, config.scoring.top_reasons, typical_values(model))
+                          published.served_dates, answers, by_key, config.scoring.top_reasons, typical_values(model),
+                          landing=landing)
 
 
 class StateHolder:
@@ -243,4 +248,6 @@ class StateHolder:
         for thread in (self._thread, self._explaining):
             if thread is not None:
                 thread.join(timeout=5)
+        if self.current.landing is not None:  # a replaced state's copy is freed with the state
+            self.current.landing.close()
 

@@ -67,6 +67,16 @@ class Session:
         self.read_only = read_only
         self._depth = 0
 
+    @contextmanager
+    def cursor(self) -> Iterator[Session]:
+        """Another connection to the same database, for one thread: DuckDB connections are not
+        shared between threads, while cursors of one database are independent and cheap (~10 us)."""
+        cursor = self._con.cursor()
+        try:
+            yield Session(cursor, self.path, self.read_only)
+        finally:
+            cursor.close()
+
     # ------------------------------------------------------------ reading
 
     def execute(self, sql: str, params: Params = None) -> None:
