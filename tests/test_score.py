@@ -279,3 +279,7 @@ def test_flagged_only_reasons_equal_the_full_explanation_where_given(trained_war
     assert flagged_only.loc[~flagged, [c for c in flagged_only if c.startswith("reason_")]].isna().all().all()
     nobody = score_frame(model, explainer, rows[~flagged].head(20), 3, reasons_for="flagged")
     assert len(nobody) == 20 and nobody["reason_1"].isna().all()
+    # the API leaves the texts out: everything else is the same, for all rows and for flagged-only reasons
+    for reasons_for, full in (("all", everyone), ("flagged", flagged_only)):
+        bare = score_frame(model, explainer, rows, 3, reasons_for=reasons_for, texts=False)
+        pd.testing.assert_frame_equal(bare, full[[c for c in full.columns if not c.endswith("_text")]])

@@ -217,12 +217,14 @@ class ScoringService:
             return []
         model = state.model
         scored = score_frame(model, state.explainer, features, self.config.scoring.top_reasons,
-                             typical=state.typical)
+                             typical=state.typical, texts=False)
         bands = risk_bands(scored["churn_probability"].to_numpy(), model.threshold,
                            self.config.scoring.high_risk_probability)
         reason_names = [c for c in scored.columns if c.startswith("reason_") and c.removeprefix("reason_").isdigit()]
+        names = model.contract.feature_names
+        values = features[names].to_dict("records")  # one conversion, not a .loc lookup per feature
         answers = []
-        for position, (index, row) in enumerate(scored.iterrows()):
+        for position, (_, row) in enumerate(scored.iterrows()):
             answers.append({
                 "customer_id": str(row[model.contract.key]),
                 "as_of": answer_value(row[model.contract.as_of]),
@@ -232,7 +234,7 @@ class ScoringService:
                 "model_version": model.version,
                 "reasons": [{"feature": row[n], "contribution": answer_value(row[f"{n}_contribution"])}
                             for n in reason_names if row[n] is not None],
-                "features": {f: answer_value(features.loc[index, f]) for f in model.contract.feature_names},
+                "features": {f: answer_value(values[position][f]) for f in names},
             })
         return answers
 
