@@ -7,27 +7,31 @@ mismatch rather than passing by construction.
 
 from __future__ import annotations
 
+import functools
 import re
 
 import numpy as np
 import pandas as pd
 import pytest
 
+import ml.reports.profile as profile_module
 from ml.config import ChurnConfig
 from ml.features.contract import FeatureContract, load_contract
 from ml.features.dbt import dbt_target_path
 from ml.features.night import MartBefore, record_mart_build
 from ml.reports.profile import (
+    ORDER_STATISTICS_SAMPLE,
     PLOTS,
     PROFILE_SNAPSHOTS,
     TABLES,
     ProfileError,
+    correlations,
     numeric_summary,
     order_statistics_source,
     profile,
     stored_snapshot_stats,
 )
-from ml.warehouse import connect
+from ml.warehouse import Session, connect
 from tests.conftest import REPO_ROOT, copy_warehouse
 
 
@@ -132,20 +136,69 @@ def test_a_long_history_reads_quantiles_from_a_seeded_sample_and_counts_from_eve
     feature = contract.numeric[0]
     with connect(config.warehouse.build_db, read_only=True) as con:
         total = con.scalar(f'select count(*) from "{mart}"')
-        ordered, rows = order_statistics_source(con, mart, contract, seed=7, rows=total // 10)
-        assert ordered != f'"{mart}"' and 0.7 * total // 10 < rows < 1.3 * total // 10
-        assert order_statistics_source(con, mart, contract, seed=7, rows=total // 10) == (ordered, rows)
-        assert order_statistics_source(con, mart, contract, seed=7, rows=total) == (f'"{mart}"', total)
-        sampled = np.array([r[0] for r in con.rows(
-            f'select cast("{feature}" as double) from {ordered} where "{feature}" is not null')])
+        with order_statistics_source(con, mart, contract, seed=7, rows=total // 10) as (ordered, rows):
+            assert ordered != f'"{mart}"' and 0.7 * total // 10 < rows < 1.3 * total // 10
+            sampled = np.array([r[0] for r in con.rows(
+                f'select cast("{feature}" as double) from {ordered} where "{feature}" is not null')])
+            summary = numeric_summary(con, mart, contract, ordered).set_index("column_name").loc[feature]
+        with order_statistics_source(con, mart, contract, seed=7, rows=total // 10) as again:
+            assert again == (ordered, rows) and np.array_equal(sampled, [r[0] for r in con.rows(
+                f'select cast("{feature}" as double) from {ordered} where "{feature}" is not null')])
+        with order_statistics_source(con, mart, contract, seed=7, rows=total) as whole:
+            assert whole == (f'"{mart}"', total)
         every = np.array([r[0] for r in con.rows(
             f'select cast("{feature}" as double) from "{mart}" where "{feature}" is not null')])
-        summary = numeric_summary(con, mart, contract, ordered).set_index("column_name").loc[feature]
     assert summary["p25"] == pytest.approx(np.quantile(sampled, 0.25))
     assert summary["p99"] == pytest.approx(np.quantile(sampled, 0.99))
     assert summary["mean"] == pytest.approx(every.mean()) and summary["max_value"] == pytest.approx(every.max())
     fences = (summary["low_fence"], summary["high_fence"])
     assert summary["outliers_high"] == int((every > fences[1]).sum())  # outliers counted on every row
+
+
+def test_a_sampled_profile_builds_its_sample_once_with_the_subquerys_figures(
+        private_warehouse: ChurnConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Planted: a sample left as a subquery re-runs its seeded filter over the mart in every statement reading it."""
+    config = private_warehouse
+    contract = _contract(config)
+    mart = contract.model
+    with connect(config.warehouse.build_db, read_only=True) as con:
+        total = con.row_count(mart)
+    bound = total // 10
+    monkeypatch.setattr(profile_module, "order_statistics_source",
+                        functools.partial(order_statistics_source, rows=bound))
+    statements: list[str] = []
+
+    def spying(original):
+        def spy(self, sql, params=None):
+            statements.append(sql)
+            return original(self, sql, params)
+        return spy
+
+    for name in ("execute", "rows", "one", "frame"):  # scalar and row_count go through one
+        monkeypatch.setattr(Session, name, spying(getattr(Session, name)))
+    profile(config, run_id="sampled", sample_rows=500)
+    monkeypatch.undo()
+
+    filtered = [s for s in statements if f"% {total} < {bound}" in s]
+    assert len(filtered) == 1 and filtered[0].startswith(f"create or replace temp table {ORDER_STATISTICS_SAMPLE}")
+    reading = [s for s in statements if ORDER_STATISTICS_SAMPLE in s]
+    assert len(reading) >= 4, "count, quantiles and correlations read the temp table"
+    assert reading[-1] == f"drop table {ORDER_STATISTICS_SAMPLE}", "and it is dropped after them"
+    # The figures are those of the former subquery over the same seeded filter.
+    subquery = f'(select * from "{mart}" where {filtered[0].split(" where ", 1)[1]})'
+    no_categories = pd.DataFrame(columns=["column_name", "cramers_v"])
+    with connect(config.warehouse.build_db, read_only=True) as con:
+        expected = numeric_summary(con, mart, contract, subquery).set_index("column_name")
+        expected_corr = correlations(con, mart, contract, no_categories, subquery)
+        stored = con.frame("select * from profile_columns where feature_mart = ?", [mart]).set_index("column_name")
+        stored_corr = con.frame("select column_a, column_b, correlation from profile_correlations "
+                                "where feature_mart = ? and method = 'pearson'", [mart])
+    order = [c for c in expected.columns if c.startswith("p") or c.startswith("median")]
+    assert len(order) > 3
+    pd.testing.assert_frame_equal(stored.loc[expected.index, order], expected[order], check_exact=True)
+    merged = expected_corr.merge(stored_corr, on=["column_a", "column_b"], suffixes=("", "_stored"))
+    assert len(merged) == len(expected_corr) > 0
+    assert np.allclose(merged["correlation"], merged["correlation_stored"], rtol=1e-12, atol=1e-15, equal_nan=True)
 
 
 def test_distributions_by_label_and_correlations(profiled) -> None:

@@ -19,9 +19,9 @@ import pytest
 import ml.modeling.train as train_module
 from ml.modeling.operating_point import oof_rows
 from ml.modeling.registry import champion_version, load_model
-from ml.modeling.train import customer_sample, cv_folds, stopping_split, train
+from ml.modeling.train import customer_sample, cv_folds, fit_early_stopped, make_pipeline, stopping_split, train
 from tests.conftest import query
-from tests.test_train import synthetic_mart, synthetic_warehouse
+from tests.test_train import SYNTHETIC_CONTRACT, synthetic_mart, synthetic_warehouse
 
 # 700 customers x 3 training snapshots = 2100 training rows (one more snapshot is held out).
 CUSTOMERS, TRAIN_SNAPSHOTS = 700, 3
@@ -58,6 +58,49 @@ def test_stopping_rows_come_from_the_folds_training_customers_only() -> None:
         assert 0.15 < len(stop_idx) / len(fit_idx) < 0.25
     single = np.zeros(len(groups), dtype=int)
     assert stopping_split(np.arange(len(groups)), single, groups, 0) is None, "one class: nothing to stop on"
+
+
+def _transformed_rows(pipeline) -> list[int]:
+    """Spy on the preprocessing step: the row count of every `transform` call."""
+    preprocess = pipeline.named_steps["preprocess"]
+    original, seen = preprocess.transform, []
+
+    def transform(frame, **kwargs):
+        seen.append(len(frame))
+        return original(frame, **kwargs)
+
+    preprocess.transform = transform
+    return seen
+
+
+def test_early_stopping_transforms_the_fit_rows_once_into_the_same_model() -> None:
+    mart = synthetic_mart(customers=300, snapshots=3, unlabelled_last=False)
+    X = mart[list(SYNTHETIC_CONTRACT.feature_names)]
+    y = mart[SYNTHETIC_CONTRACT.label].to_numpy(dtype=int)
+    groups = mart["customer_id"].to_numpy()
+    fit_idx, val_idx = cv_folds(y, groups, 3, 0)[0]
+    split = stopping_split(fit_idx, y, groups, 0)
+    assert split is not None
+    boost_idx, stop_idx = split
+    params = {"n_estimators": 200, "learning_rate": 0.3, "max_depth": 3}
+
+    # Reference: the former sequence, fit then transform (the spy must see its second pass over the fit rows).
+    reference = make_pipeline(SYNTHETIC_CONTRACT, "xgboost", params, 0, 1.0)
+    reference_seen = _transformed_rows(reference)
+    preprocess = reference.named_steps["preprocess"].fit(X.iloc[boost_idx])
+    booster = reference.named_steps["model"].set_params(early_stopping_rounds=5, eval_metric="aucpr")
+    booster.fit(preprocess.transform(X.iloc[boost_idx]), y[boost_idx],
+                eval_set=[(preprocess.transform(X.iloc[stop_idx]), y[stop_idx])], verbose=False)
+    assert reference_seen == [len(boost_idx), len(stop_idx)]
+
+    pipeline = make_pipeline(SYNTHETIC_CONTRACT, "xgboost", params, 0, 1.0)
+    seen = _transformed_rows(pipeline)
+    rounds = fit_early_stopped(pipeline, X, y, boost_idx, stop_idx, 5, "pr_auc")
+    assert seen == [len(stop_idx)], "the fit rows are transformed once, by fit_transform"
+    assert rounds == booster.best_iteration + 1 < 200
+    model = pipeline.named_steps["model"]
+    assert model.get_booster().save_raw("json") == booster.get_booster().save_raw("json"), "the same trees"
+    assert np.array_equal(pipeline.predict_proba(X.iloc[val_idx]), reference.predict_proba(X.iloc[val_idx]))
 
 
 @pytest.fixture

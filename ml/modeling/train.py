@@ -321,11 +321,14 @@ def fit_early_stopped(pipeline: Pipeline, X: pd.DataFrame, y: np.ndarray, fit_id
     The Pipeline does not pass an eval_set through its preprocessing, so the two
     steps are fitted here in turn; the fitted Pipeline predicts with the best
     round (XGBoost's default after early stopping). Returns the rounds kept.
+    `fit_transform` transforms the fit rows once (`fit` then `transform` did it
+    twice: ColumnTransformer.fit already transforms them and drops the result).
     """
-    preprocess = pipeline.named_steps["preprocess"].fit(X.iloc[fit_idx])
+    preprocess = pipeline.named_steps["preprocess"]
+    fitted_rows = preprocess.fit_transform(X.iloc[fit_idx])
     model = pipeline.named_steps["model"]
     model.set_params(early_stopping_rounds=rounds, eval_metric=XGB_METRICS[metric])
-    model.fit(preprocess.transform(X.iloc[fit_idx]), y[fit_idx],
+    model.fit(fitted_rows, y[fit_idx],
               eval_set=[(preprocess.transform(X.iloc[stop_idx]), y[stop_idx])], verbose=False)
     return int(model.best_iteration) + 1
 

@@ -26,6 +26,8 @@ import html
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,8 @@ log = get_logger("profile")
 # row) use every row up to this many and a seeded sample of this many beyond, so a night's profile does not
 # grow with the length of history (2.9M rows: 8 s of quantiles on 2 cores).
 ORDER_STATISTICS_ROWS = 200_000
+# The temp table that holds that sample for one profile run (`order_statistics_source`).
+ORDER_STATISTICS_SAMPLE = "_profile_order_sample"
 # These bound only what the plots and the report show.
 PLOT_SAMPLE_ROWS = 20_000
 PLOT_TOP_FEATURES = 8
@@ -215,20 +219,28 @@ def column_summary(
     return pd.DataFrame(records)
 
 
+@contextmanager
 def order_statistics_source(session: Session, mart: str, contract: FeatureContract, seed: int,
-                            rows: int = ORDER_STATISTICS_ROWS) -> tuple[str, int]:
+                            rows: int = ORDER_STATISTICS_ROWS) -> Iterator[tuple[str, int]]:
     """The relation quantiles and correlations read, and its row count: the mart, or a seeded sample of it.
 
     A hash of key, snapshot and seed keeps about `rows` rows, the same ones on
-    every run and thread count, without reading the mart into Python.
+    every run and thread count, without reading the mart into Python. The
+    sample is a temp table of the numeric features and the label, built once
+    for the block: as a subquery its filter re-scanned the mart in each of the
+    count, quantile and correlation statements. Dropped when the block ends.
     """
     total = int(session.scalar(f"select count(*) from {quote(mart)}"))
     if total <= rows:
-        return quote(mart), total
+        yield quote(mart), total
+        return
     picked = (f"hash(cast({quote(contract.key)} as varchar), cast({quote(contract.as_of)} as varchar), "
               f"{int(seed)}) % {total} < {rows}")
-    relation = f"(select * from {quote(mart)} where {picked})"
-    return relation, int(session.scalar(f"select count(*) from {relation}"))
+    session.execute(f"create or replace temp table {ORDER_STATISTICS_SAMPLE} as "
+                    f"select {column_list([*contract.numeric, contract.label])} from {quote(mart)} where {picked}")
+    yield ORDER_STATISTICS_SAMPLE, session.row_count(ORDER_STATISTICS_SAMPLE)
+    # After an error the temp table goes with the connection, which the caller is closing.
+    session.execute(f"drop table {ORDER_STATISTICS_SAMPLE}")
 
 
 def numeric_summary(session: Session, mart: str, contract: FeatureContract, ordered: str | None = None) -> pd.DataFrame:
@@ -753,14 +765,15 @@ def profile(config: ChurnConfig, run_id: str | None = None, sample_rows: int = P
     with connect(config.warehouse.build_db, settings=config.warehouse.engine) as session:
         types = check_mart(session, config, contract)
         with timed(f"profile statistics of {mart}", log):
-            ordered, ordered_rows = order_statistics_source(session, mart, contract, config.training.random_state)
-            columns = column_summary(session, mart, contract, types)
-            numeric = numeric_summary(session, mart, contract, ordered)
-            categories, cramers_v = category_summary(session, mart, contract)
-            scope = update_snapshot_stats(session, config, contract, run_id, profiled_at)
-            log.info("profile snapshot aggregates recomputed for %s", scope)
-            balance = class_balance_from_snapshots(stored_snapshot_stats(session, mart), contract)
-            corr = correlations(session, mart, contract, cramers_v, ordered)
+            with order_statistics_source(session, mart, contract, config.training.random_state) as (
+                    ordered, ordered_rows):
+                columns = column_summary(session, mart, contract, types)
+                numeric = numeric_summary(session, mart, contract, ordered)
+                categories, cramers_v = category_summary(session, mart, contract)
+                scope = update_snapshot_stats(session, config, contract, run_id, profiled_at)
+                log.info("profile snapshot aggregates recomputed for %s", scope)
+                balance = class_balance_from_snapshots(stored_snapshot_stats(session, mart), contract)
+                corr = correlations(session, mart, contract, cramers_v, ordered)
         association = label_association(corr)
         columns = columns.merge(numeric, on="column_name", how="left")
         columns["label_association"] = columns["column_name"].map(association).astype(float)
