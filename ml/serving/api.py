@@ -340,7 +340,7 @@ def run_command(config: ChurnConfig, args: argparse.Namespace) -> int:
     import uvicorn
 
     service = ScoringService(config)
-    service.holder.start()
+    service.holder.start(freeze_heap=True)  # this process only serves: its states need no cyclic GC passes
     state = service.state
     log.info("serving %s model %s on http://%s:%d (%d customers tonight, dates %s)", config.dataset.name,
              state.model.version, args.host, args.port, len(state.answers),

@@ -11,6 +11,7 @@ request that already took the old state finishes on it.
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import os
 import threading
 from collections.abc import Callable
@@ -196,6 +197,22 @@ def load_state(config: ChurnConfig, compiled: CompiledFeatures) -> PublishedStat
                           landing=landing)
 
 
+def settle_heap() -> None:
+    """Keep a loaded state out of the garbage collector's full passes.
+
+    A state is hundreds of thousands of small objects (an answer and its
+    feature values per customer) that live until the next publish. Python's
+    cyclic collector walks every tracked object on each full pass, which showed
+    as 60 ms pauses in the GET route's p99; frozen objects are skipped by it
+    and still freed by reference counting when a newer state replaces them.
+    Each call first unfreezes and collects, so cyclic garbage frozen by the
+    previous call (an old state still held by a request then) is freed now.
+    """
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+
+
 class StateHolder:
     """The current state, and a watcher thread that swaps in the next publish without a restart."""
 
@@ -203,6 +220,7 @@ class StateHolder:
         self.config = config
         self.compiled = compiled
         self.current: PublishedState = load_state(config, compiled)
+        self._freeze_heap = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._explaining: threading.Thread | None = None
@@ -218,6 +236,8 @@ class StateHolder:
             log.exception("could not load the new publish of %s; still serving %s", db, self.current.info)
             return False
         self.current = state  # one reference assignment: requests hold whichever state they took
+        if self._freeze_heap:
+            settle_heap()
         log.info("serving publish %s (model %s, %d customers)", state.info, state.model.version, len(state.answers))
         self.explain(state)
         return True
@@ -233,7 +253,12 @@ class StateHolder:
         self._explaining = threading.Thread(target=run, name="reasons", daemon=True)
         self._explaining.start()
 
-    def start(self) -> None:
+    def start(self, freeze_heap: bool = False) -> None:
+        """Serve: fill reasons, watch for publishes; `freeze_heap` (the server process) keeps
+        each loaded state out of the cyclic collector's passes (`settle_heap`)."""
+        self._freeze_heap = freeze_heap
+        if freeze_heap:
+            settle_heap()
         self.explain(self.current)
 
         def watch() -> None:
