@@ -25,6 +25,7 @@ reasons name the SQL columns analysts know.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -147,6 +148,13 @@ class Explainer:
         self.mapping, self.features = source_matrix(model, names)
         self.output = "probability" if self.kind == "RandomForestClassifier" else "log_odds"
         self._leaf_tables: list[_LeafTable] = []
+        # A forest predicting with several jobs adds its trees' probabilities in whichever order the
+        # threads finish, so the last bit of a score varied between runs (and between DuckDB and
+        # Spark scoring); one job adds them in tree order. Same fitted trees, shared, not copied.
+        self._scorer = self.estimator
+        if self.kind == "RandomForestClassifier" and self.estimator.n_jobs not in (None, 1):
+            self._scorer = copy.copy(self.estimator)
+            self._scorer.n_jobs = 1
         if self.kind == "RandomForestClassifier":
             classes = list(self.estimator.classes_)
             positive = classes.index(1) if 1 in classes else len(classes) - 1
@@ -161,7 +169,7 @@ class Explainer:
 
     def raw_scores(self, matrix: Any) -> np.ndarray:
         """The estimator's uncalibrated churn score of preprocessed rows (= model.raw_scores)."""
-        return self.estimator.predict_proba(matrix)[:, 1]
+        return self._scorer.predict_proba(matrix)[:, 1]
 
     def contributions(self, matrix: Any, index: pd.Index) -> Contributions:
         """Contributions of preprocessed rows, by contract feature, plus the bias term."""
