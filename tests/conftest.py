@@ -117,6 +117,25 @@ def rewrite(config: ChurnConfig, table: str, select: str) -> None:
     new.replace(path)
 
 
+@pytest.fixture(scope="session")
+def spark_warehouse(small_config: ChurnConfig, tmp_path_factory: pytest.TempPathFactory):
+    """The test process's one Spark session (local mode), on its own Derby and table folder.
+
+    One JVM per process, and the JVM keeps the Derby folder it started with, so
+    every in-process Spark test module shares this session and adds tables of
+    its own names to its `churn` schema (dbt runs go to subprocesses instead).
+    """
+    pytest.importorskip("pyspark", reason="needs the .[spark] extra (make test-spark)")
+    from ml.warehouse.spark import spark_session
+
+    folder = tmp_path_factory.mktemp("spark")
+    with pytest.MonkeyPatch.context() as env:
+        # the factory must point the workers at this interpreter itself (make test-spark sets it for dbt)
+        env.delenv("PYSPARK_PYTHON", raising=False)
+        with spark_session(folder, small_config.spark) as warehouse:
+            yield warehouse
+
+
 @pytest.fixture(scope="module")
 def service(published_warehouse: ChurnConfig, tmp_path_factory: pytest.TempPathFactory):
     """A scoring service over the published session warehouse (one per test module)."""

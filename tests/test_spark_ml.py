@@ -111,23 +111,15 @@ def scored(trained_warehouse: ChurnConfig, tmp_path_factory: pytest.TempPathFact
 
 
 @pytest.fixture(scope="module")
-def spark(scored, tmp_path_factory: pytest.TempPathFactory):
-    """The module's one Spark session, holding the DuckDB mart as table churn.<mart> in 4 files."""
-    pytest.importorskip("pyspark", reason="needs the .[spark] extra (make test-spark)")
-    from ml.warehouse.spark import spark_folder, spark_session
-
+def spark(scored, spark_warehouse, tmp_path_factory: pytest.TempPathFactory):
+    """The process's Spark session, holding the DuckDB mart as table churn.<mart> in 4 files."""
     config = scored[0]
-    folder = spark_folder(config)  # inside the test's private warehouse: its own Derby and tables
     export = tmp_path_factory.mktemp("export") / "mart.parquet"
     with connect(config.warehouse.build_db, read_only=True) as session:
         session.execute(f"copy {config.dataset.feature_mart} to '{export}' (format parquet)")
-    with pytest.MonkeyPatch.context() as env:
-        # the factory must point the workers at this interpreter itself (make test-spark sets it for dbt)
-        env.delenv("PYSPARK_PYTHON", raising=False)
-        with spark_session(folder, config.spark) as warehouse:
-            (warehouse.spark.read.parquet(str(export)).repartition(4)
-             .write.saveAsTable(f"{SCHEMA}.{config.dataset.feature_mart}"))
-            yield warehouse
+    table = f"{SCHEMA}.{config.dataset.feature_mart}"
+    spark_warehouse.spark.read.parquet(str(export)).repartition(4).write.mode("overwrite").saveAsTable(table)
+    return spark_warehouse
 
 
 @pytest.mark.spark
