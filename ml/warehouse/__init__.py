@@ -9,14 +9,22 @@ This package imports nothing of the stages above it.
 """
 
 from ml.warehouse.catalog import CatalogError, Column, TableSpec, catalog, declare, spec
-from ml.warehouse.connection import MEMORY, DatabaseBusyError, EngineError, Session, WarehouseError, connect
+from ml.warehouse.connection import (
+    MEMORY,
+    DatabaseBusyError,
+    EngineError,
+    Reader,
+    Session,
+    WarehouseError,
+    connect,
+)
 from ml.warehouse.files import fsync, partition_folders, replace_folder, staging_path
 from ml.warehouse.runlock import LockHolder, RunLock, RunLockedError, dead_run_message
 from ml.warehouse.sql import column_list, is_numeric_type, quote, quote_literal
 from ml.warehouse.values import float_or_none, is_missing, json_value, to_json
 
 __all__ = [
-    "MEMORY", "CatalogError", "Column", "DatabaseBusyError", "EngineError", "LockHolder", "RunLock",
+    "MEMORY", "CatalogError", "Column", "DatabaseBusyError", "EngineError", "LockHolder", "Reader", "RunLock",
     "RunLockedError", "Session", "TableSpec", "WarehouseError",
     "catalog", "column_list", "connect", "dead_run_message", "declare", "float_or_none", "fsync", "is_missing",
     "is_numeric_type", "json_value", "partition_folders", "quote", "quote_literal", "replace_folder", "spec",

@@ -58,6 +58,35 @@ class EngineSettings(Protocol):
     def pragmas(self) -> dict[str, str | int]: ...
 
 
+class Reader(Protocol):
+    """What a stage reads the data plane with, on either engine.
+
+    The feature mart and the scores live on the configured engine: a DuckDB
+    `Session` on the build database, or `ml.warehouse.spark.SparkWarehouse`,
+    which offers this same vocabulary on Spark. A stage that reads big tables
+    through a `Reader` (in SQL both engines share: ANSI, double-quoted names,
+    `?` parameters) runs unchanged on both; its small results still go to the
+    build database through a `Session`.
+    """
+
+    path: str
+
+    def rows(self, sql: str, params: Params = None) -> list[tuple[Any, ...]]: ...
+
+    def one(self, sql: str, params: Params = None) -> tuple[Any, ...] | None: ...
+
+    def scalar(self, sql: str, params: Params = None) -> Any: ...
+
+    def frame(self, sql: str, params: Params = None) -> pd.DataFrame: ...
+
+    def chunks(self, sql: str, params: Params = None, chunk_rows: int = 200_000,
+               always_one: bool = False) -> Iterator[pd.DataFrame]: ...
+
+    def exists(self, table: str | TableSpec) -> bool: ...
+
+    def columns(self, table: str | TableSpec) -> dict[str, str]: ...
+
+
 class Session:
     """An open warehouse connection with the operations the stages use."""
 

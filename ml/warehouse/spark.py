@@ -235,6 +235,22 @@ class SparkWarehouse:
     def rows(self, sql: str, params: Params = None) -> list[tuple[Any, ...]]:
         return [tuple(row) for row in self.dataframe(sql, params).collect()]
 
+    def chunks(self, sql: str, params: Params = None, chunk_rows: int = 200_000,
+               always_one: bool = False) -> Iterator[pd.DataFrame]:
+        """The result as pandas frames of at most `chunk_rows` rows (as `Session.chunks` on DuckDB).
+
+        The driver collects the result once in Arrow (compact, columnar) and
+        converts one chunk at a time to pandas, where the rows cost the most:
+        bounded by the result's Arrow size, not by one chunk as on DuckDB.
+        """
+        table = self.dataframe(sql, params).toArrow()
+        if table.num_rows == 0:
+            if always_one:
+                yield arrow_frame(table)
+            return
+        for start in range(0, table.num_rows, chunk_rows):
+            yield arrow_frame(table.slice(start, chunk_rows))
+
     def one(self, sql: str, params: Params = None) -> tuple[Any, ...] | None:
         rows = self.rows(sql, params)
         return rows[0] if rows else None
