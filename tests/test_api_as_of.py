@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import logging
 from collections.abc import Iterator
 
 import pandas as pd
@@ -13,10 +14,10 @@ from fastapi.testclient import TestClient
 from ml.config import ChurnConfig
 from ml.modeling.score import score
 from ml.serving.api import ScoringService, asgi_app
-from ml.serving.features import read_landing_rows
+from ml.serving.features import LandingIndex, read_landing_rows
 from ml.serving.publish import publish
 from ml.serving.state import answer_value
-from ml.warehouse import connect, quote
+from ml.warehouse import Session, connect, quote
 from tests.conftest import QUICK_TRAINING, copy_warehouse
 
 
@@ -128,3 +129,46 @@ def test_a_landing_too_big_to_copy_is_read_from_the_files(with_history: tuple[Ch
         assert from_files == history_service.score_customer(customer, past)
     finally:
         service.close()
+
+
+def copied_rows(index: LandingIndex) -> int:
+    """The rows the sorted copy holds, over all sources."""
+    with index.session.cursor() as cursor:
+        return sum(int(cursor.scalar(f"select count(*) from {relation}")) for relation in index.relations.values())
+
+
+def test_the_copy_reads_each_landing_file_once_and_a_cap_one_row_short_turns_it_off(
+        with_history: tuple[ChurnConfig, dt.date], history_service: ScoringService,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Planted: a cap of exactly the copy's rows builds it, one row fewer leaves the route on the files.
+
+    Every statement the build runs is recorded: counting the rows first and then
+    copying them read each landing file twice; the copy alone reads it once.
+    """
+    config, _ = with_history
+    state, compiled = history_service.state, history_service.compiled
+    total = copied_rows(state.landing)
+    statements: list[str] = []
+    execute, one = Session.execute, Session.one
+    monkeypatch.setattr(Session, "execute", lambda self, sql, params=None: (statements.append(sql),
+                                                                             execute(self, sql, params))[1])
+    monkeypatch.setattr(Session, "one", lambda self, sql, params=None: (statements.append(sql),
+                                                                         one(self, sql, params))[1])
+
+    def reads() -> dict[str, int]:
+        return {s.name: sum(s.relation in sql for sql in statements) for s in compiled.sources}
+
+    exact = LandingIndex.build(compiled, state.served_dates, state.tonight, config.warehouse.engine, total)
+    assert exact is not None, f"a cap of the copy's own {total} rows refused it"
+    try:
+        assert copied_rows(exact) == total
+        assert reads() == {s.name: 1 for s in compiled.sources}
+    finally:
+        exact.close()
+    statements.clear()
+    with caplog.at_level(logging.INFO, logger="churn"):
+        short = LandingIndex.build(compiled, state.served_dates, state.tonight, config.warehouse.engine, total - 1)
+    assert short is None
+    assert f"reads the landing files: they hold more than serving.landing_index_max_rows ({total - 1:,d})" \
+        in caplog.text
+    assert max(reads().values()) == 1

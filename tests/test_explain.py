@@ -7,6 +7,8 @@ meaning (the driver is the top reason for the riskiest rows).
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -17,7 +19,7 @@ from sklearn.pipeline import Pipeline
 
 from ml.features.contract import Feature, FeatureContract
 from ml.modeling.explain import Explainer, ExplainError, contributions, reason_columns, top_k, top_reasons
-from ml.modeling.model import ChurnModel, ScoreCalibrator, build_preprocessor
+from ml.modeling.model import ChurnModel, ScoreCalibrator, build_preprocessor, single_job_scorer
 
 CONTRACT = FeatureContract(
     model="synthetic_mart",
@@ -105,6 +107,62 @@ def test_explainer_scores_its_matrix_like_the_model(algorithm: str) -> None:
     np.testing.assert_allclose(explainer.raw_scores(matrix), model.raw_scores(frame), rtol=0, atol=1e-12)
     shared = explainer.contributions(matrix, frame.index)
     pd.testing.assert_frame_equal(shared.values, contributions(model, frame).values)
+
+
+def tree_order_proba(forest: RandomForestClassifier, matrix: np.ndarray) -> np.ndarray:
+    """A forest's probabilities summed tree by tree in `estimators_` order, as one job adds them."""
+    total = np.zeros((matrix.shape[0], len(forest.classes_)))
+    for tree in forest.estimators_:
+        total += tree.predict_proba(matrix)
+    return total / len(forest.estimators_)
+
+
+def threaded_forest(seed: int = 0) -> tuple[RandomForestClassifier, np.ndarray]:
+    """A forest fitted with two jobs on random rows, as training fits one (class_weight makes odd shares)."""
+    rng = np.random.default_rng(seed)
+    matrix = rng.normal(size=(3000, 6))
+    y = (rng.random(3000) < 1 / (1 + np.exp(-matrix[:, 0]))).astype(int)
+    forest = RandomForestClassifier(n_estimators=40, max_depth=6, class_weight="balanced_subsample",
+                                    random_state=0, n_jobs=2).fit(matrix, y)
+    return forest, matrix
+
+
+def test_a_threaded_forest_scores_the_same_bits_on_every_call_through_single_job_scorer() -> None:
+    forest, matrix = threaded_forest()
+    # Planted: on these rows the trees' sum depends on its order, so a scorer adding them in
+    # thread-finishing order could not pass the bitwise checks below by luck of the data.
+    reversed_forest = copy.copy(forest).set_params(n_jobs=1)
+    reversed_forest.estimators_ = forest.estimators_[::-1]
+    assert not np.array_equal(reversed_forest.predict_proba(matrix), tree_order_proba(forest, matrix))
+    scorer = single_job_scorer(forest)
+    first = scorer.predict_proba(matrix)
+    for _ in range(20):
+        assert np.array_equal(single_job_scorer(forest).predict_proba(matrix), first)
+    assert np.array_equal(first, tree_order_proba(forest, matrix))  # tree order, every call
+    np.testing.assert_allclose(first, forest.predict_proba(matrix), rtol=0, atol=1e-12)
+    # The fitted forest is neither refitted nor changed: same trees, still two jobs for the next fit.
+    assert scorer is not forest and scorer.n_jobs == 1
+    assert forest.n_jobs == 2 and scorer.estimators_ is forest.estimators_
+
+
+def test_every_forest_scoring_path_uses_one_job_without_touching_the_fitted_pipeline() -> None:
+    """ChurnModel and Explainer score a two-job forest pipeline in tree order; the pipeline keeps its jobs."""
+    model, frame = fitted_model("random_forest")
+    forest = model.pipeline.named_steps["model"]
+    forest.set_params(n_jobs=2)  # as train.make_pipeline fits it
+    steps = model.pipeline.steps
+    explainer = Explainer(model)
+    matrix = explainer.matrix(frame)
+    expected = tree_order_proba(forest, matrix)[:, 1]
+    for _ in range(5):
+        assert np.array_equal(model.raw_scores(frame), expected)
+        assert np.array_equal(explainer.raw_scores(matrix), expected)
+    assert model.pipeline.steps is steps and model.pipeline.named_steps["model"] is forest
+    assert forest.n_jobs == 2
+    # Nothing to do for estimators that already score deterministically: no copies.
+    assert single_job_scorer(forest.set_params(n_jobs=1)) is forest
+    linear = fitted_model("logistic_regression")[0].pipeline
+    assert single_job_scorer(linear) is linear
 
 
 @pytest.mark.parametrize("algorithm", sorted(ESTIMATORS))

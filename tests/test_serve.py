@@ -20,7 +20,7 @@ from ml.modeling.explain import top_reasons
 from ml.serving import features as features_module
 from ml.serving.api import ScoringService, asgi_app
 from ml.serving.features import RequestError, read_landing_rows, replace_relations
-from ml.serving.state import load_state
+from ml.serving.state import ReasonCache, load_state
 from ml.warehouse import connect
 from tests.conftest import query
 
@@ -83,9 +83,20 @@ def test_published_route_matches_churn_scores(client: TestClient, batch_scores: 
         assert set(answer["features"]) == set(service.state.model.contract.feature_names)
 
 
+def test_a_reason_cache_answers_only_what_was_put_in_it_and_belongs_to_one_state() -> None:
+    """What a batch adds is found whole; what no batch added is missing, in the order asked."""
+    cache = ReasonCache()
+    reasons = [{"feature": "tenure_months", "contribution": 0.2}]
+    cache.update({"C1": reasons, "C3": []})
+    assert cache.get("C1") == reasons and cache.get("C2") is None
+    assert "C3" in cache and "C2" not in cache and len(cache) == 2
+    assert cache.missing(["C4", "C1", "C2", "C3"]) == ["C4", "C2"]
+    assert ReasonCache().get("C1") is None  # a new state's cache starts empty, shares nothing
+
+
 def test_background_reasons_equal_the_on_demand_ones(service: ScoringService) -> None:
     """The reasons filled in batches after a state goes live are the single-row ones, for every customer."""
-    state = dataclasses.replace(service.state, explained={})  # a fresh cache, not the shared service's
+    state = dataclasses.replace(service.state, explained=ReasonCache())  # a fresh cache, not the shared service's
     waiting = state.unexplained()
     assert waiting, "the nightly explains flagged customers only, so some answers need reasons here"
     sample = waiting[:: max(1, len(waiting) // 7)]
@@ -97,7 +108,7 @@ def test_background_reasons_equal_the_on_demand_ones(service: ScoringService) ->
         assert [r["feature"] for r in cached["reasons"]] == [r["feature"] for r in on_demand[customer]["reasons"]]
         assert [r["contribution"] for r in cached["reasons"]] == pytest.approx(
             [r["contribution"] for r in on_demand[customer]["reasons"]], abs=1e-12)
-    stopped = dataclasses.replace(service.state, explained={})
+    stopped = dataclasses.replace(service.state, explained=ReasonCache())
     assert stopped.explain_all(lambda: False) == 0  # a newer publish or a stop ends the fill
 
 

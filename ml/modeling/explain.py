@@ -25,7 +25,6 @@ reasons name the SQL columns analysts know.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +34,7 @@ import pandas as pd
 from scipy import sparse
 
 from ml.modeling.fast_preprocess import CheckedPreprocessor
+from ml.modeling.model import single_job_scorer
 
 
 class ExplainError(ValueError):
@@ -148,13 +148,8 @@ class Explainer:
         self.mapping, self.features = source_matrix(model, names)
         self.output = "probability" if self.kind == "RandomForestClassifier" else "log_odds"
         self._leaf_tables: list[_LeafTable] = []
-        # A forest predicting with several jobs adds its trees' probabilities in whichever order the
-        # threads finish, so the last bit of a score varied between runs (and between DuckDB and
-        # Spark scoring); one job adds them in tree order. Same fitted trees, shared, not copied.
-        self._scorer = self.estimator
-        if self.kind == "RandomForestClassifier" and self.estimator.n_jobs not in (None, 1):
-            self._scorer = copy.copy(self.estimator)
-            self._scorer.n_jobs = 1
+        # Same fitted trees, scored with one job so a score's last bit does not depend on thread timing.
+        self._scorer = single_job_scorer(self.estimator)
         if self.kind == "RandomForestClassifier":
             classes = list(self.estimator.classes_)
             positive = classes.index(1) if 1 in classes else len(classes) - 1

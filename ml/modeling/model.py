@@ -9,6 +9,7 @@ out-of-fold scores, not on the rows the estimator saw.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from sklearn.compose import ColumnTransformer
+from sklearn.ensemble import ExtraTreesClassifier, RandomForestClassifier
 from sklearn.impute import SimpleImputer
 from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
@@ -26,6 +28,36 @@ from ml.features.contract import ContractError, FeatureContract
 
 CALIBRATION_METHODS = ("isotonic", "sigmoid")
 MISSING_CATEGORY = "__missing__"
+# Estimators whose predict_proba averages trees over joblib threads (summed in finishing order).
+THREADED_FORESTS = (RandomForestClassifier, ExtraTreesClassifier)
+
+
+def single_job_scorer(estimator: Any) -> Any:
+    """`estimator`, or a shallow copy of it whose forest predicts with one job, for reproducible scores.
+
+    With several jobs a forest's predict_proba adds the trees' probabilities in
+    whichever order its threads finish, so the last bit of a score varied from
+    run to run (and between DuckDB and Spark scoring); one job adds them in tree
+    order. Only prediction needs this: a fit with a random_state is
+    deterministic, so training keeps its jobs. The copy shares the fitted trees
+    (nothing is refitted) and the fitted object keeps its own n_jobs. A Pipeline
+    (what training builds: preprocessing, then the estimator) is copied with its
+    last step replaced; anything else is returned as it is.
+    """
+    if isinstance(estimator, Pipeline):
+        name, last = estimator.steps[-1]
+        scorer = single_job_scorer(last)
+        if scorer is last:
+            return estimator
+        pipeline = copy.copy(estimator)
+        pipeline.steps = [*estimator.steps[:-1], (name, scorer)]  # a new list: the original's steps stay
+        return pipeline
+    # n_jobs=None is one job only outside a joblib parallel_config, so only an explicit 1 is left alone.
+    if isinstance(estimator, THREADED_FORESTS) and estimator.n_jobs != 1:
+        forest = copy.copy(estimator)
+        forest.n_jobs = 1
+        return forest
+    return estimator
 
 
 def build_preprocessor(contract: FeatureContract, scale_numeric: bool) -> ColumnTransformer:
@@ -184,8 +216,11 @@ class ChurnModel:
         return contract_feature_frame(self.contract, frame, source)
 
     def raw_scores(self, frame: pd.DataFrame) -> np.ndarray:
-        """Uncalibrated positive-class score of the estimator (for ranking and calibration)."""
-        return self.pipeline.predict_proba(self.feature_frame(frame))[:, 1]
+        """Uncalibrated positive-class score of the estimator (for ranking and calibration).
+
+        Through `single_job_scorer`, so the same rows get the same bits on every call.
+        """
+        return single_job_scorer(self.pipeline).predict_proba(self.feature_frame(frame))[:, 1]
 
     def predict_proba(self, frame: pd.DataFrame) -> np.ndarray:
         """Calibrated P(churn within the horizon) for each row."""

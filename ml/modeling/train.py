@@ -62,6 +62,7 @@ from ml.modeling.model import (
     ScoreCalibrator,
     build_preprocessor,
     contract_feature_frame,
+    single_job_scorer,
 )
 from ml.modeling.reference import compute_reference
 from ml.modeling.registry import (
@@ -373,7 +374,8 @@ def search_algorithm(
                 fitted.fit(X.iloc[fit_idx], y[fit_idx])
                 if early is not None:  # this fold had nothing to stop on: every round was kept
                     rounds[i].append(int(fitted.named_steps["model"].get_booster().num_boosted_rounds()))
-            oof[i][val_idx] = fitted.predict_proba(X.iloc[val_idx])[:, 1]
+            # one job: these scores choose the calibrator and threshold, so they must repeat bit for bit
+            oof[i][val_idx] = single_job_scorer(fitted).predict_proba(X.iloc[val_idx])[:, 1]
             scores[i].append(_selection_value(metric, y[val_idx], oof[i][val_idx]))
             fits += 1
             log.info("%s config %d/%d fold %d/%d: %s=%.4f%s (%.1fs)", algorithm, i + 1, len(configs), k,
@@ -423,7 +425,7 @@ def feature_importances(model: ChurnModel, eval_frame: pd.DataFrame, config: Chu
     y = eval_frame[model.contract.label].to_numpy(dtype=int)
     if 0 < y.sum() < len(y):
         result = permutation_importance(
-            model.pipeline, model.feature_frame(eval_frame), y,
+            single_job_scorer(model.pipeline), model.feature_frame(eval_frame), y,  # recorded: reproducible
             scoring=SCORERS[config.problem.selection_metric], n_repeats=PERMUTATION_REPEATS,
             random_state=config.training.random_state, n_jobs=1,
         )

@@ -14,7 +14,7 @@ import datetime as dt
 import gc
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,9 +49,58 @@ def answer_value(value: Any) -> Any:
     return json_value(value)
 
 
+Reasons = list[dict[str, Any]]  # one customer's reasons as the API answers them: feature, contribution
+
+
+class ReasonCache:
+    """Reasons of the customers the nightly left unexplained: the one mutable part of a `PublishedState`.
+
+    The nightly explains flagged customers only (scoring.reasons_for), and a
+    single row's TreeSHAP costs ~10 ms where a row in a batch costs ~30 us, so
+    the others are explained in batches by a background thread after the state
+    goes live (`PublishedState.explain_all`): they cannot be ready when the
+    frozen state is built. The reasons come from that state's model and
+    features, so each state has its own cache, thrown away with it. Requests
+    read it while the thread writes; the lock makes each batch's update and
+    each read whole, instead of a plain dict inside a frozen dataclass looking
+    immutable while it was not.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._reasons: dict[str, Reasons] = {}
+
+    def get(self, customer_id: str) -> Reasons | None:
+        """The customer's cached reasons, or None when not computed yet."""
+        with self._lock:
+            return self._reasons.get(customer_id)
+
+    def update(self, reasons: Mapping[str, Reasons]) -> None:
+        """Add a batch of customers' reasons at once."""
+        with self._lock:
+            self._reasons.update(reasons)
+
+    def missing(self, customer_ids: Iterable[str]) -> list[str]:
+        """Those of `customer_ids` not cached yet, in order (the lock taken once, not per customer)."""
+        with self._lock:
+            return [c for c in customer_ids if c not in self._reasons]
+
+    def __contains__(self, customer_id: object) -> bool:
+        with self._lock:
+            return customer_id in self._reasons
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._reasons)
+
+
 @dataclass(frozen=True)
 class PublishedState:
-    """One publish, ready to answer: the champion, tonight's answers by customer, the dates served."""
+    """One publish, ready to answer: the champion, tonight's answers by customer, the dates served.
+
+    Nothing in it changes after it is built except `explained`, an explicit
+    `ReasonCache` that the background thread fills and requests read.
+    """
 
     info: PublishInfo | None
     stamp: tuple[int, int]  # (inode, mtime_ns) of the published file it was read from
@@ -68,9 +117,8 @@ class PublishedState:
     # GET ?as_of=: the landing rows earlier served dates read, sorted by customer (None: read the files)
     landing: LandingIndex | None = field(default=None, repr=False)
 
-    # Reasons of customers the nightly left unexplained, filled in batches by `explain_all` after
-    # the state goes live (a single row's TreeSHAP costs ~10 ms, a row in a batch ~30 us).
-    explained: dict[str, list[dict[str, Any]]] = field(default_factory=dict, repr=False)
+    # filled by `explain_all` after the state goes live: the state's one mutable part, its own
+    explained: ReasonCache = field(default_factory=ReasonCache, repr=False)
 
     def answer(self, customer_id: str) -> dict[str, Any] | None:
         """Tonight's published answer, with exact reasons computed now when the nightly left none."""
@@ -84,8 +132,9 @@ class PublishedState:
 
     def unexplained(self) -> list[str]:
         """Customers answered without the nightly's reasons and not explained here yet."""
-        return [c for c, a in self.answers.items()
-                if not a["reasons"] and c not in self.explained and c in self.features.index]
+        # listed before the cache is asked: requests wait on its lock, not on this walk over every answer
+        bare = [c for c, a in self.answers.items() if not a["reasons"] and c in self.features.index]
+        return self.explained.missing(bare)
 
     def explain_all(self, keep_going: Callable[[], bool], batch_rows: int = EXPLAIN_BATCH_ROWS) -> int:
         """Fill `explained` for every unexplained customer, a batch at a time, while `keep_going()`."""
@@ -96,10 +145,10 @@ class PublishedState:
             self.explained.update(self._reasons(self.features.loc[todo[start:start + batch_rows]]))
         return len(self.explained)
 
-    def _reasons(self, rows: pd.DataFrame) -> dict[str, list[dict[str, Any]]]:
+    def _reasons(self, rows: pd.DataFrame) -> dict[str, Reasons]:
         contributions = self.explainer.contributions(self.explainer.matrix(rows), rows.index)
         top = top_k(contributions.values, self.top_reasons)
-        out: dict[str, list[dict[str, Any]]] = {}
+        out: dict[str, Reasons] = {}
         for customer, row in zip(top.index, top.to_dict("records"), strict=True):
             out[str(customer)] = [
                 {"feature": row[f"reason_{i}"], "contribution": answer_value(row[f"reason_{i}_contribution"])}
