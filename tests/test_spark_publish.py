@@ -78,6 +78,9 @@ def test_both_readers_see_the_duckdb_publish_tables_columns_and_rows(on_spark) -
     after = duckdb_published(config.warehouse.published_db)
     compared = [t for t in before if t not in ("published_parts", "publish_info")]
     assert {"churn_scores", "churn_scores_history", "model_registry", "feature_dictionary"} <= set(compared)
+    with connect(config.warehouse.build_db, read_only=True) as session:
+        # the nightly's publish ran before its own publish and reports steps were recorded
+        before = {**before, "pipeline_runs": session.frame("select * from pipeline_runs")}
     for table in compared:
         same_rows(after[table], before[table], table)
         same_rows(spark_view(warehouse, table), before[table], table)

@@ -54,10 +54,11 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pandas as pd
 
@@ -80,6 +81,8 @@ from ml.warehouse import (
 )
 
 log = get_logger("publish")
+
+T = TypeVar("T")
 
 # Tables BI reads, in the order they are copied. churn_scores is required: a
 # published warehouse without scores would be a broken dashboard.
@@ -366,7 +369,7 @@ def is_sql_keyword(session: Session, name: str) -> bool:
     return category is not None and category != "unreserved"
 
 
-def _build_columns(session: Session, table: str) -> list[tuple[str, str]]:
+def build_columns(session: Session, table: str) -> list[tuple[str, str]]:
     """(column, type) of a table of the attached build database, in table order."""
     return session.rows(
         "select column_name, data_type from information_schema.columns where table_catalog = 'build' "
@@ -375,7 +378,12 @@ def _build_columns(session: Session, table: str) -> list[tuple[str, str]]:
 
 def _renames(session: Session, table: str) -> dict[str, str]:
     """The keyword renames that apply to the build table's columns; refuse a keyword left unrenamed."""
-    columns = [c for c, _ in _build_columns(session, table)]
+    return keyword_renames(session, table, [c for c, _ in build_columns(session, table)])
+
+
+def keyword_renames(session: Session, table: str, columns: list[str]) -> dict[str, str]:
+    """The keyword renames that apply to `table`'s `columns` (wherever they live); refuse a keyword
+    left unrenamed. `session` is any DuckDB session: it only answers which words are keywords."""
     renames = {old: new for old, new in KEYWORD_RENAMES.get(table, {}).items() if old in columns}
     keywords = [renames.get(c, c) for c in columns if is_sql_keyword(session, renames.get(c, c))]
     if keywords:
@@ -504,7 +512,7 @@ def _write_parts(session: Session, table: str, renames: dict[str, str], folder: 
     name renamed in.
     """
     key = HISTORY_PARTITIONS[table]
-    columns = _build_columns(session, table)
+    columns = build_columns(session, table)
     schema = ",".join(f"{renames.get(c, c)}:{t}" for c, t in columns)
     signatures, hashed_rows, counted_rows = _signatures(session, table, key, previous, run_id)
     (folder / table).mkdir(parents=True, exist_ok=True)
@@ -529,7 +537,7 @@ def _write_parts(session: Session, table: str, renames: dict[str, str], folder: 
 def _part_view(session: Session, table: str, renames: dict[str, str], parts: list[_Part], folder: Path) -> None:
     """The history table as a view over exactly this state's parts, typed as in the build database."""
     columns = ", ".join(f"cast({quote(renames.get(c, c))} as {t}) as {quote(renames.get(c, c))}"
-                        for c, t in _build_columns(session, table))
+                        for c, t in build_columns(session, table))
     files = ", ".join(quote_literal((folder / p.file).resolve()) for p in parts)
     session.execute(f"create view main.{quote(table)} as select {columns} "
                     f"from read_parquet([{files}], union_by_name = true)")
@@ -587,7 +595,7 @@ def remove_unreferenced_parts(published: Path, keep: set[str]) -> list[Path]:
     return removed
 
 
-def _comment(session: Session, table: str, docs: Documentation, renames: dict[str, str]) -> None:
+def comment_on(session: Session, table: str, docs: Documentation, renames: dict[str, str]) -> None:
     """Table and column comments, so a BI tool's data dictionary says what each column means."""
     kind = "view" if table not in session.tables() else "table"
     session.execute(f"comment on {kind} {quote(table)} is {quote_literal(docs.table(table))}")
@@ -597,7 +605,7 @@ def _comment(session: Session, table: str, docs: Documentation, renames: dict[st
         session.execute(f"comment on column {quote(table)}.{quote(column)} is {quote_literal(text)}")
 
 
-def _legacy_views(session: Session, renamed: dict[str, dict[str, str]]) -> None:
+def legacy_views(session: Session, renamed: dict[str, dict[str, str]]) -> None:
     """Views under the old (keyword) column names, for one release, in schema LEGACY_SCHEMA."""
     if not any(renamed.values()):
         return
@@ -664,10 +672,32 @@ def _write_copy(config: ChurnConfig, target: Path, tables: list[str], run_id: st
               "row_hash": p.row_hash} for p in parts],
             columns=PUBLISHED_PARTS.column_names))
         for table in [*tables, PUBLISH_INFO.name, FEATURE_DICTIONARY.name, PUBLISHED_PARTS.name]:
-            _comment(session, table, docs, renamed.get(table, {}))
-        _legacy_views(session, renamed)
+            comment_on(session, table, docs, renamed.get(table, {}))
+        legacy_views(session, renamed)
         session.execute("checkpoint")
     return _Written(rows, parts, written, kept, hashed, counted)
+
+
+def replace_published_file(published: Path, write: Callable[[Path], T]) -> T:
+    """`write` a complete file beside `published`, then swap it in with one rename; call under the lock.
+
+    A crash before the rename leaves the old file untouched (and a temp file the next
+    publish removes); readers get the old complete file or the new one.
+    """
+    temp = published.parent / f"{_temp_prefix(published)}{os.getpid()}"
+    try:
+        written = write(temp)
+        fsync(temp)
+        pause_point("publish:before_replace")
+        # A WAL beside the published path would be replayed into the new file.
+        Path(f"{published}.wal").unlink(missing_ok=True)
+        os.replace(temp, published)
+        fsync(published.parent, directory=True)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        Path(f"{temp}.wal").unlink(missing_ok=True)
+        raise
+    return written
 
 
 def publish(config: ChurnConfig, run_id: str | None = None) -> PublishResult:
@@ -678,19 +708,9 @@ def publish(config: ChurnConfig, run_id: str | None = None) -> PublishResult:
         remove_stale_temps(published)
         tables = tables_to_publish(config)
         previous = referenced_parts(published)
-        temp = published.parent / f"{_temp_prefix(published)}{os.getpid()}"
-        try:
-            written = _write_copy(config, temp, tables, run_id, previous_signatures(published))
-            fsync(temp)
-            pause_point("publish:before_replace")
-            # A WAL beside the published path would be replayed into the new file.
-            Path(f"{published}.wal").unlink(missing_ok=True)
-            os.replace(temp, published)
-            fsync(published.parent, directory=True)
-        except BaseException:
-            temp.unlink(missing_ok=True)
-            Path(f"{temp}.wal").unlink(missing_ok=True)
-            raise
+        signatures = previous_signatures(published)
+        written = replace_published_file(
+            published, lambda temp: _write_copy(config, temp, tables, run_id, signatures))
         # the previous state's parts stay one more publish, for readers still connected to it
         remove_unreferenced_parts(published, previous | {p.file for p in written.parts})
     rows = written.rows

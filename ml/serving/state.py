@@ -214,7 +214,7 @@ def read_published(config: ChurnConfig, as_of_column: str) -> PublishedRows:
         raise RequestError(f"nothing published yet ({db} missing); run `make nightly` first")
     stamp = file_stamp(db)
     with connect(db, read_only=True, settings=config.warehouse.engine) as session:
-        present = set(session.tables())
+        present = set(session.tables(base_tables_only=False))  # views too: a Spark publish is views over Parquet
         for table in (REGISTRY_TABLE, SCORES_SPEC.name):
             if table not in present:
                 raise RequestError(f"published database {db} has no {table} table; run `make nightly`")

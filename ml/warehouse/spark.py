@@ -270,4 +270,9 @@ class SparkWarehouse:
         return {field.name: duckdb_type(field.dataType.simpleString()) for field in schema.fields}
 
     def table(self, table: str | TableSpec) -> DataFrame:
-        return self._sql.table(f"{SCHEMA}.{spark_quote(_name(table))}")
+        """The table as a DataFrame, its file listing refreshed first: another session of this JVM
+        (dbt-spark's, or the shared `spark`) may have rewritten it, and a stale listing names
+        files that are gone."""
+        name = f"{SCHEMA}.{spark_quote(_name(table))}"
+        self._sql.catalog.refreshTable(name)
+        return self._sql.table(name)
