@@ -36,7 +36,7 @@ import dataclasses
 import datetime as dt
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,6 +104,11 @@ class RecordingReader:
     def scalar(self, sql: str, params: Any = None) -> Any:
         self.statements.append(sql)
         return self.inner.scalar(sql, params)
+
+    def chunks(self, sql: str, params: Any = None, chunk_rows: int = 200_000,
+               always_one: bool = False) -> Iterator[pd.DataFrame]:
+        self.statements.append(sql)
+        return self.inner.chunks(sql, params, chunk_rows, always_one)
 
     def exists(self, table: str | TableSpec) -> bool:
         return self.inner.exists(table)
