@@ -7,11 +7,17 @@ match the contract, naming the table and the columns, and then reads only the
 contract's columns. Keeping those reads here breaks what used to be a cycle
 (training and the registry both need the evaluation rows) and means a second
 engine needs one more implementation of this module, not of five stages.
+
+The reads typed `Reader` run on a DuckDB session and on Spark's
+`SparkWarehouse` alike (the mart is the data plane the nightly moves to
+Spark), so their SQL is the dialect both engines share; `snapshot_chunks`
+streams, which only DuckDB's session does.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from typing import Any
 
 import pandas as pd
@@ -20,11 +26,7 @@ from ml.config import ChurnConfig
 from ml.features.contract import ContractError, FeatureContract, load_contract
 from ml.features.dbt import dbt_target_path
 from ml.logs import get_logger
-from ml.warehouse import Session, column_list, is_numeric_type, quote
-from ml.warehouse.spark import SparkWarehouse
-
-# What the engine-independent reads below accept: a DuckDB session or Spark's read-only one.
-Reads = Session | SparkWarehouse
+from ml.warehouse import Reader, Session, column_list, is_numeric_type, quote
 
 # The capped training sample compares a hex prefix of md5(key || ':' || seed) with a cut: md5,
 # substr, || and string comparison compute the same on DuckDB and Spark (hash() differs by
@@ -48,7 +50,7 @@ def current_contract(config: ChurnConfig) -> FeatureContract:
 
 
 def mart_columns(
-    session: Reads, config: ChurnConfig, contract: FeatureContract,
+    session: Reader, config: ChurnConfig, contract: FeatureContract,
     require_label: bool = False, numeric_label: bool = False,
 ) -> dict[str, str]:
     """The mart's column types, after refusing a mart that is absent or lacks contract columns.
@@ -119,7 +121,7 @@ def sample_predicate(key: str, seed: int, share: float) -> str:
     return f"substr({digest}, 1, {SAMPLE_HEX_DIGITS}) < '{sample_cut(share)}'"
 
 
-def load_training_rows(session: Reads, config: ChurnConfig, contract: FeatureContract) -> pd.DataFrame:
+def load_training_rows(session: Reader, config: ChurnConfig, contract: FeatureContract) -> pd.DataFrame:
     """Labelled mart rows, capped at about training.max_training_rows.
 
     Above the cap a seeded md5 of the customer key picks a share of customers
@@ -160,7 +162,7 @@ def load_training_rows(session: Reads, config: ChurnConfig, contract: FeatureCon
     return frame
 
 
-def fully_labelled_dates(session: Session, config: ChurnConfig, contract: FeatureContract) -> list[pd.Timestamp]:
+def fully_labelled_dates(session: Reader, config: ChurnConfig, contract: FeatureContract) -> list[pd.Timestamp]:
     """as_of_dates whose horizon is fully observed: every row has a label."""
     mart_columns(session, config, contract, require_label=True)
     rows = session.rows(
@@ -171,7 +173,7 @@ def fully_labelled_dates(session: Session, config: ChurnConfig, contract: Featur
 
 
 def count_labelled_dates_after(
-    session: Session, config: ChurnConfig, contract: FeatureContract, after: dt.date
+    session: Reader, config: ChurnConfig, contract: FeatureContract, after: dt.date
 ) -> int:
     """Fully labelled as_of_dates in the mart after `after` (new data a retrain would learn from)."""
     a, y = quote(contract.as_of), quote(contract.label)
@@ -183,16 +185,14 @@ def count_labelled_dates_after(
 
 
 def load_evaluation_rows(
-    session: Session, config: ChurnConfig, contract: FeatureContract, validation: dict[str, Any]
+    session: Reader, config: ChurnConfig, contract: FeatureContract, validation: dict[str, Any]
 ) -> pd.DataFrame:
     """Re-read a model's evaluation rows (its out-of-time dates or held-out keys) from the mart."""
     mart_columns(session, config, contract, require_label=True)
     base = _labelled_select(config, contract)
     if validation["strategy"] == "out_of_time":
-        frame = session.frame(
-            f"{base} and cast({quote(contract.as_of)} as date) in (select unnest(?::date[]))",
-            [validation["eval_as_of_dates"]],
-        )
+        held_out, dates = dates_in(contract.as_of, validation["eval_as_of_dates"])
+        frame = session.frame(f"{base} and {held_out}", dates)
     else:
         keys = pd.DataFrame(validation["eval_keys"], columns=["_key", "_as_of"])
         keys["_as_of"] = pd.to_datetime(keys["_as_of"]).dt.date
@@ -209,14 +209,14 @@ def load_evaluation_rows(
     return frame
 
 
-def latest_snapshot_date(session: Reads, config: ChurnConfig, contract: FeatureContract) -> dt.date | None:
+def latest_snapshot_date(session: Reader, config: ChurnConfig, contract: FeatureContract) -> dt.date | None:
     """The mart's newest as_of_date (tonight's scoring snapshot), or None for an empty mart."""
     value = session.scalar(f"select max({quote(contract.as_of)}) from {quote(config.dataset.feature_mart)}")
     return None if value is None else pd.Timestamp(value).date()
 
 
 def snapshot_rows(
-    session: Session, config: ChurnConfig, contract: FeatureContract, as_of_date: dt.date,
+    session: Reader, config: ChurnConfig, contract: FeatureContract, as_of_date: dt.date,
     with_label: bool = False, features: list[str] | None = None,
 ) -> pd.DataFrame:
     """Key, as_of and the contract's features (or only `features`; and the label) of one snapshot."""
@@ -243,18 +243,29 @@ def snapshot_chunks(
                           [as_of_date], chunk_rows)
 
 
-def snapshot_size(session: Reads, config: ChurnConfig, contract: FeatureContract, as_of_date: dt.date) -> int:
+def snapshot_size(session: Reader, config: ChurnConfig, contract: FeatureContract, as_of_date: dt.date) -> int:
     return int(session.scalar(
         f"select count(*) from {quote(config.dataset.feature_mart)} where {quote(contract.as_of)} = ?", [as_of_date]
     ))
 
 
-def labels_of(session: Session, config: ChurnConfig, contract: FeatureContract,
+def labels_of(session: Reader, config: ChurnConfig, contract: FeatureContract,
               as_of_dates: list[dt.date]) -> pd.DataFrame:
     """Key, as_of and label of the given snapshots (NULL labels included)."""
     columns = [contract.key, contract.as_of, contract.label]
+    chosen, dates = dates_in(contract.as_of, as_of_dates)
     return session.frame(
-        f"select {column_list(columns)} from {quote(config.dataset.feature_mart)} "
-        f"where cast({quote(contract.as_of)} as date) in (select unnest(?::date[]))",
-        [[d.isoformat() for d in as_of_dates]],
+        f"select {column_list(columns)} from {quote(config.dataset.feature_mart)} where {chosen}", dates
     )
+
+
+def dates_in(column: str, dates: Sequence[dt.date | str]) -> tuple[str, list[dt.date]]:
+    """SQL true where `column`'s date is one of `dates`, and its parameters: one `?` per date.
+
+    Both engines bind a date per `?`; DuckDB's list parameter (`unnest(?::date[])`)
+    has no Spark spelling. No dates selects no rows.
+    """
+    values = [pd.Timestamp(d).date() for d in dates]
+    if not values:
+        return "1 = 0", []
+    return f"cast({quote(column)} as date) in ({', '.join(['?'] * len(values))})", values

@@ -28,7 +28,7 @@ from ml.features.dbt import dbt_target_path
 from ml.features.fingerprint import contract_fingerprint, sql_fingerprint, value_fingerprints
 from ml.features.mart import MartError, TrainingError, current_contract, load_evaluation_rows
 from ml.modeling.model import ChurnModel
-from ml.warehouse import Session
+from ml.warehouse import Reader
 
 SQL = "sql"
 CONTRACT = "contract"
@@ -106,8 +106,13 @@ def model_definitions_sha256(model: ChurnModel) -> str | None:
     return definitions_sha256(str(recorded[SQL]), str(recorded[CONTRACT]))
 
 
-def check_definitions(session: Session, config: ChurnConfig, model: ChurnModel) -> DefinitionCheck:
-    """Compare tonight's mart with what `model` was trained on (see the module doc)."""
+def check_definitions(data: Reader, config: ChurnConfig, model: ChurnModel) -> DefinitionCheck:
+    """Compare tonight's mart with what `model` was trained on (see the module doc).
+
+    `data` is where the mart is: the build DuckDB, or Spark's warehouse when
+    the mart was built there (the held-out rows are re-read with the SQL both
+    engines share, so the check is the same on either).
+    """
     recorded = model.metadata.feature_definitions
     if not recorded:
         return DefinitionCheck(model.version, known=False,
@@ -128,7 +133,7 @@ def check_definitions(session: Session, config: ChurnConfig, model: ChurnModel) 
     if sql_changed:
         kept = [n for n in mine if n not in removed and n not in rekinded]
         try:
-            rows = load_evaluation_rows(session, config, model.contract, model.metadata.validation or {})
+            rows = load_evaluation_rows(data, config, model.contract, model.metadata.validation or {})
         except (ContractError, MartError, TrainingError, KeyError) as exc:
             # Its rows cannot be re-read: every kept feature may have changed.
             notes.append(f"held-out rows could not be re-read ({exc}); all features treated as redefined")

@@ -17,6 +17,11 @@ Models stored before their predictions were keep the threshold they were
 trained with (step 2 is skipped, and the row says so). Every scoring run and
 every pin is recorded in `operating_points`, and the registry's `threshold`
 column is set to the threshold in force, so monitoring, the API and BI follow.
+
+The choice (`choose`) is pure Python on tonight's probabilities, whichever
+engine scored them (`ml.modeling.score.tonight_probabilities` reads them from
+churn_scores on DuckDB or Spark); the record (`record`) is a control-plane
+write to the build DuckDB.
 """
 
 from __future__ import annotations
@@ -203,24 +208,39 @@ def _row(config: ChurnConfig, version: str, run_id: str | None, source: str, rul
     return pd.DataFrame({name: pd.Series([value], dtype=object) for name, value in row.items()})
 
 
-def apply(session: Session, config: ChurnConfig, model: ChurnModel, choice: RuleChoice,
-          probability: np.ndarray, run_id: str) -> OperatingPoint:
-    """Tonight's threshold for `model` (pin, else rule, then capacity); recorded and set in the registry."""
-    version = str(model.version)
-    pin = current_pin(session, version)
+def choose(config: ChurnConfig, choice: RuleChoice, pin: float | None, probability: np.ndarray) -> OperatingPoint:
+    """Tonight's threshold: the pin, else the rule's, raised to fit the capacity on `probability`.
+
+    Pure on the array (in any order), so it is the same choice whichever engine
+    scored: `ml.modeling.score.tonight_probabilities` reads the array from a
+    churn_scores on Spark as well as DuckDB.
+    """
     rule, base = (RULE_PINNED, pin) if pin is not None else (choice.rule, choice.threshold)
     cap = capacity_rows(config, len(probability))
     threshold = capped_threshold(probability, base, cap) if cap is not None else base
-    limited = threshold > base
     flagged = int((np.asarray(probability) >= threshold).sum())
-    point = OperatingPoint(threshold, rule, base, limited, cap, flagged, len(probability))
+    return OperatingPoint(threshold, rule, base, threshold > base, cap, flagged, len(probability))
+
+
+def record(session: Session, config: ChurnConfig, model: ChurnModel, choice: RuleChoice, point: OperatingPoint,
+           run_id: str) -> None:
+    """Record a scoring run's operating point and set it in the registry, together (control plane: DuckDB)."""
+    version = str(model.version)
     with session.transaction():
         session.append(OPERATING_POINTS, _row(
-            config, version, run_id, SOURCE_SCORING, rule, threshold, base, choice.oof,
-            capacity_limited=limited, capacity_rows=cap, scored_rows=len(probability), flagged_rows=flagged,
+            config, version, run_id, SOURCE_SCORING, point.rule, point.threshold, point.rule_threshold, choice.oof,
+            capacity_limited=point.capacity_limited, capacity_rows=point.capacity_rows, scored_rows=point.rows,
+            flagged_rows=point.flagged,
         ))
-        set_threshold(session, version, threshold)
-    log.info("operating point of %s: %s", version, point.describe())
+        set_threshold(session, version, point.threshold)
+
+
+def apply(session: Session, config: ChurnConfig, model: ChurnModel, choice: RuleChoice,
+          probability: np.ndarray, run_id: str) -> OperatingPoint:
+    """Tonight's threshold for `model` (pin, else rule, then capacity); recorded and set in the registry."""
+    point = choose(config, choice, current_pin(session, str(model.version)), probability)
+    record(session, config, model, choice, point, run_id)
+    log.info("operating point of %s: %s", model.version, point.describe())
     return point
 
 

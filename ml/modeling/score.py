@@ -37,14 +37,14 @@ from ml.modeling.explain import Explainer, top_k
 from ml.modeling.model import ChurnModel
 from ml.modeling.reference import CategoricalReference, DriftReference, NumericReference
 from ml.modeling.registry import load_champion, version_on_definitions
-from ml.warehouse import Session, connect, declare, quote
+from ml.warehouse import Reader, Session, connect, declare, quote
 
 log = get_logger("score")
 
 __all__ = ["HISTORY_SPEC", "HISTORY_TABLE", "SCORES_SPEC", "SCORES_TABLE", "ScoreError", "ScoreResult",
            "ScoresSummary", "check_mart", "history_by_snapshot", "latest_scores_summary", "published_scores",
            "risk_bands", "score", "score_frame", "scored_dates", "scored_reason_columns", "scored_rows",
-           "scored_snapshots", "scores_layout", "tonight_scores"]
+           "scored_snapshots", "scores_layout", "tonight_probabilities", "tonight_scores"]
 
 # Columns after the contract's key and as_of; reason_<i> / reason_<i>_contribution
 # (scoring.top_reasons of them) sit between rank and model_version.
@@ -365,6 +365,7 @@ def score(
 
 
 # ---------------------------------------------------------------- reads for other stages
+# Those typed `Reader` read the data plane and run on DuckDB's session and Spark's warehouse alike.
 
 
 @dataclass(frozen=True)
@@ -385,7 +386,7 @@ def _date(value: object) -> dt.date | None:
     return None if value is None else pd.Timestamp(value).date()
 
 
-def latest_scores_summary(session: Session, as_of_column: str) -> ScoresSummary | None:
+def latest_scores_summary(session: Reader, as_of_column: str) -> ScoresSummary | None:
     """Counts of tonight's churn_scores, or None when nothing was ever scored."""
     if not session.exists(SCORES_SPEC):
         return None
@@ -398,18 +399,32 @@ def latest_scores_summary(session: Session, as_of_column: str) -> ScoresSummary 
     return ScoresSummary(int(rows), int(flagged), version, _date(first), _date(last), float(caught), float(missed))
 
 
-def tonight_scores(session: Session, as_of_column: str, as_of_date: dt.date, version: str) -> pd.DataFrame | None:
-    """Probability and decision of `version`'s scores of snapshot `as_of_date` (None: nothing was ever scored)."""
-    if not session.exists(SCORES_SPEC):
+def tonight_scores(data: Reader, contract: FeatureContract, as_of_date: dt.date,
+                   version: str) -> pd.DataFrame | None:
+    """Key, probability and decision of `version`'s scores of snapshot `as_of_date` (None: nothing was
+    ever scored), in no particular order: the key lets a caller line them up with other rows."""
+    if not data.exists(SCORES_SPEC):
         return None
-    return session.frame(
-        f"select {quote(PROBABILITY_COLUMN)}, {quote(DECISION_COLUMN)} from {quote(SCORES_TABLE)} "
-        f"where {quote(as_of_column)} = ? and model_version = ?",
+    return data.frame(
+        f"select {quote(contract.key)}, {quote(PROBABILITY_COLUMN)}, {quote(DECISION_COLUMN)} "
+        f"from {quote(SCORES_TABLE)} where {quote(contract.as_of)} = ? and model_version = ?",
         [as_of_date, version],
     )
 
 
-def scored_snapshots(session: Session, as_of_column: str, before: dt.date) -> list[tuple[dt.date, str]]:
+def tonight_probabilities(data: Reader, contract: FeatureContract, as_of_date: dt.date,
+                          version: str) -> np.ndarray | None:
+    """`version`'s probabilities of snapshot `as_of_date` in churn_scores (None: nothing was ever scored).
+
+    What the operating point's capacity rule needs when the scores were
+    computed elsewhere (Spark's churn_scores): the threshold choice itself is
+    `ml.modeling.operating_point.choose` on this array, whose order it ignores.
+    """
+    frame = tonight_scores(data, contract, as_of_date, version)
+    return None if frame is None else frame[PROBABILITY_COLUMN].to_numpy(dtype=float)
+
+
+def scored_snapshots(session: Reader, as_of_column: str, before: dt.date) -> list[tuple[dt.date, str]]:
     """(as_of_date, model_version) of every snapshot in the history scored before `before`, oldest first."""
     if not session.exists(HISTORY_SPEC):
         return []
@@ -431,7 +446,7 @@ def scored_dates(session: Session, as_of_column: str) -> list[dt.date]:
     return [_date(d) for (d,) in session.rows(f"select distinct {a} from {quote(HISTORY_TABLE)} order by 1")]
 
 
-def scored_rows(session: Session, contract: FeatureContract, as_of_date: dt.date, version: str) -> pd.DataFrame:
+def scored_rows(session: Reader, contract: FeatureContract, as_of_date: dt.date, version: str) -> pd.DataFrame:
     """Key, probability and decision of one (snapshot, model version) of the history."""
     return session.frame(
         f"select {quote(contract.key)}, {quote(PROBABILITY_COLUMN)}, {quote(DECISION_COLUMN)} "

@@ -21,6 +21,13 @@ which also handles `churn monitor` (`ml.pipeline.monitor_command`).
 Other owners' tables are read only through their readers: the mart through
 `ml.features.mart`, scores through `ml.modeling.score`, importance and training
 runs through `ml.modeling.train`, thresholds through `ml.modeling.registry`.
+
+The big tables (the mart, churn_scores, churn_scores_history: the data plane)
+are read through a `data` reader, an `ml.warehouse.Reader` that is the build
+DuckDB by default or Spark's warehouse where the nightly built them there; the
+small control-plane tables (importance, thresholds, this module's own three)
+are read and written in the build DuckDB. The data-plane reads use the SQL
+both engines share, so monitoring measures the same numbers on either.
 """
 
 from __future__ import annotations
@@ -69,7 +76,7 @@ from ml.monitoring.policy import (
     RetrainDecision,
     decide,
 )
-from ml.warehouse import Session, TableSpec, connect, declare, quote
+from ml.warehouse import Reader, Session, TableSpec, connect, declare, quote
 
 # model_performance kind of the API's logged answers joined to labels (batch scores are REALIZED).
 REALIZED_ONLINE = "realized_online"
@@ -194,26 +201,26 @@ def load_reference(model: ChurnModel) -> DriftReference:
     return reference if isinstance(reference, DriftReference) else DriftReference.from_dict(reference)
 
 
-def current_snapshot(session: Session, config: ChurnConfig, contract: FeatureContract) -> tuple[dt.date, pd.DataFrame]:
+def current_snapshot(data: Reader, config: ChurnConfig, contract: FeatureContract) -> tuple[dt.date, pd.DataFrame]:
     """The mart's latest as_of_date and its rows (key, as_of and the champion's features)."""
     mart = config.dataset.feature_mart
     try:
-        mart_columns(session, config, contract)
+        mart_columns(data, config, contract)
     except MartError as exc:
         raise MonitorError(str(exc)) from exc
-    latest = latest_snapshot_date(session, config, contract)
+    latest = latest_snapshot_date(data, config, contract)
     if latest is None:
         raise MonitorError(f"feature mart {mart!r} has no rows")
-    return latest, snapshot_rows(session, config, contract, latest)
+    return latest, snapshot_rows(data, config, contract, latest)
 
 
-def current_scores(session: Session, contract: FeatureContract, as_of_date: dt.date, version: str) -> pd.DataFrame:
-    """Tonight's scores of the champion; refuses stale or other-model scores."""
-    frame = tonight_scores(session, contract.as_of, as_of_date, version)
+def current_scores(data: Reader, contract: FeatureContract, as_of_date: dt.date, version: str) -> pd.DataFrame:
+    """Tonight's scores of the champion (key, probability, decision); refuses stale or other-model scores."""
+    frame = tonight_scores(data, contract, as_of_date, version)
     if frame is None:
         raise MonitorError(f"table {SCORES_TABLE!r} not found; run churn score first")
     if frame.empty:
-        found = latest_scores_summary(session, contract.as_of)
+        found = latest_scores_summary(data, contract.as_of)
         raise MonitorError(
             f"{SCORES_TABLE} holds no rows for as_of_date {as_of_date} and champion {version} "
             f"(it holds {found.rows} rows as of {found.first_as_of} from {found.model_version}); "
@@ -222,9 +229,11 @@ def current_scores(session: Session, contract: FeatureContract, as_of_date: dt.d
     return frame
 
 
-def read_tonight(session: Session, config: ChurnConfig, model: ChurnModel) -> Tonight:
-    as_of_date, features = current_snapshot(session, config, model.contract)
-    scores = current_scores(session, model.contract, as_of_date, str(model.version))
+def read_tonight(session: Session, config: ChurnConfig, model: ChurnModel, *, data: Reader | None = None) -> Tonight:
+    """Tonight's snapshot and scores from `data` (None: `session`), the champion's top features from `session`."""
+    data = session if data is None else data
+    as_of_date, features = current_snapshot(data, config, model.contract)
+    scores = current_scores(data, model.contract, as_of_date, str(model.version))
     top = top_features(session, str(model.version), config.monitoring.top_features)
     return Tonight(as_of_date, features, scores, top)
 
@@ -240,12 +249,12 @@ def _measured_realized(session: Session) -> set[tuple[dt.date, str]]:
 
 
 def _labelled_scores(
-    session: Session, config: ChurnConfig, contract: FeatureContract, as_of_date: dt.date, version: str,
+    data: Reader, config: ChurnConfig, contract: FeatureContract, as_of_date: dt.date, version: str,
 ) -> tuple[pd.DataFrame, int] | None:
     """One scored snapshot's labelled rows and the count of scored rows without a label,
     or None while no scored row has a label (the horizon has not passed)."""
-    scored = scored_rows(session, contract, as_of_date, version)
-    labels = labels_of(session, config, contract, [as_of_date])[[contract.key, contract.label]]
+    scored = scored_rows(data, contract, as_of_date, version)
+    labels = labels_of(data, config, contract, [as_of_date])[[contract.key, contract.label]]
     joined = scored.merge(labels, on=contract.key, how="left")
     labelled = joined[joined[contract.label].notna()]
     if labelled.empty:
@@ -255,6 +264,7 @@ def _labelled_scores(
 
 def realized_performance(
     session: Session, config: ChurnConfig, contract: FeatureContract, before: dt.date, run_id: str,
+    *, data: Reader | None = None,
 ) -> pd.DataFrame:
     """Realized metrics for each earlier (as_of_date, model_version) whose labels are now known.
 
@@ -264,13 +274,17 @@ def realized_performance(
     customer removed, a backfill on other data) are counted in `missing_labels`
     rather than holding the whole snapshot back forever. Pairs already measured
     are skipped (labels of a closed horizon do not change).
+
+    The scored history and the labels are read from `data` (None: `session`);
+    what was measured and the thresholds, from `session`.
     """
+    data = session if data is None else data
     done = _measured_realized(session)
-    pending = [pair for pair in scored_snapshots(session, contract.as_of, before) if pair not in done]
+    pending = [pair for pair in scored_snapshots(data, contract.as_of, before) if pair not in done]
     thresholds = registry.model_thresholds(session) if pending else {}
     out = []
     for as_of_date, version in pending:
-        labelled = _labelled_scores(session, config, contract, as_of_date, version)
+        labelled = _labelled_scores(data, config, contract, as_of_date, version)
         if labelled is None:
             continue
         rows, missing = labelled
@@ -288,6 +302,7 @@ def realized_performance(
 
 def realized_online_performance(
     session: Session, config: ChurnConfig, contract: FeatureContract, logged: pd.DataFrame, run_id: str,
+    *, data: Reader | None = None,
 ) -> pd.DataFrame:
     """Realized metrics of the API's logged answers (kind `realized_online`), per snapshot and model version.
 
@@ -295,7 +310,9 @@ def realized_online_performance(
     (customer_id, as_of, model_version, churn_probability, will_churn), read by
     the log's owner. A snapshot counts once every logged customer has a label,
     like the batch scores; it is re-measured each night as answers accumulate.
+    The labels are read from `data` (None: `session`), the thresholds from `session`.
     """
+    data = session if data is None else data
     out = []
     if logged.empty:
         return pd.DataFrame(out)
@@ -303,7 +320,7 @@ def realized_online_performance(
     logged["as_of"] = pd.to_datetime(logged["as_of"]).dt.date
     thresholds = registry.model_thresholds(session)
     for (as_of_date, version), rows in logged.groupby(["as_of", "model_version"], sort=True):
-        labels = labels_of(session, config, contract, [as_of_date])[[contract.key, contract.label]]
+        labels = labels_of(data, config, contract, [as_of_date])[[contract.key, contract.label]]
         labels[contract.key] = labels[contract.key].astype(str)
         joined = rows.assign(**{contract.key: rows[contract.key].astype(str)}).merge(labels, on=contract.key,
                                                                                       how="left")
@@ -367,11 +384,14 @@ def write_measurements(
 
 
 def measure(config: ChurnConfig, run_id: str | None = None,
-            logged: Callable[[Session], pd.DataFrame] | None = None) -> MonitorResult:
+            logged: Callable[[Session], pd.DataFrame] | None = None, *, data: Reader | None = None) -> MonitorResult:
     """Compute and write tonight's drift and performance rows for the champion.
 
     `logged` reads the API's logged answers from the build database (passed in
     by the pipeline: the log's owner sits beside monitoring, not below it).
+    `data` is where the mart and the scores are (None: the build database; a
+    `SparkWarehouse` when the nightly built them on Spark); the rows this stage
+    writes go to the build database either way.
     """
     started = time.perf_counter()
     run_id = run_id or new_run_id()
@@ -379,13 +399,14 @@ def measure(config: ChurnConfig, run_id: str | None = None,
     version = str(model.version)
     with connect(config.warehouse.build_db, settings=config.warehouse.engine) as session:
         ensure_tables(session)
-        tonight = read_tonight(session, config, model)
+        tonight = read_tonight(session, config, model, data=data)
         findings = compute_drift(model, reference, tonight, config)
         estimated = estimated_metrics(tonight.probability, tonight.flagged)
         with timed("realized performance of earlier snapshots", log):
-            realized = realized_performance(session, config, model.contract, tonight.as_of_date, run_id)
+            realized = realized_performance(session, config, model.contract, tonight.as_of_date, run_id, data=data)
             if logged is not None:
-                online = realized_online_performance(session, config, model.contract, logged(session), run_id)
+                online = realized_online_performance(session, config, model.contract, logged(session), run_id,
+                                                     data=data)
                 realized = pd.concat([realized, online], ignore_index=True) if len(online) else realized
         write_measurements(session, run_id, tonight.as_of_date, version, model.threshold, findings,
                            estimated, realized)
@@ -442,16 +463,20 @@ def latest_realized_recall(session: Session, version: str) -> tuple[float | None
 
 
 def new_labelled_snapshots(
-    session: Session, config: ChurnConfig, contract: FeatureContract, trained_up_to: str | dt.date | None
+    data: Reader, config: ChurnConfig, contract: FeatureContract, trained_up_to: str | dt.date | None
 ) -> int | None:
     """Fully labelled as_of_dates in the mart after the champion's last training snapshot (None: unknown)."""
     if trained_up_to is None:
         return None
-    return count_labelled_dates_after(session, config, contract, dt.date.fromisoformat(str(trained_up_to)))
+    return count_labelled_dates_after(data, config, contract, dt.date.fromisoformat(str(trained_up_to)))
 
 
-def policy_inputs(config: ChurnConfig, result: MonitorResult, today: dt.date) -> PolicyInputs:
-    """What the policy needs, read through the owners of each fact (registry, training runs, mart)."""
+def policy_inputs(config: ChurnConfig, result: MonitorResult, today: dt.date, *,
+                  data: Reader | None = None) -> PolicyInputs:
+    """What the policy needs, read through the owners of each fact (registry, training runs, mart).
+
+    The mart's labelled dates are counted in `data` (None: the build database), the rest in the build database.
+    """
     model = registry.load_model(config, result.model_version)
     champion_up_to = (model.metadata.snapshot_range or [None, None])[1]
     with connect(config.warehouse.build_db, read_only=True, settings=config.warehouse.engine) as session:
@@ -460,7 +485,7 @@ def policy_inputs(config: ChurnConfig, result: MonitorResult, today: dt.date) ->
         known = [d for d in (_date(champion_up_to) if champion_up_to else None,
                              newest_trained_snapshot(session, config.dataset.name)) if d is not None]
         trained_up_to = max(known) if known else None
-        fresh = new_labelled_snapshots(session, config, model.contract, trained_up_to)
+        fresh = new_labelled_snapshots(session if data is None else data, config, model.contract, trained_up_to)
     return PolicyInputs(
         today=today,
         champion_since=since,
@@ -473,9 +498,11 @@ def policy_inputs(config: ChurnConfig, result: MonitorResult, today: dt.date) ->
     )
 
 
-def decide_retrain(config: ChurnConfig, result: MonitorResult, today: dt.date) -> RetrainDecision:
-    """Tonight's retraining decision (pure policy on the measured inputs); training is the pipeline's job."""
-    return decide(config, policy_inputs(config, result, today))
+def decide_retrain(config: ChurnConfig, result: MonitorResult, today: dt.date, *,
+                   data: Reader | None = None) -> RetrainDecision:
+    """Tonight's retraining decision (pure policy on the measured inputs); training is the pipeline's job.
+    `data` is where the mart is (None: the build database)."""
+    return decide(config, policy_inputs(config, result, today, data=data))
 
 
 def record_decision(config: ChurnConfig, result: MonitorResult, today: dt.date, outcome: PolicyOutcome) -> None:

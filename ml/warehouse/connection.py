@@ -6,7 +6,9 @@ connections are opened for one job and always closed (`connect`), and the
 stages never hold a raw engine connection: they get a `Session`, whose small
 vocabulary (read a frame, a row or a value; stream chunks; a transaction;
 append, replace rows, replace a table; table existence and columns) is all
-they need. A second engine can be added behind the same vocabulary.
+they need. A second engine can be added behind the same vocabulary: its read
+half is the `Reader` protocol, which Spark's `ml.warehouse.spark.SparkWarehouse`
+satisfies too, so a read typed `Reader` runs on either engine.
 
 Transactions nest: an inner `transaction()` joins the outer one, so a helper
 that writes "atomically" can be called on its own or as part of a larger
@@ -19,7 +21,7 @@ import itertools
 import math
 import re
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, suppress
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -65,8 +67,9 @@ class Reader(Protocol):
     `Session` on the build database, or `ml.warehouse.spark.SparkWarehouse`,
     which offers this same vocabulary on Spark. A stage that reads big tables
     through a `Reader` (in SQL both engines share: ANSI, double-quoted names,
-    `?` parameters) runs unchanged on both; its small results still go to the
-    build database through a `Session`.
+    `?` parameters bound positionally, one `?` per value: DuckDB's list
+    parameters such as `unnest(?::date[])` have no Spark twin) runs unchanged on
+    both; its small results still go to the build database through a `Session`.
     """
 
     path: str
@@ -86,9 +89,13 @@ class Reader(Protocol):
 
     def columns(self, table: str | TableSpec) -> dict[str, str]: ...
 
+    def registered(self, frame: pd.DataFrame) -> AbstractContextManager[str]:
+        """`frame` visible to this reader's SQL under a fresh name for the block (e.g. keys to join)."""
+        ...
+
 
 class Session:
-    """An open warehouse connection with the operations the stages use."""
+    """An open warehouse connection with the operations the stages use (a `Reader`, and the writes)."""
 
     def __init__(self, connection: duckdb.DuckDBPyConnection, path: str, read_only: bool) -> None:
         self._con = connection

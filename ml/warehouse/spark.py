@@ -30,6 +30,7 @@ datetime64[us], decimals as float64), so a stage sees the same dtypes on both.
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 from collections.abc import Iterator
@@ -206,7 +207,8 @@ def _name(table: str | TableSpec) -> str:
 
 
 class SparkWarehouse:
-    """The read vocabulary of `ml.warehouse.Session` (frame, rows, one, scalar, exists, columns) on Spark.
+    """The read vocabulary of `ml.warehouse.Session` (the `ml.warehouse.Reader` protocol: frame, rows,
+    one, scalar, chunks, exists, columns, registered) on Spark.
 
     `spark` is the process's shared session (dbt's too) for DataFrame work;
     SQL runs on a session of its own (same tables, own SQL settings, current
@@ -224,6 +226,7 @@ class SparkWarehouse:
         for key, value in ML_SQL_CONF.items():
             self._sql.conf.set(key, value)
         self._sql.catalog.setCurrentDatabase(SCHEMA)
+        self._frame_names = itertools.count()
 
     def dataframe(self, sql: str, params: Params = None) -> DataFrame:
         """The statement's result as a (lazy) Spark DataFrame; `?` parameters bind positionally."""
@@ -276,3 +279,18 @@ class SparkWarehouse:
         name = f"{SCHEMA}.{spark_quote(_name(table))}"
         self._sql.catalog.refreshTable(name)
         return self._sql.table(name)
+
+    @contextmanager
+    def registered(self, frame: pd.DataFrame) -> Iterator[str]:
+        """`frame` visible to this SQL session under a fresh name for the block, as `Session.registered`.
+
+        A temporary view (through Arrow, dates as DATE), so nothing is written:
+        how a read joins a small frame of the caller's (e.g. a model's held-out
+        keys) to a big table where the table lives.
+        """
+        name = f"_frame_{next(self._frame_names)}"
+        self._sql.createDataFrame(frame).createOrReplaceTempView(name)
+        try:
+            yield name
+        finally:
+            self._sql.catalog.dropTempView(name)
