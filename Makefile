@@ -8,6 +8,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SPARK_STAMP := $(VENV)/.installed-spark
 DATASET ?=
+# ENGINE=spark runs the data plane on Spark local mode (installs the .[spark] extra; needs Java 17)
+ENGINE ?=
+ENGINE_STAMP := $(if $(filter spark,$(ENGINE)),$(SPARK_STAMP),$(STAMP))
+ENGINE_ENV := $(if $(ENGINE),CHURN_ENGINE=$(ENGINE) $(if $(filter spark,$(ENGINE)),PYSPARK_PYTHON=$(abspath $(BIN)/python),),)
 # e.g. BENCH_NIGHTLY_ARGS='--customers 200000 --months 12' (python -m benchmarks.nightly --help)
 BENCH_NIGHTLY_ARGS ?=
 DATASET_FLAG := $(if $(DATASET),--dataset $(DATASET),)
@@ -17,7 +21,7 @@ DATASET_FLAG := $(if $(DATASET),--dataset $(DATASET),)
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
-	@echo "  DATASET=telco selects another dataset profile from churn.yml"
+	@echo "  DATASET=telco selects another dataset profile from churn.yml; ENGINE=spark runs it on Spark local mode"
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,8 +30,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv and install the project
 
-nightly: $(STAMP) ## the whole refresh on the demo data (or DATASET=...)
-	$(BIN)/churn $(DATASET_FLAG) nightly
+nightly: $(ENGINE_STAMP) ## the whole refresh on the demo data (or DATASET=..., ENGINE=spark)
+	$(ENGINE_ENV) $(BIN)/churn $(DATASET_FLAG) nightly
 
 build: $(STAMP) ## dbt build of the feature mart only
 	$(BIN)/churn $(DATASET_FLAG) build
@@ -90,6 +94,6 @@ bench-nightly: $(STAMP) ## issue 10's figures at 1M customers x 12 and 24 months
 	$(BIN)/python -m benchmarks.nightly $(BENCH_NIGHTLY_ARGS)
 
 clean: ## remove generated warehouse content (keeps the venv)
-	rm -rf warehouse/*.duckdb warehouse/*.duckdb.wal warehouse/landing warehouse/oracle warehouse/models warehouse/reports warehouse/dbt_target warehouse/generated_suites
+	rm -rf warehouse/*.duckdb warehouse/*.duckdb.wal warehouse/landing warehouse/oracle warehouse/models warehouse/reports warehouse/dbt_target warehouse/generated_suites warehouse/spark
 	@# other datasets' own folders (warehouse/<dataset>/, see README "Where each dataset's files live")
 	rm -rf $(patsubst %/build.duckdb,%,$(wildcard warehouse/*/build.duckdb))

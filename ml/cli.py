@@ -58,6 +58,9 @@ class Command:
     options: tuple[Option, ...] = ()
     exclusive: tuple[tuple[Option, ...], ...] = ()
     handler: str = "run_command"
+    # False: a stage that reads the data plane on its own; with engine spark it runs inside `churn nightly`,
+    # whose one Spark session every stage shares (one JVM per process, one per Derby folder)
+    on_spark: bool = True
 
 
 def optional_date(text: str) -> dt.date | str:
@@ -109,6 +112,7 @@ COMMANDS: tuple[Command, ...] = (
                    help="labelled rows sampled for the plots "
                         f"(statistics always use every row; default {PLOT_SAMPLE_ROWS:,d})"),
         ),
+        on_spark=False,
     ),
     Command(
         "contract", "ml.features.contract_cli",
@@ -131,6 +135,7 @@ COMMANDS: tuple[Command, ...] = (
         "train", "ml.modeling.train",
         "train, compare and register a model (champion/challenger)",
         options=(option("--force", action="store_true", help="train even if a champion model exists"),),
+        on_spark=False,
     ),
     Command(
         "score", "ml.modeling.score",
@@ -139,6 +144,7 @@ COMMANDS: tuple[Command, ...] = (
             option("--chunk-rows", type=int, default=SCORE_CHUNK_ROWS,
                    help=f"rows scored per chunk; bounds memory (default {SCORE_CHUNK_ROWS:,d})"),
         ),
+        on_spark=False,
     ),
     Command(
         "threshold", "ml.modeling.operating_point",
@@ -178,6 +184,7 @@ COMMANDS: tuple[Command, ...] = (
                    help="which suites to run (default: all; landing suites read the landing files)"),
             option("--as-of", help="the run's as-of date (YYYY-MM-DD) for date and row-count bands"),
         ),
+        on_spark=False,
     ),
     Command(
         # Retraining is orchestrated by the pipeline, so the command's handler lives there.
@@ -189,11 +196,13 @@ COMMANDS: tuple[Command, ...] = (
                    help="train a challenger when the policy fires (the nightly does; plain monitor only decides)"),
         ),
         handler="monitor_command",
+        on_spark=False,
     ),
     Command(
         "publish", "ml.serving.publish",
         "atomically publish BI tables to the published database",
         options=(option("--run-id", help="the nightly run the published state comes from (recorded in publish_info)"),),
+        on_spark=False,
     ),
     Command(
         "nightly", "ml.pipeline",
@@ -223,6 +232,7 @@ COMMANDS: tuple[Command, ...] = (
                    help="replay into the configured warehouse (refused if its champion saw later data)"),
             option("--into", type=Path, help="sandbox folder (default: <warehouse>/backfill, recreated)"),
         ),),
+        on_spark=False,
     ),
     Command(
         "serve", "ml.serving.api",
@@ -270,6 +280,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     log = get_logger()
     try:
         config = load_config(args.config, dataset=args.dataset)
+        if config.engine == "spark" and not args.command_spec.on_spark:
+            log.error("churn %s reads the mart on its own, which engine spark does inside `churn nightly` (its "
+                      "stages share the run's one Spark session); run `churn nightly`, or this command with "
+                      "CHURN_ENGINE=duckdb on a DuckDB build", args.command)
+            return 2
         handler = load_handler(args.command_spec)
         return int(handler(config, args) or 0)
     except ConfigError as exc:

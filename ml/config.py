@@ -359,6 +359,9 @@ class ChurnConfig:
     operating_point: OperatingPointConfig
     promotion: PromotionConfig
     spark: SparkConfig
+    # Where the data plane lives (dbt models, churn_scores and its history): "duckdb" (the build
+    # database) or "spark" (schema `churn` of the dataset's Spark folder); $CHURN_ENGINE overrides.
+    engine: str = "duckdb"
     raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
     # The file's own problem, training and warehouse sections, before the dataset's
     # overrides and folder were applied (what `with_dataset` starts from).
@@ -725,6 +728,17 @@ def _chosen_dataset(
 
 
 ENGINE_KEYS = ("memory_limit", "threads", "temp_directory")
+ENGINES = ("duckdb", "spark")
+
+
+def _engine(raw: dict[str, Any], source: Path) -> str:
+    """The engine of the data plane: $CHURN_ENGINE (`make nightly ENGINE=spark`), else the file's `engine`."""
+    from_env = os.environ.get("CHURN_ENGINE")
+    chosen = from_env or raw.get("engine") or "duckdb"
+    if chosen not in ENGINES:
+        where = "$CHURN_ENGINE" if from_env else f"{source}: engine"
+        raise ConfigError(f"{where} is {chosen!r}, not one of: {', '.join(ENGINES)}")
+    return str(chosen)
 
 
 def _warehouse(raw: dict[str, Any], source: Path) -> WarehouseConfig:
@@ -943,6 +957,7 @@ def _assemble(raw: dict[str, Any], source: Path, dataset: str | None) -> ChurnCo
         operating_point=_operating_point(raw, source),
         promotion=_promotion(raw, source),
         spark=_spark(raw, source),
+        engine=_engine(raw, source),
         raw=raw,
     )
 

@@ -253,3 +253,14 @@ def test_option_types_parse_as_before() -> None:
 
 def test_configuration_error_exits_2_before_loading_the_stage(tmp_path: Path) -> None:
     assert cli.main(["--config", str(tmp_path / "missing.yml"), "train"]) == 2
+
+
+def test_a_stage_that_reads_the_mart_alone_is_refused_on_spark(monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """On engine spark the stages share the nightly's one Spark session; alone they would each need one."""
+    monkeypatch.setenv("CHURN_ENGINE", "spark")
+    refused = [c.name for c in cli.COMMANDS if not c.on_spark]
+    assert {"score", "train", "monitor", "publish", "audit", "profile"} <= set(refused)
+    for name in refused:
+        assert cli.main(["--config", str(REPO_ROOT / "churn.yml"), name]) == 2, name
+    assert "run `churn nightly`" in caplog.text

@@ -209,3 +209,21 @@ def test_a_dataset_profile_overrides_the_business_settings(tmp_path: Path) -> No
     assert (telco.training.cost_missed_churner, telco.training.cost_wasted_offer) == (10.0, 1.0)
     assert (config.problem.success_target, config.training.cost_missed_churner) == (0.8, None), "demo unchanged"
     assert telco.with_dataset("demo").problem == config.problem
+
+
+def test_engine_comes_from_the_file_or_churn_engine_and_a_typo_is_named(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CHURN_ENGINE", raising=False)
+    assert load_config(REPO_ROOT / "churn.yml").engine == "duckdb"
+    monkeypatch.setenv("CHURN_ENGINE", "spark")  # what `make nightly ENGINE=spark` sets
+    assert load_config(REPO_ROOT / "churn.yml").engine == "spark"
+    monkeypatch.setenv("CHURN_ENGINE", "sprak")
+    with pytest.raises(ConfigError, match=r"\$CHURN_ENGINE is 'sprak', not one of: duckdb, spark"):
+        load_config(REPO_ROOT / "churn.yml")
+    monkeypatch.delenv("CHURN_ENGINE")
+    raw = yaml.safe_load((REPO_ROOT / "churn.yml").read_text())
+    raw["engine"] = "postgres"
+    path = tmp_path / "churn.yml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"churn.yml: engine is 'postgres', not one of: duckdb, spark"):
+        load_config(path)

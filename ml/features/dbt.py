@@ -109,6 +109,13 @@ def engine_env(config: ChurnConfig) -> dict[str, str]:
     }
 
 
+def spark_target_env(config: ChurnConfig) -> dict[str, str]:
+    """What profiles.yml's spark target reads: the dataset's Spark folder and churn.yml's spark section."""
+    from ml.warehouse.spark import dbt_env, spark_folder
+
+    return dbt_env(spark_folder(config), config.spark)
+
+
 def dbt_executable() -> str:
     candidate = Path(sys.executable).with_name("dbt")
     return str(candidate) if candidate.exists() else "dbt"
@@ -124,6 +131,7 @@ def run_dbt(
     target_path: Path | None = None,
     database: str | None = None,
     night: dict[str, Any] | None = None,
+    target: str | None = None,
 ) -> DbtResult:
     """Run `dbt <command>` against the build database; raise DbtError on failure.
 
@@ -133,6 +141,7 @@ def run_dbt(
     the build database, which a nightly may hold locked, or the nightly's manifest.
     `night` adds the build's own values of the night (e.g. `full_refresh_models`)
     to `as_of`; both reach dbt through NIGHT_ENV, not --vars (see the module docstring).
+    `target` "spark" builds on Spark (profiles.yml's spark target, in the dataset's Spark folder).
     """
     project = project_dir or config.warehouse.dbt_project_dir
     target_path = target_path or dbt_target_path(config)
@@ -148,6 +157,8 @@ def run_dbt(
     ]
     if command in ("build", "run", "test", "compile", "ls", "list"):
         args += ["--select", select or f"+{config.dataset.feature_mart}"]
+    if target is not None:
+        args += ["--target", target]
     args += list(extra)
     env = {
         **os.environ,
@@ -158,6 +169,7 @@ def run_dbt(
         "NO_COLOR": "1",
         "DO_NOT_TRACK": "1",
         **engine_env(config),
+        **(spark_target_env(config) if target == "spark" else {}),
         **night_env(as_of, night),
     }
     results_file = target_path / "run_results.json"

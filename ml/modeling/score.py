@@ -233,7 +233,7 @@ def _all_rows(explained: pd.DataFrame, index: pd.Index) -> pd.DataFrame:
     return explained.reindex(index).astype(explained.dtypes.to_dict())
 
 
-def _champion_for(config: ChurnConfig) -> ChurnModel:
+def champion_for(config: ChurnConfig) -> ChurnModel:
     """The champion, refused when it was trained on another dataset's mart."""
     model = load_champion(config)
     if model is None:
@@ -263,9 +263,11 @@ def _snapshot_to_score(session: Session, config: ChurnConfig, model: ChurnModel)
     return Snapshot(as_of_date, total, columns)
 
 
-def refuse_redefined(session: Session, config: ChurnConfig, model: ChurnModel) -> None:
-    """Stop before scoring when the mart now computes one of the model's features differently."""
-    check = check_definitions(session, config, model)
+def refuse_redefined(session: Session, config: ChurnConfig, model: ChurnModel, data: Reader | None = None) -> None:
+    """Stop before scoring when the mart now computes one of the model's features differently.
+
+    `data` reads the mart where it lives (None: the build database `session` opens)."""
+    check = check_definitions(data if data is not None else session, config, model)
     if not check.affects_model:
         if check.sql_changed:
             log.info("mart SQL changed since %s was trained; %s", model.version, check.describe())
@@ -340,7 +342,7 @@ def score(
     """Score the latest snapshot of the feature mart with the champion model."""
     started = time.perf_counter()
     run_id = run_id or dt.datetime.now().strftime("score-%Y%m%dT%H%M%S-") + uuid.uuid4().hex[:6]
-    model = _champion_for(config)
+    model = champion_for(config)
     contract, version = model.contract, str(model.version)
     rule = operating_point.rule_choice(config, model)
     with connect(config.warehouse.build_db, settings=config.warehouse.engine) as session:
@@ -455,7 +457,7 @@ def scored_rows(session: Reader, contract: FeatureContract, as_of_date: dt.date,
     )
 
 
-def history_by_snapshot(session: Session, as_of_column: str) -> pd.DataFrame:
+def history_by_snapshot(session: Reader, as_of_column: str) -> pd.DataFrame:
     """Per snapshot and model version of the history: rows, share flagged and mean probability, oldest first.
 
     Empty (with those columns) before the first scoring run.

@@ -15,15 +15,20 @@ in the buckets above it, so no step gathers all rows into one partition. The
 scores are materialised once (a local checkpoint) because the rank reads them
 twice and the model must not run twice.
 
-The threshold is the caller's: tonight's operating point is chosen on all
-probabilities and recorded by `ml.modeling.operating_point`, which writes a
-DuckDB table today.
+`score_on_spark` is `churn score` on the Spark engine: the snapshot is
+scored once (probabilities and reasons, checkpointed), tonight's operating
+point is chosen on all probabilities and recorded by
+`ml.modeling.operating_point` in the build database (a control-plane table),
+and the ranked rows replace the Spark tables churn_scores and this
+snapshot's rows of churn_scores_history.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import pickle
+import time
+import uuid
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -31,19 +36,27 @@ import pandas as pd
 
 from ml.config import ChurnConfig
 from ml.features.contract import FeatureContract
-from ml.features.mart import check_mart, current_contract, mart_columns, snapshot_select
-from ml.logs import get_logger
+from ml.features.mart import check_mart, current_contract, latest_snapshot_date, mart_columns, snapshot_select
+from ml.logs import get_logger, timed
+from ml.modeling import operating_point
 from ml.modeling.explain import Explainer
 from ml.modeling.model import ChurnModel
 from ml.modeling.score import (
     DECISION_COLUMN,
+    HISTORY_TABLE,
     PROBABILITY_COLUMN,
+    SCORES_TABLE,
+    ScoreError,
+    ScoreResult,
+    champion_for,
+    refuse_redefined,
     score_frame,
     scored_reason_columns,
     scores_layout,
     typical_values,
 )
-from ml.warehouse.spark import SparkWarehouse
+from ml.warehouse import connect
+from ml.warehouse.spark import SCHEMA, SparkWarehouse, spark_quote
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
@@ -63,6 +76,15 @@ def score_snapshot(warehouse: SparkWarehouse, config: ChurnConfig, model: ChurnM
     differs. The result is computed (one Spark job) and held until the caller
     drops the returned DataFrame.
     """
+    scored = explained_snapshot(warehouse, config, model, as_of_date)
+    return ranked(scored, model.contract, threshold, config.scoring.high_risk_probability,
+                  config.scoring.top_reasons, str(model.version), run_id)
+
+
+def explained_snapshot(warehouse: SparkWarehouse, config: ChurnConfig, model: ChurnModel,
+                       as_of_date: dt.date) -> DataFrame:
+    """Probability, decision at the model's own threshold and reasons of every row of the snapshot,
+    computed once on the workers and held (a local checkpoint) for the operating point and the rank."""
     from pyspark.sql import functions as F
 
     contract, mart = model.contract, config.dataset.feature_mart
@@ -77,8 +99,75 @@ def score_snapshot(warehouse: SparkWarehouse, config: ChurnConfig, model: ChurnM
     scored = snapshot.mapInPandas(scorer, scored_schema(snapshot.schema, contract, n_reasons))
     scored = scored.localCheckpoint(eager=True)
     log.info("scored the %s snapshot of %s on Spark with %s", as_of_date, mart, model.version)
-    return ranked(scored, contract, threshold, config.scoring.high_risk_probability, n_reasons,
-                  str(model.version), run_id)
+    return scored
+
+
+def score_on_spark(config: ChurnConfig, warehouse: SparkWarehouse, run_id: str | None = None) -> ScoreResult:
+    """`churn score` with the data plane on Spark: tonight's snapshot scored on the workers.
+
+    The champion, the feature-definitions check and the operating point are
+    the DuckDB path's own (the registry and operating_points are control-plane
+    tables in the build database); the threshold is chosen on every
+    probability (one column collected to the driver, 8 bytes a customer), and
+    the scores go to the Spark tables churn_scores and churn_scores_history
+    (`write_spark_scores`).
+    """
+    started = time.perf_counter()
+    run_id = run_id or dt.datetime.now().strftime("score-%Y%m%dT%H%M%S-") + uuid.uuid4().hex[:6]
+    model = champion_for(config)
+    contract, version = model.contract, str(model.version)
+    rule = operating_point.rule_choice(config, model)
+    mart = config.dataset.feature_mart
+    if not warehouse.exists(mart):
+        raise ScoreError(f"feature mart {mart!r} not found in {warehouse.path}; run churn build")
+    with connect(config.warehouse.build_db, settings=config.warehouse.engine) as session:
+        refuse_redefined(session, config, model, data=warehouse)
+        as_of_date = latest_snapshot_date(warehouse, config, contract)
+        if as_of_date is None:
+            raise ScoreError(f"feature mart {mart!r} in {warehouse.path} has no rows to score")
+        scored = explained_snapshot(warehouse, config, model, as_of_date)
+        probability = scored.select(PROBABILITY_COLUMN).toArrow().column(0).to_numpy()
+        # the operating point is recorded with the scores it decided, or not at all
+        with session.transaction():
+            point = operating_point.apply(session, config, model, rule, probability, run_id)
+            scores = ranked(scored, contract, point.threshold, config.scoring.high_risk_probability,
+                            config.scoring.top_reasons, version, run_id)
+            with timed(f"write {SCORES_TABLE} and {HISTORY_TABLE} on Spark", log):
+                flagged = write_spark_scores(warehouse, scores, contract.as_of, as_of_date, version)
+    result = ScoreResult(run_id, version, as_of_date, len(probability), flagged, time.perf_counter() - started)
+    log.info("scored %d customers as of %s with %s on Spark: %d flagged (%.1f%%) in %.1fs",
+             result.rows, as_of_date, version, flagged, 100 * result.flagged_share, result.seconds)
+    return result
+
+
+def write_spark_scores(warehouse: SparkWarehouse, scores: DataFrame, as_of_column: str, as_of_date: dt.date,
+                       version: str) -> int:
+    """Replace churn_scores, and this (snapshot, model version)'s rows of churn_scores_history; flagged rows.
+
+    Plain Parquet tables cannot delete rows, so the history is rewritten: its
+    kept rows and tonight's, materialised first (a local checkpoint), since a
+    table cannot be overwritten by a plan that reads it. That costs the
+    history's size each night; a Delta table's `replaceWhere` would cost the
+    night (see the README's Scaling out).
+    """
+    from pyspark.sql import functions as F
+
+    scores = scores.localCheckpoint(eager=True)
+    scores.write.mode("overwrite").saveAsTable(qualified_table(SCORES_TABLE))
+    if warehouse.exists(HISTORY_TABLE):
+        old = warehouse.table(HISTORY_TABLE)
+        replaced = (F.col(as_of_column) == F.lit(as_of_date)) & (F.col("model_version") == F.lit(version))
+        kept = old.filter(~replaced)
+        # columns the history lacks (scoring.top_reasons raised) are added; ones tonight lacks stay NULL
+        history = kept.unionByName(scores, allowMissingColumns=True)
+    else:
+        history = scores
+    history.localCheckpoint(eager=True).write.mode("overwrite").saveAsTable(qualified_table(HISTORY_TABLE))
+    return int(scores.filter(F.col(DECISION_COLUMN)).count())
+
+
+def qualified_table(name: str) -> str:
+    return f"{SCHEMA}.{spark_quote(name)}"
 
 
 def batch_scorer(model_bytes: Any, n_reasons: int, source: str, typical: dict[str, str],

@@ -20,7 +20,7 @@ from ml.logs import get_logger
 from ml.quality.audit import latest_audit_outcome
 from ml.reports.model_report import ModelReport, write_challenger_reports, write_model_report
 from ml.reports.monitoring_report import MonitoringReport, write_monitoring_report
-from ml.warehouse import connect
+from ml.warehouse import Reader, connect
 
 log = get_logger("reports")
 
@@ -109,12 +109,12 @@ tr.pass td:nth-child(3) {{ color: #1a7f37; }} tr.fail td:nth-child(3) {{ color: 
 """
 
 
-def write_reports(config: ChurnConfig) -> Path:
+def write_reports(config: ChurnConfig, data: Reader | None = None) -> Path:
     """The champion's model report and tonight's monitoring report, then the index of every report; returns the
-    index's path."""
+    index's path. `data` reads the mart and scores where they live (None: the build database)."""
     model = write_model_report(config)
     write_challenger_reports(config)
-    monitoring = write_monitoring_report(config)
+    monitoring = write_monitoring_report(config, data)
     path = index_path(config)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render_index(config, entries(config, model, monitoring), dt.datetime.now()))

@@ -51,7 +51,7 @@ from ml.monitoring.performance import ESTIMATED, REALIZED
 from ml.monitoring.policy import OUTCOME_PROMOTED
 from ml.quality.audit import AuditOutcome, audit_history
 from ml.reports.charts import figure_html, svg
-from ml.warehouse import connect
+from ml.warehouse import Reader, connect
 
 log = get_logger("monitoring_report")
 
@@ -179,8 +179,10 @@ def distributions(reference: DriftReference, snapshot: pd.DataFrame, names: list
     return out
 
 
-def read_history(config: ChurnConfig) -> History | None:
-    """The page's data, read through each table's owner; None before the first monitoring run."""
+def read_history(config: ChurnConfig, data: Reader | None = None) -> History | None:
+    """The page's data, read through each table's owner; None before the first monitoring run.
+
+    `data` reads the mart and the scores history where they live (None: the build database)."""
     settings = config.warehouse.engine
     # The monitoring tables hold every dataset sharing the build database: keep this dataset's models' rows.
     registered = registry_frame(config)
@@ -200,9 +202,10 @@ def read_history(config: ChurnConfig) -> History | None:
     model = load_model(config, str(tonight["model_version"].iloc[0]))
     reference = load_reference(model)
     with connect(config.warehouse.build_db, read_only=True, settings=settings) as session:
-        snapshot = snapshot_rows(session, config, model.contract, tonight["as_of_date"].iloc[0], features=shown)
+        reads = data if data is not None else session
+        snapshot = snapshot_rows(reads, config, model.contract, tonight["as_of_date"].iloc[0], features=shown)
         performance = performance_history(session)
-        scores = history_by_snapshot(session, current_contract(config).as_of)  # the dataset's own name
+        scores = history_by_snapshot(reads, current_contract(config).as_of)  # the dataset's own name
         decisions = decision_history(session)
         audits = audit_history(session, config.dataset.name)
     ours = [frame[frame["model_version"].isin(versions)] for frame in (performance, scores, decisions)]
@@ -509,11 +512,11 @@ p.q {{ color: #555; font-style: italic; }} p.note {{ color: #8a6d00; }}
     return page, tuple(title for title, *_ in found), passed, text
 
 
-def write_monitoring_report(config: ChurnConfig) -> MonitoringReport | None:
+def write_monitoring_report(config: ChurnConfig, data: Reader | None = None) -> MonitoringReport | None:
     """Write tonight's monitoring page; None before the first monitoring run."""
     if not config.warehouse.build_db.exists():
         return None
-    history = read_history(config)
+    history = read_history(config, data)
     if history is None:
         return None
     page, titles, passed, text = render(config, history)

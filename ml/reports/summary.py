@@ -17,7 +17,7 @@ from ml.modeling.operating_point import history
 from ml.modeling.registry import model_record
 from ml.modeling.score import SCORES_TABLE, latest_scores_summary
 from ml.modeling.train import held_out_metrics, validation_strategy
-from ml.warehouse import connect
+from ml.warehouse import Reader, connect
 
 SUMMARY_METRICS = ("recall", "precision", "roc_auc", "pr_auc")
 
@@ -26,11 +26,12 @@ def _fmt(value: object) -> str:
     return "n/a" if value is None or value != value else f"{float(value):.3f}"
 
 
-def score_summary(config: ChurnConfig) -> list[str]:
-    """Lines describing today's churn_scores and the scoring model's held-out metrics."""
+def score_summary(config: ChurnConfig, data: Reader | None = None) -> list[str]:
+    """Lines describing today's churn_scores and the scoring model's held-out metrics
+    (`data` reads churn_scores where it lives; None: the build database)."""
     as_of_column = current_contract(config).as_of  # churn_scores carries the mart's own snapshot name
     with connect(config.warehouse.build_db, read_only=True, settings=config.warehouse.engine) as session:
-        scores = latest_scores_summary(session, as_of_column)
+        scores = latest_scores_summary(data if data is not None else session, as_of_column)
         if scores is None:
             return [f"  no {SCORES_TABLE} table: nothing was scored"]
         rows, flagged, version = scores.rows, scores.flagged, scores.model_version
