@@ -69,7 +69,7 @@ from ml.logs import get_logger, timed
 from ml.quality.data_docs import SuiteRun, write_data_docs
 from ml.quality.default_suites import write_default_suites
 from ml.quality.verdicts import CheckResult
-from ml.warehouse import MEMORY, Session, column_list, connect, declare, is_missing, json_value, quote
+from ml.warehouse import MEMORY, Reader, Session, column_list, connect, declare, is_missing, json_value, quote
 from ml.warehouse.connection import VECTOR_ROWS
 
 log = get_logger("quality")
@@ -308,7 +308,20 @@ def _vectorizable(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def _frames(session: Session, relation: str, strategy: str, columns: tuple[str, ...],
+def hash_partition(projection: str, parts: int, part: int) -> str:
+    """SQL true for the rows of hash partition `part` of `parts`, on DuckDB and Spark alike.
+
+    DuckDB's `hash` is unsigned, Spark's a signed 32-bit int whose `%` keeps the
+    sign: a plain `hash % parts = part` would put Spark's negative hashes in no
+    partition, and the duplicates among them would never be seen. Folding the
+    remainder into 0..parts-1 keeps every row in exactly one partition on both,
+    and leaves DuckDB's partitions what they always were (its remainder is never
+    negative).
+    """
+    return f"((hash({projection}) % {parts}) + {parts}) % {parts} = {part}"
+
+
+def _frames(session: Reader, relation: str, strategy: str, columns: tuple[str, ...],
             rows: int, chunk_rows: int) -> Iterator[pd.DataFrame]:
     """The batches GX sees for one plan; see the module docstring for why each is exact."""
     projection = column_list(columns)
@@ -328,7 +341,7 @@ def _frames(session: Session, relation: str, strategy: str, columns: tuple[str, 
     elif strategy == "partitions":
         parts = max(1, math.ceil(rows / chunk_rows))
         for part in range(parts):
-            where = f" where hash({projection}) % {parts} = {part}" if parts > 1 else ""
+            where = f" where {hash_partition(projection, parts, part)}" if parts > 1 else ""
             yield _vectorizable(session.frame(f"select {projection} from {relation}{where}"))
     elif strategy == "stream":
         # Whole vectors, rounded down as the audit always streamed (so batch counts, and with
@@ -495,9 +508,16 @@ def _index(expectation: Any) -> int:
     return expectation.configuration.meta["index"]
 
 
-def _relation_facts(session: Session, relation: str) -> _RelationFacts:
+def _relation_facts(session: Reader, relation: str) -> _RelationFacts:
+    """Rows and column names of a table or subquery, in SQL both engines run.
+
+    The names come from an empty result's frame: DuckDB's `describe select ...`
+    is not Spark SQL, and `Reader.columns` takes tables only, while a relation
+    may be tonight's subquery or a typed landing file. Neither engine reads a
+    row for `limit 0` (Spark plans it as an empty relation).
+    """
     rows = int(session.scalar(f"select count(*) from {relation}"))
-    columns = frozenset(r[0] for r in session.rows(f"describe select * from {relation}"))
+    columns = frozenset(session.frame(f"select * from {relation} limit 0").columns)
     return _RelationFacts(rows=rows, columns=columns)
 
 
@@ -523,7 +543,7 @@ def _missing_column_results(group: list[Any], missing: list[str], table: str) ->
     return {_index(e): _failed(e, message) for e in group}
 
 
-def feed_batches(session: Session, relation: str, suite: Suite, plan: Plan, group: list[Any], rows: int,
+def feed_batches(session: Reader, relation: str, suite: Suite, plan: Plan, group: list[Any], rows: int,
                  chunk_rows: int, judge: Judge, parameters: dict[str, Any]) -> _Fed:
     """Every batch of one plan through GX, each expectation's verdicts summed in its tally."""
     strategy, columns = plan
@@ -628,7 +648,7 @@ def _mostly(expectation: Any) -> float:
     return float(expectation.configuration.kwargs.get("mostly", 1.0))
 
 
-def run_suite(session: Session, relation: str, suite: Suite, parameters: dict[str, Any],
+def run_suite(session: Reader, relation: str, suite: Suite, parameters: dict[str, Any],
               chunk_rows: int, judge: Judge, night: str | None = None,
               shares_whole: bool = False) -> tuple[list[CheckResult], Any]:
     """Validate one suite against a relation; returns stored rows and the GX suite result (for docs).
