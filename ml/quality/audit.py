@@ -40,6 +40,16 @@ row-wise checks with `mostly` below 1, which judge a share of the table) stay
 SQL aggregates or bounded batches over the whole mart. Each stored verdict
 says which rows it read (`rows_checked`, `scope` = `tonight` or `all`).
 
+Engines: the mart and the scores are data plane, read where they live, the
+build database or Spark (`audit(..., data=SparkWarehouse)`), through the
+`Reader` vocabulary both offer; every statement those stages send is SQL both
+run (ANSI, double-quoted names, `?` parameters, no `describe`, hash
+partitions folded to non-negative remainders). Frames reach GX with the same
+dtypes on both (SparkWarehouse converts Arrow by DuckDB's rules), so the
+verdicts are the same. The verdicts, the row-count history and the night's
+scope are control plane and stay in the build database on every engine; the
+landing stage reads files through an in-memory DuckDB on every engine.
+
 The pandas engine hashes every batch it is given (about 0.1 us per value), so
 batches are per column and shared by every expectation on that column. An
 expectation whose metric raised (exception_info set) is a failure carrying the
@@ -55,6 +65,7 @@ import json
 import math
 import time
 from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -703,9 +714,31 @@ def _previous_rows(config: ChurnConfig, suite: Suite, as_of: str | None) -> int 
     return None if value is None else int(value)
 
 
-def _active_customers(config: ChurnConfig) -> int | None:
-    """Rows of the feature mart on its latest as_of_date: the customers scoring must cover."""
+@contextmanager
+def data_plane(config: ChurnConfig, data: Reader | None = None) -> Iterator[Reader]:
+    """Where the mart and the scores are read: `data` (e.g. Spark) when given, else the build database.
+
+    The build database is opened read-only for the one job and closed after it,
+    as every read of it is; a given `data` reader is the caller's and stays open.
+    """
+    if data is not None:
+        yield data
+        return
     with connect(config.warehouse.build_db, read_only=True, settings=config.warehouse.engine) as session:
+        yield session
+
+
+def _suite_reader(config: ChurnConfig, stage: str, data: Reader | None) -> AbstractContextManager[Reader]:
+    """What one suite reads its table with: landing files through an in-memory DuckDB (the build
+    database is not touched), the mart and the scores on the data plane."""
+    if stage == "landing":
+        return connect(MEMORY, settings=config.warehouse.engine)
+    return data_plane(config, data)
+
+
+def _active_customers(config: ChurnConfig, data: Reader | None = None) -> int | None:
+    """Rows of the feature mart on its latest as_of_date: the customers scoring must cover."""
+    with data_plane(config, data) as session:
         if not session.exists(config.dataset.feature_mart):
             return None
         contract = current_contract(config)
@@ -713,8 +746,14 @@ def _active_customers(config: ChurnConfig) -> int | None:
         return 0 if latest is None else snapshot_size(session, config, contract, latest)
 
 
-def suite_parameters(config: ChurnConfig, suite: Suite, as_of: str | None) -> dict[str, Any]:
-    """Values the suites refer to with {"$PARAMETER": name}: settings and run facts, never constants."""
+def suite_parameters(config: ChurnConfig, suite: Suite, as_of: str | None,
+                     data: Reader | None = None) -> dict[str, Any]:
+    """Values the suites refer to with {"$PARAMETER": name}: settings and run facts, never constants.
+
+    Run facts about the data (the customers scoring must cover) are read where
+    the data lives (`data`, see `data_plane`); the row-count history is the
+    build database's, on every engine.
+    """
     today = dt.date.today()
     latest = dt.date.fromisoformat(as_of) if as_of else today + dt.timedelta(days=1)
     low, high = config.quality.label_share_band
@@ -731,7 +770,7 @@ def suite_parameters(config: ChurnConfig, suite: Suite, as_of: str | None) -> di
         "risk_bands": sorted(config.scoring.risk_band_names),
     }
     if suite.stage == "scores":
-        params["active_customers"] = _active_customers(config)
+        params["active_customers"] = _active_customers(config, data)
     return params
 
 
@@ -830,13 +869,18 @@ def _store(config: ChurnConfig, report: AuditReport, rows: dict[str, tuple[str, 
 
 
 def audit(config: ChurnConfig, stage: str, run_id: str, as_of: str | None = None,
-          changes: LandingChanges | None = None) -> AuditReport:
+          changes: LandingChanges | None = None, data: Reader | None = None) -> AuditReport:
     """Run the dataset's suites of one stage, store the results and docs; raise AuditError on a critical failure.
 
     `changes` (landing stage): row-wise checks of partitioned tables read only its new and rewritten partitions.
+    `data` (mart and scores stages): where their tables are read, e.g. a `SparkWarehouse`; None reads the
+    build database. Verdicts, row counts and the night's scope stay in the build database either way.
     """
     if stage not in STAGES:
         raise ValueError(f"unknown audit stage {stage!r}; known: {', '.join(STAGES)}")
+    if stage == "landing" and data is not None:
+        raise ValueError("the landing audit reads the landing files through DuckDB on every engine; "
+                         "`data` is for the mart and scores stages")
     report = AuditReport(stage=stage, run_id=run_id)
     suites = load_suites(config, stage)
     if not suites:
@@ -847,7 +891,7 @@ def audit(config: ChurnConfig, stage: str, run_id: str, as_of: str | None = None
         tables = {t.name: t for t in landing_tables(config)} if stage == "landing" else {}
         runs, rows = [], {}
         for suite in suites:
-            parameters = suite_parameters(config, suite, as_of)
+            parameters = suite_parameters(config, suite, as_of, data)
             relation = _relation(suite, tables)
             night = _night_relation(suite, tables, changes)
             scope = mart_night_scope(config, suite) if stage == "mart" else None
@@ -855,12 +899,9 @@ def audit(config: ChurnConfig, stage: str, run_id: str, as_of: str | None = None
                 night = scoped_relation(config, current_contract(config), scope)
                 log.info("%s: row-wise checks on %s (changed since its last passed audit)", suite.name,
                          scope.describe())
-            # Landing suites read the files through an in-memory database: the build database is not touched.
-            database = MEMORY if stage == "landing" else config.warehouse.build_db
-            with connect(database, read_only=stage != "landing", settings=config.warehouse.engine) as session:
+            with _suite_reader(config, stage, data) as session:
                 if stage != "landing" and not session.exists(suite.table):
-                    raise AuditError(
-                        f"{suite.name}: table {suite.table} does not exist in {config.warehouse.build_db}", report)
+                    raise AuditError(f"{suite.name}: table {suite.table} does not exist in {session.path}", report)
                 with timed(f"suite {suite.name}", log):
                     checks, validation = run_suite(session, relation, suite, parameters,
                                                    config.quality.chunk_rows, judge, night,
@@ -902,8 +943,9 @@ def run_command(config: ChurnConfig, args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _missing_tables(config: ChurnConfig, stage: str) -> list[str]:
-    """Warehouse tables a stage's suites target that do not exist (landing reads files)."""
+def _missing_tables(config: ChurnConfig, stage: str, data: Reader | None = None) -> list[str]:
+    """Warehouse tables a stage's suites target that do not exist in `data` (see `data_plane`;
+    landing reads files)."""
     if stage == "landing":
         return []
     folder = config.warehouse.expectations_dir / config.dataset.name
@@ -911,9 +953,9 @@ def _missing_tables(config: ChurnConfig, stage: str) -> list[str]:
     targets = {names.get(t, t) for t in (json.loads(p.read_text()).get("meta", {}).get("table")
                                          for p in folder.glob("*.json")
                                          if json.loads(p.read_text()).get("meta", {}).get("stage") == stage)}
-    if not config.warehouse.build_db.exists():
+    if data is None and not config.warehouse.build_db.exists():
         return sorted(targets)
-    with connect(config.warehouse.build_db, read_only=True, settings=config.warehouse.engine) as session:
+    with data_plane(config, data) as session:
         return sorted(t for t in targets if not session.exists(t))
 
 
