@@ -43,12 +43,14 @@ says which rows it read (`rows_checked`, `scope` = `tonight` or `all`).
 Engines: the mart and the scores are data plane, read where they live, the
 build database or Spark (`audit(..., data=SparkWarehouse)`), through the
 `Reader` vocabulary both offer; every statement those stages send is SQL both
-run (ANSI, double-quoted names, `?` parameters, no `describe`, hash
+run (ANSI, double-quoted names, `?` parameters, columns from `limit 0`, hash
 partitions folded to non-negative remainders). Frames reach GX with the same
 dtypes on both (SparkWarehouse converts Arrow by DuckDB's rules), so the
-verdicts are the same. The verdicts, the row-count history and the night's
-scope are control plane and stay in the build database on every engine; the
-landing stage reads files through an in-memory DuckDB on every engine.
+verdicts are the same; only a float column's SQL mean may differ in its last
+bits, each engine summing in its own order. The verdicts, the row-count
+history and the night's scope are control plane and stay in the build
+database on every engine; the landing stage reads files through an in-memory
+DuckDB on every engine.
 
 The pandas engine hashes every batch it is given (about 0.1 us per value), so
 batches are per column and shared by every expectation on that column. An
@@ -522,10 +524,12 @@ def _index(expectation: Any) -> int:
 def _relation_facts(session: Reader, relation: str) -> _RelationFacts:
     """Rows and column names of a table or subquery, in SQL both engines run.
 
-    The names come from an empty result's frame: DuckDB's `describe select ...`
-    is not Spark SQL, and `Reader.columns` takes tables only, while a relation
-    may be tonight's subquery or a typed landing file. Neither engine reads a
-    row for `limit 0` (Spark plans it as an empty relation).
+    The names come from an empty result's frame, plain SQL: `describe <query>`
+    is each engine's own extension with its own result columns (DuckDB's
+    column_name, column_type, ...; Spark's col_name, data_type, comment), and
+    `Reader.columns` takes tables only, while a relation may be tonight's
+    subquery or a typed landing file. Neither engine reads a row for `limit 0`
+    (Spark plans it as an empty relation).
     """
     rows = int(session.scalar(f"select count(*) from {relation}"))
     columns = frozenset(session.frame(f"select * from {relation} limit 0").columns)
