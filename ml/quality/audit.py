@@ -40,6 +40,18 @@ row-wise checks with `mostly` below 1, which judge a share of the table) stay
 SQL aggregates or bounded batches over the whole mart. Each stored verdict
 says which rows it read (`rows_checked`, `scope` = `tonight` or `all`).
 
+Engines: the mart and the scores are data plane, read where they live, the
+build database or Spark (`audit(..., data=SparkWarehouse)`), through the
+`Reader` vocabulary both offer; every statement those stages send is SQL both
+run (ANSI, double-quoted names, `?` parameters, columns from `limit 0`, hash
+partitions folded to non-negative remainders). Frames reach GX with the same
+dtypes on both (SparkWarehouse converts Arrow by DuckDB's rules), so the
+verdicts are the same; only a float column's SQL mean may differ in its last
+bits, each engine summing in its own order. The verdicts, the row-count
+history and the night's scope are control plane and stay in the build
+database on every engine; the landing stage reads files through an in-memory
+DuckDB on every engine.
+
 The pandas engine hashes every batch it is given (about 0.1 us per value), so
 batches are per column and shared by every expectation on that column. An
 expectation whose metric raised (exception_info set) is a failure carrying the
@@ -55,6 +67,7 @@ import json
 import math
 import time
 from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,7 +82,7 @@ from ml.logs import get_logger, timed
 from ml.quality.data_docs import SuiteRun, write_data_docs
 from ml.quality.default_suites import write_default_suites
 from ml.quality.verdicts import CheckResult
-from ml.warehouse import MEMORY, Session, column_list, connect, declare, is_missing, json_value, quote
+from ml.warehouse import MEMORY, Reader, Session, column_list, connect, declare, is_missing, json_value, quote
 from ml.warehouse.connection import VECTOR_ROWS
 
 log = get_logger("quality")
@@ -308,7 +321,20 @@ def _vectorizable(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def _frames(session: Session, relation: str, strategy: str, columns: tuple[str, ...],
+def hash_partition(projection: str, parts: int, part: int) -> str:
+    """SQL true for the rows of hash partition `part` of `parts`, on DuckDB and Spark alike.
+
+    DuckDB's `hash` is unsigned, Spark's a signed 32-bit int whose `%` keeps the
+    sign: a plain `hash % parts = part` would put Spark's negative hashes in no
+    partition, and the duplicates among them would never be seen. Folding the
+    remainder into 0..parts-1 keeps every row in exactly one partition on both,
+    and leaves DuckDB's partitions what they always were (its remainder is never
+    negative).
+    """
+    return f"((hash({projection}) % {parts}) + {parts}) % {parts} = {part}"
+
+
+def _frames(session: Reader, relation: str, strategy: str, columns: tuple[str, ...],
             rows: int, chunk_rows: int) -> Iterator[pd.DataFrame]:
     """The batches GX sees for one plan; see the module docstring for why each is exact."""
     projection = column_list(columns)
@@ -328,7 +354,7 @@ def _frames(session: Session, relation: str, strategy: str, columns: tuple[str, 
     elif strategy == "partitions":
         parts = max(1, math.ceil(rows / chunk_rows))
         for part in range(parts):
-            where = f" where hash({projection}) % {parts} = {part}" if parts > 1 else ""
+            where = f" where {hash_partition(projection, parts, part)}" if parts > 1 else ""
             yield _vectorizable(session.frame(f"select {projection} from {relation}{where}"))
     elif strategy == "stream":
         # Whole vectors, rounded down as the audit always streamed (so batch counts, and with
@@ -495,9 +521,18 @@ def _index(expectation: Any) -> int:
     return expectation.configuration.meta["index"]
 
 
-def _relation_facts(session: Session, relation: str) -> _RelationFacts:
+def _relation_facts(session: Reader, relation: str) -> _RelationFacts:
+    """Rows and column names of a table or subquery, in SQL both engines run.
+
+    The names come from an empty result's frame, plain SQL: `describe <query>`
+    is each engine's own extension with its own result columns (DuckDB's
+    column_name, column_type, ...; Spark's col_name, data_type, comment), and
+    `Reader.columns` takes tables only, while a relation may be tonight's
+    subquery or a typed landing file. Neither engine reads a row for `limit 0`
+    (Spark plans it as an empty relation).
+    """
     rows = int(session.scalar(f"select count(*) from {relation}"))
-    columns = frozenset(r[0] for r in session.rows(f"describe select * from {relation}"))
+    columns = frozenset(session.frame(f"select * from {relation} limit 0").columns)
     return _RelationFacts(rows=rows, columns=columns)
 
 
@@ -523,7 +558,7 @@ def _missing_column_results(group: list[Any], missing: list[str], table: str) ->
     return {_index(e): _failed(e, message) for e in group}
 
 
-def feed_batches(session: Session, relation: str, suite: Suite, plan: Plan, group: list[Any], rows: int,
+def feed_batches(session: Reader, relation: str, suite: Suite, plan: Plan, group: list[Any], rows: int,
                  chunk_rows: int, judge: Judge, parameters: dict[str, Any]) -> _Fed:
     """Every batch of one plan through GX, each expectation's verdicts summed in its tally."""
     strategy, columns = plan
@@ -628,7 +663,7 @@ def _mostly(expectation: Any) -> float:
     return float(expectation.configuration.kwargs.get("mostly", 1.0))
 
 
-def run_suite(session: Session, relation: str, suite: Suite, parameters: dict[str, Any],
+def run_suite(session: Reader, relation: str, suite: Suite, parameters: dict[str, Any],
               chunk_rows: int, judge: Judge, night: str | None = None,
               shares_whole: bool = False) -> tuple[list[CheckResult], Any]:
     """Validate one suite against a relation; returns stored rows and the GX suite result (for docs).
@@ -683,9 +718,31 @@ def _previous_rows(config: ChurnConfig, suite: Suite, as_of: str | None) -> int 
     return None if value is None else int(value)
 
 
-def _active_customers(config: ChurnConfig) -> int | None:
-    """Rows of the feature mart on its latest as_of_date: the customers scoring must cover."""
+@contextmanager
+def data_plane(config: ChurnConfig, data: Reader | None = None) -> Iterator[Reader]:
+    """Where the mart and the scores are read: `data` (e.g. Spark) when given, else the build database.
+
+    The build database is opened read-only for the one job and closed after it,
+    as every read of it is; a given `data` reader is the caller's and stays open.
+    """
+    if data is not None:
+        yield data
+        return
     with connect(config.warehouse.build_db, read_only=True, settings=config.warehouse.engine) as session:
+        yield session
+
+
+def _suite_reader(config: ChurnConfig, stage: str, data: Reader | None) -> AbstractContextManager[Reader]:
+    """What one suite reads its table with: landing files through an in-memory DuckDB (the build
+    database is not touched), the mart and the scores on the data plane."""
+    if stage == "landing":
+        return connect(MEMORY, settings=config.warehouse.engine)
+    return data_plane(config, data)
+
+
+def _active_customers(config: ChurnConfig, data: Reader | None = None) -> int | None:
+    """Rows of the feature mart on its latest as_of_date: the customers scoring must cover."""
+    with data_plane(config, data) as session:
         if not session.exists(config.dataset.feature_mart):
             return None
         contract = current_contract(config)
@@ -693,8 +750,14 @@ def _active_customers(config: ChurnConfig) -> int | None:
         return 0 if latest is None else snapshot_size(session, config, contract, latest)
 
 
-def suite_parameters(config: ChurnConfig, suite: Suite, as_of: str | None) -> dict[str, Any]:
-    """Values the suites refer to with {"$PARAMETER": name}: settings and run facts, never constants."""
+def suite_parameters(config: ChurnConfig, suite: Suite, as_of: str | None,
+                     data: Reader | None = None) -> dict[str, Any]:
+    """Values the suites refer to with {"$PARAMETER": name}: settings and run facts, never constants.
+
+    Run facts about the data (the customers scoring must cover) are read where
+    the data lives (`data`, see `data_plane`); the row-count history is the
+    build database's, on every engine.
+    """
     today = dt.date.today()
     latest = dt.date.fromisoformat(as_of) if as_of else today + dt.timedelta(days=1)
     low, high = config.quality.label_share_band
@@ -711,7 +774,7 @@ def suite_parameters(config: ChurnConfig, suite: Suite, as_of: str | None) -> di
         "risk_bands": sorted(config.scoring.risk_band_names),
     }
     if suite.stage == "scores":
-        params["active_customers"] = _active_customers(config)
+        params["active_customers"] = _active_customers(config, data)
     return params
 
 
@@ -810,13 +873,18 @@ def _store(config: ChurnConfig, report: AuditReport, rows: dict[str, tuple[str, 
 
 
 def audit(config: ChurnConfig, stage: str, run_id: str, as_of: str | None = None,
-          changes: LandingChanges | None = None) -> AuditReport:
+          changes: LandingChanges | None = None, data: Reader | None = None) -> AuditReport:
     """Run the dataset's suites of one stage, store the results and docs; raise AuditError on a critical failure.
 
     `changes` (landing stage): row-wise checks of partitioned tables read only its new and rewritten partitions.
+    `data` (mart and scores stages): where their tables are read, e.g. a `SparkWarehouse`; None reads the
+    build database. Verdicts, row counts and the night's scope stay in the build database either way.
     """
     if stage not in STAGES:
         raise ValueError(f"unknown audit stage {stage!r}; known: {', '.join(STAGES)}")
+    if stage == "landing" and data is not None:
+        raise ValueError("the landing audit reads the landing files through DuckDB on every engine; "
+                         "`data` is for the mart and scores stages")
     report = AuditReport(stage=stage, run_id=run_id)
     suites = load_suites(config, stage)
     if not suites:
@@ -827,7 +895,7 @@ def audit(config: ChurnConfig, stage: str, run_id: str, as_of: str | None = None
         tables = {t.name: t for t in landing_tables(config)} if stage == "landing" else {}
         runs, rows = [], {}
         for suite in suites:
-            parameters = suite_parameters(config, suite, as_of)
+            parameters = suite_parameters(config, suite, as_of, data)
             relation = _relation(suite, tables)
             night = _night_relation(suite, tables, changes)
             scope = mart_night_scope(config, suite) if stage == "mart" else None
@@ -835,12 +903,9 @@ def audit(config: ChurnConfig, stage: str, run_id: str, as_of: str | None = None
                 night = scoped_relation(config, current_contract(config), scope)
                 log.info("%s: row-wise checks on %s (changed since its last passed audit)", suite.name,
                          scope.describe())
-            # Landing suites read the files through an in-memory database: the build database is not touched.
-            database = MEMORY if stage == "landing" else config.warehouse.build_db
-            with connect(database, read_only=stage != "landing", settings=config.warehouse.engine) as session:
+            with _suite_reader(config, stage, data) as session:
                 if stage != "landing" and not session.exists(suite.table):
-                    raise AuditError(
-                        f"{suite.name}: table {suite.table} does not exist in {config.warehouse.build_db}", report)
+                    raise AuditError(f"{suite.name}: table {suite.table} does not exist in {session.path}", report)
                 with timed(f"suite {suite.name}", log):
                     checks, validation = run_suite(session, relation, suite, parameters,
                                                    config.quality.chunk_rows, judge, night,
@@ -882,8 +947,9 @@ def run_command(config: ChurnConfig, args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _missing_tables(config: ChurnConfig, stage: str) -> list[str]:
-    """Warehouse tables a stage's suites target that do not exist (landing reads files)."""
+def _missing_tables(config: ChurnConfig, stage: str, data: Reader | None = None) -> list[str]:
+    """Warehouse tables a stage's suites target that do not exist in `data` (see `data_plane`;
+    landing reads files)."""
     if stage == "landing":
         return []
     folder = config.warehouse.expectations_dir / config.dataset.name
@@ -891,9 +957,9 @@ def _missing_tables(config: ChurnConfig, stage: str) -> list[str]:
     targets = {names.get(t, t) for t in (json.loads(p.read_text()).get("meta", {}).get("table")
                                          for p in folder.glob("*.json")
                                          if json.loads(p.read_text()).get("meta", {}).get("stage") == stage)}
-    if not config.warehouse.build_db.exists():
+    if data is None and not config.warehouse.build_db.exists():
         return sorted(targets)
-    with connect(config.warehouse.build_db, read_only=True, settings=config.warehouse.engine) as session:
+    with data_plane(config, data) as session:
         return sorted(t for t in targets if not session.exists(t))
 
 
