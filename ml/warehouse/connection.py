@@ -89,6 +89,11 @@ class Reader(Protocol):
 
     def columns(self, table: str | TableSpec) -> dict[str, str]: ...
 
+    def temp_table(self, name: str, select_sql: str, params: Params = None) -> AbstractContextManager[str]:
+        """`select_sql`'s rows computed once and readable as `name` inside the block (a sample, counts
+        that several statements read); gone after it."""
+        ...
+
     def registered(self, frame: pd.DataFrame) -> AbstractContextManager[str]:
         """`frame` visible to this reader's SQL under a fresh name for the block (e.g. keys to join)."""
         ...
@@ -153,6 +158,24 @@ class Session:
             if chunk.empty:
                 return
             first = False
+
+    @contextmanager
+    def temp_table(self, name: str, select_sql: str, params: Params = None) -> Iterator[str]:
+        """`select_sql`'s result as temp table `name` (a plain identifier) for the block, then dropped.
+
+        For a relation several statements read: as a subquery each of them would
+        recompute it (re-scan the table it filters). A temp table is the
+        connection's own, so a read-only connection can make one too.
+        """
+        self.execute(f"create or replace temp table {name} as {select_sql}", params)
+        try:
+            yield name
+        except BaseException:
+            # Inside a failed transaction the drop fails too (the table then goes with the connection).
+            with suppress(duckdb.Error):
+                self.execute(f"drop table if exists {name}")
+            raise
+        self.execute(f"drop table {name}")
 
     # ------------------------------------------------------------ introspection
 

@@ -208,7 +208,7 @@ def _name(table: str | TableSpec) -> str:
 
 class SparkWarehouse:
     """The read vocabulary of `ml.warehouse.Session` (the `ml.warehouse.Reader` protocol: frame, rows,
-    one, scalar, chunks, exists, columns, registered) on Spark.
+    one, scalar, chunks, exists, columns, temp_table, registered) on Spark.
 
     `spark` is the process's shared session (dbt's too) for DataFrame work;
     SQL runs on a session of its own (same tables, own SQL settings, current
@@ -279,6 +279,19 @@ class SparkWarehouse:
         name = f"{SCHEMA}.{spark_quote(_name(table))}"
         self._sql.catalog.refreshTable(name)
         return self._sql.table(name)
+
+    @contextmanager
+    def temp_table(self, name: str, select_sql: str, params: Params = None) -> Iterator[str]:
+        """`select_sql`'s result cached and shown to SQL as temp view `name` for the block (as
+        `Session.temp_table` on DuckDB): computed by the first statement that reads it, then read from
+        memory by the others instead of re-scanning its source; uncached and dropped after the block."""
+        frame = self.dataframe(select_sql, params).cache()
+        frame.createOrReplaceTempView(name)
+        try:
+            yield name
+        finally:
+            self._sql.catalog.dropTempView(name)
+            frame.unpersist()
 
     @contextmanager
     def registered(self, frame: pd.DataFrame) -> Iterator[str]:
