@@ -17,7 +17,8 @@ streams, which only DuckDB's session does.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import pandas as pd
@@ -26,7 +27,7 @@ from ml.config import ChurnConfig
 from ml.features.contract import ContractError, FeatureContract, load_contract
 from ml.features.dbt import dbt_target_path
 from ml.logs import get_logger
-from ml.warehouse import Reader, Session, column_list, is_numeric_type, quote
+from ml.warehouse import Reader, Session, column_list, connect, is_numeric_type, quote
 
 # The capped training sample compares a hex prefix of md5(key || ':' || seed) with a cut: md5,
 # substr, || and string comparison compute the same on DuckDB and Spark (hash() differs by
@@ -102,6 +103,18 @@ def check_mart(
             + "; ".join(problems)
             + ". Retrain (churn train --force) or restore the column(s)."
         )
+
+
+@contextmanager
+def mart_reader(config: ChurnConfig, data: Reader | None = None) -> Iterator[Reader]:
+    """Where a stage reads the mart: `data` when the caller has it on an engine (Spark), else a session
+    on the build database for the block, as before engines were configurable. The caller's `data` is
+    not closed: it outlives the stage."""
+    if data is not None:
+        yield data
+        return
+    with connect(config.warehouse.build_db, settings=config.warehouse.engine) as session:
+        yield session
 
 
 def _labelled_select(config: ChurnConfig, contract: FeatureContract) -> str:
