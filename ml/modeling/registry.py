@@ -76,12 +76,12 @@ from sklearn.pipeline import Pipeline
 
 from ml.config import ChurnConfig
 from ml.features.contract import ContractError, FeatureContract
-from ml.features.mart import load_evaluation_rows
+from ml.features.mart import load_evaluation_rows, mart_reader
 from ml.logs import get_logger
 from ml.modeling.definitions import check_definitions, model_definitions_sha256
 from ml.modeling.evaluate import classification_metrics
 from ml.modeling.model import ChurnModel, ModelMetadata
-from ml.warehouse import Session, connect, declare, float_or_none, is_missing, quote, to_json
+from ml.warehouse import Reader, Session, connect, declare, float_or_none, is_missing, quote, to_json
 
 log = get_logger("registry")
 
@@ -546,10 +546,11 @@ def registry_frame(config: ChurnConfig) -> pd.DataFrame:
         )
 
 
-def _evaluation_rows(config: ChurnConfig, model: ChurnModel) -> pd.DataFrame:
-    """The challenger's out-of-time (or hold-out) rows, re-read from the feature mart."""
-    with connect(config.warehouse.build_db, settings=config.warehouse.engine) as session:
-        return load_evaluation_rows(session, config, model.contract, model.metadata.validation)
+def _evaluation_rows(config: ChurnConfig, model: ChurnModel, data: Reader | None = None) -> pd.DataFrame:
+    """The challenger's out-of-time (or hold-out) rows, re-read from the feature mart (on `data`, or the
+    build database)."""
+    with mart_reader(config, data) as mart:
+        return load_evaluation_rows(mart, config, model.contract, model.metadata.validation)
 
 
 @dataclass(frozen=True)
@@ -632,20 +633,23 @@ def promotion_rule(config: ChurnConfig, same: SameRows) -> tuple[bool, str]:
 
 
 def compare_with_champion(
-    config: ChurnConfig, challenger: ChurnModel, evaluation_frame: pd.DataFrame | None = None
+    config: ChurnConfig, challenger: ChurnModel, evaluation_frame: pd.DataFrame | None = None,
+    data: Reader | None = None,
 ) -> Comparison:
     """Promote the first model of a dataset; later ones by `promotion_rule` on the same rows (module doc).
 
     The rows are the challenger's own evaluation rows (`evaluation_frame`, or
-    re-read from the mart through its metadata's `validation`).
+    re-read from the mart through its metadata's `validation`). The mart (also
+    for the champion's feature-definitions check) is read on `data` when given
+    (Spark's warehouse), else in the build database.
     """
     current = champion_version(config)
     if current is None:
         return Comparison(promoted=True, decision="first model for this dataset")
     champion = load_model(config, current)
-    rows = evaluation_frame if evaluation_frame is not None else _evaluation_rows(config, challenger)
-    with connect(config.warehouse.build_db, settings=config.warehouse.engine) as session:
-        check = check_definitions(session, config, champion)
+    rows = evaluation_frame if evaluation_frame is not None else _evaluation_rows(config, challenger, data)
+    with mart_reader(config, data) as mart:
+        check = check_definitions(mart, config, champion)
     if check.affects_model:
         same = _from_stored(config, challenger, champion, rows, check.describe())
     else:
@@ -728,6 +732,7 @@ def register(
     oot_metrics: dict[str, Any],
     evaluation_frame: pd.DataFrame | None = None,
     predictions: pd.DataFrame | None = None,
+    data: Reader | None = None,
 ) -> Registration:
     """Store `model` as a new version and decide champion vs challenger.
 
@@ -737,10 +742,12 @@ def register(
     the old champion is then retired. Artifacts are written to a temporary folder and
     renamed into place, and removed again if the registry row cannot be written.
     The caller's `model` is left as it was; the result carries the registered copy.
+    `data` is where the mart is read for the comparison (None: the build database);
+    the artifacts and the registry row always go to the models folder and the build database.
     """
     registered = dataclasses.replace(model, version=new_version_id(model.algorithm))
     version = registered.version
-    comparison = compare_with_champion(config, registered, evaluation_frame)
+    comparison = compare_with_champion(config, registered, evaluation_frame, data)
     log.info("model %s: %s -> %s", version, comparison.decision, comparison.status)
 
     final_dir = config.warehouse.models_dir / version

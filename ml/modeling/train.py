@@ -41,6 +41,7 @@ from ml.features.mart import (
     fully_labelled_dates,
     load_evaluation_rows,
     load_training_rows,
+    mart_reader,
 )
 from ml.logs import get_logger, timed
 from ml.modeling.definitions import definitions_of
@@ -73,6 +74,7 @@ from ml.modeling.registry import (
     register,
 )
 from ml.warehouse import (
+    Reader,
     Session,
     TableSpec,
     column_list,
@@ -624,13 +626,16 @@ class TrainingOutcome:
     tables: dict[TableSpec, pd.DataFrame]
 
 
-def load_training_data(config: ChurnConfig) -> TrainingData:
-    """Read the labelled rows and split off the evaluation rows (given split, newest snapshots, or a hold-out)."""
+def load_training_data(config: ChurnConfig, data: Reader | None = None) -> TrainingData:
+    """Read the labelled rows and split off the evaluation rows (given split, newest snapshots, or a hold-out).
+
+    `data` is where the mart is (Spark's warehouse); None reads the build database.
+    """
     contract = current_contract(config)
     with timed(f"load labelled rows of {config.dataset.feature_mart}", log):
-        with connect(config.warehouse.build_db, settings=config.warehouse.engine) as session:
-            frame = load_training_rows(session, config, contract)
-            labelled_dates = fully_labelled_dates(session, config, contract)
+        with mart_reader(config, data) as mart:
+            frame = load_training_rows(mart, config, contract)
+            labelled_dates = fully_labelled_dates(mart, config, contract)
     return split_training_data(config, contract, frame, labelled_dates)
 
 
@@ -762,18 +767,20 @@ def stored_predictions(data: TrainingData, matrix: TrainingMatrix, calibration: 
     return pd.concat(parts, ignore_index=True)
 
 
-def feature_definitions(config: ChurnConfig, data: TrainingData) -> dict[str, Any]:
-    """Fingerprints of the features, on the held-out rows re-read exactly as a later check re-reads them."""
+def feature_definitions(config: ChurnConfig, data: TrainingData, mart: Reader | None = None) -> dict[str, Any]:
+    """Fingerprints of the features, on the held-out rows re-read exactly as a later check re-reads them
+    (from `mart`, where training read them; None: the build database)."""
     validation = data.split.describe(data.frame, data.contract)
-    with connect(config.warehouse.build_db, settings=config.warehouse.engine) as session:
-        rows = load_evaluation_rows(session, config, data.contract, validation)
+    with mart_reader(config, mart) as reader:
+        rows = load_evaluation_rows(reader, config, data.contract, validation)
     return definitions_of(config, data.contract, rows)
 
 
 def model_metadata(config: ChurnConfig, run_id: str, data: TrainingData, selection: Selection,
                    calibration: Calibration, evaluation: HeldOutEvaluation,
-                   reference: dict[str, Any]) -> ModelMetadata:
-    """What the model's metadata.json records about how it was trained and judged."""
+                   reference: dict[str, Any], mart: Reader | None = None) -> ModelMetadata:
+    """What the model's metadata.json records about how it was trained and judged (`mart`: where the
+    feature fingerprints re-read the held-out rows)."""
     return ModelMetadata(
         run_id=run_id,
         dataset=config.dataset.name,
@@ -792,7 +799,7 @@ def model_metadata(config: ChurnConfig, run_id: str, data: TrainingData, selecti
                         **({"fold_rounds": s.fold_rounds} if s.fold_rounds else {})}
                     for a, s in selection.searches.items()},
         reference=reference,
-        feature_definitions=feature_definitions(config, data),
+        feature_definitions=feature_definitions(config, data, mart),
     )
 
 
@@ -848,10 +855,15 @@ def run_row(config: ChurnConfig, start: RunStart, status: str, message: str | No
 
 # ---------------------------------------------------------------- training
 
-def train(config: ChurnConfig, force: bool = False, run_id: str | None = None) -> TrainResult:
+def train(config: ChurnConfig, force: bool = False, run_id: str | None = None,
+          data: Reader | None = None) -> TrainResult:
     """Train, select, calibrate, evaluate and register a model for the active dataset.
 
     Without `force`, an existing champion means nothing is done (and that is said).
+    `data` is where the feature mart is (the data plane: Spark's warehouse when
+    the nightly builds there); None reads it from the build database. The model,
+    the registry and the run tables (the control plane) always go to the build
+    database and the models folder.
     """
     current = champion_version(config)
     if current and not force:
@@ -861,19 +873,20 @@ def train(config: ChurnConfig, force: bool = False, run_id: str | None = None) -
 
     run_id = run_id or dt.datetime.now().strftime("train-%Y%m%dT%H%M%S-") + uuid.uuid4().hex[:6]
     start = RunStart(run_id, dt.datetime.now(), time.perf_counter())
-    data: TrainingData | None = None
+    training: TrainingData | None = None
     try:
         # One BLAS thread: the matrices are narrow (rows x features), so a second
         # OpenBLAS thread only adds synchronisation; on a busy 2-core machine it
         # made logistic regression fits ~7x slower. Tree estimators use their own n_jobs.
         with threadpool_limits(limits=1, user_api="blas"):
-            data = load_training_data(config)
-            outcome = _train(config, run_id, data)
+            training = load_training_data(config, data)
+            outcome = _train(config, run_id, training, data)
     except Exception as exc:
-        failed = run_row(config, start, "failed", f"{type(exc).__name__}: {exc}", data)
+        failed = run_row(config, start, "failed", f"{type(exc).__name__}: {exc}", training)
         write_run_tables(config, run_id, {MODEL_RUNS: failed})
         raise
-    write_run_tables(config, run_id, {MODEL_RUNS: run_row(config, start, "success", data=data, outcome=outcome),
+    write_run_tables(config, run_id, {MODEL_RUNS: run_row(config, start, "success", data=training,
+                                                          outcome=outcome),
                                       **outcome.tables})
     return outcome.result
 
@@ -899,8 +912,9 @@ def fit_model(config: ChurnConfig, run_id: str, data: TrainingData) -> FittedMod
     return FittedModel(matrix, selection, calibration, model, evaluate_held_out(config, model, data, matrix))
 
 
-def _train(config: ChurnConfig, run_id: str, data: TrainingData) -> TrainingOutcome:
-    """Search, select, calibrate, refit, evaluate, describe and register a model on `data`."""
+def _train(config: ChurnConfig, run_id: str, data: TrainingData, mart: Reader | None = None) -> TrainingOutcome:
+    """Search, select, calibrate, refit, evaluate, describe and register a model on `data` (read from `mart`,
+    which the fingerprints and the champion comparison read again)."""
     fitted = fit_model(config, run_id, data)
     selection, calibration, model, evaluation = fitted.selection, fitted.calibration, fitted.model, fitted.evaluation
     with timed(f"reference statistics of {len(data.train_frame)} training rows", log):
@@ -909,11 +923,12 @@ def _train(config: ChurnConfig, run_id: str, data: TrainingData) -> TrainingOutc
                                       threshold=model.threshold)
     with timed("feature importance", log):
         importance = feature_importances(model, data.eval_frame, config)
-    metadata = model_metadata(config, run_id, data, selection, calibration, evaluation, reference)
+    metadata = model_metadata(config, run_id, data, selection, calibration, evaluation, reference, mart)
     registration = register(config, dataclasses.replace(model, metadata=metadata), run_id, evaluation.metrics,
                             evaluation_frame=data.eval_frame,
                             predictions=stored_predictions(data, fitted.matrix, calibration, selection,
-                                                           evaluation))
+                                                           evaluation),
+                            data=mart)
     algorithm, version = selection.best.algorithm, registration.version
     result = TrainResult(
         version, algorithm, evaluation.metrics, registration.promoted, run_id, data.split.strategy,
