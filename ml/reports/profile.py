@@ -3,15 +3,21 @@
 Missing values, class balance, outliers, distributions by label and
 correlations are the questions an analyst asks of a new mart, and they are
 asked again every night because the data changes. Every statistic is computed
-in DuckDB SQL; counts, means, extremes and outlier counts read the full mart,
-while quantiles, medians and correlations read a seeded sample of at most
-ORDER_STATISTICS_ROWS rows (all rows of a smaller mart), so the step stays
-cheap as history grows; only the plots read a bounded, seeded sample into Python. The columns and their roles
-come from the mart's contract, so the same code profiles any dataset.
+in SQL on the engine that holds the mart (the build DuckDB database, or Spark's
+warehouse passed as `data`), in the dialect both engines share; only the
+quantile lists are spelt per engine (`quantiles_sql`). Counts, means, extremes
+and outlier counts read the full mart, while quantiles, medians and
+correlations read a seeded sample of at most ORDER_STATISTICS_ROWS rows (all
+rows of a smaller mart), so the step stays cheap as history grows; only the
+plots read a bounded, seeded sample into Python. Both samples are picked by an
+md5 of key, snapshot date and seed, which computes the same on both engines,
+so both profile the same rows. The columns and their roles come from the
+mart's contract, so the same code profiles any dataset.
 
-Results are warehouse tables (replaced per feature mart on each run, in one
-transaction) and a self-contained report folder: PNG plots and an index.html
-that references them. The per-snapshot figures the profile shows over time
+Results are tables of the build database whichever engine holds the mart
+(replaced per feature mart on each run, in one transaction) and a
+self-contained report folder: PNG plots and an index.html that references
+them. The per-snapshot figures the profile shows over time
 (`profile_snapshot_stats`: rows, label share, null shares, sums, quantiles per
 snapshot) are kept across runs instead: a night recomputes only the snapshots
 its build rebuilt or relabelled (`ml.features.night`), and the class balance
@@ -39,11 +45,22 @@ from matplotlib.ticker import PercentFormatter
 
 from ml.config import ChurnConfig
 from ml.features.contract import FeatureContract
-from ml.features.mart import MartError, current_contract, mart_columns
+from ml.features.mart import SAMPLE_HEX_DIGITS, MartError, current_contract, mart_columns, sample_cut
 from ml.features.night import FULL as FULL_SCOPE
 from ml.features.night import scope_since, scoped_relation
 from ml.logs import get_logger, timed
-from ml.warehouse import Session, TableSpec, column_list, connect, declare, quote, replace_folder, staging_path
+from ml.warehouse import (
+    Reader,
+    Session,
+    TableSpec,
+    column_list,
+    connect,
+    declare,
+    quote,
+    replace_folder,
+    staging_path,
+)
+from ml.warehouse.spark import SparkWarehouse
 
 log = get_logger("profile")
 
@@ -53,6 +70,8 @@ log = get_logger("profile")
 ORDER_STATISTICS_ROWS = 200_000
 # The temp table that holds that sample for one profile run (`order_statistics_source`).
 ORDER_STATISTICS_SAMPLE = "_profile_order_sample"
+# The temp table of the categories' counts, which the category table and Cramér's V both read.
+CATEGORY_COUNTS = "_profile_category_counts"
 # These bound only what the plots and the report show.
 PLOT_SAMPLE_ROWS = 20_000
 PLOT_TOP_FEATURES = 8
@@ -166,7 +185,7 @@ def report_dir(config: ChurnConfig) -> Path:
 
 # ------------------------------------------------------------------ checks
 
-def check_mart(session: Session, config: ChurnConfig, contract: FeatureContract) -> dict[str, str]:
+def check_mart(session: Reader, config: ChurnConfig, contract: FeatureContract) -> dict[str, str]:
     """The mart's column types, after refusing a mart that does not match its contract.
 
     The contract check is the mart's own (`mart_columns`); the profile adds that
@@ -177,7 +196,7 @@ def check_mart(session: Session, config: ChurnConfig, contract: FeatureContract)
         columns = mart_columns(session, config, contract, require_label=True, numeric_label=True)
     except MartError as exc:
         raise ProfileError(str(exc)) from exc
-    rows = session.row_count(mart)
+    rows = session.scalar(f"select count(*) from {quote(mart)}")
     if rows == 0:
         raise ProfileError(f"feature mart {mart!r} in {session.path} has no rows")
     bad_labels = session.scalar(f"select count(*) from {quote(mart)} where {quote(contract.label)} not in (0, 1)")
@@ -191,7 +210,7 @@ def check_mart(session: Session, config: ChurnConfig, contract: FeatureContract)
 # ------------------------------------------------------------- statistics
 
 def column_summary(
-    session: Session, mart: str, contract: FeatureContract, types: dict[str, str]
+    session: Reader, mart: str, contract: FeatureContract, types: dict[str, str]
 ) -> pd.DataFrame:
     """Rows, missing count and share, and distinct values of every contract column."""
     roles = {contract.key: "key", contract.as_of: "as_of", contract.label: "label",
@@ -219,31 +238,54 @@ def column_summary(
     return pd.DataFrame(records)
 
 
+def row_digest(contract: FeatureContract, seed: int) -> str:
+    """SQL of a row's seeded hex digest: md5 of key, snapshot date and seed, as text.
+
+    md5, casts to text and || compute the same on DuckDB and Spark (DuckDB's
+    hash() has no Spark twin), so both engines pick and order the same rows.
+    """
+    return (f"md5(cast({quote(contract.key)} as string) || ':' || "
+            f"cast(cast({quote(contract.as_of)} as date) as string) || ':{int(seed)}')")
+
+
 @contextmanager
-def order_statistics_source(session: Session, mart: str, contract: FeatureContract, seed: int,
+def order_statistics_source(session: Reader, mart: str, contract: FeatureContract, seed: int,
                             rows: int = ORDER_STATISTICS_ROWS) -> Iterator[tuple[str, int]]:
     """The relation quantiles and correlations read, and its row count: the mart, or a seeded sample of it.
 
-    A hash of key, snapshot and seed keeps about `rows` rows, the same ones on
-    every run and thread count, without reading the mart into Python. The
-    sample is a temp table of the numeric features and the label, built once
-    for the block: as a subquery its filter re-scanned the mart in each of the
-    count, quantile and correlation statements. Dropped when the block ends.
+    A row's digest (`row_digest`) below the cut for `rows / total` keeps about
+    `rows` rows, the same ones on every run, thread count and engine, without
+    reading the mart into Python. The sample (the numeric features and the
+    label) is built once for the block (`Reader.temp_table`: a DuckDB temp
+    table, a cached Spark view): as a subquery its filter re-scanned the mart
+    in each of the count, quantile and correlation statements. Dropped when
+    the block ends.
     """
     total = int(session.scalar(f"select count(*) from {quote(mart)}"))
     if total <= rows:
         yield quote(mart), total
         return
-    picked = (f"hash(cast({quote(contract.key)} as varchar), cast({quote(contract.as_of)} as varchar), "
-              f"{int(seed)}) % {total} < {rows}")
-    session.execute(f"create or replace temp table {ORDER_STATISTICS_SAMPLE} as "
-                    f"select {column_list([*contract.numeric, contract.label])} from {quote(mart)} where {picked}")
-    yield ORDER_STATISTICS_SAMPLE, session.row_count(ORDER_STATISTICS_SAMPLE)
-    # After an error the temp table goes with the connection, which the caller is closing.
-    session.execute(f"drop table {ORDER_STATISTICS_SAMPLE}")
+    picked = f"substr({row_digest(contract, seed)}, 1, {SAMPLE_HEX_DIGITS}) < '{sample_cut(rows / total)}'"
+    select = f"select {column_list([*contract.numeric, contract.label])} from {quote(mart)} where {picked}"
+    with session.temp_table(ORDER_STATISTICS_SAMPLE, select) as sample:
+        yield sample, int(session.scalar(f"select count(*) from {sample}"))
 
 
-def numeric_summary(session: Session, mart: str, contract: FeatureContract, ordered: str | None = None) -> pd.DataFrame:
+def quantiles_sql(session: Reader, expression: str) -> str:
+    """SQL of the QUANTILES of `expression` as one list, exact and linearly interpolated on either engine.
+
+    The one statistic spelt per engine: DuckDB's quantile_cont(x, [...]) and
+    Spark's percentile(x, array(...)) compute the whole list from one sort of
+    the column. The spelling both accept, one percentile_cont(q) within group
+    per level, sorts once per level: ~3x slower on DuckDB.
+    """
+    levels = ", ".join(str(q) for q in QUANTILES)
+    if isinstance(session, SparkWarehouse):
+        return f"percentile({expression}, array({levels}))"
+    return f"quantile_cont({expression}, [{levels}])"
+
+
+def numeric_summary(session: Reader, mart: str, contract: FeatureContract, ordered: str | None = None) -> pd.DataFrame:
     """Quantiles, IQR outlier counts and mean/median per label of each numeric feature.
 
     Moments and extremes are one scan of the whole mart, every column's
@@ -256,7 +298,6 @@ def numeric_summary(session: Session, mart: str, contract: FeatureContract, orde
     if not numeric:
         return pd.DataFrame(columns=["column_name"])
     label = quote(contract.label)
-    quantiles = "[" + ", ".join(str(q) for q in QUANTILES) + "]"
     whole = {
         "mean": "avg({c})",
         "std": "stddev_samp({c})",
@@ -266,7 +307,7 @@ def numeric_summary(session: Session, mart: str, contract: FeatureContract, orde
         "mean_label_1": f"avg({{c}}) filter (where {label} = 1)",
     }
     sorted_ = {
-        "q": f"quantile_cont({{c}}, {quantiles})",
+        "q": quantiles_sql(session, "{c}"),
         "median_label_0": f"median({{c}}) filter (where {label} = 0)",
         "median_label_1": f"median({{c}}) filter (where {label} = 1)",
     }
@@ -290,16 +331,15 @@ def numeric_summary(session: Session, mart: str, contract: FeatureContract, orde
         record["high_fence"] = p75 + IQR_FENCE * (p75 - p25) if has_values else None
         records.append({"column_name": column, **record})
 
-    counts = []
+    counts: list[str] = []
+    fences: list[float] = []  # parameters: a double on both engines (Spark reads 1.5 as a decimal)
     for record in records:
         column = f"cast({quote(record['column_name'])} as double)"
-        low, high = record["low_fence"], record["high_fence"]
-        counts += [
-            f"count(*) filter (where {column} < {float(low)!r})" if low is not None else "0",
-            f"count(*) filter (where {column} > {float(high)!r})" if high is not None else "0",
-            f"count({column})",
-        ]
-    totals = session.one(f"select {', '.join(counts)} from {quote(mart)}")
+        for fence, side in ((record["low_fence"], "<"), (record["high_fence"], ">")):
+            counts.append(f"count(*) filter (where {column} {side} ?)" if fence is not None else "0")
+            fences += [float(fence)] if fence is not None else []
+        counts.append(f"count({column})")
+    totals = session.one(f"select {', '.join(counts)} from {quote(mart)}", fences)
     for i, record in enumerate(records):
         low_count, high_count, present = totals[3 * i:3 * i + 3]
         record["outliers_low"], record["outliers_high"] = int(low_count), int(high_count)
@@ -308,7 +348,7 @@ def numeric_summary(session: Session, mart: str, contract: FeatureContract, orde
     return frame.astype({c: float for c in frame.columns if c not in ("column_name", "outliers_low", "outliers_high")})
 
 
-def category_summary(session: Session, mart: str, contract: FeatureContract) -> tuple[pd.DataFrame, pd.DataFrame]:
+def category_summary(session: Reader, mart: str, contract: FeatureContract) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Share and churn rate per category (rare ones folded), and Cramér's V with the label.
 
     Cramér's V (for a binary label, sqrt(chi-square / n)) is computed on every
@@ -319,14 +359,13 @@ def category_summary(session: Session, mart: str, contract: FeatureContract) -> 
         empty = pd.DataFrame(columns=["column_name", "category", "rows", "share", "labelled_rows",
                                       "positives", "churn_rate", "is_other"])
         return empty, pd.DataFrame(columns=["column_name", "cramers_v"])
-    casts = ", ".join(f"cast({quote(c)} as varchar) as {quote(c)}" for c in categorical)
-    session.execute(f"""
-        create or replace temp table _profile_category_counts as
+    casts = ", ".join(f"cast({quote(c)} as string) as {quote(c)}" for c in categorical)
+    counts = f"""
         with src as (
             select cast({quote(contract.label)} as double) as __label, {casts} from {quote(mart)}
         ),
         long as (
-            from src unpivot include nulls (category for column_name in ({column_list(categorical)}))
+            select * from src unpivot include nulls (category for column_name in ({column_list(categorical)}))
         )
         select
             column_name,
@@ -336,13 +375,19 @@ def category_summary(session: Session, mart: str, contract: FeatureContract) -> 
             cast(coalesce(sum(__label), 0) as bigint) as positives
         from long
         group by all
-    """)
-    categories = session.frame(f"""
+    """
+    with session.temp_table(CATEGORY_COUNTS, counts) as category_counts:
+        return _folded_categories(session, category_counts), _cramers_v(session, category_counts)
+
+
+def _folded_categories(session: Reader, counts: str) -> pd.DataFrame:
+    """The category table from the counts: the MAX_CATEGORIES most frequent per column, the rest folded."""
+    return session.frame(f"""
         with ranked as (
             select
                 *,
                 row_number() over (partition by column_name order by rows desc, category) as position
-            from _profile_category_counts
+            from {counts}
         ),
         folded as (
             select
@@ -367,10 +412,14 @@ def category_summary(session: Session, mart: str, contract: FeatureContract) -> 
         from folded
         order by column_name, is_other, rows desc, category
     """)
-    association = session.frame("""
+
+
+def _cramers_v(session: Reader, counts: str) -> pd.DataFrame:
+    """Cramér's V of each categorical feature with the binary label, from every category's counts."""
+    return session.frame(f"""
         with totals as (
             select column_name, sum(labelled_rows) as n, sum(positives) / nullif(sum(labelled_rows), 0) as p
-            from _profile_category_counts
+            from {counts}
             group by column_name
         ),
         cells as (
@@ -380,7 +429,7 @@ def category_summary(session: Session, mart: str, contract: FeatureContract) -> 
                 power(c.positives - c.labelled_rows * t.p, 2) / nullif(c.labelled_rows * t.p, 0)
                 + power((c.labelled_rows - c.positives) - c.labelled_rows * (1 - t.p), 2)
                   / nullif(c.labelled_rows * (1 - t.p), 0) as chi_square
-            from _profile_category_counts c
+            from {counts} c
             join totals t using (column_name)
             where c.labelled_rows > 0
         )
@@ -388,20 +437,17 @@ def category_summary(session: Session, mart: str, contract: FeatureContract) -> 
         from cells
         group by column_name
     """)
-    session.execute("drop table _profile_category_counts")
-    return categories, association
 
 
-def _snapshot_stats(session: Session, relation: str, contract: FeatureContract) -> pd.DataFrame:
+def _snapshot_stats(session: Reader, relation: str, contract: FeatureContract) -> pd.DataFrame:
     """PROFILE_SNAPSHOTS rows (without the stamp) of every snapshot in `relation`, one grouped scan."""
     label, as_of = quote(contract.label), quote(contract.as_of)
     columns = [contract.label, *[c for c in contract.numeric if c != contract.label]]
-    quantiles = "[" + ", ".join(str(q) for q in QUANTILES) + "]"
     expressions = []
     for i, column in enumerate(columns):
         c = f"cast({quote(column)} as double)"
         expressions += [f"count({c}) as n{i}", f"sum({c}) as s{i}", f"sum({c} * {c}) as ss{i}",
-                        f"min({c}) as lo{i}", f"max({c}) as hi{i}", f"quantile_cont({c}, {quantiles}) as q{i}"]
+                        f"min({c}) as lo{i}", f"max({c}) as hi{i}", f"{quantiles_sql(session, c)} as q{i}"]
     grouped = session.frame(f"""
         select cast({as_of} as date) as snapshot_date, count(*) as rows, count({label}) as labelled_rows,
             cast(coalesce(sum({label}), 0) as bigint) as positives, {', '.join(expressions)}
@@ -430,14 +476,16 @@ def _snapshot_stats(session: Session, relation: str, contract: FeatureContract) 
 
 
 def update_snapshot_stats(session: Session, config: ChurnConfig, contract: FeatureContract, run_id: str,
-                          computed_at: dt.datetime) -> str:
+                          computed_at: dt.datetime, data: Reader | None = None) -> str:
     """Recompute the stored per-snapshot aggregates of the snapshots changed since the last run; returns the scope.
 
     The snapshots come from `ml.features.night` (the builds since these rows
     were computed); everything when that is unknown, after a full refresh, or
     when the mart's label or numeric features are not the ones stored. The
-    delete and insert are one transaction; the rows are facts of the mart, so
-    they stand even if the rest of the profile then fails.
+    aggregates are computed where the mart is (`data`; None: `session`'s
+    build database) and stored through `session`. The delete and insert are
+    one transaction; the rows are facts of the mart, so they stand even if the
+    rest of the profile then fails.
     """
     mart = config.dataset.feature_mart
     columns = {contract.label, *contract.numeric}
@@ -450,7 +498,7 @@ def update_snapshot_stats(session: Session, config: ChurnConfig, contract: Featu
         since = None if value is None else pd.Timestamp(value).to_pydatetime()
     scope = scope_since(session, config, since) if stored == columns else FULL_SCOPE
     predicate = scope.predicate("snapshot_date")
-    fresh = _snapshot_stats(session, scoped_relation(config, contract, scope), contract)
+    fresh = _snapshot_stats(session if data is None else data, scoped_relation(config, contract, scope), contract)
     fresh = fresh.assign(feature_mart=mart, run_id=run_id, computed_at=computed_at)[PROFILE_SNAPSHOTS.column_names]
     where = "feature_mart = ?" + ("" if predicate is None else f" and ({predicate})")
     session.append(PROFILE_SNAPSHOTS, fresh, where=where, params=[mart])
@@ -483,7 +531,7 @@ def class_balance_from_snapshots(stats: pd.DataFrame, contract: FeatureContract)
 
 
 def correlations(
-    session: Session, mart: str, contract: FeatureContract, cramers_v: pd.DataFrame, ordered: str | None = None
+    session: Reader, mart: str, contract: FeatureContract, cramers_v: pd.DataFrame, ordered: str | None = None
 ) -> pd.DataFrame:
     """Pearson matrix of the numeric features, and each feature against the label.
 
@@ -525,18 +573,19 @@ def label_association(corr: pd.DataFrame) -> pd.Series:
 
 
 def plot_sample(
-    session: Session, mart: str, contract: FeatureContract, columns: list[str], rows: int, seed: int
+    session: Reader, mart: str, contract: FeatureContract, columns: list[str], rows: int, seed: int
 ) -> pd.DataFrame:
     """A bounded, seeded sample of labelled rows for the plots only.
 
-    Ordering by a hash of the key, the snapshot and the seed picks the same rows
-    on every run regardless of threads, without reading the mart into Python.
+    Ordering by the rows' digests (`row_digest`; key and snapshot break a tie)
+    picks the same rows in the same order on every run, thread count and
+    engine, without reading the mart into Python.
     """
     selected = column_list([contract.label, *columns])
     return session.frame(f"""
         select {selected} from {quote(mart)}
         where {quote(contract.label)} is not null
-        order by hash(cast({quote(contract.key)} as varchar), cast({quote(contract.as_of)} as varchar), {int(seed)})
+        order by {row_digest(contract, seed)}, {quote(contract.key)}, {quote(contract.as_of)}
         limit {int(rows)}
     """)
 
@@ -755,31 +804,38 @@ def write_tables(session: Session, mart: str, tables: dict[TableSpec, pd.DataFra
 
 # ------------------------------------------------------------------ entry
 
-def profile(config: ChurnConfig, run_id: str | None = None, sample_rows: int = PLOT_SAMPLE_ROWS) -> ProfileResult:
-    """Profile the dataset's feature mart into warehouse tables and a report folder."""
+def profile(config: ChurnConfig, run_id: str | None = None, sample_rows: int = PLOT_SAMPLE_ROWS,
+            data: Reader | None = None) -> ProfileResult:
+    """Profile the dataset's feature mart into warehouse tables and a report folder.
+
+    The statistics are computed where the mart is: `data` (Spark's warehouse,
+    the data plane) or, when None, the build database. The profile tables and
+    the per-snapshot aggregates are stored in the build database either way.
+    """
     started = time.perf_counter()
     run_id = run_id or dt.datetime.now().strftime("profile-%Y%m%dT%H%M%S-") + uuid.uuid4().hex[:6]
     profiled_at = dt.datetime.now()
     mart = config.dataset.feature_mart
     contract = current_contract(config)
     with connect(config.warehouse.build_db, settings=config.warehouse.engine) as session:
-        types = check_mart(session, config, contract)
+        reader = session if data is None else data
+        types = check_mart(reader, config, contract)
         with timed(f"profile statistics of {mart}", log):
-            with order_statistics_source(session, mart, contract, config.training.random_state) as (
+            with order_statistics_source(reader, mart, contract, config.training.random_state) as (
                     ordered, ordered_rows):
-                columns = column_summary(session, mart, contract, types)
-                numeric = numeric_summary(session, mart, contract, ordered)
-                categories, cramers_v = category_summary(session, mart, contract)
-                scope = update_snapshot_stats(session, config, contract, run_id, profiled_at)
+                columns = column_summary(reader, mart, contract, types)
+                numeric = numeric_summary(reader, mart, contract, ordered)
+                categories, cramers_v = category_summary(reader, mart, contract)
+                scope = update_snapshot_stats(session, config, contract, run_id, profiled_at, reader)
                 log.info("profile snapshot aggregates recomputed for %s", scope)
                 balance = class_balance_from_snapshots(stored_snapshot_stats(session, mart), contract)
-                corr = correlations(session, mart, contract, cramers_v, ordered)
+                corr = correlations(reader, mart, contract, cramers_v, ordered)
         association = label_association(corr)
         columns = columns.merge(numeric, on="column_name", how="left")
         columns["label_association"] = columns["column_name"].map(association).astype(float)
         ranked = association.dropna().sort_values(ascending=False).index.tolist()
         top = [f for f in ranked if f in contract.feature_names][:PLOT_TOP_FEATURES]
-        sample = plot_sample(session, mart, contract, top, sample_rows, config.training.random_state)
+        sample = plot_sample(reader, mart, contract, top, sample_rows, config.training.random_state)
 
         stamp = {"feature_mart": mart, "run_id": run_id, "profiled_at": profiled_at}
         tables = {
