@@ -415,7 +415,8 @@ def _folded_categories(session: Reader, counts: str) -> pd.DataFrame:
 
 
 def _cramers_v(session: Reader, counts: str) -> pd.DataFrame:
-    """Cramér's V of each categorical feature with the binary label, from every category's counts."""
+    """Cramér's V of each categorical feature with the binary label, from every category's counts, by name
+    (a grouped result's order is the engine's own, and profile_correlations keeps this order)."""
     return session.frame(f"""
         with totals as (
             select column_name, sum(labelled_rows) as n, sum(positives) / nullif(sum(labelled_rows), 0) as p
@@ -436,6 +437,7 @@ def _cramers_v(session: Reader, counts: str) -> pd.DataFrame:
         select column_name, sqrt(sum(chi_square) / any_value(n)) as cramers_v
         from cells
         group by column_name
+        order by column_name
     """)
 
 
