@@ -26,6 +26,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
@@ -35,7 +36,7 @@ from ml.features.build import build_warehouse
 from ml.logs import get_logger, timed
 from ml.modeling.definitions import check_definitions, current_definitions_sha256
 from ml.modeling.registry import champion_record, load_champion, model_record, version_on_definitions
-from ml.modeling.score import score
+from ml.modeling.score import ScoreResult, score
 from ml.modeling.train import train
 from ml.monitoring import monitor
 from ml.monitoring.gate import publish_gate
@@ -47,8 +48,12 @@ from ml.reports.index_page import write_reports
 from ml.reports.profile import profile
 from ml.reports.summary import score_summary
 from ml.serving.predictions import ingest_predictions, logged_predictions
-from ml.serving.publish import pause_point, publish
-from ml.warehouse import LockHolder, RunLock, connect, dead_run_message, declare, partition_folders, quote
+from ml.serving.publish import PublishResult, pause_point, publish
+from ml.warehouse import LockHolder, Reader, RunLock, connect, dead_run_message, declare, partition_folders, quote
+
+if TYPE_CHECKING:
+    from ml.serving.spark_publish import SparkPublishResult
+    from ml.warehouse.spark import SparkWarehouse
 
 log = get_logger("pipeline")
 
@@ -258,53 +263,96 @@ def _nightly_steps(run: PipelineRun, cutoff: dt.date, replay: bool, force_train:
         if changes.history_changed:
             log.warning("landing history changed (%s): full-refresh build", changes.describe())
         build_warehouse(config, as_of=run.as_of, full_refresh=changes.history_changed)
-    with run.step("audit_mart"):
-        audit(config, "mart", run.run_id, as_of=run.as_of)
-    with run.step("profile"):
-        profile(config, run_id=run.run_id)
-    with run.step("train"):
-        # trains when the dataset has no champion yet, when forced, or when the mart redefined its features
-        definitions = train_if_needed(run, force_train)
-        warn_if_champion_misses_target(config)
-    with run.step("score"):
-        score(config, run_id=run.run_id)
-    with run.step("audit_scores"):
-        audit(config, "scores", run.run_id, as_of=run.as_of)
-    with run.step("ingest_predictions"):
-        # the API's prediction log files -> prediction_log, so monitoring and BI see online answers
-        ingest_predictions(config)
-    with run.step("monitor"):
-        watched = monitor.measure(config, run_id=run.run_id, logged=logged_predictions)
-    with run.step("retrain_policy"):
-        # a triggered retrain trains a challenger; the registry decides if it replaces the champion
-        # 'today' for the calendar rule is tonight's decided date, as for every other step
-        outcome = apply_policy(config, watched, cutoff)
-    if outcome.outcome == OUTCOME_PROMOTED:
-        with run.step("rescore"):
-            warn_if_champion_misses_target(config)  # tonight's promoted challenger is the champion now
-            score(config, run_id=run.run_id)
-            audit(config, "scores", run.run_id, as_of=run.as_of)
-            watched = monitor.measure(config, run_id=run.run_id, logged=logged_predictions)
-    with run.step("drift_gate"):
-        check_drift_gate(run, watched, outcome.outcome == OUTCOME_PROMOTED, accept_drift)
-    with run.step("publish"):
-        published = publish(config, run_id=run.run_id)
-        # only a run that published moves the landing manifest on: a failed night's partitions are re-audited
-        remember_landing(config, changes, run.run_id, cutoff)
-    with run.step("reports"):
-        index = write_reports(config)
+    # after the build: dbt on Spark runs in a child process, which needs the Derby metastore to itself
+    with data_plane(config) as data:
+        with run.step("audit_mart"):
+            audit(config, "mart", run.run_id, as_of=run.as_of, data=data)
+        with run.step("profile"):
+            profile(config, run_id=run.run_id, data=data)
+        with run.step("train"):
+            # trains when the dataset has no champion yet, when forced, or when the mart redefined its features
+            definitions = train_if_needed(run, force_train, data)
+            warn_if_champion_misses_target(config)
+        with run.step("score"):
+            score_on_engine(config, run.run_id, data)
+        with run.step("audit_scores"):
+            audit(config, "scores", run.run_id, as_of=run.as_of, data=data)
+        with run.step("ingest_predictions"):
+            # the API's prediction log files -> prediction_log, so monitoring and BI see online answers
+            ingest_predictions(config)
+        with run.step("monitor"):
+            watched = monitor.measure(config, run_id=run.run_id, logged=logged_predictions, data=data)
+        with run.step("retrain_policy"):
+            # a triggered retrain trains a challenger; the registry decides if it replaces the champion
+            # 'today' for the calendar rule is tonight's decided date, as for every other step
+            outcome = apply_policy(config, watched, cutoff, data=data)
+        if outcome.outcome == OUTCOME_PROMOTED:
+            with run.step("rescore"):
+                warn_if_champion_misses_target(config)  # tonight's promoted challenger is the champion now
+                score_on_engine(config, run.run_id, data)
+                audit(config, "scores", run.run_id, as_of=run.as_of, data=data)
+                watched = monitor.measure(config, run_id=run.run_id, logged=logged_predictions, data=data)
+        with run.step("drift_gate"):
+            check_drift_gate(run, watched, outcome.outcome == OUTCOME_PROMOTED, accept_drift)
+        with run.step("publish"):
+            published = publish_on_engine(config, run.run_id, data)
+            # only a run that published moves the landing manifest on: a failed night's partitions are re-audited
+            remember_landing(config, changes, run.run_id, cutoff)
+        with run.step("reports"):
+            index = write_reports(config, data=data)
+        summary = score_summary(config, data=data)
     print(f"\nnightly {run.run_id} ({config.dataset.name}) finished in {time.perf_counter() - start:.0f}s")
     print(f"  published to {published.path} (what BI reads):")
     for table, rows in published.tables.items():
         print(f"  {table:38s} {rows:>12,d} rows")
     if definitions:
         print(f"  feature definitions: {definitions}")
-    print("\n".join(score_summary(config)))
+    print("\n".join(summary))
     print(f"  reports: {index}")
     return run
 
 
-def train_if_needed(run: PipelineRun, force: bool) -> str:
+@contextmanager
+def data_plane(config: ChurnConfig) -> Iterator[Reader | None]:
+    """Where tonight's stages read the mart and scores: None on DuckDB (each stage opens the build
+    database itself, as one writer at a time must), the run's one Spark session on Spark."""
+    if config.engine != "spark":
+        yield None
+        return
+    from ml.warehouse.spark import spark_folder, spark_session
+
+    with timed(f"starting Spark ({config.spark.master}) on {spark_folder(config)}", log), \
+            spark_session(spark_folder(config), config.spark) as warehouse:
+        yield warehouse
+
+
+def score_on_engine(config: ChurnConfig, run_id: str, data: Reader | None) -> ScoreResult:
+    """`churn score` where the mart lives: in the build database, or distributed on Spark."""
+    if data is None:
+        return score(config, run_id=run_id)
+    from ml.modeling.spark_score import score_on_spark
+
+    return score_on_spark(config, spark_reader(data), run_id=run_id)
+
+
+def publish_on_engine(config: ChurnConfig, run_id: str, data: Reader | None) -> PublishResult | SparkPublishResult:
+    """Write-audit-publish: the DuckDB file swap, or a new Parquet version and one pointer switch on Spark."""
+    if data is None:
+        return publish(config, run_id=run_id)
+    from ml.serving.spark_publish import publish_on_spark
+
+    return publish_on_spark(config, spark_reader(data), run_id=run_id)
+
+
+def spark_reader(data: Reader) -> SparkWarehouse:
+    from ml.warehouse.spark import SparkWarehouse
+
+    if not isinstance(data, SparkWarehouse):
+        raise TypeError(f"expected the Spark data plane, got {type(data).__name__}")
+    return data
+
+
+def train_if_needed(run: PipelineRun, force: bool, data: Reader | None = None) -> str:
     """Train the first model, a forced one, or a challenger when the mart changed the champion's features.
 
     A changed definition (or a new feature) trains a challenger on the new mart
@@ -317,10 +365,10 @@ def train_if_needed(run: PipelineRun, force: bool) -> str:
     config = run.config
     champion = load_champion(config)
     if champion is None or force:
-        train(config, force=force, run_id=run.run_id)
+        train(config, force=force, run_id=run.run_id, data=data)
         return ""
     with connect(config.warehouse.build_db, settings=config.warehouse.engine) as session:
-        check = check_definitions(session, config, champion)
+        check = check_definitions(data if data is not None else session, config, champion)
         already = (version_on_definitions(session, config.dataset.name, current_definitions_sha256(config))
                    if check.changed else None)
     if not check.changed:
@@ -331,7 +379,7 @@ def train_if_needed(run: PipelineRun, force: bool) -> str:
                 f"({already.status}: {already.decision}); not retrained")
     else:
         log.info("%s: training a challenger on the new mart", check.describe())
-        trained = train(config, force=True, run_id=f"{run.run_id}-definitions")
+        trained = train(config, force=True, run_id=f"{run.run_id}-definitions", data=data)
         with connect(config.warehouse.build_db, read_only=True, settings=config.warehouse.engine) as session:
             record = model_record(session, str(trained.version))
         note = (f"{check.describe()}; challenger {trained.version} trained on the new mart was "
@@ -380,13 +428,14 @@ def check_drift_gate(run: PipelineRun, watched: MonitorResult, promoted: bool, a
         log.info("drift gate: resolved by tonight's promoted challenger (%s)", decision.message())
 
 
-def apply_policy(config: ChurnConfig, result: MonitorResult, today: dt.date, retrain: bool = True) -> PolicyOutcome:
+def apply_policy(config: ChurnConfig, result: MonitorResult, today: dt.date, retrain: bool = True,
+                 data: Reader | None = None) -> PolicyOutcome:
     """Decide; when triggered (and `retrain`), train a challenger that the registry may promote.
 
     The decision row is written whatever happens, including when training fails
     (outcome 'failed', then the error propagates and stops the nightly).
     """
-    decision = monitor.decide_retrain(config, result, today)
+    decision = monitor.decide_retrain(config, result, today, data=data)
     if not decision.triggered or not retrain:
         outcome = PolicyOutcome.without_training(decision)
         monitor.record_decision(config, result, today, outcome)
@@ -394,7 +443,7 @@ def apply_policy(config: ChurnConfig, result: MonitorResult, today: dt.date, ret
         return outcome
     log.info("retrain policy fired (%s): training a challenger", ", ".join(decision.rules))
     try:
-        trained = train(config, force=True, run_id=f"{result.run_id}-retrain")
+        trained = train(config, force=True, run_id=f"{result.run_id}-retrain", data=data)
     except Exception as exc:
         failed = PolicyOutcome(decision, OUTCOME_FAILED, message=f"{type(exc).__name__}: {exc}")
         monitor.record_decision(config, result, today, failed)
