@@ -119,6 +119,7 @@ def spark(scored, spark_warehouse, tmp_path_factory: pytest.TempPathFactory):
         session.execute(f"copy {config.dataset.feature_mart} to '{export}' (format parquet)")
     table = f"{SCHEMA}.{config.dataset.feature_mart}"
     spark_warehouse.spark.read.parquet(str(export)).repartition(4).write.mode("overwrite").saveAsTable(table)
+    spark_warehouse.rows(f"refresh table {table}")  # an earlier module's reads may have cached its old files
     return spark_warehouse
 
 

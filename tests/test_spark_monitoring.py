@@ -222,6 +222,7 @@ def on_spark(history_warehouse: ChurnConfig, spark_warehouse, tmp_path_factory: 
     for table in tables:
         frame = spark_warehouse.spark.read.parquet(str(folder / f"{table}.parquet"))
         frame.repartition(4).write.mode("overwrite").saveAsTable(f"{SCHEMA}.{table}")
+        spark_warehouse.rows(f"refresh table {SCHEMA}.{table}")  # an earlier module's reads may have cached it
     return spark_warehouse
 
 

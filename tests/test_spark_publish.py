@@ -47,6 +47,7 @@ def on_spark(published_warehouse: ChurnConfig, spark_warehouse, tmp_path_factory
     for table in ENGINE_TABLES:
         (spark_warehouse.spark.read.parquet(str(export / f"{table}.parquet")).repartition(2)
          .write.mode("overwrite").saveAsTable(f"churn.{table}"))
+        spark_warehouse.rows(f"refresh table churn.{table}")  # an earlier module's reads may have cached it
     before = duckdb_published(config.warehouse.published_db)
     return config, spark_warehouse, before
 
