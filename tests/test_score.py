@@ -283,3 +283,16 @@ def test_flagged_only_reasons_equal_the_full_explanation_where_given(trained_war
     for reasons_for, full in (("all", everyone), ("flagged", flagged_only)):
         bare = score_frame(model, explainer, rows, 3, reasons_for=reasons_for, texts=False)
         pd.testing.assert_frame_equal(bare, full[[c for c in full.columns if not c.endswith("_text")]])
+
+
+def test_a_value_summed_in_another_order_prints_the_same_reason_text() -> None:
+    """Spark and DuckDB sum in different orders; at a rounding boundary the last bit used to flip the text."""
+    import numpy as np
+
+    from ml.modeling.score import _format_value
+
+    boundary = -3.085  # minutes over whole days hit such values often
+    below, above = np.nextafter(boundary, -np.inf), np.nextafter(boundary, np.inf)
+    assert f"{below:,.3g}" != f"{above:,.3g}", "the planted pair must round apart without the fix"
+    assert _format_value(below) == _format_value(above) == _format_value(boundary)
+    assert _format_value(np.nextafter(3.0, 0.0)) == "3"

@@ -10,7 +10,7 @@ counts as one opaque word), and reports each hit with file and line.
 
 Rules cover what broke the first Spark build (issue 15). Semantic differences
 a text rule cannot see (`date - date` is a day count in DuckDB, an interval in
-Spark) are left to the Spark parity test (tests/test_dbt_spark.py).
+Spark) are left to the Spark parity test (tests/test_spark_nightly.py).
 
     python -m ml.features.dialect_lint [dbt_project]   # exit 1 on any finding
 """

@@ -133,7 +133,10 @@ def _format_value(value: object) -> str:
     if isinstance(value, (bool, np.bool_)):
         return "yes" if value else "no"
     if isinstance(value, (int, float, np.integer, np.floating)):
-        number = float(value)
+        # 9 significant digits first: a value summed in another order (another engine, another
+        # partitioning) differs in its last bits and must still print the same, also at a boundary
+        # such as -3.085, which features of whole minutes over whole days hit often
+        number = float(f"{float(value):.9g}")
         return f"{number:,.0f}" if number.is_integer() else f"{number:,.3g}"
     return str(value)
 
