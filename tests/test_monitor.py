@@ -225,7 +225,7 @@ def test_policy_records_promotion_and_failure(scored_copy: ChurnConfig, monkeypa
     result = mon.measure(scored_copy, run_id="policy-night")
     calls = []
 
-    def promoted(config, force=False, run_id=None):
+    def promoted(config, force=False, run_id=None, data=None):
         calls.append((force, run_id))
         return TrainResult("m-new", "xgboost", {}, True, run_id, message="challenger won")
 
@@ -242,7 +242,7 @@ def test_policy_records_promotion_and_failure(scored_copy: ChurnConfig, monkeypa
     with connect(scored_copy.warehouse.build_db, read_only=True) as con:
         assert mon.champion_since(con, "m-new", dt.date(2025, 9, 1)) == today
 
-    def broken(config, force=False, run_id=None):
+    def broken(config, force=False, run_id=None, data=None):
         raise RuntimeError("no labelled rows")
 
     monkeypatch.setattr("ml.pipeline.train", broken)
