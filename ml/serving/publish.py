@@ -394,14 +394,14 @@ def keyword_renames(session: Session, table: str, columns: list[str]) -> dict[st
     return renames
 
 
-def _rename_clause(renames: dict[str, str]) -> str:
+def rename_clause(renames: dict[str, str]) -> str:
     return f" rename ({', '.join(f'{quote(o)} as {quote(n)}' for o, n in renames.items())})" if renames else ""
 
 
 def _copy_table(session: Session, table: str) -> dict[str, str]:
     """Copy one table from the attached build database, renaming keyword columns; returns the renames."""
     renames = _renames(session, table)
-    session.execute(f"create table main.{quote(table)} as select *{_rename_clause(renames)} "
+    session.execute(f"create table main.{quote(table)} as select *{rename_clause(renames)} "
                     f"from build.main.{quote(table)}")
     return renames
 
@@ -524,7 +524,7 @@ def _write_parts(session: Session, table: str, renames: dict[str, str], folder: 
             temp = target.with_name(f".tmp-{os.getpid()}-{target.name}")
             where = f"{quote(key)} is null" if value is None else f"{quote(key)}::varchar = {quote_literal(value)}"
             session.execute(
-                f"copy (select *{_rename_clause(renames)} from build.main.{quote(table)} where {where}) "
+                f"copy (select *{rename_clause(renames)} from build.main.{quote(table)} where {where}) "
                 f"to {quote_literal(temp)} (format parquet, compression zstd)")
             fsync(temp)
             os.replace(temp, target)

@@ -56,6 +56,7 @@ from ml.serving.publish import (
     PUBLISHED_PARTS,
     PUBLISHED_TABLES,
     REQUIRED_TABLES,
+    Documentation,
     PublishError,
     build_columns,
     comment_on,
@@ -66,6 +67,7 @@ from ml.serving.publish import (
     pause_point,
     publish_lock,
     remove_stale_temps,
+    rename_clause,
     replace_published_file,
 )
 from ml.warehouse import MEMORY, EngineError, Session, connect, quote, quote_literal
@@ -132,9 +134,7 @@ def _write_spark_table(warehouse: SparkWarehouse, table: str, renames: dict[str,
 def _write_build_table(session: Session, table: str, renames: dict[str, str], folder: Path) -> None:
     """A control-plane table of the attached build database as one Parquet file of the version."""
     folder.mkdir(parents=True, exist_ok=True)
-    rename = (f" rename ({', '.join(f'{quote(o)} as {quote(n)}' for o, n in renames.items())})"
-              if renames else "")
-    session.execute(f"copy (select *{rename} from build.main.{quote(table)}) "
+    session.execute(f"copy (select *{rename_clause(renames)} from build.main.{quote(table)}) "
                     f"to {quote_literal(folder / 'part-00000.parquet')} (format parquet, compression zstd)")
 
 
@@ -153,6 +153,7 @@ def _files(folder: Path) -> str:
 class _Version:
     tables: dict[str, int]  # published table -> rows
     renamed: dict[str, dict[str, str]]
+    docs: Documentation  # the manifest's descriptions, parsed once for the dictionary and the comments
 
 
 def _write_version(config: ChurnConfig, warehouse: SparkWarehouse, root: Path, version: str,
@@ -179,9 +180,7 @@ def _write_version(config: ChurnConfig, warehouse: SparkWarehouse, root: Path, v
             pause_point(f"spark_publish:{table}")
         for table in control:
             _write_build_table(session, table, renamed[table], version_folder(root, table, version))
-        mart_types = dict(session.rows(
-            "select column_name, data_type from information_schema.columns where table_catalog = 'build' "
-            "and table_schema = 'main' and table_name = ?", [contract.model]))
+        mart_types = dict(build_columns(session, contract.model))
         if not mart_types:  # the mart lives on Spark
             mart_types = warehouse.columns(contract.model)
         session.execute("detach build")
@@ -195,7 +194,7 @@ def _write_version(config: ChurnConfig, warehouse: SparkWarehouse, root: Path, v
             rows[table] = int(session.scalar(
                 f"select count(*) from read_parquet({_files(version_folder(root, table, version))}, "
                 "hive_partitioning = false)"))
-    return _Version(rows, renamed)
+    return _Version(rows, renamed, docs)
 
 
 # ---------------------------------------------------------------- the metastore
@@ -226,11 +225,12 @@ def _point(warehouse: SparkWarehouse, version: str) -> None:
                         f"select {quote_literal(version)} as {VERSION_COLUMN}")
 
 
-def _register(warehouse: SparkWarehouse, root: Path, version: str, tables: list[str]) -> list[str]:
-    """Add the version's folders as partitions; return the tables whose view must be (re)declared."""
+def _register(warehouse: SparkWarehouse, root: Path, version: str, tables: list[str]) -> dict[str, str]:
+    """Add the version's folders as partitions; return table -> versions table of the views that must be
+    (re)declared."""
     spark = warehouse.spark
     spark.sql(f"create database if not exists {PUBLISHED_SCHEMA}")
-    redeclare = []
+    redeclare: dict[str, str] = {}
     for table in tables:
         folder = version_folder(root, table, version)
         ddl = _schema_ddl(warehouse, folder)
@@ -241,7 +241,7 @@ def _register(warehouse: SparkWarehouse, root: Path, version: str, tables: list[
         spark.sql(f"alter table {qualified(versions)} add if not exists partition "
                   f"({VERSION_COLUMN} = {quote_literal(version)}) location {quote_literal(folder)}")
         if _view_source(warehouse, table) != versions:
-            redeclare.append(table)
+            redeclare[table] = versions
     return redeclare
 
 
@@ -266,7 +266,7 @@ def _declare_view(warehouse: SparkWarehouse, table: str, versions: str) -> None:
 
 def _write_duckdb_file(config: ChurnConfig, target: Path, root: Path, version: str, written: _Version) -> None:
     """A small DuckDB file of views over the version's files: what BI and `churn serve` open."""
-    docs = documentation(config)
+    docs = written.docs
     tables = list(written.tables)
     with connect(target, settings=config.warehouse.engine) as session:
         for table in tables:
@@ -341,9 +341,8 @@ def publish_on_spark(config: ChurnConfig, warehouse: SparkWarehouse, run_id: str
         redeclare = _register(warehouse, root, version, tables)
         if current_pointer(warehouse) is None:
             _point(warehouse, version)  # the first publish: the views need a pointer to be declared over
-        for table in redeclare:
-            _declare_view(warehouse, table, _versions_table(table, _schema_ddl(
-                warehouse, version_folder(root, table, version))))
+        for table, versions in redeclare.items():
+            _declare_view(warehouse, table, versions)
         pause_point("spark_publish:before_switch")
         _point(warehouse, version)
         replace_published_file(published, lambda target: _write_duckdb_file(config, target, root, version, written))
