@@ -152,6 +152,7 @@ class SparkConfig:
     master: str              # local[N]: driver and executors in one JVM (what CI proves)
     shuffle_partitions: int  # spark.sql.shuffle.partitions; Spark's 200 is far too many for one machine
     driver_memory: str       # spark.driver.memory (JVM heap), e.g. 2g; read once, when the JVM starts
+    table_format: str        # parquet (no jars, what CI proves) or delta: ml.warehouse.table_formats
 
 
 @dataclass(frozen=True)
@@ -468,6 +469,8 @@ MEMORY_PATTERN = re.compile(r"^\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\
 # JVM sizes as spark.driver.memory takes them: a whole number and a unit (k, m, g, t).
 JVM_MEMORY_PATTERN = re.compile(r"^[1-9]\d*[kmgt]$")
 SPARK_MASTER_PATTERN = re.compile(r"^local(\[(\*|[1-9]\d*)\])?$")
+# spark.table_format: the keys of ml.warehouse.table_formats.TABLE_FORMATS (that layer sits above this one).
+TABLE_FORMAT_NAMES = ("parquet", "delta")
 EVERY_PATTERN = re.compile(r"^\s*[1-9]\d*\s*[dwm]\s*$")
 
 # Ranges of the settings whose type alone admits nonsense ("section.key" -> rule).
@@ -523,6 +526,7 @@ RANGES: dict[str, Allowed] = {
     "spark.master": Allowed(lambda v: bool(SPARK_MASTER_PATTERN.match(v)), "local, local[N] or local[*]"),
     "spark.shuffle_partitions": _at_least(1),
     "spark.driver_memory": Allowed(lambda v: bool(JVM_MEMORY_PATTERN.match(v)), "a JVM size such as 2g or 512m"),
+    "spark.table_format": _one_of(*TABLE_FORMAT_NAMES),
 }
 
 

@@ -136,6 +136,7 @@ BAD_VALUES = [
     ("spark", "master", "yarn", "allowed: local, local"),
     ("spark", "shuffle_partitions", 0, "allowed: >= 1"),
     ("spark", "driver_memory", "2GB", "allowed: a JVM size such as 2g"),
+    ("spark", "table_format", "iceberg", "allowed: one of parquet, delta"),
 ]
 
 
