@@ -15,6 +15,11 @@ until the process exits: a dbt subprocess on the same folder must finish
 before a session opens, and one process serves one folder (a second folder is
 refused, naming both, rather than silently reading the first one's tables).
 
+`spark.table_format` (ml.warehouse.table_formats) adds its session settings
+to both (Delta's extension and catalog on delta, Spark's defaults on parquet),
+and the session refuses to start when the format's classes are not on the
+JVM's classpath, naming the setting and the missing class.
+
 pyspark is optional (`pip install -e '.[spark]'`): nothing here imports it
 until a session is asked for, so the default DuckDB-only install imports `ml`
 unchanged.
@@ -46,6 +51,8 @@ import ml
 from ml.config import ChurnConfig, SparkConfig
 from ml.warehouse.catalog import TableSpec
 from ml.warehouse.connection import Params, WarehouseError
+from ml.warehouse.sql import spark_quote
+from ml.warehouse.table_formats import PARQUET, TableFormat, TableFormatError, check_classes, table_format
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -94,6 +101,8 @@ def target_conf(folder: Path, settings: SparkConfig) -> dict[str, str]:
         "spark.sql.shuffle.partitions": str(settings.shuffle_partitions),
         "spark.driver.memory": settings.driver_memory,
         "spark.ui.enabled": "false",
+        # the table format's extension and catalog (Spark's own defaults on parquet)
+        **table_format(settings.table_format).session_conf,
     }
 
 
@@ -115,11 +124,15 @@ def session_conf(folder: Path, settings: SparkConfig) -> dict[str, str]:
 
 def dbt_env(folder: Path, settings: SparkConfig) -> dict[str, str]:
     """Environment variables that point dbt's spark target at `folder` with these settings."""
+    fmt = table_format(settings.table_format)
     return {
         "CHURN_SPARK_DIR": str(Path(folder).resolve()),
         "CHURN_SPARK_MASTER": settings.master,
         "CHURN_SPARK_SHUFFLE_PARTITIONS": str(settings.shuffle_partitions),
         "CHURN_SPARK_DRIVER_MEMORY": settings.driver_memory,
+        "CHURN_SPARK_TABLE_FORMAT": fmt.dbt_file_format,
+        "CHURN_SPARK_SQL_EXTENSIONS": fmt.session_conf["spark.sql.extensions"],
+        "CHURN_SPARK_SESSION_CATALOG": fmt.session_conf["spark.sql.catalog.spark_catalog"],
         "PYSPARK_PYTHON": sys.executable,
     }
 
@@ -134,9 +147,11 @@ def start_spark(folder: Path, settings: SparkConfig) -> SparkSession:
         raise SparkUnavailableError(f"Spark is not installed ({exc}); {INSTALL_HINT}") from None
     folder = Path(folder).resolve()
     # Before getOrCreate, which would return a running session and overwrite its settings with ours.
+    fmt = table_format(settings.table_format)
     running = SparkContext._active_spark_context
     if running is not None:
         check_folder(running, folder)
+        check_classes(running._jvm, fmt)  # before getOrCreate pushes the format's settings into it
     (folder / "derby").mkdir(parents=True, exist_ok=True)
     # pyspark's driver reads the workers' interpreter from the environment only (spark.pyspark.python
     # serves spark-submit); without it workers run the system python3, which has no pandas.
@@ -149,6 +164,13 @@ def start_spark(folder: Path, settings: SparkConfig) -> SparkSession:
     except Exception as exc:  # no java, or the JVM died at start: pyspark raises its own runtime errors
         raise SparkUnavailableError(f"Spark could not start: {exc}; {INSTALL_HINT}") from exc
     check_folder(spark.sparkContext, folder)
+    if running is None:
+        # before the first catalog access, where a missing catalog class would fail without naming the setting
+        try:
+            check_classes(spark.sparkContext._jvm, fmt)
+        except TableFormatError:
+            spark.stop()
+            raise
     spark.sql(f"create database if not exists {SCHEMA}")
     return spark
 
@@ -177,14 +199,9 @@ def spark_session(folder: Path, settings: SparkConfig) -> Iterator[SparkWarehous
     """A Spark session on `folder` for one job, stopped at the end (the JVM itself lives on with the process)."""
     spark = start_spark(folder, settings)
     try:
-        yield SparkWarehouse(spark, Path(folder).resolve())
+        yield SparkWarehouse(spark, Path(folder).resolve(), table_format(settings.table_format))
     finally:
         spark.stop()
-
-
-def spark_quote(identifier: str) -> str:
-    """A backquoted Spark identifier, for Spark's own APIs (table names)."""
-    return "`" + str(identifier).replace("`", "``") + "`"
 
 
 def duckdb_type(spark_type: str) -> str:
@@ -218,9 +235,10 @@ class SparkWarehouse:
 
     read_only = True
 
-    def __init__(self, spark: SparkSession, folder: Path) -> None:
+    def __init__(self, spark: SparkSession, folder: Path, table_format: TableFormat = PARQUET) -> None:
         self.spark = spark
         self.folder = folder
+        self.table_format = table_format  # what the writers (scores history, publish) do to tables
         self.path = f"Spark schema {SCHEMA} in {folder / 'tables'}"
         self._sql = spark.newSession()
         for key, value in ML_SQL_CONF.items():

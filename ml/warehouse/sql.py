@@ -27,6 +27,11 @@ def quote_literal(value: str) -> str:
     return "'" + str(value).replace("'", "''") + "'"
 
 
+def spark_quote(identifier: str) -> str:
+    """A backquoted Spark identifier, for Spark's own APIs and SQL (table names, writer predicates)."""
+    return "`" + str(identifier).replace("`", "``") + "`"
+
+
 def column_list(names: Iterable[str]) -> str:
     """`"a", "b", "c"`: a select list of quoted columns."""
     return ", ".join(quote(name) for name in names)
