@@ -144,25 +144,33 @@ def write_spark_scores(warehouse: SparkWarehouse, scores: DataFrame, as_of_colum
                        version: str) -> int:
     """Replace churn_scores, and this (snapshot, model version)'s rows of churn_scores_history; flagged rows.
 
+    The warehouse's table format decides how (`TableFormat.history_write`).
     Plain Parquet tables cannot delete rows, so the history is rewritten: its
     kept rows and tonight's, materialised first (a local checkpoint), since a
-    table cannot be overwritten by a plan that reads it. That costs the
-    history's size each night; a Delta table's `replaceWhere` would cost the
-    night (see the README's Scaling out).
+    table cannot be overwritten by a plan that reads it; that costs the
+    history's size each night. Delta replaces only tonight's rows
+    (`replaceWhere`), which costs the night.
     """
     from pyspark.sql import functions as F
 
+    fmt = warehouse.table_format
+    plan = fmt.history_write(as_of_column, as_of_date, version)
     scores = scores.localCheckpoint(eager=True)
-    scores.write.mode("overwrite").saveAsTable(qualified_table(SCORES_TABLE))
-    if warehouse.exists(HISTORY_TABLE):
+    (scores.write.format(plan.file_format).mode("overwrite").options(**fmt.overwrite_options)
+     .saveAsTable(qualified_table(SCORES_TABLE)))
+    history_table = qualified_table(HISTORY_TABLE)
+    if not warehouse.exists(HISTORY_TABLE):  # the first night creates it
+        scores.write.format(plan.file_format).mode("overwrite").saveAsTable(history_table)
+    elif plan.replace_where is not None:
+        scores.write.format(plan.file_format).mode("overwrite").options(**plan.options).saveAsTable(history_table)
+    else:
         old = warehouse.table(HISTORY_TABLE)
         replaced = (F.col(as_of_column) == F.lit(as_of_date)) & (F.col("model_version") == F.lit(version))
         kept = old.filter(~replaced)
         # columns the history lacks (scoring.top_reasons raised) are added; ones tonight lacks stay NULL
         history = kept.unionByName(scores, allowMissingColumns=True)
-    else:
-        history = scores
-    history.localCheckpoint(eager=True).write.mode("overwrite").saveAsTable(qualified_table(HISTORY_TABLE))
+        history.localCheckpoint(eager=True).write.format(plan.file_format).mode("overwrite").saveAsTable(
+            history_table)
     return int(scores.filter(F.col(DECISION_COLUMN)).count())
 
 

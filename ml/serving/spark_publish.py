@@ -32,6 +32,18 @@ plain Parquet and the metastore only:
 5. Versions that neither the new state, the previous pointer nor the previous
    published file reads are dropped (partitions and folders): the previous
    state stays one more publish for readers still on it.
+
+That is `spark.table_format: parquet`, what runs here. On `delta` (a cluster
+with delta-spark, or Databricks; not exercised here, where no Delta jars can
+be fetched) the pointer and the views are the same, and only the versions
+tables differ (`ml.warehouse.table_formats`): each is a managed Delta table
+partitioned by `publish_version`, a version's rows are appended from its
+Parquet folder (`insert into`), and old versions are removed with one
+`delete from ... where publish_version in (...)` per table (their files go at
+the cluster's VACUUM). The Parquet folders are still written: they are what
+the published DuckDB file's views read (DuckDB reads no Delta without its
+delta extension), so that file stays the same version as the Spark views;
+on a cluster, BI reads the Spark or Databricks SQL endpoint.
 """
 
 from __future__ import annotations
@@ -72,6 +84,7 @@ from ml.serving.publish import (
 )
 from ml.warehouse import MEMORY, EngineError, Session, connect, quote, quote_literal
 from ml.warehouse.spark import SparkWarehouse, spark_folder, spark_quote
+from ml.warehouse.table_formats import VERSION_COLUMN
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
@@ -80,7 +93,6 @@ log = get_logger("spark_publish")
 
 PUBLISHED_SCHEMA = "churn_published"
 POINTER_VIEW = "publish_pointer"
-VERSION_COLUMN = "publish_version"
 # Tables the published state holds beyond PUBLISHED_TABLES (written by this publish itself).
 OWN_TABLES = (PUBLISH_INFO.name, FEATURE_DICTIONARY.name)
 
@@ -226,9 +238,9 @@ def _point(warehouse: SparkWarehouse, version: str) -> None:
 
 
 def _register(warehouse: SparkWarehouse, root: Path, version: str, tables: list[str]) -> dict[str, str]:
-    """Add the version's folders as partitions; return table -> versions table of the views that must be
-    (re)declared."""
-    spark = warehouse.spark
+    """Add the version to each table's versions table (Parquet: its folder as a partition; Delta: its rows
+    appended); return table -> versions table of the views that must be (re)declared."""
+    spark, fmt = warehouse.spark, warehouse.table_format
     spark.sql(f"create database if not exists {PUBLISHED_SCHEMA}")
     redeclare: dict[str, str] = {}
     for table in tables:
@@ -236,10 +248,8 @@ def _register(warehouse: SparkWarehouse, root: Path, version: str, tables: list[
         ddl = _schema_ddl(warehouse, folder)
         versions = _versions_table(table, ddl)
         if not spark.catalog.tableExists(f"{PUBLISHED_SCHEMA}.{versions}"):
-            spark.sql(f"create table {qualified(versions)} ({ddl}, {VERSION_COLUMN} string) using parquet "
-                      f"partitioned by ({VERSION_COLUMN}) location {quote_literal(root / table)}")
-        spark.sql(f"alter table {qualified(versions)} add if not exists partition "
-                  f"({VERSION_COLUMN} = {quote_literal(version)}) location {quote_literal(folder)}")
+            spark.sql(fmt.create_versions_table(qualified(versions), ddl, root / table))
+        spark.sql(fmt.add_version(qualified(versions), version, folder))
         if _view_source(warehouse, table) != versions:
             redeclare[table] = versions
     return redeclare
@@ -304,24 +314,29 @@ def _file_version(published: Path) -> str | None:
 
 
 def _remove_versions(warehouse: SparkWarehouse, root: Path, keep: set[str]) -> tuple[str, ...]:
-    """Drop every version folder (and its partitions) no kept state reads: crashed publishes' too."""
-    removed: set[str] = set()
-    versions_tables = [t.name for t in warehouse.spark.catalog.listTables(PUBLISHED_SCHEMA)
-                       if "__versions_" in t.name] if warehouse.spark.catalog.databaseExists(PUBLISHED_SCHEMA) else []
+    """Drop every version no kept state reads, crashed publishes' too: first from the versions tables
+    (Parquet: partitions; Delta: one delete per table), then their folders."""
+    spark = warehouse.spark
+    stale: dict[str, list[str]] = {}  # published table -> its versions to drop
+    folders = []
     for folder in sorted(root.glob(f"*/{VERSION_COLUMN}=*")):
         version = folder.name.split("=", 1)[1]
-        if version in keep:
-            continue
-        table = folder.parent.name
-        for versions in versions_tables:
-            if versions.startswith(f"{table}__versions_"):
-                warehouse.spark.sql(f"alter table {qualified(versions)} drop if exists partition "
-                                    f"({VERSION_COLUMN} = {quote_literal(version)})")
+        if version not in keep:
+            stale.setdefault(folder.parent.name, []).append(version)
+            folders.append(folder)
+    versions_tables = [t.name for t in spark.catalog.listTables(PUBLISHED_SCHEMA)
+                       if "__versions_" in t.name] if stale and spark.catalog.databaseExists(PUBLISHED_SCHEMA) else []
+    for table, versions in stale.items():
+        for versions_table in versions_tables:
+            if versions_table.startswith(f"{table}__versions_"):
+                for statement in warehouse.table_format.drop_versions(qualified(versions_table), versions):
+                    spark.sql(statement)
+    for folder in folders:
         shutil.rmtree(folder)
-        removed.add(version)
+    removed = sorted({folder.name.split("=", 1)[1] for folder in folders})
     if removed:
-        log.info("removed %d published version(s) no reader is left on: %s", len(removed), ", ".join(sorted(removed)))
-    return tuple(sorted(removed))
+        log.info("removed %d published version(s) no reader is left on: %s", len(removed), ", ".join(removed))
+    return tuple(removed)
 
 
 # ---------------------------------------------------------------- the publish
