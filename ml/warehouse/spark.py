@@ -146,8 +146,8 @@ def start_spark(folder: Path, settings: SparkConfig) -> SparkSession:
     except ImportError as exc:
         raise SparkUnavailableError(f"Spark is not installed ({exc}); {INSTALL_HINT}") from None
     folder = Path(folder).resolve()
-    # Before getOrCreate, which would return a running session and overwrite its settings with ours.
     fmt = table_format(settings.table_format)
+    # Before getOrCreate, which would return a running session and overwrite its settings with ours.
     running = SparkContext._active_spark_context
     if running is not None:
         check_folder(running, folder)
