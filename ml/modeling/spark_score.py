@@ -29,7 +29,7 @@ import datetime as dt
 import pickle
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
@@ -155,22 +155,23 @@ def write_spark_scores(warehouse: SparkWarehouse, scores: DataFrame, as_of_colum
 
     fmt = warehouse.table_format
     plan = fmt.history_write(as_of_column, as_of_date, version)
+
+    def overwrite(frame: DataFrame, table: str, options: Mapping[str, str]) -> None:
+        frame.write.format(plan.file_format).mode("overwrite").options(**options).saveAsTable(qualified_table(table))
+
     scores = scores.localCheckpoint(eager=True)
-    (scores.write.format(plan.file_format).mode("overwrite").options(**fmt.overwrite_options)
-     .saveAsTable(qualified_table(SCORES_TABLE)))
-    history_table = qualified_table(HISTORY_TABLE)
+    overwrite(scores, SCORES_TABLE, fmt.overwrite_options)
     if not warehouse.exists(HISTORY_TABLE):  # the first night creates it
-        scores.write.format(plan.file_format).mode("overwrite").saveAsTable(history_table)
+        overwrite(scores, HISTORY_TABLE, {})
     elif plan.replace_where is not None:
-        scores.write.format(plan.file_format).mode("overwrite").options(**plan.options).saveAsTable(history_table)
+        overwrite(scores, HISTORY_TABLE, plan.options)
     else:
         old = warehouse.table(HISTORY_TABLE)
         replaced = (F.col(as_of_column) == F.lit(as_of_date)) & (F.col("model_version") == F.lit(version))
         kept = old.filter(~replaced)
         # columns the history lacks (scoring.top_reasons raised) are added; ones tonight lacks stay NULL
         history = kept.unionByName(scores, allowMissingColumns=True)
-        history.localCheckpoint(eager=True).write.format(plan.file_format).mode("overwrite").saveAsTable(
-            history_table)
+        overwrite(history.localCheckpoint(eager=True), HISTORY_TABLE, {})
     return int(scores.filter(F.col(DECISION_COLUMN)).count())
 
 

@@ -87,10 +87,15 @@ def _parquet_history(as_of_column: str, as_of_date: dt.date, version: str) -> Hi
     return HistoryWrite("parquet", replace_where=None)
 
 
+def _versions_table_sql(table: str, ddl: str, using: str) -> str:
+    """The versions table both formats declare: the published columns and the version, partitioned by it."""
+    return (f"create table {table} ({ddl}, {VERSION_COLUMN} string) using {using} "
+            f"partitioned by ({VERSION_COLUMN})")
+
+
 def _parquet_versions_table(table: str, ddl: str, root: Path) -> str:
     """An external table over the Parquet root: each version's folder becomes a partition."""
-    return (f"create table {table} ({ddl}, {VERSION_COLUMN} string) using parquet "
-            f"partitioned by ({VERSION_COLUMN}) location {quote_literal(root)}")
+    return f"{_versions_table_sql(table, ddl, 'parquet')} location {quote_literal(root)}"
 
 
 def _parquet_add_version(table: str, version: str, folder: Path) -> str:
@@ -119,8 +124,7 @@ def _delta_history(as_of_column: str, as_of_date: dt.date, version: str) -> Hist
 def _delta_versions_table(table: str, ddl: str, root: Path) -> str:
     """A managed Delta table (the catalog's storage, e.g. Unity Catalog's); the Parquet root stays
     the DuckDB file's copy of each version, so the Delta table keeps its own files apart from it."""
-    return (f"create table {table} ({ddl}, {VERSION_COLUMN} string) using delta "
-            f"partitioned by ({VERSION_COLUMN})")
+    return _versions_table_sql(table, ddl, "delta")
 
 
 def _delta_add_version(table: str, version: str, folder: Path) -> str:
