@@ -158,6 +158,7 @@ def write_spark_scores(warehouse: SparkWarehouse, scores: DataFrame, as_of_colum
 
     def overwrite(frame: DataFrame, table: str, options: Mapping[str, str]) -> None:
         frame.write.format(plan.file_format).mode("overwrite").options(**options).saveAsTable(qualified_table(table))
+        warehouse.refresh(table)  # the SQL session's reads (audits, publish) see tonight's files
 
     scores = scores.localCheckpoint(eager=True)
     overwrite(scores, SCORES_TABLE, fmt.overwrite_options)

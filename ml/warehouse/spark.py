@@ -294,9 +294,13 @@ class SparkWarehouse:
         """The table as a DataFrame, its file listing refreshed first: another session of this JVM
         (dbt-spark's, or the shared `spark`) may have rewritten it, and a stale listing names
         files that are gone."""
-        name = f"{SCHEMA}.{spark_quote(_name(table))}"
-        self._sql.catalog.refreshTable(name)
-        return self._sql.table(name)
+        self.refresh(table)
+        return self._sql.table(f"{SCHEMA}.{spark_quote(_name(table))}")
+
+    def refresh(self, table: str | TableSpec) -> None:
+        """Forget this SQL session's cached file listing of `table`: a writer that rewrote it
+        through the shared `spark` calls this, so later SQL reads see the new files, not gone ones."""
+        self._sql.catalog.refreshTable(f"{SCHEMA}.{spark_quote(_name(table))}")
 
     @contextmanager
     def temp_table(self, name: str, select_sql: str, params: Params = None) -> Iterator[str]:
