@@ -17,7 +17,7 @@ BENCH_NIGHTLY_ARGS ?=
 DATASET_FLAG := $(if $(DATASET),--dataset $(DATASET),)
 
 .DEFAULT_GOAL := help
-.PHONY: help install nightly build train score monitor publish backfill profile generate serve bench-api bench-nightly docs report-screenshots lint test test-slow test-spark bench clean
+.PHONY: help install nightly build train score monitor publish backfill profile generate serve bench-api bench-nightly bench-engines docs report-screenshots lint test test-slow test-spark bench clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -92,6 +92,9 @@ bench: $(STAMP) ## speed and memory benchmarks, then the 1M nightly figures (an 
 
 bench-nightly: $(STAMP) ## issue 10's figures at 1M customers x 12 and 24 months in one command (BENCH_NIGHTLY_ARGS=...)
 	$(BIN)/python -m benchmarks.nightly $(BENCH_NIGHTLY_ARGS)
+
+bench-engines: $(SPARK_STAMP) ## the demo nightly twice on DuckDB, then on Spark local mode; per-stage ratios saved (run alone)
+	$(BIN)/python -m benchmarks.engines
 
 clean: ## remove generated warehouse content (keeps the venv)
 	rm -rf warehouse/*.duckdb warehouse/*.duckdb.wal warehouse/landing warehouse/oracle warehouse/models warehouse/reports warehouse/dbt_target warehouse/generated_suites warehouse/spark
