@@ -112,6 +112,18 @@ def test_measure_reports_exit_code_cpu_and_memory(tmp_path) -> None:
     assert tree_rss_mb(os.getpid()) > 10
 
 
+def test_measure_counts_cpu_of_a_descendant_nobody_waited_for(tmp_path) -> None:
+    # planted: Spark's local-mode JVM is never reaped by its parent, so wait4's rusage misses its CPU
+    spinner = "import time; end = time.process_time() + 1.5\nwhile time.process_time() < end: pass"
+    parent = (f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {spinner!r}]); "
+              "time.sleep(2.5)")  # exits without waiting: the spinner's CPU never reaches rusage
+    result = measure("unreaped", [sys.executable, "-c", parent], tmp_path / "unreaped.log", cwd=tmp_path,
+                     max_load=1e9, settle_seconds=0, allow_load=False)
+    assert result.exit_code == 0
+    assert result.user_s + result.sys_s < 1.0  # what rusage alone would report
+    assert result.sampled_cpu_s >= 1.0 and result.cpu_s == result.sampled_cpu_s
+
+
 def _tiny_landing() -> Landing:
     day = pd.Timestamp
     ids = pd.CategoricalDtype(["A", "B", "C"])
