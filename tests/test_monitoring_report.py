@@ -70,7 +70,8 @@ def add_night(config: ChurnConfig, model, as_of_date: dt.date, run_id: str) -> N
         history = rows[[contract.key, contract.as_of]].assign(**scores, model_version=version, run_id=run_id)
         with session.registered(history) as frame:
             session.execute(f"insert into churn_scores_history by name select * from {frame}")
-        tonight = mon.Tonight(as_of_date, rows, scores,
+        size, digests = mon.snapshot_digests(session, config, contract, mon.load_reference(model), as_of_date)
+        tonight = mon.Tonight(as_of_date, size, digests, scores,
                               top_features(session, version, config.monitoring.top_features))
         findings = mon.compute_drift(model, mon.load_reference(model), tonight, config)
         estimated = estimated_metrics(tonight.probability, tonight.flagged)

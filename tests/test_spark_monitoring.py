@@ -8,7 +8,8 @@ complete DuckDB nightly, with an earlier labelled snapshot's scores added to
 its history (and a few scored customers the mart no longer has), is exported
 to Parquet and saved as Spark tables in 4 partitions (so Spark's row order is
 not DuckDB's), and then, through the Spark reader against through DuckDB:
-- `read_tonight` returns the same frames, dtypes included (sorted by key);
+- `read_tonight` returns the same scores (sorted by key) and the same drift digests, computed by
+  SQL on each engine (counts, bins, sketches and levels identical; moments to 1e-9);
 - `measure` writes the same drift_stats (names and flags identical, values to
   1e-9: the same numbers summed in another order) and the same estimated and
   realized model_performance rows, missing labels counted alike, with the
@@ -61,6 +62,7 @@ from ml.modeling.model import ChurnModel
 from ml.modeling.registry import load_champion
 from ml.modeling.score import HISTORY_TABLE, SCORES_TABLE, tonight_probabilities
 from ml.monitoring import monitor as mon
+from ml.monitoring.digest import NumericDigest
 from ml.warehouse import Session, TableSpec, connect, quote
 from tests.conftest import QUICK_TRAINING, copy_warehouse, query
 
@@ -311,10 +313,21 @@ def test_tonight_reads_the_same_frames_on_spark(history_warehouse: ChurnConfig, 
         duck = mon.read_tonight(session, history_warehouse, champion)
         spark = mon.read_tonight(session, history_warehouse, champion, data=on_spark)
     assert spark.as_of_date == duck.as_of_date and spark.top_features == duck.top_features
-    assert len(duck.features) == len(duck.scores) > 0
-    assert not spark.features[key].equals(duck.features[key]), "Spark's row order must differ to prove anything"
-    pd.testing.assert_frame_equal(_sorted(spark.features, key), _sorted(duck.features, key))
+    assert duck.rows == spark.rows == len(duck.scores) > 0
+    assert not spark.scores[key].equals(duck.scores[key]), "Spark's row order must differ to prove anything"
     pd.testing.assert_frame_equal(_sorted(spark.scores, key), _sorted(duck.scores, key))
+    # Digests: counts, bins, sketches and levels identical (percentile_approx is exact below its
+    # accuracy's row count); moments the same sums in another order.
+    assert spark.digests.keys() == duck.digests.keys() == set(champion.contract.feature_names)
+    for name, ours in duck.digests.items():
+        theirs = spark.digests[name]
+        if isinstance(ours, NumericDigest):
+            assert (theirs.n, theirs.nulls, theirs.bin_counts, theirs.sketch, theirs.median) == \
+                (ours.n, ours.nulls, ours.bin_counts, ours.sketch, ours.median), name
+            assert theirs.mean == pytest.approx(ours.mean, rel=1e-9, abs=1e-12), name
+            assert theirs.std == pytest.approx(ours.std, rel=1e-9, abs=1e-12), name
+        else:
+            assert dict(theirs.counts) == dict(ours.counts), name
 
 
 @pytest.mark.spark
@@ -374,7 +387,7 @@ def test_operating_point_from_spark_scores_equals_duckdb(history_warehouse: Chur
         history_warehouse.operating_point, capacity_customers=None, capacity_share=0.02))
     rule = operating_point.rule_choice(capped, champion)
     with _duckdb(history_warehouse) as session:
-        as_of_date = mon.current_snapshot(session, history_warehouse, c)[0]
+        as_of_date = mon.current_snapshot(session, history_warehouse, c)
         duck = tonight_probabilities(session, c, as_of_date, version)
         pin = operating_point.current_pin(session, version)
     spark = tonight_probabilities(on_spark, c, as_of_date, version)
@@ -446,7 +459,7 @@ def test_scores_of_another_model_are_refused_as_on_duckdb(history_warehouse: Chu
                                                           on_spark) -> None:
     c = champion.contract
     with _duckdb(history_warehouse) as session:
-        as_of_date = mon.current_snapshot(session, history_warehouse, c)[0]
+        as_of_date = mon.current_snapshot(session, history_warehouse, c)
         with pytest.raises(mon.MonitorError) as on_duckdb:
             mon.current_scores(session, c, as_of_date, "not-the-champion")
     with pytest.raises(mon.MonitorError) as on_engine:

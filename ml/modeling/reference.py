@@ -181,8 +181,8 @@ def _sorted_present(values: np.ndarray) -> np.ndarray:
     return np.sort(present)
 
 
-def _inverted_cdf(sorted_values: np.ndarray, probs: np.ndarray) -> np.ndarray:
-    """Quantiles that are observed values (numpy's 'inverted_cdf'), from one sort."""
+def observed_quantiles(sorted_values: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Quantiles that are observed values (numpy's 'inverted_cdf', DuckDB's quantile_disc), from one sort."""
     n = sorted_values.size
     idx = np.clip(np.ceil(probs * n).astype(np.int64) - 1, 0, n - 1)
     return sorted_values[idx]
@@ -198,7 +198,7 @@ def psi_edges(values: np.ndarray, bins: int, sorted_present: np.ndarray | None =
     present = _sorted_present(values) if sorted_present is None else sorted_present
     if present.size == 0 or bins < 2:
         return []
-    edges = np.unique(_inverted_cdf(present, np.arange(1, bins) / bins))
+    edges = np.unique(observed_quantiles(present, np.arange(1, bins) / bins))
     edges = edges[edges < present[-1]]
     return [float(e) for e in edges]
 
@@ -209,9 +209,14 @@ def bin_shares(values: np.ndarray, edges: list[float]) -> list[float]:
     if n == 0:
         return [0.0] * (len(edges) + 2)
     nulls = np.isnan(values)
-    idx = np.searchsorted(np.asarray(edges, dtype=float), values[~nulls], side="left")
-    counts = np.bincount(idx, minlength=len(edges) + 1).astype(float)
+    counts = np.asarray(bin_counts(values[~nulls], edges), dtype=float)
     return [float(c) for c in counts / n] + [float(nulls.sum() / n)]
+
+
+def bin_counts(present: np.ndarray, edges: list[float]) -> list[int]:
+    """Rows of the non-null `present` values in each PSI bin (-inf, e0], (e0, e1], ..., (e_last, inf)."""
+    idx = np.searchsorted(np.asarray(edges, dtype=float), present, side="left")
+    return [int(c) for c in np.bincount(idx, minlength=len(edges) + 1)]
 
 
 def quantile_sketch(values: np.ndarray, size: int, sorted_present: np.ndarray | None = None) -> list[float]:
@@ -225,7 +230,7 @@ def quantile_sketch(values: np.ndarray, size: int, sorted_present: np.ndarray | 
     present = _sorted_present(values) if sorted_present is None else sorted_present
     if present.size <= size:
         return [float(v) for v in present]
-    return [float(v) for v in _inverted_cdf(present, (np.arange(size) + 0.5) / size)]
+    return [float(v) for v in observed_quantiles(present, (np.arange(size) + 0.5) / size)]
 
 
 def numeric_reference(values: pd.Series | np.ndarray, monitoring: MonitoringConfig) -> NumericReference:

@@ -1,7 +1,9 @@
 """Drift statistics: today's scoring snapshot against the champion's reference.
 
-Pure functions on arrays and the typed reference (ml/modeling/reference.py); the
-monitor stage reads the warehouse and writes the rows. Drift is *flagged* on
+Pure functions on tonight's digests (ml/monitoring/digest.py: counts, moments and a
+quantile sketch per feature, computed by SQL where the snapshot lives) or on
+arrays, and the typed reference (ml/modeling/reference.py); the monitor stage
+reads the warehouse and writes the rows. Drift is *flagged* on
 effect size (PSI, normalised Wasserstein, Jensen-Shannon distance, null-share
 jump, share of unseen categories), never on p-values alone: with tens of
 thousands of rows a p-value flags differences too small to matter. The tests'
@@ -13,6 +15,7 @@ otherwise "drifts" every night by chance.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -30,11 +33,10 @@ from ml.modeling.reference import (
     CategoricalReference,
     DriftReference,
     NumericReference,
-    bin_shares,
     flag_levels,
-    level_counts,
     numeric_values,
 )
+from ml.monitoring.digest import CategoricalDigest, Digest, NumericDigest
 from ml.warehouse import float_or_none, json_value, to_json
 
 # Shares are floored before logs so an empty bin gives a large, finite PSI.
@@ -88,29 +90,20 @@ def psi(reference_shares: np.ndarray | list[float], current_shares: np.ndarray |
     return float(np.sum((c - r) * np.log(c / r)))
 
 
-def ks_against_sketch(sketch: list[float], n_reference: int, current: np.ndarray) -> tuple[float, float]:
-    """KS statistic of current values against the reference quantile sketch, and its p-value.
+def ks_against_sketch(sketch: Sequence[float], n_reference: int, current: Sequence[float] | np.ndarray,
+                      n_current: int | None = None) -> tuple[float, float]:
+    """KS statistic of the current values (or their sketch) against the reference sketch, and its p-value.
 
-    The sketch stands for the reference's CDF (to within 1/len(sketch)); the
-    p-value uses the real sample sizes (reference rows, current rows), not the
-    sketch size, via scipy's exact two-sided KS distribution at the effective n.
+    A sketch stands for its sample's CDF (to within 1/len(sketch)); the p-value
+    uses the real sample sizes (reference rows, current rows), not the sketch
+    sizes, via scipy's exact two-sided KS distribution at the effective n.
     """
+    current = np.asarray(current, dtype=float)
     result = stats.ks_2samp(np.asarray(sketch, dtype=float), current, method="asymp")
     d = float(result.statistic)
-    n, m = max(int(n_reference), 1), int(current.size)
+    n, m = max(int(n_reference), 1), max(int(current.size if n_current is None else n_current), 1)
     n_eff = max(int(round(n * m / (n + m))), 1)
     return d, float(stats.kstwo.sf(d, n_eff))
-
-
-def numeric_summary(x: np.ndarray) -> dict[str, Any]:
-    present = x[~np.isnan(x)]
-    return {
-        "n": int(x.size),
-        "null_share": round(float(np.isnan(x).mean()), 6) if x.size else 0.0,
-        "mean": _finite(present.mean()) if present.size else None,
-        "std": _finite(present.std()) if present.size else None,
-        "median": _finite(np.median(present)) if present.size else None,
-    }
 
 
 def reference_numeric_summary(ref: NumericReference) -> dict[str, Any]:
@@ -129,35 +122,38 @@ def _json(data: dict[str, Any]) -> str:
 def numeric_drift(
     feature: str,
     reference: NumericReference,
-    values: pd.Series | np.ndarray,
+    current: NumericDigest | pd.Series | np.ndarray,
     monitoring: MonitoringConfig,
     kind: str = "numeric",
 ) -> list[DriftStat]:
-    """PSI (training-time bins, null as a bin), KS, normalised Wasserstein, null-share change."""
-    x = numeric_values(values)
-    present = x[~np.isnan(x)]
+    """PSI (training-time bins, null as a bin), KS, normalised Wasserstein, null-share change.
+
+    `current` is tonight's digest (ml/monitoring/digest.py), or values to digest here.
+    """
+    digest = current if isinstance(current, NumericDigest) else NumericDigest.of_values(current, reference)
     ref_summary = _json(reference_numeric_summary(reference))
-    cur_summary = _json(numeric_summary(x))
+    cur_summary = _json(digest.summary())
 
     def row(statistic: str, value: float | None, p: float | None, threshold: float | None,
             drifted: bool | None) -> DriftStat:
         return DriftStat(feature, kind, statistic, _finite(value), _finite(p), threshold,
                          drifted, ref_summary, cur_summary)
 
-    sketch = list(reference.sketch)
+    sketch = np.asarray(reference.sketch, dtype=float)
+    tonight = np.asarray(digest.sketch, dtype=float)
     d = p = distance = None
-    if sketch and present.size:
-        d, p = ks_against_sketch(sketch, reference.present_rows, present)
-        distance = stats.wasserstein_distance(np.asarray(sketch, dtype=float), present) / reference.spread
-    psi_value = psi(list(reference.bin_shares), bin_shares(x, list(reference.bin_edges)))
+    if sketch.size and tonight.size and digest.present:
+        d, p = ks_against_sketch(sketch, reference.present_rows, tonight, digest.present)
+        distance = stats.wasserstein_distance(sketch, tonight) / reference.spread
+    psi_value = psi(list(reference.bin_shares), digest.bin_shares())
     rows = [row(PSI, psi_value, p, monitoring.psi_threshold,
                 flag(psi_value, monitoring.psi_threshold, p, monitoring))]
     if d is not None:
         rows.append(row(KS, d, p, None, None))
         rows.append(row(WASSERSTEIN, distance, p, monitoring.distance_threshold,
                         flag(distance, monitoring.distance_threshold, p, monitoring)))
-    rows.append(_null_share_row(feature, kind, reference.null_share, x.size,
-                                int(np.isnan(x).sum()), monitoring, ref_summary, cur_summary))
+    rows.append(_null_share_row(feature, kind, reference.null_share, digest.n, digest.nulls,
+                                monitoring, ref_summary, cur_summary))
     return rows
 
 
@@ -187,15 +183,18 @@ def _null_share_row(
 def categorical_drift(
     feature: str,
     reference: CategoricalReference,
-    values: pd.Series | np.ndarray,
+    current: CategoricalDigest | pd.Series | np.ndarray,
     monitoring: MonitoringConfig,
     kind: str = "categorical",
 ) -> list[DriftStat]:
-    """PSI, chi-square, Jensen-Shannon distance, share of unseen levels and null-share change."""
-    counts = level_counts(values)
-    n = int(counts.sum())
+    """PSI, chi-square, Jensen-Shannon distance, share of unseen levels and null-share change.
+
+    `current` is tonight's level counts (ml/monitoring/digest.py), or values to count here.
+    """
+    counts = (current if isinstance(current, CategoricalDigest) else CategoricalDigest.of_values(current)).counts
+    n = int(sum(counts.values()))
     ref_shares = reference.shares
-    unseen = [lvl for lvl in counts.index if lvl not in ref_shares and lvl != NULL_LEVEL]
+    unseen = [lvl for lvl in counts if lvl not in ref_shares and lvl != NULL_LEVEL]
     # With a folded reference tail, an unknown level may have been seen in training.
     unseen_target = OTHER_LEVEL if reference.folded else None
     current: dict[str, float] = {}
@@ -269,9 +268,14 @@ def flagged_reference_from_sketch(score_reference: NumericReference, threshold: 
 
 
 def feature_drift(
-    reference: DriftReference, frame: pd.DataFrame, kinds: dict[str, str], monitoring: MonitoringConfig
+    reference: DriftReference, current: Mapping[str, Digest] | pd.DataFrame, kinds: dict[str, str],
+    monitoring: MonitoringConfig,
 ) -> list[DriftStat]:
-    """Drift rows for every contract feature (name -> kind) present in the reference."""
+    """Drift rows for every contract feature (name -> kind) present in the reference.
+
+    `current` holds tonight's digest per feature (the nightly's, computed by SQL
+    where the snapshot lives), or tonight's values as a frame's columns.
+    """
     rows: list[DriftStat] = []
     for name, kind in kinds.items():
         ref = reference.features.get(name)
@@ -280,7 +284,7 @@ def feature_drift(
         if ref.kind != kind:
             raise ValueError(f"feature {name!r} is {kind} in the mart but {ref.kind} in the reference")
         drift = numeric_drift if kind == "numeric" else categorical_drift
-        rows += drift(name, ref, frame[name], monitoring)
+        rows += drift(name, ref, current[name], monitoring)
     return rows
 
 

@@ -36,7 +36,7 @@ import datetime as dt
 import json
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,7 +51,8 @@ from ml.features.mart import (
     labels_of,
     latest_snapshot_date,
     mart_columns,
-    snapshot_rows,
+    snapshot_select,
+    snapshot_size,
 )
 from ml.logs import get_logger, timed
 from ml.modeling import registry
@@ -67,7 +68,8 @@ from ml.modeling.score import (
     tonight_scores,
 )
 from ml.modeling.train import newest_trained_snapshot, top_features
-from ml.monitoring import drift
+from ml.monitoring import digest, drift
+from ml.monitoring.digest import Digest
 from ml.monitoring.performance import ESTIMATED, METRICS, REALIZED, estimated_metrics, realized_metrics
 from ml.monitoring.policy import (
     OUTCOME_PROMOTED,
@@ -148,10 +150,12 @@ class MonitorResult:
 
 @dataclass(frozen=True)
 class Tonight:
-    """Tonight's scoring snapshot as monitoring reads it: features, the champion's scores, its top features."""
+    """Tonight's scoring snapshot as monitoring reads it: its size and per-feature digests (computed by
+    SQL where the mart lives), the champion's scores, its top features."""
 
     as_of_date: dt.date
-    features: pd.DataFrame
+    rows: int
+    digests: Mapping[str, Digest]
     scores: pd.DataFrame
     top_features: list[str]
 
@@ -201,8 +205,8 @@ def load_reference(model: ChurnModel) -> DriftReference:
     return reference if isinstance(reference, DriftReference) else DriftReference.from_dict(reference)
 
 
-def current_snapshot(data: Reader, config: ChurnConfig, contract: FeatureContract) -> tuple[dt.date, pd.DataFrame]:
-    """The mart's latest as_of_date and its rows (key, as_of and the champion's features)."""
+def current_snapshot(data: Reader, config: ChurnConfig, contract: FeatureContract) -> dt.date:
+    """The mart's latest as_of_date (tonight's scoring snapshot), after checking the contract's columns."""
     mart = config.dataset.feature_mart
     try:
         mart_columns(data, config, contract)
@@ -211,7 +215,20 @@ def current_snapshot(data: Reader, config: ChurnConfig, contract: FeatureContrac
     latest = latest_snapshot_date(data, config, contract)
     if latest is None:
         raise MonitorError(f"feature mart {mart!r} has no rows")
-    return latest, snapshot_rows(data, config, contract, latest)
+    return latest
+
+
+def snapshot_digests(data: Reader, config: ChurnConfig, contract: FeatureContract, reference: DriftReference,
+                     as_of_date: dt.date) -> tuple[int, dict[str, Digest]]:
+    """Tonight's rows and the digest of each referenced feature: two aggregate statements on the engine
+    holding the mart (ml/monitoring/digest.py), so no feature row reaches this process."""
+    source = f"({snapshot_select(config, contract)}) as snapshot"
+    chosen = {name: ref for name, ref in reference.features.items() if name in contract.feature_names}
+    numeric, categorical = digest.reference_kinds(chosen)
+    digests: dict[str, Digest] = {**digest.numeric_digests(data, source, numeric, [as_of_date]),
+                                  **digest.categorical_digests(data, source, categorical, [as_of_date])}
+    rows = next(iter(digests.values())).n if digests else snapshot_size(data, config, contract, as_of_date)
+    return rows, {name: digests[name] for name in chosen}
 
 
 def current_scores(data: Reader, contract: FeatureContract, as_of_date: dt.date, version: str) -> pd.DataFrame:
@@ -230,12 +247,15 @@ def current_scores(data: Reader, contract: FeatureContract, as_of_date: dt.date,
 
 
 def read_tonight(session: Session, config: ChurnConfig, model: ChurnModel, *, data: Reader | None = None) -> Tonight:
-    """Tonight's snapshot and scores from `data` (None: `session`), the champion's top features from `session`."""
+    """Tonight's snapshot digests and scores from `data` (None: `session`), the champion's top features
+    from `session`."""
     data = session if data is None else data
-    as_of_date, features = current_snapshot(data, config, model.contract)
+    as_of_date = current_snapshot(data, config, model.contract)
     scores = current_scores(data, model.contract, as_of_date, str(model.version))
+    with timed(f"drift digests of the snapshot as of {as_of_date} on {type(data).__name__}", log):
+        rows, digests = snapshot_digests(data, config, model.contract, load_reference(model), as_of_date)
     top = top_features(session, str(model.version), config.monitoring.top_features)
-    return Tonight(as_of_date, features, scores, top)
+    return Tonight(as_of_date, rows, digests, scores, top)
 
 
 def _measured_realized(session: Session) -> set[tuple[dt.date, str]]:
@@ -345,9 +365,9 @@ def champion_to_monitor(config: ChurnConfig) -> tuple[ChurnModel, DriftReference
 
 def compute_drift(model: ChurnModel, reference: DriftReference, tonight: Tonight, config: ChurnConfig) -> DriftFindings:
     """Feature, score and dataset-level drift of tonight's snapshot against the reference."""
-    with timed(f"drift of {len(tonight.features):,d} rows as of {tonight.as_of_date} vs {model.version}", log):
+    with timed(f"drift of {tonight.rows:,d} rows as of {tonight.as_of_date} vs {model.version}", log):
         kinds = {f.name: f.kind for f in model.contract.features}
-        rows = drift.feature_drift(reference, tonight.features, kinds, config.monitoring)
+        rows = drift.feature_drift(reference, tonight.digests, kinds, config.monitoring)
         rows += drift.score_drift(reference, tonight.probability, model.threshold, config.monitoring)
         share_row, top_row = drift.dataset_drift(rows, tonight.top_features, config.monitoring)
     return DriftFindings([*rows, share_row, top_row], share_row, top_row)
