@@ -7,14 +7,16 @@ tests that change the warehouse copy it first (`private_warehouse`).
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pandas as pd
 import pytest
 
 from ml.config import ChurnConfig, load_config, write_relocated_config
-from ml.warehouse import connect
+from ml.warehouse import Session, connect
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -155,3 +157,39 @@ def client(service):
 
     with TestClient(asgi_app(service)) as test_client:
         yield test_client
+
+
+@dataclass
+class CountingReader:
+    """The Reader vocabulary over a DuckDB session, counting the rows each statement returns: a test
+    that a stage fetches no row per customer reads through it (no `chunks`: streaming fails here)."""
+
+    inner: Session
+    returned: list[tuple[str, int]] = field(default_factory=list)
+
+    @property
+    def path(self) -> str:
+        return self.inner.path
+
+    def frame(self, sql: str, params: Any = None) -> pd.DataFrame:
+        out = self.inner.frame(sql, params)
+        self.returned.append((sql, len(out)))
+        return out
+
+    def rows(self, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
+        out = self.inner.rows(sql, params)
+        self.returned.append((sql, len(out)))
+        return out
+
+    def one(self, sql: str, params: Any = None) -> tuple[Any, ...] | None:
+        return (self.rows(sql, params) or [None])[0]
+
+    def scalar(self, sql: str, params: Any = None) -> Any:
+        row = self.one(sql, params)
+        return row[0] if row else None
+
+    def exists(self, table: Any) -> bool:
+        return self.inner.exists(table)
+
+    def columns(self, table: Any) -> dict[str, str]:
+        return self.inner.columns(table)

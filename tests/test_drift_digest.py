@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ from ml.monitoring import digest, drift
 from ml.monitoring import monitor as mon
 from ml.monitoring.digest import SKETCH_SIZE, CategoricalDigest, NumericDigest
 from ml.warehouse import MEMORY, Session, connect, quote
-from tests.conftest import QUICK_TRAINING, REPO_ROOT, copy_warehouse
+from tests.conftest import QUICK_TRAINING, REPO_ROOT, CountingReader, copy_warehouse
 
 
 @pytest.fixture(scope="module")
@@ -117,41 +116,6 @@ def test_sketch_against_sketch_stays_close_to_all_rows(monitoring) -> None:
     exact_distance = stats.wasserstein_distance(train, tonight) / reference.spread
     assert abs(ks - exact_ks) <= 2 / SKETCH_SIZE + 1 / len(reference.sketch)
     assert abs(distance - exact_distance) <= 0.01
-
-
-@dataclass
-class CountingReader:
-    """The Reader vocabulary over a DuckDB session, counting the rows each statement returns."""
-
-    inner: Session
-    returned: list[tuple[str, int]] = field(default_factory=list)
-
-    @property
-    def path(self) -> str:
-        return self.inner.path
-
-    def frame(self, sql: str, params: Any = None) -> pd.DataFrame:
-        out = self.inner.frame(sql, params)
-        self.returned.append((sql, len(out)))
-        return out
-
-    def rows(self, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
-        out = self.inner.rows(sql, params)
-        self.returned.append((sql, len(out)))
-        return out
-
-    def one(self, sql: str, params: Any = None) -> tuple[Any, ...] | None:
-        return (self.rows(sql, params) or [None])[0]
-
-    def scalar(self, sql: str, params: Any = None) -> Any:
-        row = self.one(sql, params)
-        return row[0] if row else None
-
-    def exists(self, table: Any) -> bool:
-        return self.inner.exists(table)
-
-    def columns(self, table: Any) -> dict[str, str]:
-        return self.inner.columns(table)
 
 
 def test_monitoring_fetches_no_feature_rows(trained_warehouse: ChurnConfig, tmp_path: Path) -> None:

@@ -15,9 +15,13 @@ Route (measured, see the report in benchmarks and README): GX's SQL datasource
 cannot be used on DuckDB as shipped (GX issues 10738 and 11579: the connection
 is closed before results are read, every expectation "fails" with an
 IndexError hidden in exception_info), and its workaround needs SQLAlchemy and
-duckdb_engine, neither installed. So GX's pandas engine judges every
-expectation, and DuckDB feeds it only what that expectation needs:
+duckdb_engine, neither installed. So GX's pandas engine judges the
+expectations, and the engine feeds it only what each expectation needs:
 
+* row-wise checks with one exact SQL spelling (not null, numeric ranges,
+  accepted values, uniqueness; ml/quality/pushdown.py) as SQL counts on the
+  engine, judged by GX's `mostly` rule on the counts, as streamed batches
+  are: no row of the table reaches this process (on Spark, the driver);
 * one column per batch (column projection), never the whole table;
 * row-wise (map) expectations in streamed batches of `quality.chunk_rows`
   rows; their counts are summed over batches and GX's own `mostly` rule is
@@ -66,7 +70,7 @@ import datetime as dt
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +85,7 @@ from ml.features.night import NightScope, scope_since, scoped_relation
 from ml.logs import get_logger, timed
 from ml.quality.data_docs import SuiteRun, write_data_docs
 from ml.quality.default_suites import write_default_suites
+from ml.quality.pushdown import CompiledCheck, Counts, compile_check, count_checks
 from ml.quality.verdicts import CheckResult
 from ml.warehouse import MEMORY, Reader, Session, column_list, connect, declare, is_missing, json_value, quote
 from ml.warehouse.connection import VECTOR_ROWS
@@ -507,6 +512,7 @@ class _RelationFacts:
 
     rows: int
     columns: frozenset[str]
+    dtypes: Mapping[str, Any]  # column -> pandas dtype of the engine's frames (what GX would be fed)
 
 
 @dataclass(frozen=True)
@@ -532,8 +538,8 @@ def _relation_facts(session: Reader, relation: str) -> _RelationFacts:
     (Spark plans it as an empty relation).
     """
     rows = int(session.scalar(f"select count(*) from {relation}"))
-    columns = frozenset(session.frame(f"select * from {relation} limit 0").columns)
-    return _RelationFacts(rows=rows, columns=columns)
+    empty = session.frame(f"select * from {relation} limit 0")
+    return _RelationFacts(rows=rows, columns=frozenset(empty.columns), dtypes=dict(empty.dtypes.items()))
 
 
 def plan_batches(suite: Suite) -> dict[Plan, list[Any]]:
@@ -579,10 +585,30 @@ def feed_batches(session: Reader, relation: str, suite: Suite, plan: Plan, group
     return _Fed(tallies=tallies, batches=batches)
 
 
-def judge_group(strategy: str, group: list[Any], fed: _Fed, parameters: dict[str, Any]) -> dict[int, Any]:
-    """Each expectation's verdict over all batches: GX's own for one batch, GX's rule on the totals for more."""
+def _totals_result(expectation: Any, success: bool, summary: dict[str, Any]) -> Any:
+    """A GX result judged by GX's rule on counts this module summed (over batches, or in SQL)."""
     from great_expectations.core import ExpectationValidationResult
 
+    return ExpectationValidationResult(
+        success=success, expectation_config=expectation.configuration, result=summary,
+        exception_info={"raised_exception": False, "exception_message": None, "exception_traceback": None},
+    )
+
+
+def judge_counts(group: list[Any], counts: Mapping[int, Counts]) -> dict[int, Any]:
+    """Verdicts of row-wise expectations the engine counted (ml/quality/pushdown.py), by the rule
+    a column streamed in several batches is judged by."""
+    verdicts: dict[int, Any] = {}
+    for e in group:
+        c = counts[_index(e)]
+        tally = _Tally(element_count=c.element_count, missing_count=c.missing_count,
+                       unexpected_count=c.unexpected_count, has_missing=c.has_missing, sample=list(c.sample))
+        verdicts[_index(e)] = _totals_result(e, *tally.verdict(_mostly(e)))
+    return verdicts
+
+
+def judge_group(strategy: str, group: list[Any], fed: _Fed, parameters: dict[str, Any]) -> dict[int, Any]:
+    """Each expectation's verdict over all batches: GX's own for one batch, GX's rule on the totals for more."""
     verdicts: dict[int, Any] = {}
     for e, tally in zip(group, fed.tallies, strict=True):
         if tally.error:  # an error in any batch fails the expectation
@@ -594,11 +620,8 @@ def judge_group(strategy: str, group: list[Any], fed: _Fed, parameters: dict[str
         if strategy == "rows":
             success, summary = tally.row_count_verdict(e.configuration.kwargs, parameters)
         else:
-            success, summary = tally.verdict(float(e.configuration.kwargs.get("mostly", 1.0)))
-        verdicts[_index(e)] = ExpectationValidationResult(
-            success=success, expectation_config=tally.last.expectation_config, result=summary,
-            exception_info={"raised_exception": False, "exception_message": None, "exception_traceback": None},
-        )
+            success, summary = tally.verdict(_mostly(e))
+        verdicts[_index(e)] = _totals_result(e, success, summary)
     return verdicts
 
 
@@ -663,6 +686,15 @@ def _mostly(expectation: Any) -> float:
     return float(expectation.configuration.kwargs.get("mostly", 1.0))
 
 
+def _compiled(plan: Plan, group: list[Any], facts: _RelationFacts,
+              parameters: dict[str, Any]) -> dict[int, CompiledCheck]:
+    """The row-wise expectations of a streamed plan that the engine can count itself, by index."""
+    if plan[0] not in ("stream", "partitions"):
+        return {}
+    found = {_index(e): compile_check(e, _index(e), facts.dtypes, parameters) for e in group}
+    return {index: check for index, check in found.items() if check is not None}
+
+
 def run_suite(session: Reader, relation: str, suite: Suite, parameters: dict[str, Any],
               chunk_rows: int, judge: Judge, night: str | None = None,
               shares_whole: bool = False) -> tuple[list[CheckResult], Any]:
@@ -692,8 +724,14 @@ def run_suite(session: Reader, relation: str, suite: Suite, parameters: dict[str
         for part in (p for p in parts if p):
             tonight = nightly and (not shares_whole or _mostly(part[0]) >= 1.0)
             read, rows = (night, night_facts.rows) if tonight else (relation, facts.rows)
-            fed = feed_batches(session, read, suite, plan, part, rows, chunk_rows, judge, parameters)
-            verdicts.update(judge_group(plan[0], part, fed, parameters))
+            compiled = _compiled(plan, part, facts, parameters)
+            if compiled:
+                counts = count_checks(session, read, plan[1], list(compiled.values()))
+                verdicts.update(judge_counts([e for e in part if _index(e) in compiled], counts))
+            streamed = [e for e in part if _index(e) not in compiled]
+            if streamed:
+                fed = feed_batches(session, read, suite, plan, streamed, rows, chunk_rows, judge, parameters)
+                verdicts.update(judge_group(plan[0], streamed, fed, parameters))
             read_rows.update({_index(e): (rows, "tonight" if tonight else "all") for e in part})
     results = _plain_results([verdicts[_index(e)] for e in suite.expectations])
     checks = check_results(suite, results, facts.rows, read_rows)
