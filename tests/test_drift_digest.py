@@ -1,6 +1,7 @@
 """Drift digests: SQL on the engine gives what the values in memory give, and drift needs nothing more.
 
-- The SQL digest of a column on DuckDB equals its in-memory digest: counts,
+- The SQL digest of a column on DuckDB equals its in-memory digest (the route
+  the in-process DuckDB session takes: columns read, digested in Python): counts,
   PSI bin counts (values lying exactly on a bin edge planted), sketch and
   median identical, moments to 1e-12; categorical level counts keyed alike
   for text, booleans and integers, nulls as their own level.
@@ -8,8 +9,9 @@
 - Sketch against sketch stays close to the all-rows statistics: KS within
   2/SKETCH_SIZE of scipy's exact two-sample figure, Wasserstein within a small
   fraction of a standard deviation.
-- Monitoring on the trained warehouse fetches no feature row: every statement
-  it sends to the mart returns at most a level count's rows.
+- Monitoring on the trained warehouse, through a reader that is not the
+  in-process DuckDB session (as Spark is not), fetches no feature row: every
+  statement it sends to the mart returns at most a level count's rows.
 """
 
 from __future__ import annotations
@@ -76,14 +78,18 @@ def test_sql_digest_equals_the_in_memory_digest(monitoring) -> None:
     assert (tonight["sessions"] == on_edge).sum() > 100, "values on a bin edge must be planted"
     with connect(MEMORY) as session:
         from_sql = _sql_digests(session, tonight, references)
+        with session.registered(tonight) as name:  # the in-process route: columns read, digested here
+            fetched = digest.snapshot_digests(session, quote(name), references)
     for name in NUMERIC:
-        ours, memory = from_sql[name], NumericDigest.of_values(tonight[name], references[name])
+        ours, memory = from_sql[name], fetched[name]
+        assert memory == NumericDigest.of_values(tonight[name], references[name])
         assert (ours.n, ours.nulls, ours.bin_counts, ours.sketch, ours.median) == \
             (memory.n, memory.nulls, memory.bin_counts, memory.sketch, memory.median), name
         assert ours.mean == pytest.approx(memory.mean, rel=1e-12) and ours.std == pytest.approx(memory.std, rel=1e-12)
         assert len(ours.sketch) == SKETCH_SIZE and sum(ours.bin_counts) == ours.present
     for name in CATEGORICAL:
-        assert dict(from_sql[name].counts) == dict(CategoricalDigest.of_values(tonight[name]).counts), name
+        assert dict(from_sql[name].counts) == dict(fetched[name].counts) == \
+            dict(CategoricalDigest.of_values(tonight[name]).counts), name
     assert set(from_sql["paperless"].counts) == {"True", "False", "__null__"}
     assert set(from_sql["seats"].counts) == {"1", "2", "5"}
 

@@ -220,15 +220,13 @@ def current_snapshot(data: Reader, config: ChurnConfig, contract: FeatureContrac
 
 def snapshot_digests(data: Reader, config: ChurnConfig, contract: FeatureContract, reference: DriftReference,
                      as_of_date: dt.date) -> tuple[int, dict[str, Digest]]:
-    """Tonight's rows and the digest of each referenced feature: two aggregate statements on the engine
-    holding the mart (ml/monitoring/digest.py), so no feature row reaches this process."""
+    """Tonight's rows and the digest of each referenced feature (ml/monitoring/digest.py): on Spark
+    two aggregate statements, so no feature row reaches the driver."""
     source = f"({snapshot_select(config, contract)}) as snapshot"
     chosen = {name: ref for name, ref in reference.features.items() if name in contract.feature_names}
-    numeric, categorical = digest.reference_kinds(chosen)
-    digests: dict[str, Digest] = {**digest.numeric_digests(data, source, numeric, [as_of_date]),
-                                  **digest.categorical_digests(data, source, categorical, [as_of_date])}
+    digests = digest.snapshot_digests(data, source, chosen, [as_of_date])
     rows = next(iter(digests.values())).n if digests else snapshot_size(data, config, contract, as_of_date)
-    return rows, {name: digests[name] for name in chosen}
+    return rows, digests
 
 
 def current_scores(data: Reader, contract: FeatureContract, as_of_date: dt.date, version: str) -> pd.DataFrame:
