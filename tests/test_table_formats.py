@@ -78,7 +78,8 @@ def test_history_is_rewritten_on_parquet_and_replaced_where_on_delta() -> None:
     plan = DELTA.history_write("as_of_date", night, "v3")
     predicate = "`as_of_date` = date '2025-06-30' and `model_version` = 'v3'"
     assert (plan.file_format, plan.replace_where) == ("delta", predicate)
-    assert dict(plan.options) == {"replaceWhere": predicate, "mergeSchema": "true"}
+    assert plan.writer_options == {"replaceWhere": predicate, "mergeSchema": "true"}
+    assert PARQUET.history_write("as_of_date", night, "v3").writer_options == {}
     assert dict(DELTA.overwrite_options) == {"overwriteSchema": "true"} and not PARQUET.overwrite_options
 
 

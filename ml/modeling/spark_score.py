@@ -165,7 +165,7 @@ def write_spark_scores(warehouse: SparkWarehouse, scores: DataFrame, as_of_colum
     if not warehouse.exists(HISTORY_TABLE):  # the first night creates it
         overwrite(scores, HISTORY_TABLE, {})
     elif plan.replace_where is not None:
-        overwrite(scores, HISTORY_TABLE, plan.options)
+        overwrite(scores, HISTORY_TABLE, plan.writer_options)
     else:
         old = warehouse.table(HISTORY_TABLE)
         replaced = (F.col(as_of_column) == F.lit(as_of_date)) & (F.col("model_version") == F.lit(version))

@@ -56,12 +56,18 @@ class HistoryWrite:
 
     `replace_where` None: the format cannot delete rows, so the kept rows and
     tonight's are written whole. Otherwise only the rows the predicate selects
-    are replaced (`options` are the writer's, e.g. Delta's replaceWhere).
+    are replaced; `options` are the writer's others (Delta's mergeSchema).
     """
 
     file_format: str
     replace_where: str | None
     options: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def writer_options(self) -> dict[str, str]:
+        """What the writer is given: `options`, and the predicate as replaceWhere when there is one."""
+        predicate = {} if self.replace_where is None else {"replaceWhere": self.replace_where}
+        return {**self.options, **predicate}
 
 
 @dataclass(frozen=True)
@@ -117,8 +123,7 @@ def _delta_history(as_of_column: str, as_of_date: dt.date, version: str) -> Hist
     mergeSchema adds columns tonight has and the history lacks (scoring.top_reasons raised)."""
     predicate = (f"{spark_quote(as_of_column)} = date {quote_literal(as_of_date.isoformat())} "
                  f"and {spark_quote('model_version')} = {quote_literal(version)}")
-    return HistoryWrite("delta", replace_where=predicate,
-                        options=MappingProxyType({"replaceWhere": predicate, "mergeSchema": "true"}))
+    return HistoryWrite("delta", replace_where=predicate, options=MappingProxyType({"mergeSchema": "true"}))
 
 
 def _delta_versions_table(table: str, ddl: str, root: Path) -> str:
