@@ -150,3 +150,31 @@ def test_compiled_checks_on_spark_equal_duckdb(tmp_path: Path, small_config: Chu
                 for c in checks]
 
     assert stored(on_spark) == stored(on_duckdb)
+
+
+def test_column_stdev_and_mean_from_sql_give_gx_verdicts(tmp_path: Path, small_config: ChurnConfig,
+                                                         table: Session) -> None:
+    """Planted NaNs: SQL's avg and stddev_samp would return NaN where pandas (GX's engine) skips them."""
+    suite = load_suite(write_suite(tmp_path, [
+        expectation("expect_column_stdev_to_be_between", column="seats", min_value=0.001, max_value=2.5),
+        expectation("expect_column_stdev_to_be_between", column="flag", min_value=0.6),
+        expectation("expect_column_mean_to_be_between", column="seats", min_value=2, max_value=4),
+    ]), small_config)
+    # score holds infinities (its deviation is NaN to pandas and SQL alike); a finite float column with NaNs:
+    table.execute("alter table t add column fraction double")
+    table.execute("update t set fraction = case when rowid % 20 in (0, 5) then 'nan'::double "
+                  "else rowid / 40.0 end")
+    suite_nan = load_suite(write_suite(tmp_path / "nan", [
+        expectation("expect_column_stdev_to_be_between", column="fraction", min_value=0.2, max_value=0.4),
+        expectation("expect_column_mean_to_be_between", column="fraction", min_value=0.4, max_value=0.6),
+    ]), small_config)
+    whole = table.frame("select * from t")
+    for chosen in (suite, suite_nan):
+        checks, _ = run_suite(table, "t", chosen, PARAMS, 1_000_000, Judge())
+        own = Judge().validate(whole, chosen.expectations, PARAMS)
+        for check, gx in zip(checks, own, strict=True):
+            assert check.success == gx.success, (check.expectation_type, check.column_name)
+            assert float(check.observed_value) == pytest.approx(float(gx.result["observed_value"]), rel=1e-12)
+    reader = CountingReader(table)
+    run_suite(reader, "t", suite_nan, PARAMS, 1_000_000, Judge())
+    assert max(n for _, n in reader.returned) <= 1

@@ -33,8 +33,10 @@ expectations, and the engine feeds it only what each expectation needs:
   both metrics), row counts on index-only batches of `chunk_rows` rows whose
   lengths are summed and judged by the same between/equal rule;
 * column means (label share, score mean) on a one-row frame holding the
-  column's SQL average (GX's mean of it is that average);
-* other aggregates (stdev, ...) on the full column.
+  column's SQL average (GX's mean of it is that average), standard
+  deviations on a two-row frame m -/+ s/sqrt(2) of the SQL mean and sample
+  deviation (GX's ddof=1 deviation of it is s);
+* other aggregates on the full column.
 
 The mart is audited on the night, not the history: its row-wise checks read
 only the snapshots the builds since the last passed mart audit rebuilt or
@@ -125,6 +127,7 @@ COUNTS_TABLE = ROW_COUNTS.name
 MINMAX = ("expect_column_min_to_be_between", "expect_column_max_to_be_between")
 UNIQUE = ("expect_column_values_to_be_unique", "expect_compound_columns_to_be_unique")
 MEAN = "expect_column_mean_to_be_between"
+STDEV = "expect_column_stdev_to_be_between"
 
 
 class SuiteError(ValueError):
@@ -303,6 +306,8 @@ def _plan(expectation: Any) -> tuple[str, tuple[str, ...]]:
         return "minmax", columns
     if kind == MEAN:
         return "mean", columns
+    if kind == STDEV:
+        return "stdev", columns
     return "whole", columns
 
 
@@ -339,6 +344,12 @@ def hash_partition(projection: str, parts: int, part: int) -> str:
     return f"((hash({projection}) % {parts}) + {parts}) % {parts} = {part}"
 
 
+def _present_double(column: str) -> str:
+    """The column as a double with NaN as NULL: SQL aggregates skip what pandas (GX's engine) skips."""
+    x = f"try_cast({column} as double)"
+    return f"case when isnan({x}) then null else {x} end"
+
+
 def _frames(session: Reader, relation: str, strategy: str, columns: tuple[str, ...],
             rows: int, chunk_rows: int) -> Iterator[pd.DataFrame]:
     """The batches GX sees for one plan; see the module docstring for why each is exact."""
@@ -355,7 +366,17 @@ def _frames(session: Reader, relation: str, strategy: str, columns: tuple[str, .
                                           f"union all select max({c}) from {relation}"))
     elif strategy == "mean":
         c = quote(columns[0])
-        yield _vectorizable(session.frame(f"select avg(try_cast({c} as double)) as {c} from {relation}"))
+        yield _vectorizable(session.frame(f"select avg({_present_double(c)}) as {c} from {relation}"))
+    elif strategy == "stdev":
+        # Two rows with the column's mean and sample standard deviation (pandas' ddof=1, as GX's
+        # metric): m -/+ s/sqrt(2). NULL (fewer than two values) gives two NaNs, GX's verdict on them.
+        c = quote(columns[0])
+        x = _present_double(c)
+        row = session.one(f"select avg({x}), stddev_samp({x}) from {relation}")
+        mean, std = (None, None) if row is None else row
+        half = None if mean is None or std is None else float(std) / math.sqrt(2)
+        values = [math.nan, math.nan] if half is None else [float(mean) - half, float(mean) + half]
+        yield pd.DataFrame({columns[0]: values})
     elif strategy == "partitions":
         parts = max(1, math.ceil(rows / chunk_rows))
         for part in range(parts):
