@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -131,7 +130,6 @@ def test_compiled_checks_fetch_no_row_per_table_row(tmp_path: Path, small_config
         checks, _ = run_suite(reader, "t", suite, PARAMS, 1_000, Judge())
     assert all(c.element_count == 5_000 for c in checks)
     assert max(n for _, n in reader.returned) <= SAMPLE_VALUES
-    assert not math.isnan(sum(c.unexpected_count for c in checks))
 
 
 @pytest.mark.spark

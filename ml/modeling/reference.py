@@ -25,7 +25,7 @@ import pandas as pd
 
 from ml.config import MonitoringConfig
 from ml.features.contract import FeatureContract
-from ml.warehouse import float_or_none, json_value
+from ml.warehouse import finite_or_none
 
 REFERENCE_VERSION = 1
 # Category levels used in shares: a null is its own level, and rare tails are
@@ -41,11 +41,6 @@ def numeric_values(values: pd.Series | np.ndarray) -> np.ndarray:
     """Float array with NaN for every kind of missing value (None, pd.NA, NaT)."""
     series = pd.Series(values) if not isinstance(values, pd.Series) else values
     return pd.to_numeric(series, errors="coerce").to_numpy(dtype=float, na_value=np.nan)
-
-
-def _finite(x: float | None) -> float | None:
-    """A float, or None for NaN and infinities (json_value maps both to null)."""
-    return float_or_none(json_value(x))
 
 
 @dataclass(frozen=True)
@@ -254,15 +249,15 @@ def numeric_reference(values: pd.Series | np.ndarray, monitoring: MonitoringConf
     return NumericReference(
         n=n,
         null_share=float(np.isnan(x).mean()) if n else 0.0,
-        mean=_finite(mean),
-        std=_finite(std),
-        min=_finite(lo),
-        median=_finite(q50),
-        max=_finite(hi),
-        q25=_finite(q25),
-        q75=_finite(q75),
-        iqr=_finite(iqr),
-        spread=_finite(spread) if _finite(spread) is not None else 1.0,
+        mean=finite_or_none(mean),
+        std=finite_or_none(std),
+        min=finite_or_none(lo),
+        median=finite_or_none(q50),
+        max=finite_or_none(hi),
+        q25=finite_or_none(q25),
+        q75=finite_or_none(q75),
+        iqr=finite_or_none(iqr),
+        spread=finite_or_none(spread) if finite_or_none(spread) is not None else 1.0,
         bin_edges=tuple(edges),
         bin_shares=tuple(bin_shares(x, edges)),
         sketch=tuple(quantile_sketch(x, monitoring.reference_quantiles, present)),

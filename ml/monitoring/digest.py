@@ -16,7 +16,7 @@ and for tests, so drift code (ml/monitoring/drift.py) has one path. A sketch
 is SKETCH_SIZE mid-point quantiles, each an observed value: its empirical CDF
 is within 1/SKETCH_SIZE of tonight's, so KS and Wasserstein measured sketch
 against reference sketch differ from the all-rows figures by about that much.
-The one statistic spelt per engine is the sketch (`sketch_sql`): DuckDB's
+The one statistic spelt per engine is the quantile (`quantile_sql`): DuckDB's
 exact `quantile_disc`, Spark's `percentile_approx` (rank error 1/10,000).
 
 Where the engine is the in-process DuckDB `Session`, `snapshot_digests` reads
@@ -46,7 +46,7 @@ from ml.modeling.reference import (
     numeric_values,
     observed_quantiles,
 )
-from ml.warehouse import Reader, Session, column_list, float_or_none, json_value, quote
+from ml.warehouse import Reader, Session, column_list, double_literal, finite_or_none, quote
 from ml.warehouse.spark import SparkWarehouse
 
 SKETCH_SIZE = 500
@@ -56,10 +56,6 @@ LEVEL_NUDGE = 1e-9
 SKETCH_LEVELS = tuple((i + 0.5) / SKETCH_SIZE + LEVEL_NUDGE for i in range(SKETCH_SIZE))
 # Spark's percentile_approx accuracy: rank error 1/accuracy of the rows (its default).
 SPARK_SKETCH_ACCURACY = 10_000
-
-
-def _finite(x: Any) -> float | None:
-    return float_or_none(json_value(x))
 
 
 @dataclass(frozen=True)
@@ -96,11 +92,11 @@ class NumericDigest:
         n = int(x.size)
         counts = tuple(bin_counts(present, list(reference.bin_edges)))
         ordered = np.sort(present)
-        median = _finite(observed_quantiles(ordered, np.array([0.5]))[0]) if ordered.size else None
+        median = finite_or_none(observed_quantiles(ordered, np.array([0.5]))[0]) if ordered.size else None
         sketch = observed_quantiles(ordered, np.array(SKETCH_LEVELS)) if ordered.size else []
         return cls(n=n, nulls=int(n - present.size),
-                   mean=_finite(present.mean()) if present.size else None,
-                   std=_finite(present.std()) if present.size else None,
+                   mean=finite_or_none(present.mean()) if present.size else None,
+                   std=finite_or_none(present.std()) if present.size else None,
                    median=median, bin_counts=counts, sketch=tuple(float(v) for v in sketch))
 
 
@@ -132,50 +128,39 @@ Digest = NumericDigest | CategoricalDigest
 
 # ---------------------------------------------------------------- SQL on the engine holding the snapshot
 
-def _double(value: float) -> str:
-    """A double literal both engines read exactly: the shortest round-trip text, cast from a string
-    (a bare `0.1` is DECIMAL on Spark, and a bin edge must compare as the very double it was)."""
-    return f"cast('{float(value)!r}' as double)"
-
-
-def sketch_sql(data: Reader, expression: str) -> str:
-    """SQL of the SKETCH_LEVELS quantiles of `expression` as one list of observed values."""
-    levels = ", ".join(repr(q) for q in SKETCH_LEVELS)
-    if isinstance(data, SparkWarehouse):
-        return f"percentile_approx({expression}, array({levels}), {SPARK_SKETCH_ACCURACY})"
-    return f"quantile_disc({expression}, [{levels}])"
-
-
-def _median_sql(data: Reader, expression: str) -> str:
-    if isinstance(data, SparkWarehouse):
-        return f"percentile_approx({expression}, 0.5, {SPARK_SKETCH_ACCURACY})"
-    return f"quantile_disc({expression}, 0.5)"
+def quantile_sql(data: Reader, expression: str, levels: float | Sequence[float]) -> str:
+    """SQL of observed-value quantiles of `expression`: one value for one level, a list for several."""
+    function = "percentile_approx" if isinstance(data, SparkWarehouse) else "quantile_disc"
+    accuracy = f", {SPARK_SKETCH_ACCURACY}" if isinstance(data, SparkWarehouse) else ""
+    if isinstance(levels, float | int):
+        return f"{function}({expression}, {levels!r}{accuracy})"
+    listed = ", ".join(repr(q) for q in levels)
+    spelled = f"array({listed})" if isinstance(data, SparkWarehouse) else f"[{listed}]"
+    return f"{function}({expression}, {spelled}{accuracy})"
 
 
 def _bin_conditions(x: str, edges: Sequence[float]) -> list[str]:
     """One condition per PSI bin: (-inf, e0], (e0, e1], ..., (e_last, inf), as `reference.bin_shares`."""
     if not edges:
         return [f"{x} is not null"]
-    literals = [_double(e) for e in edges]
+    literals = [double_literal(e) for e in edges]
     conditions = [f"{x} <= {literals[0]}"]
     conditions += [f"{x} > {lo} and {x} <= {hi}" for lo, hi in zip(literals, literals[1:], strict=False)]
     conditions.append(f"{x} > {literals[-1]}")
     return conditions
 
 
-def numeric_sql(data: Reader, source: str, references: Mapping[str, NumericReference]) -> tuple[str, list[str]]:
-    """One aggregate statement over `source` (a relation) digesting every numeric column, and the
-    output column names in order; read back with `numeric_digests`."""
+def numeric_sql(data: Reader, source: str, references: Mapping[str, NumericReference]) -> str:
+    """One aggregate statement over `source` (a relation) digesting every numeric column; its
+    columns, in order, are what `numeric_digests` reads back."""
     expressions: list[str] = ["count(*)"]
-    names: list[str] = ["n"]
-    for i, (name, ref) in enumerate(references.items()):
+    for name, ref in references.items():
         x = f"cast({quote(name)} as double)"
-        parts = [f"count({x})", f"avg({x})", f"stddev_pop({x})", _median_sql(data, x), sketch_sql(data, x)]
-        parts += [f"count(case when {condition} then 1 end)" for condition in _bin_conditions(x, ref.bin_edges)]
-        expressions += parts
-        names += [f"f{i}_{j}" for j in range(len(parts))]
-    select = ", ".join(f"{e} as {quote(n)}" for e, n in zip(expressions, names, strict=True))
-    return f"select {select} from {source}", names
+        expressions += [f"count({x})", f"avg({x})", f"stddev_pop({x})", quantile_sql(data, x, 0.5),
+                        quantile_sql(data, x, SKETCH_LEVELS)]
+        expressions += [f"count(case when {condition} then 1 end)" for condition in _bin_conditions(x, ref.bin_edges)]
+    select = ", ".join(f"{e} as {quote(f'c{i}')}" for i, e in enumerate(expressions))
+    return f"select {select} from {source}"
 
 
 def numeric_digests(
@@ -184,8 +169,7 @@ def numeric_digests(
     """Every numeric column's digest from one scan of `source` on the engine behind `data`."""
     if not references:
         return {}
-    sql, _ = numeric_sql(data, source, references)
-    row = data.one(sql, list(params) if params is not None else None)
+    row = data.one(numeric_sql(data, source, references), list(params) if params is not None else None)
     assert row is not None  # an aggregate without group by always returns a row
     n = int(row[0])
     out: dict[str, NumericDigest] = {}
@@ -196,7 +180,8 @@ def numeric_digests(
         counts = tuple(int(c) for c in row[at + 5:at + 5 + bins])
         at += 5 + bins
         out[name] = NumericDigest(
-            n=n, nulls=n - int(present), mean=_finite(mean), std=_finite(std), median=_finite(median),
+            n=n, nulls=n - int(present), mean=finite_or_none(mean), std=finite_or_none(std),
+            median=finite_or_none(median),
             bin_counts=counts, sketch=tuple(float(v) for v in (sketch if sketch is not None else [])),
         )
     return out
@@ -232,12 +217,12 @@ def snapshot_digests(data: Reader, source: str, references: Mapping[str, Numeric
                      params: Sequence[Any] | None = None) -> dict[str, Digest]:
     """Each referenced column's digest of `source`: by SQL on the engine, or (the in-process DuckDB,
     see the module docstring) from the columns read into this process; the same numbers either way."""
-    numeric, categorical = reference_kinds(references)
     if isinstance(data, Session):
         frame = data.frame(f"select {column_list(list(references))} from {source}",
                            list(params) if params is not None else None)
         return {name: (NumericDigest.of_values(frame[name], ref) if isinstance(ref, NumericReference)
                        else CategoricalDigest.of_values(frame[name])) for name, ref in references.items()}
+    numeric, categorical = reference_kinds(references)
     found: dict[str, Digest] = {**numeric_digests(data, source, numeric, params),
                                 **categorical_digests(data, source, categorical, params)}
     return {name: found[name] for name in references}

@@ -37,7 +37,7 @@ from ml.modeling.reference import (
     numeric_values,
 )
 from ml.monitoring.digest import CategoricalDigest, Digest, NumericDigest
-from ml.warehouse import float_or_none, json_value, to_json
+from ml.warehouse import finite_or_none, to_json
 
 # Shares are floored before logs so an empty bin gives a large, finite PSI.
 PSI_EPSILON = 1e-4
@@ -76,11 +76,6 @@ class DriftStat:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _finite(x: float | None) -> float | None:
-    """What drift_stats stores for a statistic: a float, or NULL for NaN and infinities."""
-    return float_or_none(json_value(x))
 
 
 def psi(reference_shares: np.ndarray | list[float], current_shares: np.ndarray | list[float]) -> float:
@@ -136,7 +131,7 @@ def numeric_drift(
 
     def row(statistic: str, value: float | None, p: float | None, threshold: float | None,
             drifted: bool | None) -> DriftStat:
-        return DriftStat(feature, kind, statistic, _finite(value), _finite(p), threshold,
+        return DriftStat(feature, kind, statistic, finite_or_none(value), finite_or_none(p), threshold,
                          drifted, ref_summary, cur_summary)
 
     sketch = np.asarray(reference.sketch, dtype=float)
@@ -176,7 +171,7 @@ def _null_share_row(
     current = n_null / n if n else 0.0
     change = current - ref_null
     p = stats.binomtest(n_null, n, min(max(ref_null, 1e-12), 1 - 1e-12)).pvalue if n else None
-    return DriftStat(feature, kind, NULL_SHARE, _finite(change), _finite(p), monitoring.null_share_jump,
+    return DriftStat(feature, kind, NULL_SHARE, finite_or_none(change), finite_or_none(p), monitoring.null_share_jump,
                      flag(abs(change), monitoring.null_share_jump, p, monitoring), ref_summary, cur_summary)
 
 
@@ -215,7 +210,7 @@ def categorical_drift(
 
     def row(statistic: str, value: float | None, p: float | None, threshold: float | None,
             drifted: bool | None) -> DriftStat:
-        return DriftStat(feature, kind, statistic, _finite(value), _finite(p), threshold,
+        return DriftStat(feature, kind, statistic, finite_or_none(value), finite_or_none(p), threshold,
                          drifted, ref_summary, cur_summary)
 
     rows: list[DriftStat] = []

@@ -372,8 +372,7 @@ def _frames(session: Reader, relation: str, strategy: str, columns: tuple[str, .
         # metric): m -/+ s/sqrt(2). NULL (fewer than two values) gives two NaNs, GX's verdict on them.
         c = quote(columns[0])
         x = _present_double(c)
-        row = session.one(f"select avg({x}), stddev_samp({x}) from {relation}")
-        mean, std = (None, None) if row is None else row
+        mean, std = session.one(f"select avg({x}), stddev_samp({x}) from {relation}") or (None, None)
         half = None if mean is None or std is None else float(std) / math.sqrt(2)
         values = [math.nan, math.nan] if half is None else [float(mean) - half, float(mean) + half]
         yield pd.DataFrame({columns[0]: values})

@@ -38,7 +38,7 @@ from typing import Any
 
 import pandas as pd
 
-from ml.warehouse import Reader, quote, quote_literal
+from ml.warehouse import Reader, double_literal, quote, quote_literal
 
 NOT_NULL = "expect_column_values_to_not_be_null"
 BETWEEN = "expect_column_values_to_be_between"
@@ -92,7 +92,7 @@ def _number(value: Any) -> bool:
 
 def _literal(value: Any) -> str:
     """A number as a double both engines read exactly, or a text literal."""
-    return f"cast('{float(value)!r}' as double)" if _number(value) else quote_literal(str(value))
+    return double_literal(value) if _number(value) else quote_literal(str(value))
 
 
 def _missing(column: str, dtype: Any) -> str:
@@ -144,11 +144,9 @@ def compile_check(expectation: Any, index: int, dtypes: Mapping[str, Any],
     values = _resolved(kwargs.get("value_set"), parameters)
     if not isinstance(values, list | tuple) or not values:
         return None
-    if all(isinstance(v, str) for v in values) and textual and not floating:
-        pass
-    elif all(_number(v) for v in values) and numeric:
-        pass
-    else:
+    texts_on_text = textual and not floating and all(isinstance(v, str) for v in values)
+    numbers_on_numbers = numeric and all(_number(v) for v in values)
+    if not (texts_on_text or numbers_on_numbers):
         return None
     listed = ", ".join(_literal(v) for v in values)
     return CompiledCheck(index, f"{present} and {c} not in ({listed})", missing)

@@ -20,13 +20,14 @@ from ml.warehouse.connection import (
 )
 from ml.warehouse.files import fsync, partition_folders, replace_folder, staging_path
 from ml.warehouse.runlock import LockHolder, RunLock, RunLockedError, dead_run_message
-from ml.warehouse.sql import column_list, is_numeric_type, quote, quote_literal
-from ml.warehouse.values import float_or_none, is_missing, json_value, to_json
+from ml.warehouse.sql import column_list, double_literal, is_numeric_type, quote, quote_literal
+from ml.warehouse.values import finite_or_none, float_or_none, is_missing, json_value, to_json
 
 __all__ = [
     "MEMORY", "CatalogError", "Column", "DatabaseBusyError", "EngineError", "LockHolder", "Reader", "RunLock",
     "RunLockedError", "Session", "TableSpec", "WarehouseError",
-    "catalog", "column_list", "connect", "dead_run_message", "declare", "float_or_none", "fsync", "is_missing",
+    "catalog", "column_list", "connect", "dead_run_message", "declare", "double_literal", "finite_or_none",
+    "float_or_none", "fsync", "is_missing",
     "is_numeric_type", "json_value", "partition_folders", "quote", "quote_literal", "replace_folder", "spec",
     "staging_path", "to_json",
 ]

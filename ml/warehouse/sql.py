@@ -32,6 +32,12 @@ def spark_quote(identifier: str) -> str:
     return "`" + str(identifier).replace("`", "``") + "`"
 
 
+def double_literal(value: float) -> str:
+    """A double both engines read exactly: the shortest round-trip text, cast from a string (a bare
+    `0.1` is DECIMAL on Spark, and a bound or bin edge must compare as the very double it was)."""
+    return f"cast('{float(value)!r}' as double)"
+
+
 def column_list(names: Iterable[str]) -> str:
     """`"a", "b", "c"`: a select list of quoted columns."""
     return ", ".join(quote(name) for name in names)

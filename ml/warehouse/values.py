@@ -66,3 +66,8 @@ def to_json(value: Any, **kwargs: Any) -> str:
 def float_or_none(value: Any) -> float | None:
     """A float, or None for a missing value."""
     return None if is_missing(value) else float(value)
+
+
+def finite_or_none(value: Any) -> float | None:
+    """A float, or None for a missing value, NaN or an infinity (what a stored statistic may hold)."""
+    return float_or_none(json_value(value))
