@@ -2,7 +2,7 @@
 
 `churn serve` builds its in-memory state at start and on every new publish
 (`ml.serving.state.load_state`): it reads the published database, computes
-tonight's features by the mart's SQL, and indexes one answer per customer.
+tonight's features by the mart's SQL, and indexes the answers by customer.
 Reading and indexing grow with the customer count, so each N gets a synthetic
 published database: a copy of the configured one (run `make nightly` first)
 whose `churn_scores` is the real rows repeated under new ids up to N rows,
@@ -33,7 +33,7 @@ from ml.config import ChurnConfig, load_config
 from ml.modeling.registry import load_model
 from ml.modeling.score import SCORES_TABLE
 from ml.serving.features import compile_features, snapshot_features
-from ml.serving.state import index_answers, read_published
+from ml.serving.state import AnswerIndex, read_published
 from ml.warehouse import connect, quote
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -43,7 +43,8 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 class StateResult:
     customers: int
     read_seconds: float  # published database -> frames (read_published)
-    index_seconds: float  # frames -> one answer per customer (index_answers)
+    index_seconds: float  # frames -> answers by customer (AnswerIndex: position maps over the columns)
+    answer_us: float  # one answer assembled from the index, microseconds (median of 1,000 customers)
     peak_mb: float  # largest resident set of this process so far
 
 
@@ -75,6 +76,19 @@ def repeat_features(features: pd.DataFrame, key: str, copies: int) -> pd.DataFra
         part[key] = part[key].astype(str) + f"-{copy}"
         parts.append(part)
     return pd.concat(parts, ignore_index=True)
+
+
+def answer_microseconds(answers: AnswerIndex, samples: int = 1_000) -> float:
+    """Median time to assemble one answer (what the GET route does per request), over customers spread evenly."""
+    customers = list(answers)
+    step = max(1, len(customers) // samples)
+    times = []
+    for customer in customers[::step][:samples]:
+        started = time.perf_counter()
+        answers[customer]
+        times.append(time.perf_counter() - started)
+    times.sort()
+    return round(1e6 * times[len(times) // 2], 1) if times else 0.0
 
 
 def peak_mb() -> float:
@@ -111,12 +125,13 @@ def main(argv: list[str] | None = None) -> int:
             published = read_published(target, compiled.as_of_column)
             read_seconds = time.perf_counter() - started
             repeated = repeat_features(features, model.contract.key, math.ceil(customers / max(len(features), 1)))
+            repeated = repeated.set_index(repeated[model.contract.key].astype(str))  # as load_state keeps it
             started = time.perf_counter()
-            answers = index_answers(published.scores, repeated, model)
+            answers = AnswerIndex(published.scores, repeated, model.contract)
             index_seconds = time.perf_counter() - started
             assert len(answers) == customers, f"{len(answers)} answers for {customers} customers"
             results.append(StateResult(customers, round(read_seconds, 2), round(index_seconds, 2),
-                                       round(peak_mb(), 1)))
+                                       answer_microseconds(answers), round(peak_mb(), 1)))
             del published, repeated, answers
             shutil.rmtree(folder, ignore_errors=True)
     finally:
@@ -126,9 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} cores (shared machine)")
     print(f"tonight's features by the mart's SQL: {len(features):,d} customers in {features_seconds:.2f}s "
           "(the warehouse's own landing files; not scaled)")
-    print(f"{'customers':>10s} {'read s':>8s} {'index s':>8s} {'peak MB':>8s}")
+    print(f"{'customers':>10s} {'read s':>8s} {'index s':>8s} {'answer us':>10s} {'peak MB':>8s}")
     for r in results:
-        print(f"{r.customers:10,d} {r.read_seconds:8.2f} {r.index_seconds:8.2f} {r.peak_mb:8.1f}")
+        print(f"{r.customers:10,d} {r.read_seconds:8.2f} {r.index_seconds:8.2f} {r.answer_us:10.1f} {r.peak_mb:8.1f}")
     RESULTS_DIR.mkdir(exist_ok=True)
     out = RESULTS_DIR / f"api-state-{dt.datetime.now():%Y%m%dT%H%M%S}.json"
     out.write_text(json.dumps({"load_average": load, "cpus": os.cpu_count(), "model": real.version,

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import uvicorn
@@ -20,7 +22,8 @@ from ml.modeling.explain import top_reasons
 from ml.serving import features as features_module
 from ml.serving.api import ScoringService, asgi_app
 from ml.serving.features import RequestError, read_landing_rows, replace_relations
-from ml.serving.state import ReasonCache, load_state
+from ml.features.contract import Feature, FeatureContract
+from ml.serving.state import AnswerIndex, ReasonCache, load_state
 from ml.warehouse import connect
 from tests.conftest import query
 
@@ -81,6 +84,56 @@ def test_published_route_matches_churn_scores(client: TestClient, batch_scores: 
             assert [r["contribution"] for r in answer["reasons"]] == pytest.approx(
                 [want[f"reason_{i}_contribution"] for i in range(1, k + 1)], abs=1e-9)
         assert set(answer["features"]) == set(service.state.model.contract.feature_names)
+
+
+def test_answer_index_answers_what_the_published_rows_hold() -> None:
+    """Each answer is assembled from the columns when asked, with the values the rows hold, as plain JSON.
+
+    Planted: a customer scored twice (the last row answers) and featured twice
+    (the first row answers), one with no features, missing reasons and
+    contributions, NaN, infinity and pd.NA among the features, dates and
+    timestamps, integer and text columns.
+    """
+    contract = FeatureContract(model="m", key="customer_id", as_of="as_of_date", label="churned", features=(
+        Feature("tenure", "numeric"), Feature("seats", "numeric"), Feature("plan", "categorical"),
+        Feature("last_seen", "numeric"), Feature("signup", "categorical")))
+    day = pd.Timestamp("2025-12-01")
+    scores = pd.DataFrame({
+        "customer_id": ["A", "B", "C", "A"],
+        "as_of_date": [day] * 4,
+        "churn_probability": [0.1, 0.9, 0.5, 0.25],
+        "will_churn": [False, True, False, True],
+        "risk_band": ["low", "high", "medium", "high"],
+        "model_version": ["v1"] * 4,
+        "reason_1": [None, "tenure", None, "plan"], "reason_1_contribution": [np.nan, 0.75, np.nan, 0.5],
+        "reason_2": [None, "seats", None, None], "reason_2_contribution": [np.nan, np.nan, np.nan, np.nan],
+    })
+    features = pd.DataFrame({
+        "customer_id": ["A", "B", "A"],
+        "tenure": [3.5, np.nan, 99.0],
+        "seats": pd.array([2, pd.NA, 7], dtype="Int64"),
+        "plan": ["pro", None, "free"],
+        "last_seen": [np.inf, 1.25, 0.0],
+        "signup": [pd.Timestamp("2024-01-05 10:30"), pd.NaT, pd.Timestamp("2020-01-01")],
+    })
+    answers = AnswerIndex(scores, features.set_index("customer_id", drop=False), contract)
+    assert len(answers) == 3 and list(answers) == ["A", "B", "C"] and "D" not in answers
+    assert answers["A"] == {
+        "customer_id": "A", "as_of": "2025-12-01", "churn_probability": 0.25, "will_churn": True,
+        "risk_band": "high", "model_version": "v1", "reasons": [{"feature": "plan", "contribution": 0.5}],
+        "features": {"tenure": 3.5, "seats": 2, "plan": "pro", "last_seen": None, "signup": "2024-01-05"},
+    }
+    assert answers["B"]["reasons"] == [{"feature": "tenure", "contribution": 0.75},
+                                       {"feature": "seats", "contribution": None}]
+    assert answers["B"]["features"] == {"tenure": None, "seats": None, "plan": None, "last_seen": 1.25,
+                                        "signup": None}
+    assert answers["C"]["features"] == {} and answers["C"]["reasons"] == []
+    assert answers.get("D") is None
+    assert answers.unreasoned() == []  # C has no reasons but no features to explain them from
+    assert AnswerIndex(scores.iloc[:3], features, contract).unreasoned() == ["A"]
+    for customer in answers:
+        answer = answers[customer]
+        assert json.loads(json.dumps(answer, allow_nan=False)) == answer  # plain JSON, no numpy or NaN
 
 
 def test_a_reason_cache_answers_only_what_was_put_in_it_and_belongs_to_one_state() -> None:

@@ -14,13 +14,14 @@ import datetime as dt
 import gc
 import os
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
 
 from ml.config import ChurnConfig
+from ml.features.contract import FeatureContract
 from ml.logs import get_logger, timed
 from ml.modeling.explain import Explainer, top_k
 from ml.modeling.model import ChurnModel
@@ -108,7 +109,7 @@ class PublishedState:
     explainer: Explainer
     tonight: dt.date
     served_dates: tuple[dt.date, ...]
-    answers: dict[str, dict[str, Any]] = field(repr=False)
+    answers: AnswerIndex = field(repr=False)
     # Tonight's feature rows by customer id (text): the nightly explains flagged customers only
     # (scoring.reasons_for), so the others' reasons are computed from these on demand.
     features: pd.DataFrame = field(repr=False, default_factory=pd.DataFrame)
@@ -133,8 +134,7 @@ class PublishedState:
     def unexplained(self) -> list[str]:
         """Customers answered without the nightly's reasons and not explained here yet."""
         # listed before the cache is asked: requests wait on its lock, not on this walk over every answer
-        bare = [c for c, a in self.answers.items() if not a["reasons"] and c in self.features.index]
-        return self.explained.missing(bare)
+        return self.explained.missing(self.answers.unreasoned())
 
     def explain_all(self, keep_going: Callable[[], bool], batch_rows: int = EXPLAIN_BATCH_ROWS) -> int:
         """Fill `explained` for every unexplained customer, a batch at a time, while `keep_going()`."""
@@ -162,35 +162,74 @@ def file_stamp(path: os.PathLike[str]) -> tuple[int, int]:
     return stat.st_ino, stat.st_mtime_ns
 
 
-def index_answers(scores: pd.DataFrame, features: pd.DataFrame, model: ChurnModel) -> dict[str, dict[str, Any]]:
-    """Tonight's published rows as API answers, keyed by customer id (as text).
+def _value_reader(column: pd.Series) -> Callable[[int], Any]:
+    """Position -> the value `Series.tolist()` would hold there, without holding a Python object per row.
 
-    Feature values are converted a column at a time and joined by key in a
-    dict: a row lookup per customer in the frame costs minutes at a million.
+    Numbers, booleans and text are read from the column's numpy array; date and
+    time columns through pandas, whose values are Timestamps (numpy's would
+    come out as integers of nanoseconds)."""
+    if column.dtype.kind == "M" or isinstance(column.dtype, pd.DatetimeTZDtype):
+        return column.iat.__getitem__
+    return column.to_numpy().__getitem__
+
+
+class AnswerIndex(Mapping[str, dict[str, Any]]):
+    """Tonight's published answers by customer id (as text), each built when it is asked for.
+
+    One dict per customer, with its feature values as Python objects, was about
+    60 objects a customer: at a million customers, 62 s to index and 4.9 GB
+    (`python -m benchmarks.api_state`). Here the published rows stay in their
+    columns and only the key -> row position maps are built; an answer (about
+    60 values converted) is assembled per request, which costs tens of
+    microseconds. A customer repeated in `scores` answers with its last row, in
+    `features` with its first, as the dicts did.
     """
-    key, as_of = model.contract.key, model.contract.as_of
-    reason_names = [c for c in scores.columns if c.startswith("reason_") and c.removeprefix("reason_").isdigit()]
-    names = list(model.contract.feature_names)
-    by_key: dict[str, dict[str, Any]] = {}
-    if len(features):
-        columns = [[answer_value(v) for v in features[f].tolist()] for f in names]
-        for customer, *values in zip(features[key].astype(str).tolist(), *columns, strict=True):
-            by_key.setdefault(customer, dict(zip(names, values, strict=True)))
-    out: dict[str, dict[str, Any]] = {}
-    for row in scores.to_dict("records"):
-        customer = str(row[key])
-        out[customer] = {
-            "customer_id": customer,
-            "as_of": answer_value(row[as_of]),
-            "churn_probability": float(row["churn_probability"]),
-            "will_churn": bool(row["will_churn"]),
-            "risk_band": row["risk_band"],
-            "model_version": row["model_version"],
-            "reasons": [{"feature": row[n], "contribution": answer_value(row[f"{n}_contribution"])}
-                        for n in reason_names if not is_missing(row[n])],
-            "features": by_key.get(customer, {}),
+
+    def __init__(self, scores: pd.DataFrame, features: pd.DataFrame, contract: FeatureContract) -> None:
+        key = contract.key
+        self._rows = dict(zip(scores[key].astype(str).tolist(), range(len(scores))))
+        feature_keys = features[key].astype(str).tolist() if len(features) else []
+        self._feature_rows = dict(zip(reversed(feature_keys), range(len(feature_keys) - 1, -1, -1)))
+        self._names = list(contract.feature_names)
+        self._features = ({name: _value_reader(features[name]) for name in self._names} if len(features) else {})
+        self._reason_names = [c for c in scores.columns
+                              if c.startswith("reason_") and c.removeprefix("reason_").isdigit()]
+        self._as_of = _value_reader(scores[contract.as_of])
+        self._probability = scores["churn_probability"].to_numpy(dtype="float64")
+        self._will_churn = scores["will_churn"].to_numpy()
+        self._risk_band = scores["risk_band"].to_numpy()
+        self._model_version = scores["model_version"].to_numpy()
+        self._reasons = [(scores[n].to_numpy(), scores[f"{n}_contribution"].to_numpy()) for n in self._reason_names]
+        reasoned = scores[self._reason_names].notna().any(axis=1).to_numpy() if self._reason_names else None
+        self._reasoned = reasoned if reasoned is not None else [False] * len(scores)
+
+    def __getitem__(self, customer_id: str) -> dict[str, Any]:
+        row = self._rows[customer_id]
+        at = self._feature_rows.get(customer_id)
+        return {
+            "customer_id": customer_id,
+            "as_of": answer_value(self._as_of(row)),
+            "churn_probability": float(self._probability[row]),
+            "will_churn": bool(self._will_churn[row]),
+            "risk_band": self._risk_band[row],
+            "model_version": self._model_version[row],
+            "reasons": [{"feature": names[row], "contribution": answer_value(contributions[row])}
+                        for names, contributions in self._reasons if not is_missing(names[row])],
+            "features": {} if at is None else {n: answer_value(self._features[n](at)) for n in self._names},
         }
-    return out
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._rows)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __contains__(self, customer_id: object) -> bool:
+        return customer_id in self._rows
+
+    def unreasoned(self) -> list[str]:
+        """Customers published without reasons who have tonight's features (so can be explained here)."""
+        return [c for c, row in self._rows.items() if not self._reasoned[row] and c in self._feature_rows]
 
 
 @dataclass(frozen=True)
@@ -235,10 +274,12 @@ def load_state(config: ChurnConfig, compiled: CompiledFeatures) -> PublishedStat
     with timed(f"loading champion {published.version} and tonight's features", log):
         model = load_model(config, published.version, registry_db=config.warehouse.published_db)
         features = snapshot_features(compiled, published.tonight)
-    with timed(f"indexing {len(published.scores):,d} published answers", log):
-        answers = index_answers(published.scores, features, model)
-    # kept for the reasons of customers the nightly did not explain (scoring.reasons_for = flagged)
+    # kept for the reasons of customers the nightly did not explain (scoring.reasons_for = flagged),
+    # and the one copy of the feature values the answers read
     by_key = features.set_index(features[model.contract.key].astype(str)) if len(features) else features
+    del features
+    with timed(f"indexing {len(published.scores):,d} published answers", log):
+        answers = AnswerIndex(published.scores, by_key, model.contract)
     landing = LandingIndex.build(compiled, published.served_dates, published.tonight, config.warehouse.engine,
                                  config.serving.landing_index_max_rows)
     return PublishedState(published.info, published.stamp, model, Explainer(model), published.tonight,
@@ -249,11 +290,12 @@ def load_state(config: ChurnConfig, compiled: CompiledFeatures) -> PublishedStat
 def settle_heap() -> None:
     """Keep a loaded state out of the garbage collector's full passes.
 
-    A state is hundreds of thousands of small objects (an answer and its
-    feature values per customer) that live until the next publish. Python's
-    cyclic collector walks every tracked object on each full pass, which showed
-    as 60 ms pauses in the GET route's p99; frozen objects are skipped by it
-    and still freed by reference counting when a newer state replaces them.
+    A state holds objects per customer (its keys in the position maps, the
+    reasons the background thread caches) that live until the next publish.
+    Python's cyclic collector walks every tracked object on each full pass,
+    which showed as 60 ms pauses in the GET route's p99 when each answer was a
+    dict of its own; frozen objects are skipped by it and still freed by
+    reference counting when a newer state replaces them.
     Each call first unfreezes and collects, so cyclic garbage frozen by the
     previous call (an old state still held by a request then) is freed now.
     """
