@@ -18,11 +18,11 @@ import uvicorn
 from fastapi.testclient import TestClient
 
 from ml.config import ChurnConfig
+from ml.features.contract import Feature, FeatureContract
 from ml.modeling.explain import top_reasons
 from ml.serving import features as features_module
 from ml.serving.api import ScoringService, asgi_app
 from ml.serving.features import RequestError, read_landing_rows, replace_relations
-from ml.features.contract import Feature, FeatureContract
 from ml.serving.state import AnswerIndex, ReasonCache, load_state
 from ml.warehouse import connect
 from tests.conftest import query

@@ -187,9 +187,9 @@ class AnswerIndex(Mapping[str, dict[str, Any]]):
 
     def __init__(self, scores: pd.DataFrame, features: pd.DataFrame, contract: FeatureContract) -> None:
         key = contract.key
-        self._rows = dict(zip(scores[key].astype(str).tolist(), range(len(scores))))
+        self._rows = dict(zip(scores[key].astype(str).tolist(), range(len(scores)), strict=True))
         feature_keys = features[key].astype(str).tolist() if len(features) else []
-        self._feature_rows = dict(zip(reversed(feature_keys), range(len(feature_keys) - 1, -1, -1)))
+        self._feature_rows = dict(zip(reversed(feature_keys), range(len(feature_keys) - 1, -1, -1), strict=True))
         self._names = list(contract.feature_names)
         self._features = ({name: _value_reader(features[name]) for name in self._names} if len(features) else {})
         self._reason_names = [c for c in scores.columns
