@@ -362,8 +362,17 @@ def _frames(session: Reader, relation: str, strategy: str, columns: tuple[str, .
         yield session.frame(f"select * from {relation} limit 0")
     elif strategy == "minmax":
         c = quote(columns[0])
-        yield _vectorizable(session.frame(f"select min({c}) as {c} from {relation} "
-                                          f"union all select max({c}) from {relation}"))
+
+        def bounds(value: str) -> pd.DataFrame:
+            return _vectorizable(session.frame(f"select min({value}) as {c} from {relation} "
+                                               f"union all select max({value}) from {relation}"))
+
+        frame = bounds(c)
+        if pd.api.types.is_float_dtype(frame[columns[0]]) and frame[columns[0]].isna().any():
+            # SQL sorts a float's NaN above every number, pandas (GX's engine) skips it; asked
+            # again only then, since isnan takes numbers and the column may hold dates or text
+            frame = bounds(f"case when isnan({c}) then null else {c} end")
+        yield frame
     elif strategy == "mean":
         c = quote(columns[0])
         yield _vectorizable(session.frame(f"select avg({_present_double(c)}) as {c} from {relation}"))
@@ -467,19 +476,28 @@ class _Tally:
             success = (low is None or rows >= low) and (high is None or rows <= high)
         return success, {"observed_value": rows}
 
-    def verdict(self, mostly: float) -> tuple[bool, dict[str, Any]]:
-        """GX's rule on the totals: the expected share of considered rows is at least `mostly`."""
-        considered = self.element_count - (self.missing_count if self.has_missing else 0)
-        success = considered == 0 or (considered - self.unexpected_count) / considered >= mostly
-        result = {
-            "element_count": self.element_count,
-            "unexpected_count": self.unexpected_count,
-            "unexpected_percent": 100.0 * self.unexpected_count / considered if considered else 0.0,
-            "partial_unexpected_list": _result_json(self.sample),
-        }
-        if self.has_missing:
-            result["missing_count"] = self.missing_count
-        return success, result
+    def counts(self) -> Counts:
+        """The totals so far, as the engine's counts of a compiled check are held."""
+        return Counts(element_count=self.element_count, missing_count=self.missing_count,
+                      unexpected_count=self.unexpected_count, has_missing=self.has_missing,
+                      sample=tuple(self.sample))
+
+
+def mostly_verdict(counts: Counts, mostly: float) -> tuple[bool, dict[str, Any]]:
+    """GX's rule on totals: the expected share of considered rows is at least `mostly`.
+
+    One rule for a column streamed in several batches and for the engine's own counts."""
+    considered = counts.element_count - (counts.missing_count if counts.has_missing else 0)
+    success = considered == 0 or (considered - counts.unexpected_count) / considered >= mostly
+    result = {
+        "element_count": counts.element_count,
+        "unexpected_count": counts.unexpected_count,
+        "unexpected_percent": 100.0 * counts.unexpected_count / considered if considered else 0.0,
+        "partial_unexpected_list": _result_json(list(counts.sample)),
+    }
+    if counts.has_missing:
+        result["missing_count"] = counts.missing_count
+    return success, result
 
 
 class Judge:
@@ -620,10 +638,7 @@ def judge_counts(group: list[Any], counts: Mapping[int, Counts]) -> dict[int, An
     a column streamed in several batches is judged by."""
     verdicts: dict[int, Any] = {}
     for e in group:
-        c = counts[_index(e)]
-        tally = _Tally(element_count=c.element_count, missing_count=c.missing_count,
-                       unexpected_count=c.unexpected_count, has_missing=c.has_missing, sample=list(c.sample))
-        verdicts[_index(e)] = _totals_result(e, *tally.verdict(_mostly(e)))
+        verdicts[_index(e)] = _totals_result(e, *mostly_verdict(counts[_index(e)], _mostly(e)))
     return verdicts
 
 
@@ -640,7 +655,7 @@ def judge_group(strategy: str, group: list[Any], fed: _Fed, parameters: dict[str
         if strategy == "rows":
             success, summary = tally.row_count_verdict(e.configuration.kwargs, parameters)
         else:
-            success, summary = tally.verdict(_mostly(e))
+            success, summary = mostly_verdict(tally.counts(), _mostly(e))
         verdicts[_index(e)] = _totals_result(e, success, summary)
     return verdicts
 
