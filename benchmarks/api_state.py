@@ -50,7 +50,7 @@ class StateResult:
 
 def synthetic_published(config: ChurnConfig, customers: int, folder: Path) -> ChurnConfig:
     """A copy of the published database whose churn_scores has `customers` rows (real rows, new ids)."""
-    # the same config with only the published file moved (a relocated config cannot be relocated again)
+    # the same config with only the published file moved (the build database and landing stay shared)
     folder.mkdir(parents=True, exist_ok=True)
     target = dataclasses.replace(config, warehouse=dataclasses.replace(
         config.warehouse, published_db=folder / config.warehouse.published_db.name))

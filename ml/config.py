@@ -991,30 +991,42 @@ def write_relocated_config(
 
     Code paths (dbt project, expectations, shipped data sets) keep pointing at the
     original checkout. Tests, benchmarks and backfills use this to get a private
-    warehouse while reading the same SQL and suites.
+    warehouse while reading the same SQL and suites. A relocated config can be
+    relocated again: what lay under its warehouse folder moves again.
     """
     new_root = Path(new_root).resolve()
     new_root.mkdir(parents=True, exist_ok=True)
     raw = json.loads(json.dumps(config.raw, default=str))
+    old_root = config.warehouse.dir.resolve()
+
+    def moved(value: Any) -> Path | None:
+        """Where a path under the warehouse goes: relative `warehouse/...` (the checkout's churn.yml)
+        or under the config's warehouse folder (a config relocated before); None for any other path."""
+        path = Path(str(value))
+        if not path.is_absolute() and path.parts and path.parts[0] == "warehouse":
+            return new_root / path.relative_to("warehouse")
+        if path.is_absolute() and path.resolve().is_relative_to(old_root):
+            return new_root / path.resolve().relative_to(old_root)
+        return None
+
     for key in ("dbt_project_dir", "expectations_dir"):
         raw["warehouse"][key] = str(getattr(config.warehouse, key))
     for key, value in list(raw["warehouse"].items()):
         if key in ("dbt_project_dir", "expectations_dir") or (key in ENGINE_KEYS and key != "temp_directory"):
             continue
         if value is not None:
-            raw["warehouse"][key] = str(new_root / Path(str(value)).relative_to("warehouse"))
+            target = moved(value)
+            if target is None:
+                raise ConfigError(f"warehouse.{key} = {value!r} is outside the warehouse folder {old_root}; "
+                                  "a relocated copy would share it")
+            raw["warehouse"][key] = str(target)
     raw["generator"]["oracle_dir"] = str(new_root / "oracle")
     for name, values in raw["datasets"].items():
-        landing = Path(str(values["landing_dir"]))
-        values["landing_dir"] = (
-            str(new_root / landing.relative_to("warehouse"))
-            if landing.parts and landing.parts[0] == "warehouse"
-            else str(config.datasets[name].landing_dir)
-        )
+        landing = moved(values["landing_dir"])
+        values["landing_dir"] = str(landing if landing is not None else config.datasets[name].landing_dir)
         if values.get("warehouse_dir"):  # a dataset's own files move with the warehouse
-            home = Path(str(values["warehouse_dir"]))
-            values["warehouse_dir"] = str(new_root / home.relative_to("warehouse")
-                                          if home.parts and home.parts[0] == "warehouse" else home)
+            home = moved(values["warehouse_dir"])
+            values["warehouse_dir"] = str(home if home is not None else values["warehouse_dir"])
     raw = _deep_merge(raw, overrides or {})
     target = new_root / DEFAULT_CONFIG_NAME
     target.write_text(yaml.safe_dump(raw, sort_keys=False))

@@ -45,6 +45,15 @@ def test_relocated_config_moves_only_generated_paths(tmp_path: Path) -> None:
     assert moved.datasets["telco"].landing_dir == base.datasets["telco"].landing_dir
     assert moved.warehouse.dbt_project_dir == base.warehouse.dbt_project_dir
     assert moved.generator.customers == 10
+    # relocated again: what the first copy holds under its warehouse moves again, the rest stays
+    again = load_config(write_relocated_config(moved, tmp_path / "again"))
+    assert again.warehouse.build_db == tmp_path / "again" / "build.duckdb"
+    assert again.datasets["demo"].landing_dir == tmp_path / "again" / "landing"
+    assert again.datasets["telco"].landing_dir == base.datasets["telco"].landing_dir
+    assert again.generator.customers == 10
+    outside = write_relocated_config(moved, tmp_path / "outside", {"warehouse": {"build_db": "/elsewhere/b.duckdb"}})
+    with pytest.raises(ConfigError, match="warehouse.build_db .* outside the warehouse folder"):
+        write_relocated_config(load_config(outside), tmp_path / "third")
 
 
 def write_changed(tmp_path: Path, change) -> Path:

@@ -211,12 +211,12 @@ def score_frame(
     )
     reasons = top_k(contributions.values, n_reasons)
     if not texts:
-        reasons = reasons if explained.all() else _all_rows(reasons, frame.index)
+        reasons = reasons if explained.all() else spread_to_all_rows(reasons, frame.index)
         return pd.concat([out, reasons], axis=1)
     text = reason_texts(model, frame.loc[explained], reasons, n_reasons,
                         typical_values(model) if typical is None else typical)
     if not explained.all():
-        reasons, text = _all_rows(reasons, frame.index), _all_rows(text, frame.index)
+        reasons, text = spread_to_all_rows(reasons, frame.index), spread_to_all_rows(text, frame.index)
     return pd.concat([out, reasons, text], axis=1)[[*out.columns, *scored_reason_columns(n_reasons)]]
 
 
@@ -231,7 +231,7 @@ def scores_layout(contract: FeatureContract, reason_columns: list[str]) -> list[
     return [*layout, *reason_columns, "contribution_unit", "model_version", "scored_at", "run_id"]
 
 
-def _all_rows(explained: pd.DataFrame, index: pd.Index) -> pd.DataFrame:
+def spread_to_all_rows(explained: pd.DataFrame, index: pd.Index) -> pd.DataFrame:
     """Reason columns of the explained rows spread over every row, NULL where not explained."""
     return explained.reindex(index).astype(explained.dtypes.to_dict())
 
@@ -302,7 +302,7 @@ def _score_chunks(
     return pd.concat(parts, ignore_index=True)
 
 
-def _ranked_layout(scores: pd.DataFrame, config: ChurnConfig, contract: FeatureContract, version: str,
+def ranked_layout(scores: pd.DataFrame, config: ChurnConfig, contract: FeatureContract, version: str,
                    run_id: str, threshold: float) -> pd.DataFrame:
     """The BI layout: band and rank (which need every row), run columns, columns in table order."""
     out = scores.copy()
@@ -356,7 +356,7 @@ def score(
         with session.transaction():
             point = operating_point.apply(session, config, model, rule, probability, run_id)
             scored[DECISION_COLUMN] = probability >= point.threshold
-            scores = _ranked_layout(scored, config, contract, version, run_id, point.threshold)
+            scores = ranked_layout(scored, config, contract, version, run_id, point.threshold)
             with timed(f"write {SCORES_TABLE} and {HISTORY_TABLE}", log):
                 write_scores(session, scores, contract.as_of, snapshot.columns[contract.as_of],
                              snapshot.as_of_date, version)
