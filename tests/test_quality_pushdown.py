@@ -135,7 +135,9 @@ def test_compiled_checks_fetch_no_row_per_table_row(tmp_path: Path, small_config
 @pytest.mark.spark
 def test_compiled_checks_on_spark_equal_duckdb(tmp_path: Path, small_config: ChurnConfig, table: Session,
                                                spark_warehouse) -> None:
-    suite = load_suite(write_suite(tmp_path, COMPILED + KEPT_WITH_GX[:1]), small_config)
+    minmax = [expectation("expect_column_max_to_be_between", column="score", max_value=2),
+              expectation("expect_column_min_to_be_between", column="seats", min_value=1)]
+    suite = load_suite(write_suite(tmp_path, COMPILED + KEPT_WITH_GX[:1] + minmax), small_config)
     export = tmp_path / "t.parquet"
     table.execute(f"copy t to '{export}' (format parquet)")
     on_duckdb, _ = run_suite(table, "t", suite, PARAMS, 1_000_000, Judge())
@@ -144,8 +146,8 @@ def test_compiled_checks_on_spark_equal_duckdb(tmp_path: Path, small_config: Chu
         on_spark, _ = run_suite(spark_warehouse, name, suite, PARAMS, 1_000_000, Judge())
 
     def stored(checks):
-        return [(c.expectation_type, c.column_name, c.success, c.unexpected_count, c.element_count)
-                for c in checks]
+        return [(c.expectation_type, c.column_name, c.success, c.unexpected_count, c.element_count,
+                 str(c.observed_value)) for c in checks]
 
     assert stored(on_spark) == stored(on_duckdb)
 
