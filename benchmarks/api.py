@@ -27,8 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.output import print_load, save_results
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REQUEST_TIMEOUT = 10.0
 
 
@@ -232,20 +233,15 @@ def main(argv: list[str] | None = None) -> int:
                   "`churn nightly --as-of <an earlier date>` then `churn nightly`)")
     finally:
         stop_server(server)
-    load = os.getloadavg()
-    print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} cores (shared machine)")
+    load = print_load()
     print(f"{'route':22s} {'req/s':>6s} {'n':>6s} {'errors':>6s} {'p50 ms':>8s} {'p95 ms':>8s} {'p99 ms':>8s}")
     for r in results:
         print(f"{r.route:22s} {r.rate:6.0f} {r.requests:6d} {r.errors:6d} {r.p50_ms:8.1f} {r.p95_ms:8.1f} "
               f"{r.p99_ms:8.1f}")
-    RESULTS_DIR.mkdir(exist_ok=True)
-    out = RESULTS_DIR / f"api-{dt.datetime.now():%Y%m%dT%H%M%S}.json"
-    out.write_text(json.dumps({"load_average": load, "cpus": os.cpu_count(), "model": health.get("model_version"),
-                               "served_dates": health["served_dates"], "what_if": {
-                                   "customer": what_if.customer, "rows": what_if.rows,
-                                   "first_event": what_if.first_event, "last_event": what_if.last_event},
-                               "results": [asdict(r) for r in results]}, indent=2))
-    print(f"saved {out}")
+    save_results("api", load, {"model": health.get("model_version"), "served_dates": health["served_dates"],
+                               "what_if": {"customer": what_if.customer, "rows": what_if.rows,
+                                           "first_event": what_if.first_event, "last_event": what_if.last_event},
+                               "results": [asdict(r) for r in results]})
     return 0
 
 

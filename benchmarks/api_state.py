@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime as dt
-import json
 import math
-import os
 import resource
 import shutil
 import tempfile
@@ -29,14 +26,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from benchmarks.output import print_load, save_results
 from ml.config import ChurnConfig, load_config
 from ml.modeling.registry import load_model
 from ml.modeling.score import SCORES_TABLE
 from ml.serving.features import compile_features, snapshot_features
 from ml.serving.state import AnswerIndex, read_published
 from ml.warehouse import connect, quote
-
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 @dataclass(frozen=True)
@@ -137,19 +133,15 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
-    load = os.getloadavg()
-    print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} cores (shared machine)")
+    load = print_load()
     print(f"tonight's features by the mart's SQL: {len(features):,d} customers in {features_seconds:.2f}s "
           "(the warehouse's own landing files; not scaled)")
     print(f"{'customers':>10s} {'read s':>8s} {'index s':>8s} {'answer us':>10s} {'peak MB':>8s}")
     for r in results:
         print(f"{r.customers:10,d} {r.read_seconds:8.2f} {r.index_seconds:8.2f} {r.answer_us:10.1f} {r.peak_mb:8.1f}")
-    RESULTS_DIR.mkdir(exist_ok=True)
-    out = RESULTS_DIR / f"api-state-{dt.datetime.now():%Y%m%dT%H%M%S}.json"
-    out.write_text(json.dumps({"load_average": load, "cpus": os.cpu_count(), "model": real.version,
-                               "features": {"customers": len(features), "seconds": round(features_seconds, 2)},
-                               "results": [asdict(r) for r in results]}, indent=2))
-    print(f"saved {out}")
+    save_results("api-state", load, {"model": real.version,
+                                     "features": {"customers": len(features), "seconds": round(features_seconds, 2)},
+                                     "results": [asdict(r) for r in results]})
     return 0
 
 

@@ -37,13 +37,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from benchmarks.output import print_load, save_results
 from ml.config import load_config
 from ml.modeling.score import score_frame
 from ml.serving import features as features_module
 from ml.serving.api import ScoringService
 from ml.serving.features import read_landing_rows
-
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def timed(requests: int, run: Callable[[], object]) -> dict[str, float]:
@@ -186,8 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         profile = profile_statements(service, tables, state.tonight, workdir, args.top)
     finally:
         service.close()
-    load = os.getloadavg()
-    print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} cores (shared machine)")
+    load = print_load()
     print(f"customer {customer}: {rows} landing rows; model {state.model.version}; as_of phases at {as_of}; "
           f"what-if parity with churn_scores {parity:.1e}")
     print(f"{'phase':14s} {'cpu p50':>8s} {'cpu p95':>8s} {'cpu mean':>8s} {'wall p50':>9s} {'load':>5s}  (ms)")
@@ -202,12 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         print("  costliest:")
         for node in p["costliest"]:
             print(f"    {node['ms']:6.2f} ms {node['type']:18s} {node['rows']:>7} rows  {node['info'][:100]}")
-    RESULTS_DIR.mkdir(exist_ok=True)
-    out = RESULTS_DIR / f"whatif-cpu-{dt.datetime.now():%Y%m%dT%H%M%S}.json"
-    out.write_text(json.dumps({"load_average": load, "cpus": os.cpu_count(), "customer": customer,
-                               "landing_rows": rows, "as_of": str(as_of), "model": state.model.version,
-                               "phases": phases, "profile": profile}, indent=2))
-    print(f"saved {out}")
+    save_results("whatif-cpu", load, {"customer": customer, "landing_rows": rows, "as_of": str(as_of),
+                                      "model": state.model.version, "phases": phases, "profile": profile})
     return 0
 
 
