@@ -24,9 +24,6 @@ load average beside.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import os
 import shutil
 import tempfile
 import time
@@ -37,6 +34,7 @@ from typing import Any, TypeVar
 import numpy as np
 import pandas as pd
 
+from benchmarks.output import print_load, save_results
 from ml.config import ChurnConfig, load_config, write_relocated_config
 from ml.features.mart import latest_snapshot_date, snapshot_chunks
 from ml.modeling.explain import Explainer, top_k
@@ -51,7 +49,6 @@ from ml.modeling.score import (
 )
 from ml.warehouse import connect, quote
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 T = TypeVar("T")
 
 
@@ -126,7 +123,7 @@ def measure(config_file: Path, chunk_rows: int) -> dict[str, Any]:
             parts.append(pd.concat([pd.DataFrame({
                 contract.key: chunk[contract.key].to_numpy(), contract.as_of: chunk[contract.as_of].to_numpy(),
                 "churn_probability": probability.astype(np.float64), "will_churn": explained,
-                "contribution_unit": pd.array(["log_odds"] * len(chunk), dtype="string"),
+                "contribution_unit": pd.array([explainer.output] * len(chunk), dtype="string"),
             }, index=chunk.index), reason_frame], axis=1))
         scored = pd.concat(parts, ignore_index=True)
         scores = phases.run("rank and band", ranked_layout, scored, config, contract, str(model.version),
@@ -163,8 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if args.workdir is None:
             shutil.rmtree(root, ignore_errors=True)
-    load = os.getloadavg()
-    print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} cores (shared machine)")
+    load = print_load()
     print(f"{result['customers']:,d} customers ({result['flagged']:,d} flagged) as of {result['as_of']}, "
           f"{result['estimator']} {result['model']}")
     print(f"{'phase':14s} {'wall s':>8s} {'cpu s':>8s}")
@@ -172,10 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:14s} {t['wall_s']:8.2f} {t['cpu_s']:8.2f}")
     print(f"scoring without reasons: {result['scoring_wall_s']:.2f} s, {result['scoring_customers_per_s']:,d} "
           f"customers/s (target 500,000); reasons: {result['reasons_rows_per_s'] or 0:,d} flagged rows/s")
-    RESULTS_DIR.mkdir(exist_ok=True)
-    out = RESULTS_DIR / f"score-phases-{dt.datetime.now():%Y%m%dT%H%M%S}.json"
-    out.write_text(json.dumps({"load_average": load, "cpus": os.cpu_count(), **result}, indent=2))
-    print(f"saved {out}")
+    save_results("score-phases", load, result)
     return 0
 
 

@@ -131,6 +131,8 @@ def test_answer_index_answers_what_the_published_rows_hold() -> None:
     assert answers.get("D") is None
     assert answers.unreasoned() == []  # C has no reasons but no features to explain them from
     assert AnswerIndex(scores.iloc[:3], features, contract).unreasoned() == ["A"]
+    bare = scores.drop(columns=[c for c in scores.columns if c.startswith("reason_")])
+    assert AnswerIndex(bare, features, contract).unreasoned() == ["A", "B"]  # no reason columns: none has any
     for customer in answers:
         answer = answers[customer]
         assert json.loads(json.dumps(answer, allow_nan=False)) == answer  # plain JSON, no numpy or NaN

@@ -200,8 +200,7 @@ class AnswerIndex(Mapping[str, dict[str, Any]]):
         self._risk_band = scores["risk_band"].to_numpy()
         self._model_version = scores["model_version"].to_numpy()
         self._reasons = [(scores[n].to_numpy(), scores[f"{n}_contribution"].to_numpy()) for n in self._reason_names]
-        reasoned = scores[self._reason_names].notna().any(axis=1).to_numpy() if self._reason_names else None
-        self._reasoned = reasoned if reasoned is not None else [False] * len(scores)
+        self._reasoned = scores[self._reason_names].notna().any(axis=1).to_numpy()  # all False without reasons
 
     def __getitem__(self, customer_id: str) -> dict[str, Any]:
         row = self._rows[customer_id]
