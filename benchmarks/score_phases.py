@@ -25,25 +25,26 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import numpy as np
 import pandas as pd
 
 from benchmarks.output import print_load, save_results
 from ml.config import ChurnConfig, load_config, write_relocated_config
 from ml.features.mart import latest_snapshot_date, snapshot_chunks
-from ml.modeling.explain import Explainer, top_k
+from ml.modeling.explain import Explainer
 from ml.modeling.score import (
     DEFAULT_CHUNK_ROWS,
     champion_for,
+    chunk_probabilities,
+    chunk_reasons,
     ranked_layout,
-    reason_texts,
-    spread_to_all_rows,
+    score_columns,
     typical_values,
     write_scores,
 )
@@ -105,26 +106,15 @@ def measure(config_file: Path, chunk_rows: int) -> dict[str, Any]:
         tonight = latest_snapshot_date(session, config, contract)
         assert tonight is not None
         chunks = iter(snapshot_chunks(session, config, contract, tonight, chunk_rows))
-        def predict(matrix: Any) -> np.ndarray:
-            return model.calibrator.predict(explainer.raw_scores(matrix))
-
-        def reasons(chunk: pd.DataFrame, matrix: Any, explained: np.ndarray) -> pd.DataFrame:
-            contributions = explainer.contributions(matrix[explained], chunk.index[explained])
-            top = top_k(contributions.values, n_reasons)
-            text = reason_texts(model, chunk.loc[explained], top, n_reasons, typical)
-            return pd.concat([spread_to_all_rows(top, chunk.index), spread_to_all_rows(text, chunk.index)], axis=1)
-
         while (chunk := phases.run("read", next, chunks, None)) is not None:
             matrix = phases.run("preprocess", explainer.matrix, chunk, "feature mart")
-            probability = phases.run("predict", predict, matrix)
+            probability = phases.run("predict", chunk_probabilities, model, explainer, matrix)
             explained = probability >= model.threshold
             flagged += int(explained.sum())
-            reason_frame = phases.run("reasons", reasons, chunk, matrix, explained)
-            parts.append(pd.concat([pd.DataFrame({
-                contract.key: chunk[contract.key].to_numpy(), contract.as_of: chunk[contract.as_of].to_numpy(),
-                "churn_probability": probability.astype(np.float64), "will_churn": explained,
-                "contribution_unit": pd.array([explainer.output] * len(chunk), dtype="string"),
-            }, index=chunk.index), reason_frame], axis=1))
+            reasons = phases.run("reasons", chunk_reasons, model, explainer, chunk, matrix, explained, n_reasons,
+                                 typical)
+            parts.append(pd.concat([score_columns(model, chunk, probability, explainer.output), reasons], axis=1))
+            del matrix  # as in score_frame, whose matrix is gone before the next chunk's is allocated
         scored = pd.concat(parts, ignore_index=True)
         scores = phases.run("rank and band", ranked_layout, scored, config, contract, str(model.version),
                             "bench-score-phases", float(model.threshold))
@@ -149,20 +139,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--customers", type=int, default=726_000, help="rows of the synthetic night")
     parser.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS, help="the score stage's chunk size")
     parser.add_argument("--workdir", type=Path, help="where the synthetic warehouse goes (default: a temp folder)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="score the night this many times; each figure is the median run's (a shared VM's "
+                             "speed swings from run to run)")
     return parser.parse_args(argv)
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result whose phase figures are the medians over `runs` (each run's figures kept under "runs")."""
+    def middle(values: list[float]) -> float:
+        return round(statistics.median(values), 3)
+
+    out = dict(runs[0])
+    out["phases"] = {name: {unit: middle([r["phases"][name][unit] for r in runs]) for unit in ("wall_s", "cpu_s")}
+                     for name in runs[0]["phases"]}
+    out["scoring_wall_s"] = middle([r["scoring_wall_s"] for r in runs])
+    out["scoring_customers_per_s"] = round(out["customers"] / out["scoring_wall_s"])
+    reasons = out["phases"]["reasons"]["wall_s"]
+    out["reasons_rows_per_s"] = round(out["flagged"] / reasons) if reasons else None
+    out["repeat"] = len(runs)
+    out["runs"] = [{"phases": r["phases"], "scoring_wall_s": r["scoring_wall_s"]} for r in runs]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     root = args.workdir or Path(tempfile.mkdtemp(prefix="churn-bench-score-"))
     try:
-        result = measure(synthetic_night(load_config(args.config), args.customers, root / "warehouse"), args.chunk_rows)
+        night = synthetic_night(load_config(args.config), args.customers, root / "warehouse")
+        result = median_run([measure(night, args.chunk_rows) for _ in range(max(1, args.repeat))])
     finally:
         if args.workdir is None:
             shutil.rmtree(root, ignore_errors=True)
     load = print_load()
     print(f"{result['customers']:,d} customers ({result['flagged']:,d} flagged) as of {result['as_of']}, "
-          f"{result['estimator']} {result['model']}")
+          f"{result['estimator']} {result['model']}; median of {result['repeat']} run(s)")
     print(f"{'phase':14s} {'wall s':>8s} {'cpu s':>8s}")
     for name, t in result["phases"].items():
         print(f"{name:14s} {t['wall_s']:8.2f} {t['cpu_s']:8.2f}")

@@ -34,3 +34,16 @@ def test_synthetic_night_is_scored_like_the_real_one(published_warehouse: ChurnC
         assert copy in {"0", "1", "2"}
         assert probability == pytest.approx(published[real], abs=1e-9), customer
         assert (reason is not None) == bool(flagged)  # exact reasons for every flagged customer, none for others
+
+
+def test_repeated_runs_report_the_median_run() -> None:
+    from benchmarks.score_phases import median_run
+
+    def run(seconds: float) -> dict:
+        phases = {name: {"wall_s": seconds, "cpu_s": 2 * seconds} for name in ("read", "reasons")}
+        return {"customers": 100, "flagged": 50, "phases": phases, "scoring_wall_s": seconds}
+
+    result = median_run([run(3.0), run(1.0), run(10.0)])
+    assert result["phases"]["read"] == {"wall_s": 3.0, "cpu_s": 6.0}
+    assert result["scoring_wall_s"] == 3.0 and result["scoring_customers_per_s"] == 33
+    assert result["reasons_rows_per_s"] == 17 and result["repeat"] == 3 and len(result["runs"]) == 3

@@ -25,7 +25,7 @@ CONTRACT = FeatureContract(
 )
 
 
-def frame(n: int, seed: int, unseen: bool = False) -> pd.DataFrame:
+def raw_frame(n: int, seed: int, unseen: bool = False) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     plans = np.array(["basic", "pro", "team"] + (["enterprise"] if unseen else []), dtype=object)
     out = pd.DataFrame({
@@ -35,7 +35,23 @@ def frame(n: int, seed: int, unseen: bool = False) -> pd.DataFrame:
         "plan": rng.choice(plans, n),
         "region": pd.array(np.where(rng.random(n) < 0.05, None, rng.choice(["north", "south"], n)), dtype="string"),
     })
-    return contract_feature_frame(CONTRACT, out)
+    return out
+
+
+def frame(n: int, seed: int, unseen: bool = False) -> pd.DataFrame:
+    return contract_feature_frame(CONTRACT, raw_frame(n, seed, unseen))
+
+
+def test_a_str_column_is_kept_as_the_conversion_would_make_it() -> None:
+    """pandas' default `str` columns (what DuckDB returns) skip the str() round trip and end up the same."""
+    raw = raw_frame(300, 4)
+    raw.loc[:9, "plan"] = None
+    as_objects = raw.assign(plan=raw["plan"].astype(object), region=raw["region"].astype(object))
+    as_str = raw.assign(plan=raw["plan"].astype("str"), region=raw["region"].astype("str"))
+    assert isinstance(as_str["plan"].dtype, pd.StringDtype)
+    kept, converted = contract_feature_frame(CONTRACT, as_str), contract_feature_frame(CONTRACT, as_objects)
+    pd.testing.assert_frame_equal(kept, converted)
+    assert kept["plan"].isna().sum() == 10
 
 
 @pytest.mark.parametrize("scale", [False, True])

@@ -109,6 +109,11 @@ def test_scores_cover_every_active_customer_consistently(scoring_warehouse: Chur
     for i in range(1, k):
         assert (explained[f"reason_{i}_contribution"] >= explained[f"reason_{i + 1}_contribution"]).all()
     assert (explained[[f"reason_{i}" for i in range(1, k + 1)]].nunique(axis=1) == k).all()
+    # Unexplained rows hold SQL NULL, not NaN (pandas reads both as NaN; BI's `is null` sees only one).
+    (nulls, nans), = query(config, f"select count(*) filter (where reason_1_contribution is null), "
+                                   f"count(*) filter (where isnan(reason_1_contribution)) from {SCORES_TABLE}"
+                           ).itertuples(index=False)
+    assert (nulls, nans) == (int((~flagged).sum()), 0)
 
     history = query(config, f"select * from {HISTORY_TABLE}")
     assert len(history) == len(scores)

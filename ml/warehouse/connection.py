@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 import duckdb
 import pandas as pd
+import pyarrow as pa
 
 from ml.warehouse.catalog import TableSpec
 from ml.warehouse.sql import quote
@@ -232,8 +233,8 @@ class Session:
         self._con.execute("commit")
 
     @contextmanager
-    def registered(self, frame: pd.DataFrame) -> Iterator[str]:
-        """`frame` visible to SQL under a fresh name for the duration of the block."""
+    def registered(self, frame: pd.DataFrame | pa.Table) -> Iterator[str]:
+        """`frame` (pandas, or Arrow, which DuckDB scans faster) visible to SQL under a fresh name for the block."""
         name = f"_frame_{next(_frame_names)}"
         self._con.register(name, frame)
         try:
