@@ -18,6 +18,7 @@ from ml.modeling.score import (
     SCORES_TABLE,
     ScoreError,
     check_mart,
+    ranked_layout,
     reason_texts,
     risk_bands,
     score,
@@ -186,6 +187,22 @@ def test_cli_without_champion_exits_non_zero(
 ) -> None:
     assert main(["--config", str(private_warehouse.source_file), "score"]) == 1
     assert "no champion model; run churn train" in caplog.text
+
+
+@pytest.mark.parametrize("keys", [["c9", "c10", "c2", "c1", "c3"], [9, 10, 2, 1, 3]])
+def test_ranks_put_the_highest_probability_first_and_break_ties_by_key(small_config: ChurnConfig,
+                                                                        keys: list) -> None:
+    contract = FeatureContract(model="m", key="customer_id", as_of="as_of_date", label="churned",
+                               features=(Feature("x", "numeric"),))
+    scores = pd.DataFrame({"customer_id": keys, "as_of_date": pd.Timestamp("2026-01-01"),
+                           "churn_probability": [0.2, 0.5, 0.5, 0.2, 0.9], "will_churn": False,
+                           "contribution_unit": "log_odds"})
+    ranked = ranked_layout(scores, small_config, contract, "v1", "run-1", threshold=0.6)
+    by_rank = ranked.sort_values("rank")["customer_id"].tolist()
+    # ties ordered by key as the key's type orders it: "c10" < "c2" as text, 2 < 10 as numbers
+    text = isinstance(keys[0], str)
+    assert by_rank == (["c3", "c10", "c2", "c1", "c9"] if text else [3, 2, 10, 1, 9])
+    assert ranked["rank"].tolist() == ([5, 2, 3, 4, 1] if text else [5, 3, 2, 4, 1])  # rows keep their order
 
 
 def test_risk_bands_follow_the_decision() -> None:
