@@ -5,7 +5,8 @@
   For every compiled expectation (not_null, between with and without strict
   bounds and `mostly`, in_set on text and on numbers, bounds as suite
   parameters, uniqueness of one column and of compound keys, NULLs and NaNs
-  among the repeated values) the audit's verdict, unexpected and element counts equal GX's
+  among the repeated values, pairs of a boolean, number or float and a text
+  column in a listed set, with nulls listed and every `ignore_row_if`) the audit's verdict, unexpected and element counts equal GX's
   own verdict on the whole table in one pandas batch.
 - What has no exact SQL twin stays with GX: date bounds, bounds of the wrong
   type for the column, a boolean column, unknown kwargs (`row_condition`).
@@ -50,12 +51,32 @@ COMPILED = [
     expectation("expect_column_values_to_be_unique", column="band", mostly=0.01),
     expectation("expect_compound_columns_to_be_unique", column_list=["band", "seats"]),
     expectation("expect_compound_columns_to_be_unique", column_list=["id", "score"]),
+    expectation("expect_column_pair_values_to_be_in_set", column_A="flag", column_B="band",
+                value_pairs_set=[[False, "low"], [True, "medium"], [True, "high"], [False, "weird"]]),
+    expectation("expect_column_pair_values_to_be_in_set", column_A="seats", column_B="band",
+                value_pairs_set=[[1, "low"], [2, "medium"], [5, "high"], [None, "weird"], [7, None]],
+                ignore_row_if="neither"),
+    expectation("expect_column_pair_values_to_be_in_set", column_A="seats", column_B="band",
+                value_pairs_set=[[1, "low"], [2, "medium"], [5, "high"]], ignore_row_if="either_value_is_missing"),
+    expectation("expect_column_pair_values_to_be_in_set", column_A="score", column_B="band",
+                value_pairs_set=[[0.25, "low"], [None, None], [1.0, "high"]]),
+    expectation("expect_column_pair_values_to_be_in_set", column_A="flag", column_B="band",
+                value_pairs_set=[[True, "low"], [False, "low"], [True, "medium"], [False, "medium"], [True, "high"],
+                                 [False, "high"], [True, "weird"], [False, "weird"]]),
+    expectation("expect_column_pair_values_to_be_in_set", column_A="score", column_B="band",
+                value_pairs_set=[[0.25, "low"], [1.0, "high"]], mostly=0.02),
+    expectation("expect_column_pair_values_to_be_in_set", column_A="seats", column_B="band", mostly=0.1,
+                value_pairs_set=[[1, "low"], [2, "medium"], [5, "high"]], ignore_row_if="either_value_is_missing"),
 ]
 KEPT_WITH_GX = [
     expectation("expect_column_values_to_be_between", column="day", max_value={"$PARAMETER": "today"}),
     expectation("expect_column_values_to_be_between", column="band", min_value=0),
     expectation("expect_column_values_to_be_between", column="flag", min_value=0, max_value=1),
     expectation("expect_column_values_to_not_be_null", column="score", row_condition='seats > 1'),
+    expectation("expect_column_pair_values_to_be_in_set", column_A="flag", column_B="band",
+                value_pairs_set=[[1, "low"], [0, "medium"]]),  # numbers for a boolean: pandas' == is not SQL's
+    expectation("expect_column_pair_values_to_be_in_set", column_A="seats", column_B="band",
+                value_pairs_set=[["1", "low"]]),  # text for a number
 ]
 
 
@@ -104,6 +125,8 @@ def test_compiled_checks_give_gx_verdicts(tmp_path: Path, small_config: ChurnCon
         assert (check.success, check.unexpected_count, check.element_count) == \
             (gx.success, gx.result["unexpected_count"], gx.result["element_count"]), (check.expectation_type,
                                                                                      check.column_name)
+        if "pair" in check.expectation_type:  # the share judged excludes the rows ignore_row_if skips
+            assert check.observed_value == f"{gx.result['unexpected_percent']:.4g}% unexpected"
     assert not all(c.success for c in checks) and any(c.success for c in checks)
     assert "weird" in next(c.details for c in checks if c.column_name == "band" and not c.success
                            and "in_set" in c.expectation_type)

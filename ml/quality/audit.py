@@ -723,8 +723,9 @@ def _mostly(expectation: Any) -> float:
 
 def _compiled(plan: Plan, group: list[Any], facts: _RelationFacts,
               parameters: dict[str, Any]) -> dict[int, CompiledCheck]:
-    """The row-wise expectations of a streamed plan that the engine can count itself, by index."""
-    if plan[0] not in ("stream", "partitions"):
+    """The row-wise expectations of a streamed plan (or a pair of columns fed whole) that the engine can
+    count itself, by index."""
+    if plan[0] not in ("stream", "partitions", "whole"):
         return {}
     found = {_index(e): compile_check(e, _index(e), facts.dtypes, parameters) for e in group}
     return {index: check for index, check in found.items() if check is not None}
