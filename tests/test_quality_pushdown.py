@@ -6,8 +6,9 @@
   bounds and `mostly`, in_set on text and on numbers, bounds as suite
   parameters, uniqueness of one column and of compound keys, NULLs and NaNs
   among the repeated values, pairs of a boolean, number or float and a text
-  column in a listed set, with nulls listed and every `ignore_row_if`) the audit's verdict, unexpected and element counts equal GX's
-  own verdict on the whole table in one pandas batch.
+  column in a listed set, with nulls listed and every `ignore_row_if`) the
+  audit's verdict, unexpected and element counts equal GX's own verdict on
+  the whole table in one pandas batch.
 - What has no exact SQL twin stays with GX: date bounds, bounds of the wrong
   type for the column, a boolean column, unknown kwargs (`row_condition`).
 - A suite of compiled checks over 5,000 rows fetches at most the failing
