@@ -3,7 +3,7 @@
 - Planted on one table: NaN and NULL in a float column, NULL in an integer
   and a text column, values exactly on the bounds, infinities, unknown levels.
   For every compiled expectation (not_null, between with and without strict
-  bounds and `mostly`, in_set on text and on numbers, bounds as suite
+  bounds and `mostly`, in_set on text, on numbers and on booleans, bounds as suite
   parameters, uniqueness of one column and of compound keys, NULLs and NaNs
   among the repeated values, pairs of a boolean, number or float and a text
   column in a listed set, with nulls listed and every `ignore_row_if`) the
@@ -47,6 +47,7 @@ COMPILED = [
     expectation("expect_column_values_to_be_between", column="seats", min_value=1, max_value=4),
     expectation("expect_column_values_to_be_in_set", column="band", value_set={"$PARAMETER": "bands"}),
     expectation("expect_column_values_to_be_in_set", column="seats", value_set=[1, 2, 5]),
+    expectation("expect_column_values_to_be_in_set", column="flag", value_set=[True]),
     expectation("expect_column_values_to_be_unique", column="id"),
     expectation("expect_column_values_to_be_unique", column="score"),
     expectation("expect_column_values_to_be_unique", column="band", mostly=0.01),
@@ -78,6 +79,7 @@ KEPT_WITH_GX = [
                 value_pairs_set=[[1, "low"], [0, "medium"]]),  # numbers for a boolean: pandas' == is not SQL's
     expectation("expect_column_pair_values_to_be_in_set", column_A="seats", column_B="band",
                 value_pairs_set=[["1", "low"]]),  # text for a number
+    expectation("expect_column_values_to_be_in_set", column="flag", value_set=[1]),  # a number for a boolean
 ]
 
 

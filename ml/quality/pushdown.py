@@ -17,8 +17,9 @@ pandas' isnull says, so `not_null` counts it and the others skip it):
 - `expect_column_values_to_be_between` with numeric bounds on a numeric
   column (`strict_min`/`strict_max` honoured): unexpected = present rows
   outside the bounds, missing = null rows;
-- `expect_column_values_to_be_in_set` with a set of text on a text column, or
-  of numbers on a numeric one: unexpected = present rows not in the set;
+- `expect_column_values_to_be_in_set` with a set of text on a text column,
+  of numbers on a numeric one, or of booleans on a boolean one: unexpected =
+  present rows not in the set;
 - `expect_column_pair_values_to_be_in_set` (each listed value a boolean, text
   or number as its column is, or null for a missing one; `ignore_row_if`
   honoured): unexpected = considered rows whose pair is not listed. GX's
@@ -169,9 +170,7 @@ def compile_check(expectation: Any, index: int, dtypes: Mapping[str, Any],
         return CompiledCheck(index, None, f"({missing})", tuple(_grouped(name, dtypes[name]) for name in columns))
     dtype = dtypes[kwargs["column"]]
     c = quote(kwargs["column"])
-    floating = pd.api.types.is_float_dtype(dtype)
     numeric = pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_bool_dtype(dtype)
-    textual = pd.api.types.is_string_dtype(dtype) or pd.api.types.is_object_dtype(dtype)
     missing = _missing(kwargs["column"], dtype)
     present = f"not {missing}"
     if kind == UNIQUE:
@@ -192,9 +191,7 @@ def compile_check(expectation: Any, index: int, dtypes: Mapping[str, Any],
     values = _resolved(kwargs.get("value_set"), parameters)
     if not isinstance(values, list | tuple) or not values:
         return None
-    texts_on_text = textual and not floating and all(isinstance(v, str) for v in values)
-    numbers_on_numbers = numeric and all(_number(v) for v in values)
-    if not (texts_on_text or numbers_on_numbers):
+    if not all(_same_kind(v, dtype) for v in values):
         return None
     listed = ", ".join(_literal(v) for v in values)
     return CompiledCheck(index, f"{present} and {c} not in ({listed})", missing)
